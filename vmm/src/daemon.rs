@@ -1,0 +1,73 @@
+//! `vmm daemon`: the node's VM supervisor process.
+
+use futures_util::StreamExt;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+use zbus::{connection, fdo::ObjectManager, Connection, MessageStream};
+
+use crate::dbus::{Vmm1, BUS_NAME, OBJECT_PATH};
+
+/// Options of `vmm daemon`.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// D-Bus address; the system bus when `None`.
+    pub bus: Option<String>,
+    /// Identifier of this node.
+    pub node_id: String,
+}
+
+/// Why the supervisor stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The bus could not be reached or the name could not be owned.
+    #[error("cannot connect to D-Bus and own {BUS_NAME}")]
+    Connect(#[source] zbus::Error),
+    /// A signal handler could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+    /// The bus went away under the daemon.
+    #[error("lost the connection to D-Bus")]
+    BusLost,
+}
+
+/// Why [`run`] returned without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGTERM or SIGINT.
+    Signal,
+}
+
+async fn connect(opts: &Options) -> zbus::Result<Connection> {
+    let builder = match &opts.bus {
+        Some(address) => connection::Builder::address(address.as_str())?,
+        None => connection::Builder::system()?,
+    };
+    let health = crate::health::probe();
+    if health.state != "ok" {
+        warn!(detail = %health.detail, "VM supervisor is degraded");
+    }
+    builder
+        .name(BUS_NAME)?
+        .serve_at(OBJECT_PATH, Vmm1::new(opts.node_id.clone(), health))?
+        .serve_at(OBJECT_PATH, ObjectManager)?
+        .build()
+        .await
+}
+
+/// Runs the supervisor until SIGTERM/SIGINT or until the bus goes away.
+pub async fn run(opts: Options) -> Result<Exit, Error> {
+    let mut term = signal(SignalKind::terminate()).map_err(Error::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+    let conn = connect(&opts).await.map_err(Error::Connect)?;
+    info!(name = BUS_NAME, node = %opts.node_id, "VM supervisor ready");
+    let mut messages = MessageStream::from(&conn);
+    let exit = tokio::select! {
+        _ = term.recv() => Ok(Exit::Signal),
+        _ = int.recv() => Ok(Exit::Signal),
+        () = async { while let Some(Ok(_)) = messages.next().await {} } => Err(Error::BusLost),
+    };
+    info!("VM supervisor stopping");
+    drop(messages);
+    drop(conn);
+    exit
+}

@@ -1,0 +1,15 @@
+//! Atoll's hypervisor.
+//!
+//! The `vmm` binary has two roles: `vmm daemon` is the node's VM supervisor that owns
+//! `org.atoll.Vmm1` on D-Bus; (later) `vmm run` is the process of one VM. This library
+//! is the crate's single door: it exports the D-Bus interface and the typed proxy that
+//! `mgmtd` uses, and the supervisor's entry point.
+
+pub mod daemon;
+pub mod dbus;
+pub mod health;
+
+pub use dbus::{Vmm1Proxy, BUS_NAME, OBJECT_PATH};
+
+/// Version of this crate, reported on D-Bus.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,105 @@
+//! The `vmm` binary: `vmm daemon` (node supervisor).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "vmm", version, about = "Atoll hypervisor")]
+struct Cli {
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node's VM supervisor; it owns org.atoll.Vmm1 on D-Bus.
+    Daemon {
+        /// D-Bus address to connect to (default: the system bus).
+        #[arg(long, value_name = "ADDRESS")]
+        bus: Option<String>,
+        /// Identifier of this node (default: /etc/machine-id).
+        #[arg(long)]
+        node_id: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
+    if let Err(e) = init_logging(&cli.log_level) {
+        eprintln!("vmm: {e}");
+        return ExitCode::from(2);
+    }
+    match cli.command {
+        Command::Daemon { bus, node_id } => {
+            let opts = vmm::daemon::Options {
+                bus,
+                node_id: node_id.unwrap_or_else(machine_id),
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("vmm: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(vmm::daemon::run(opts)) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vmm: {:#}", anyhow::Error::from(e));
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// Prints a clap error as one line (help and version go out unchanged).
+fn usage_error(e: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        print!("{e}");
+        return ExitCode::SUCCESS;
+    }
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or("invalid arguments");
+    eprintln!(
+        "vmm: {} (see vmm --help)",
+        first.trim_start_matches("error: ")
+    );
+    ExitCode::from(2)
+}
+
+fn machine_id() -> String {
+    std::fs::read_to_string("/etc/machine-id")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|_| anyhow::anyhow!("invalid --log-level {level:?}"))?;
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::io::stderr);
+    if journald {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+    Ok(())
+}
