@@ -9,10 +9,10 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
-use zbus::{connection, Connection, MessageStream};
+use zbus::fdo::{RequestNameFlags, RequestNameReply};
+use zbus::{connection, Connection};
 
 use crate::dbus::{Manager1, MANAGER_BUS_NAME, MANAGER_PATH};
 use crate::{db, http, tls};
@@ -98,11 +98,18 @@ async fn connect(opts: &Options, web_url: String) -> zbus::Result<Connection> {
         Some(address) => connection::Builder::address(address.as_str())?,
         None => connection::Builder::system()?,
     };
-    builder
-        .name(MANAGER_BUS_NAME)?
+    let conn = builder
         .serve_at(MANAGER_PATH, Manager1::new(opts.node_id.clone(), web_url))?
         .build()
-        .await
+        .await?;
+    // Refuse to queue behind another owner: a second instance must fail, not wait.
+    match conn
+        .request_name_with_flags(MANAGER_BUS_NAME, RequestNameFlags::DoNotQueue.into())
+        .await?
+    {
+        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => Ok(conn),
+        RequestNameReply::Exists | RequestNameReply::InQueue => Err(zbus::Error::NameTaken),
+    }
 }
 
 /// Runs mgmtd until SIGTERM/SIGINT or until the bus goes away.
@@ -142,20 +149,18 @@ pub async fn run(opts: Options) -> Result<(), Error> {
     .serve(http::router(state).into_make_service());
     info!(url = %web_url, name = MANAGER_BUS_NAME, "management daemon ready");
 
-    let mut messages = MessageStream::from(&conn);
     let mut server = std::pin::pin!(server);
     let result = tokio::select! {
         r = &mut server => r.map_err(Error::Serve),
         _ = term.recv() => Ok(()),
         _ = int.recv() => Ok(()),
-        () = async { while let Some(Ok(_)) = messages.next().await {} } => Err(Error::BusLost),
+        () = conn.closed() => Err(Error::BusLost),
     };
     info!("management daemon stopping");
     handle.graceful_shutdown(Some(Duration::from_secs(5)));
     if result.is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(6), server).await;
     }
-    drop(messages);
     drop(conn);
     result
 }

@@ -1,9 +1,9 @@
 //! `vmm daemon`: the node's VM supervisor process.
 
-use futures_util::StreamExt;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
-use zbus::{connection, fdo::ObjectManager, Connection, MessageStream};
+use zbus::fdo::{ObjectManager, RequestNameFlags, RequestNameReply};
+use zbus::{connection, Connection};
 
 use crate::dbus::{Vmm1, BUS_NAME, OBJECT_PATH};
 
@@ -46,12 +46,19 @@ async fn connect(opts: &Options) -> zbus::Result<Connection> {
     if health.state != "ok" {
         warn!(detail = %health.detail, "VM supervisor is degraded");
     }
-    builder
-        .name(BUS_NAME)?
+    let conn = builder
         .serve_at(OBJECT_PATH, Vmm1::new(opts.node_id.clone(), health))?
         .serve_at(OBJECT_PATH, ObjectManager)?
         .build()
-        .await
+        .await?;
+    // Refuse to queue behind another owner: a second instance must fail, not wait.
+    match conn
+        .request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into())
+        .await?
+    {
+        RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner => Ok(conn),
+        RequestNameReply::Exists | RequestNameReply::InQueue => Err(zbus::Error::NameTaken),
+    }
 }
 
 /// Runs the supervisor until SIGTERM/SIGINT or until the bus goes away.
@@ -60,14 +67,12 @@ pub async fn run(opts: Options) -> Result<Exit, Error> {
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
     let conn = connect(&opts).await.map_err(Error::Connect)?;
     info!(name = BUS_NAME, node = %opts.node_id, "VM supervisor ready");
-    let mut messages = MessageStream::from(&conn);
     let exit = tokio::select! {
         _ = term.recv() => Ok(Exit::Signal),
         _ = int.recv() => Ok(Exit::Signal),
-        () = async { while let Some(Ok(_)) = messages.next().await {} } => Err(Error::BusLost),
+        () = conn.closed() => Err(Error::BusLost),
     };
     info!("VM supervisor stopping");
-    drop(messages);
     drop(conn);
     exit
 }
