@@ -22,8 +22,14 @@ pub fn usage_error(program: &str, e: &clap::Error) -> ExitCode {
 /// Sets up `tracing` to print plain lines on stderr (no colours; no timestamps when
 /// journald captures the stream, since it stamps every line itself).
 pub fn init_logging(level: &str) -> Result<(), String> {
+    // A plain level, or full `target=level` directives for debugging.
+    let valid = level.parse::<tracing::Level>().is_ok() || level.contains('=');
     let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .map_err(|_| format!("invalid --log-level {level:?}"))?;
+        .ok()
+        .filter(|_| valid)
+        .ok_or_else(|| {
+            format!("invalid --log-level {level:?} (use error, warn, info, debug or trace)")
+        })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)

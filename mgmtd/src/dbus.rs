@@ -56,13 +56,13 @@ impl Manager1 {
 #[interface(name = "org.atoll.Manager1")]
 impl Manager1 {
     /// Version of mgmtd (semantic version).
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         crate::VERSION.to_owned()
     }
 
     /// Identifier of the node this daemon runs on.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn node_id(&self) -> String {
         self.node_id.clone()
     }
@@ -87,7 +87,7 @@ impl Manager1 {
     }
 
     /// Address of the web UI and REST API, e.g. https://127.0.0.1:8443.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn web_url(&self) -> String {
         self.web_url.clone()
     }
@@ -172,13 +172,13 @@ impl Service {
 #[interface(name = "org.atoll.Supervisor1.Service")]
 impl Service {
     /// Short name of the daemon: vmm, netd, stord or mgmtd.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn name(&self) -> String {
         self.name.clone()
     }
 
     /// Well-known D-Bus name the daemon owns when it is ready.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn bus_name(&self) -> String {
         self.bus_name.clone()
     }
@@ -262,13 +262,13 @@ impl Supervisor1 {
 #[interface(name = "org.atoll.Supervisor1")]
 impl Supervisor1 {
     /// Directory holding all of this node's state.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn data_dir(&self) -> String {
         self.data_dir.clone()
     }
 
     /// Address of the web UI.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn web_url(&self) -> String {
         self.web_url.clone()
     }

@@ -1,5 +1,7 @@
 //! `mgmtd` keeps the daemon contract on a real (private) D-Bus broker.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use atoll_tests::contract::{check, DaemonSpec};
 
 #[test]

@@ -46,13 +46,13 @@ fn now_us() -> u64 {
 #[interface(name = "org.atoll.Net1")]
 impl Net1 {
     /// Version of the netd (semantic version).
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         crate::VERSION.to_owned()
     }
 
     /// Identifier of the node this network daemon runs on.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn node_id(&self) -> String {
         self.node_id.clone()
     }
@@ -70,7 +70,7 @@ impl Net1 {
     }
 
     /// When this network daemon started, in microseconds since the Unix epoch.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn started_at(&self) -> u64 {
         self.started_at_us
     }

@@ -46,13 +46,13 @@ fn now_us() -> u64 {
 #[interface(name = "org.atoll.Storage1")]
 impl Storage1 {
     /// Version of the stord (semantic version).
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         crate::VERSION.to_owned()
     }
 
     /// Identifier of the node this storage daemon runs on.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn node_id(&self) -> String {
         self.node_id.clone()
     }
@@ -70,7 +70,7 @@ impl Storage1 {
     }
 
     /// When this storage daemon started, in microseconds since the Unix epoch.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn started_at(&self) -> u64 {
         self.started_at_us
     }

@@ -76,8 +76,14 @@ fn machine_id() -> String {
 }
 
 fn init_logging(level: &str) -> anyhow::Result<()> {
+    // A plain level, or full `target=level` directives for debugging.
+    let valid = level.parse::<tracing::Level>().is_ok() || level.contains('=');
     let filter = tracing_subscriber::EnvFilter::try_new(level)
-        .map_err(|_| anyhow::anyhow!("invalid --log-level {level:?}"))?;
+        .ok()
+        .filter(|_| valid)
+        .ok_or_else(|| {
+            anyhow::anyhow!("invalid --log-level {level:?} (use error, warn, info, debug or trace)")
+        })?;
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -9,7 +9,10 @@ const BINARIES: [&str; 5] = ["atoll", "mgmtd", "vmm", "netd", "stord"];
 /// The cargo output directory of the running test (`target/<profile>`).
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let mut dir = exe.parent().expect("test executable has a directory").to_path_buf();
+    let mut dir = exe
+        .parent()
+        .expect("test executable has a directory")
+        .to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
@@ -33,6 +36,10 @@ pub fn bin(name: &str) -> PathBuf {
             assert!(status.success(), "cargo build --workspace --bins failed");
         });
     }
-    assert!(path.is_file(), "{} is missing after the build", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing after the build",
+        path.display()
+    );
     path
 }

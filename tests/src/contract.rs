@@ -98,11 +98,19 @@ fn sigterm(child: &Child) {
 /// Waits until `name` has an owner (`true`) or none (`false`) on `conn`.
 pub async fn wait_owner(conn: &zbus::Connection, name: &str, owned: bool) {
     let dbus = DBusProxy::new(conn).await.expect("DBus proxy");
-    let mut changes = dbus.receive_name_owner_changed().await.expect("subscribe NameOwnerChanged");
+    let mut changes = dbus
+        .receive_name_owner_changed()
+        .await
+        .expect("subscribe NameOwnerChanged");
     let bus_name = BusName::try_from(name.to_owned()).expect("valid bus name");
     let wait = async {
         loop {
-            if dbus.name_has_owner(bus_name.clone()).await.expect("NameHasOwner") == owned {
+            if dbus
+                .name_has_owner(bus_name.clone())
+                .await
+                .expect("NameHasOwner")
+                == owned
+            {
                 return;
             }
             changes.next().await.expect("bus closed");
@@ -110,15 +118,29 @@ pub async fn wait_owner(conn: &zbus::Connection, name: &str, owned: bool) {
     };
     tokio::time::timeout(TIMEOUT, wait)
         .await
-        .unwrap_or_else(|_| panic!("{name} did not become {}", if owned { "owned" } else { "free" }));
+        .unwrap_or_else(|_| {
+            panic!(
+                "{name} did not become {}",
+                if owned { "owned" } else { "free" }
+            )
+        });
 }
 
 fn last_line(text: &str) -> &str {
-    text.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("")
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
 }
 
 fn now_us() -> u64 {
-    u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_micros()).expect("fits")
+    u64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .expect("clock")
+            .as_micros(),
+    )
+    .expect("fits")
 }
 
 async fn check_interface(conn: &zbus::Connection, spec: &DaemonSpec<'_>) {
@@ -135,16 +157,29 @@ async fn check_interface(conn: &zbus::Connection, spec: &DaemonSpec<'_>) {
         .await
         .expect("GetAll on the daemon interface");
     let s = |k: &str| -> String {
-        let v = all.get(k).unwrap_or_else(|| panic!("property {k} missing: {all:?}"));
+        let v = all
+            .get(k)
+            .unwrap_or_else(|| panic!("property {k} missing: {all:?}"));
         String::try_from(v.clone()).unwrap_or_else(|_| panic!("{k} is not a string"))
     };
     assert_eq!(s("Version"), spec.version);
     assert_eq!(s("NodeId"), NODE_ID);
     let health = s("Health");
-    assert!(["ok", "degraded", "failed"].contains(&health.as_str()), "Health = {health}");
-    assert_eq!(s("HealthDetail").is_empty(), health == "ok", "HealthDetail must explain a non-ok Health");
-    let started = u64::try_from(all.get("StartedAt").expect("StartedAt").clone()).expect("StartedAt is u64");
-    assert!(started <= now_us() && now_us() - started < 120_000_000, "StartedAt {started} is not recent");
+    assert!(
+        ["ok", "degraded", "failed"].contains(&health.as_str()),
+        "Health = {health}"
+    );
+    assert_eq!(
+        s("HealthDetail").is_empty(),
+        health == "ok",
+        "HealthDetail must explain a non-ok Health"
+    );
+    let started =
+        u64::try_from(all.get("StartedAt").expect("StartedAt").clone()).expect("StartedAt is u64");
+    assert!(
+        started <= now_us() && now_us() - started < 120_000_000,
+        "StartedAt {started} is not recent"
+    );
 
     let xml = IntrospectableProxy::builder(conn)
         .destination(spec.bus_name)
@@ -157,8 +192,14 @@ async fn check_interface(conn: &zbus::Connection, spec: &DaemonSpec<'_>) {
         .introspect()
         .await
         .expect("Introspect");
-    assert!(xml.contains(&format!("<interface name=\"{}\">", spec.bus_name)), "{xml}");
-    assert!(xml.contains("<!--"), "introspection carries no documentation:\n{xml}");
+    assert!(
+        xml.contains(&format!("<interface name=\"{}\">", spec.bus_name)),
+        "{xml}"
+    );
+    assert!(
+        xml.contains("<!--"),
+        "introspection carries no documentation:\n{xml}"
+    );
     assert_eq!(
         xml.contains("org.freedesktop.DBus.ObjectManager"),
         spec.object_manager,
@@ -176,7 +217,11 @@ pub fn check(spec: &DaemonSpec<'_>) {
         .expect("runtime");
 
     // Unknown flag: exit 2, one line.
-    let out = Command::new(&spec.bin).args(spec.args).arg("--no-such-flag").output().expect("run");
+    let out = Command::new(&spec.bin)
+        .args(spec.args)
+        .arg("--no-such-flag")
+        .output()
+        .expect("run");
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "one line expected: {err}");
@@ -184,7 +229,11 @@ pub fn check(spec: &DaemonSpec<'_>) {
 
     let mut bus = TestBus::start();
     let conn = rt
-        .block_on(zbus::connection::Builder::address(bus.address()).expect("address").build())
+        .block_on(
+            zbus::connection::Builder::address(bus.address())
+                .expect("address")
+                .build(),
+        )
         .expect("connect to the test bus");
 
     let mut first = spawn(spec, bus.address(), dir.path(), "first");
@@ -197,7 +246,10 @@ pub fn check(spec: &DaemonSpec<'_>) {
     assert_eq!(status.code(), Some(1), "second instance: {}", second.log());
     let line = second.log();
     assert!(
-        last_line(&line).contains(&format!("cannot connect to D-Bus and own {}", spec.bus_name)),
+        last_line(&line).contains(&format!(
+            "cannot connect to D-Bus and own {}",
+            spec.bus_name
+        )),
         "second instance said: {line}"
     );
     rt.block_on(check_interface(&conn, spec));
@@ -216,5 +268,8 @@ pub fn check(spec: &DaemonSpec<'_>) {
     let status = third.wait();
     assert!(!status.success(), "daemon kept running without a bus");
     let log = third.log();
-    assert!(last_line(&log).contains("lost the connection to D-Bus"), "daemon said: {log}");
+    assert!(
+        last_line(&log).contains("lost the connection to D-Bus"),
+        "daemon said: {log}"
+    );
 }

@@ -144,7 +144,11 @@ impl Node {
     /// The node report from `/api/v1/node`.
     pub fn report(&self) -> Value {
         let res = self.get("/api/v1/node");
-        assert!(res.status().is_success(), "GET /api/v1/node: {}", res.status());
+        assert!(
+            res.status().is_success(),
+            "GET /api/v1/node: {}",
+            res.status()
+        );
         res.json().expect("node report is JSON")
     }
 
@@ -159,16 +163,19 @@ impl Node {
             .clone()
     }
 
-    /// Sends SIGTERM and waits for `atoll up` to exit.
-    pub fn stop(mut self) -> ExitStatus {
+    /// Sends SIGTERM and waits for `atoll up` to exit. The data directory stays
+    /// until the `Node` is dropped.
+    pub fn stop(&mut self) -> ExitStatus {
         let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid fits"));
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
         let child = &mut self.child;
-        crate::wait_until("atoll up to exit", Duration::from_secs(30), || child.try_wait().expect("try_wait"))
+        crate::wait_until("atoll up to exit", Duration::from_secs(30), || {
+            child.try_wait().expect("try_wait")
+        })
     }
 
     /// Sends SIGKILL to `atoll up` itself and reaps it.
-    pub fn kill(mut self) {
+    pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

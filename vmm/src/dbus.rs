@@ -46,13 +46,13 @@ fn now_us() -> u64 {
 #[interface(name = "org.atoll.Vmm1")]
 impl Vmm1 {
     /// Version of the vmm daemon (semantic version).
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {
         crate::VERSION.to_owned()
     }
 
     /// Identifier of the node this supervisor runs on.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn node_id(&self) -> String {
         self.node_id.clone()
     }
@@ -70,13 +70,13 @@ impl Vmm1 {
     }
 
     /// When this supervisor started, in microseconds since the Unix epoch.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn started_at(&self) -> u64 {
         self.started_at_us
     }
 
     /// KVM API version of /dev/kvm (12 on every supported kernel), 0 when KVM is unusable.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "const"))]
     fn kvm_api_version(&self) -> u32 {
         self.health.kvm_api_version
     }
