@@ -5,6 +5,8 @@
 pub mod daemon;
 pub mod dbus;
 pub mod health;
+pub mod vhost_blk;
+pub mod volume;
 
 pub use dbus::{Storage1Proxy, BUS_NAME, OBJECT_PATH};
 

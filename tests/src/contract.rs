@@ -270,7 +270,8 @@ pub fn check(spec: &DaemonSpec<'_>) {
     let log = third.log();
     // Debug lines of the closing connection may follow the error line.
     assert!(
-        log.lines().any(|l| l.ends_with(": lost the connection to D-Bus")),
+        log.lines()
+            .any(|l| l.ends_with(": lost the connection to D-Bus")),
         "daemon said: {log}"
     );
 }

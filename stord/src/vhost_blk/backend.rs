@@ -1,0 +1,226 @@
+//! The vhost-user-blk device model: features, configuration space and queue
+//! processing, one worker thread per queue.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::vhost_blk::config::BlkConfig;
+use crate::vhost_blk::request::{self, Counters};
+use crate::volume::Volume;
+
+/// Guest memory as the backend sees it.
+pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// Largest queue the backend accepts.
+pub const QUEUE_SIZE: usize = 1024;
+
+/// Device state shared by the control thread and the queue workers.
+#[derive(Clone)]
+pub struct BlkBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    volume: RwLock<Volume>,
+    num_queues: usize,
+    serial: Vec<u8>,
+    event_idx: AtomicBool,
+    mem: RwLock<Option<GuestMemory>>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for BlkBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlkBackend")
+            .field("num_queues", &self.inner.num_queues)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlkBackend {
+    /// A device serving `volume` with `num_queues` queues; `serial` is what GET_ID
+    /// returns (at most 20 bytes are used).
+    pub fn new(volume: Volume, num_queues: usize, serial: &str, counters: Arc<Counters>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                volume: RwLock::new(volume),
+                num_queues: num_queues.max(1),
+                serial: serial.as_bytes().to_vec(),
+                event_idx: AtomicBool::new(false),
+                mem: RwLock::new(None),
+                counters,
+            }),
+        }
+    }
+
+    fn config(&self) -> BlkConfig {
+        let vol = self
+            .inner
+            .volume
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        BlkConfig {
+            capacity_sectors: vol.capacity() / crate::volume::SECTOR,
+            blk_size: 512,
+            num_queues: u16::try_from(self.inner.num_queues).unwrap_or(u16::MAX),
+        }
+    }
+
+    /// Drains queue `vring`, completing every available request.
+    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+        let Some(mem) = self
+            .inner
+            .mem
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+        else {
+            return Ok(());
+        };
+        let mem = mem.memory();
+        let vol = self
+            .inner
+            .volume
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                vring.disable_notification().map_err(io::Error::other)?;
+            }
+            let mut completed = false;
+            loop {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                let head = chain.head_index();
+                let used =
+                    request::process(&*mem, chain, &vol, &self.inner.serial, &self.inner.counters);
+                vring.add_used(head, used).map_err(io::Error::other)?;
+                completed = true;
+            }
+            if completed {
+                let notify = if event_idx {
+                    vring.needs_notification().map_err(io::Error::other)?
+                } else {
+                    true
+                };
+                if notify {
+                    vring.signal_used_queue()?;
+                }
+            }
+            // With EVENT_IDX, re-enabling may reveal requests that raced in.
+            if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.inner.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut f = 1u64 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_MQ
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let vol = self
+            .inner
+            .volume
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if vol.read_only() {
+            f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config().read(offset, size)
+    }
+
+    fn update_memory(&self, mem: GuestMemory) -> io::Result<()> {
+        *self
+            .inner
+            .mem
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(mem);
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Lets the library stop our queue workers when the device goes away.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot create a worker exit event");
+                None
+            }
+        }
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let vring = vrings
+            .get(usize::from(device_event))
+            .ok_or_else(|| io::Error::other(format!("event for unknown queue {device_event}")))?;
+        self.process_queue(vring)
+    }
+}

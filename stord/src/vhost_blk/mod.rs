@@ -1,0 +1,11 @@
+//! vhost-user-blk: every attachment of a volume is a Unix socket that a VM process
+//! (or any vhost-user-blk frontend) connects to.
+
+pub mod backend;
+pub mod config;
+pub mod request;
+pub mod server;
+
+pub use backend::BlkBackend;
+pub use request::Counters;
+pub use server::{Attachment, Error};

@@ -1,0 +1,316 @@
+//! One virtio-blk request: parsing a descriptor chain a guest controls, and running
+//! it against a [`Volume`].
+//!
+//! The chain is flattened into segments; the first 16 bytes are the request header
+//! (readable), the last byte is the status (writable), the bytes between are data.
+//! Anything else (too short, wrong direction, addresses outside guest memory, more
+//! segments than advertised, ranges past the end of the volume) fails that request
+//! with a status, or, when not even a status byte can be found, completes it with
+//! no bytes written. The backend itself never stops for a bad request.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+
+use crate::vhost_blk::config::{MAX_DISCARD_SEG, SEG_MAX};
+use crate::volume::{IoSlice, Volume, SECTOR};
+
+/// Length of the request header.
+const HEADER_LEN: u64 = 16;
+/// Length of one discard/write-zeroes range.
+const RANGE_LEN: u64 = 16;
+/// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`.
+const FLAG_UNMAP: u32 = 1;
+/// Longest serial returned by GET_ID.
+const ID_LEN: usize = 20;
+
+/// Per-attachment I/O counters.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Completed reads.
+    pub read_ops: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Completed writes.
+    pub write_ops: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// Completed flushes.
+    pub flush_ops: AtomicU64,
+    /// Completed discards and write-zeroes.
+    pub discard_ops: AtomicU64,
+    /// Requests that ended with an error status.
+    pub errors: AtomicU64,
+    /// Chains so broken that not even a status could be written.
+    pub malformed: AtomicU64,
+}
+
+/// A contiguous piece of the chain.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    addr: GuestAddress,
+    len: u64,
+    write: bool,
+}
+
+/// Why a request failed; mapped to a virtio status.
+#[derive(Debug, PartialEq, Eq)]
+enum Fail {
+    IoErr,
+    Unsupported,
+}
+
+/// Cuts `[from, from + len)` of the flattened chain out of `segs`.
+fn range(segs: &[Segment], mut from: u64, mut len: u64) -> Vec<Segment> {
+    let mut out = Vec::new();
+    for s in segs {
+        if len == 0 {
+            break;
+        }
+        if from >= s.len {
+            from -= s.len;
+            continue;
+        }
+        let take = (s.len - from).min(len);
+        out.push(Segment {
+            addr: GuestAddress(s.addr.0 + from),
+            len: take,
+            write: s.write,
+        });
+        len -= take;
+        from = 0;
+    }
+    out
+}
+
+/// Guest memory of `segs` as host slices; fails if any byte is outside guest memory.
+fn host_slices<M: GuestMemory>(mem: &M, segs: &[Segment]) -> Result<Vec<IoSlice>, Fail> {
+    let mut out = Vec::with_capacity(segs.len());
+    for s in segs {
+        let len = usize::try_from(s.len).map_err(|_| Fail::IoErr)?;
+        let access = if s.write {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
+        for slice in mem
+            .get_slices(s.addr, len, access)
+            .map_err(|_| Fail::IoErr)?
+        {
+            let slice = slice.map_err(|_| Fail::IoErr)?;
+            // The mmap backend hands out plain pointers; the guard is a no-op that
+            // only matters for foreign (Xen) mappings, which stord does not use.
+            let ptr = slice.ptr_guard_mut().as_ptr();
+            out.push(IoSlice {
+                ptr,
+                len: slice.len(),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn read_bytes<M: GuestMemory>(mem: &M, segs: &[Segment], buf: &mut [u8]) -> Result<(), Fail> {
+    let mut done = 0usize;
+    for s in segs {
+        let len = usize::try_from(s.len).map_err(|_| Fail::IoErr)?;
+        let end = done.checked_add(len).ok_or(Fail::IoErr)?;
+        let dst = buf.get_mut(done..end).ok_or(Fail::IoErr)?;
+        mem.read_slice(dst, s.addr).map_err(|_| Fail::IoErr)?;
+        done = end;
+    }
+    Ok(())
+}
+
+fn write_bytes<M: GuestMemory>(mem: &M, segs: &[Segment], buf: &[u8]) -> Result<(), Fail> {
+    let mut done = 0usize;
+    for s in segs {
+        let len = usize::try_from(s.len).map_err(|_| Fail::IoErr)?;
+        let end = done.checked_add(len).ok_or(Fail::IoErr)?;
+        let src = buf.get(done..end).ok_or(Fail::IoErr)?;
+        mem.write_slice(src, s.addr).map_err(|_| Fail::IoErr)?;
+        done = end;
+    }
+    Ok(())
+}
+
+/// Checks direction and bounds, then runs the request. Returns bytes written into
+/// guest buffers (excluding the status byte).
+fn execute<M: GuestMemory>(
+    mem: &M,
+    vol: &Volume,
+    serial: &[u8],
+    kind: u32,
+    sector: u64,
+    data: &[Segment],
+    counters: &Counters,
+) -> Result<u64, Fail> {
+    let data_len: u64 = data.iter().map(|s| s.len).sum();
+    let need_write = |want: bool| -> Result<(), Fail> {
+        if data.iter().all(|s| s.write == want) {
+            Ok(())
+        } else {
+            Err(Fail::IoErr)
+        }
+    };
+    match kind {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+            let write = kind == VIRTIO_BLK_T_OUT;
+            need_write(!write)?;
+            let offset = sector.checked_mul(SECTOR).ok_or(Fail::IoErr)?;
+            if data_len % SECTOR != 0 || !vol.in_range(offset, data_len) {
+                return Err(Fail::IoErr);
+            }
+            let iov = host_slices(mem, data)?;
+            // SAFETY: `host_slices` resolved every segment inside the guest memory
+            // mapping `mem`, which stays mapped while the request runs.
+            let res = unsafe {
+                if write {
+                    vol.write_vectored(&iov, offset)
+                } else {
+                    vol.read_vectored(&iov, offset)
+                }
+            };
+            match res {
+                Ok(n) if n as u64 == data_len => {}
+                Ok(_) | Err(_) => return Err(Fail::IoErr),
+            }
+            let (ops, bytes) = if write {
+                (&counters.write_ops, &counters.write_bytes)
+            } else {
+                (&counters.read_ops, &counters.read_bytes)
+            };
+            ops.fetch_add(1, Ordering::Relaxed);
+            bytes.fetch_add(data_len, Ordering::Relaxed);
+            Ok(if write { 0 } else { data_len })
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            vol.flush().map_err(|_| Fail::IoErr)?;
+            counters.flush_ops.fetch_add(1, Ordering::Relaxed);
+            Ok(0)
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            need_write(true)?;
+            let n = usize::try_from(data_len).unwrap_or(usize::MAX).min(ID_LEN);
+            let mut id = [0u8; ID_LEN];
+            let len = serial.len().min(ID_LEN);
+            id[..len].copy_from_slice(&serial[..len]);
+            write_bytes(mem, &range(data, 0, n as u64), &id[..n])?;
+            Ok(n as u64)
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            need_write(false)?;
+            if data_len == 0
+                || data_len % RANGE_LEN != 0
+                || data_len / RANGE_LEN > u64::from(MAX_DISCARD_SEG)
+            {
+                return Err(Fail::IoErr);
+            }
+            let mut buf = vec![0u8; usize::try_from(data_len).map_err(|_| Fail::IoErr)?];
+            read_bytes(mem, data, &mut buf)?;
+            for r in buf.chunks_exact(16) {
+                let le64 = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+                let le32 = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or([0; 4]));
+                let (start, sectors, flags) = (le64(&r[0..8]), le32(&r[8..12]), le32(&r[12..16]));
+                let allowed = if kind == VIRTIO_BLK_T_DISCARD {
+                    0
+                } else {
+                    FLAG_UNMAP
+                };
+                if flags & !allowed != 0 {
+                    return Err(Fail::Unsupported);
+                }
+                let offset = start.checked_mul(SECTOR).ok_or(Fail::IoErr)?;
+                let len = u64::from(sectors) * SECTOR;
+                if !vol.in_range(offset, len) {
+                    return Err(Fail::IoErr);
+                }
+                let res = if kind == VIRTIO_BLK_T_DISCARD {
+                    vol.discard(offset, len)
+                } else {
+                    vol.write_zeroes(offset, len)
+                };
+                res.map_err(|_| Fail::IoErr)?;
+            }
+            counters.discard_ops.fetch_add(1, Ordering::Relaxed);
+            Ok(0)
+        }
+        _ => Err(Fail::Unsupported),
+    }
+}
+
+/// Runs the request made of `descs` and writes its status. Returns the number of
+/// bytes the device wrote into the chain (the used length).
+pub fn process<M: GuestMemory>(
+    mem: &M,
+    descs: impl Iterator<Item = Descriptor>,
+    vol: &Volume,
+    serial: &[u8],
+    counters: &Counters,
+) -> u32 {
+    let mut segs = Vec::new();
+    let mut too_many = false;
+    for d in descs {
+        if segs.len() > usize::try_from(SEG_MAX).unwrap_or(usize::MAX) + 2 {
+            too_many = true;
+            break;
+        }
+        if d.len() > 0 {
+            segs.push(Segment {
+                addr: d.addr(),
+                len: u64::from(d.len()),
+                write: d.is_write_only(),
+            });
+        }
+    }
+    let total: u64 = segs.iter().map(|s| s.len).sum();
+    // The status byte: the chain's last byte, which must be device-writable.
+    let status_seg = segs.last().copied().filter(|s| s.write);
+    let Some(status_seg) = status_seg.filter(|_| total > HEADER_LEN) else {
+        counters.malformed.fetch_add(1, Ordering::Relaxed);
+        return 0;
+    };
+    let status_addr = GuestAddress(status_seg.addr.0 + status_seg.len - 1);
+    let result = (|| {
+        if too_many {
+            return Err(Fail::IoErr);
+        }
+        let header_segs = range(&segs, 0, HEADER_LEN);
+        if header_segs.iter().any(|s| s.write) {
+            return Err(Fail::IoErr);
+        }
+        let mut header = [0u8; 16];
+        read_bytes(mem, &header_segs, &mut header)?;
+        let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let sector = u64::from_le_bytes([
+            header[8], header[9], header[10], header[11], header[12], header[13], header[14],
+            header[15],
+        ]);
+        let data = range(&segs, HEADER_LEN, total - HEADER_LEN - 1);
+        execute(mem, vol, serial, kind, sector, &data, counters)
+    })();
+    let (status, written) = match result {
+        Ok(n) => (VIRTIO_BLK_S_OK, n),
+        Err(f) => {
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+            let s = if f == Fail::Unsupported {
+                VIRTIO_BLK_S_UNSUPP
+            } else {
+                VIRTIO_BLK_S_IOERR
+            };
+            (s, 0)
+        }
+    };
+    let status = u8::try_from(status).unwrap_or(u8::MAX);
+    if mem.write_obj(status, status_addr).is_err() {
+        counters.malformed.fetch_add(1, Ordering::Relaxed);
+        return 0;
+    }
+    u32::try_from(written + 1).unwrap_or(u32::MAX)
+}

@@ -1,0 +1,151 @@
+//! One attachment: a listening socket served by a thread that accepts a frontend,
+//! serves it until it disconnects, and waits for the next one (a VM process that
+//! restarts reconnects to the same socket).
+//!
+//! A malformed or truncated vhost-user message ends that connection only; the
+//! attachment goes back to accepting.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use tracing::{debug, info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::vhost_blk::{BlkBackend, Counters};
+use crate::volume::Volume;
+
+/// Why an attachment could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket could not be created.
+    #[error("cannot listen on {0}")]
+    Listen(PathBuf, #[source] vhost::vhost_user::Error),
+    /// The vhost-user device could not be set up.
+    #[error("cannot create the vhost-user device")]
+    Device(String),
+    /// The serving thread could not be started.
+    #[error("cannot start the serving thread")]
+    Thread(#[source] std::io::Error),
+}
+
+fn new_daemon(name: &str, backend: &BlkBackend) -> Result<VhostUserDaemon<BlkBackend>, Error> {
+    VhostUserDaemon::new(
+        name.to_owned(),
+        backend.clone(),
+        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+    )
+    .map_err(|e| Error::Device(e.to_string()))
+}
+
+/// A volume exported on a vhost-user-blk socket until dropped or detached.
+#[derive(Debug)]
+pub struct Attachment {
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    connections: Arc<AtomicU64>,
+    counters: Arc<Counters>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Attachment {
+    /// Serves `volume` on a new socket at `socket` with `num_queues` queues.
+    pub fn start(
+        socket: &Path,
+        volume: Volume,
+        num_queues: usize,
+        serial: &str,
+    ) -> Result<Self, Error> {
+        let mut listener =
+            Listener::new(socket, true).map_err(|e| Error::Listen(socket.to_owned(), e))?;
+        let counters = Arc::new(Counters::default());
+        let backend = BlkBackend::new(volume, num_queues, serial, counters.clone());
+        let name = format!("vhost-blk-{serial}");
+        // Fail now, not in the thread, if the device cannot be made at all.
+        let mut daemon = new_daemon(&name, &backend)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections = Arc::new(AtomicU64::new(0));
+        let (stop2, conns2, path) = (stop.clone(), connections.clone(), socket.to_owned());
+        let thread = std::thread::Builder::new()
+            .name("vhost-blk-accept".into())
+            .spawn(move || {
+                while !stop2.load(Ordering::Acquire) {
+                    if let Err(e) = daemon.start(&mut listener) {
+                        warn!(socket = %path.display(), error = %e, "cannot accept a frontend");
+                        continue;
+                    }
+                    if stop2.load(Ordering::Acquire) {
+                        daemon.request_shutdown();
+                        let _ = daemon.wait();
+                        break;
+                    }
+                    conns2.fetch_add(1, Ordering::Relaxed);
+                    info!(socket = %path.display(), "frontend connected");
+                    match daemon.wait() {
+                        Ok(()) => info!(socket = %path.display(), "frontend disconnected"),
+                        Err(e) => warn!(socket = %path.display(), error = %e, "frontend connection ended with an error"),
+                    }
+                    // Every connection negotiates from scratch: a fresh device state
+                    // (features, memory table, rings) over the same volume.
+                    daemon = match new_daemon(&name, &backend) {
+                        Ok(d) => d,
+                        Err(e) => {
+                            warn!(socket = %path.display(), error = %e, "cannot reset the device; attachment stops");
+                            break;
+                        }
+                    };
+                }
+                debug!(socket = %path.display(), "attachment stopped");
+            })
+            .map_err(Error::Thread)?;
+        Ok(Self {
+            socket: socket.to_owned(),
+            stop,
+            connections,
+            counters,
+            thread: Some(thread),
+        })
+    }
+
+    /// Path of the socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// I/O counters of this attachment.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// How many frontends have connected so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Stops serving: the current frontend (if any) is disconnected and the socket
+    /// removed.
+    pub fn detach(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            // Wake the accept loop; an open frontend connection is shut down by the
+            // daemon, which sees our flag after its current connection ends.
+            let _ = UnixStream::connect(&self.socket);
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}

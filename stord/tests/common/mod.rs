@@ -1,0 +1,129 @@
+//! A vhost-user-blk frontend for tests: the `blkio` crate (pure-Rust libblkio), the
+//! same code path a VM's virtio-blk driver takes through the socket.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::cast_possible_truncation)]
+
+use std::mem::MaybeUninit;
+use std::path::Path;
+use std::time::Duration;
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+/// Size of the shared buffer every request goes through.
+pub const BUF: usize = 2 << 20;
+
+pub struct Frontend {
+    blkio: Blkio,
+    queues: Vec<Blkioq>,
+    region: MemoryRegion,
+}
+
+impl Frontend {
+    pub fn connect(socket: &Path, num_queues: i32) -> Result<Self, blkio::Error> {
+        Self::connect_with(socket, num_queues, false)
+    }
+
+    pub fn connect_with(
+        socket: &Path,
+        num_queues: i32,
+        read_only: bool,
+    ) -> Result<Self, blkio::Error> {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
+        blkio.set_str("path", socket.to_str().unwrap())?;
+        blkio.set_bool("read-only", read_only)?;
+        blkio.connect()?;
+        blkio.set_i32("num-queues", num_queues)?;
+        let queues = blkio.start()?.queues;
+        let region = blkio.alloc_mem_region(BUF)?;
+        blkio.map_mem_region(&region)?;
+        Ok(Self {
+            blkio,
+            queues,
+            region,
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.blkio.get_u64("capacity").unwrap()
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.blkio.get_bool("read-only").unwrap()
+    }
+
+    fn buf(&self) -> *mut u8 {
+        self.region.addr as *mut u8
+    }
+
+    /// Submits what `enqueue` queued on queue `q` and waits for its completion.
+    fn complete(&mut self, q: usize) -> i32 {
+        let mut done = [const { MaybeUninit::<Completion>::uninit() }; 1];
+        let mut timeout = Duration::from_secs(10);
+        let n = self.queues[q]
+            .do_io(&mut done, 1, Some(&mut timeout), None)
+            .expect("do_io");
+        assert_eq!(n, 1, "request did not complete within 10 s");
+        // SAFETY: do_io initialised `n` completions.
+        unsafe { done[0].assume_init_ref() }.ret
+    }
+
+    pub fn write_on(&mut self, q: usize, offset: u64, data: &[u8]) -> i32 {
+        assert!(data.len() <= BUF);
+        // SAFETY: the region is BUF bytes of mapped memory we own.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf(), data.len()) };
+        let buf = self.buf();
+        self.queues[q].write(offset, buf, data.len(), 0, ReqFlags::empty());
+        self.complete(q)
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> i32 {
+        self.write_on(0, offset, data)
+    }
+
+    pub fn read_on(&mut self, q: usize, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        assert!(len <= BUF);
+        let buf = self.buf();
+        self.queues[q].read(offset, buf, len, 0, ReqFlags::empty());
+        match self.complete(q) {
+            0 => {
+                let mut out = vec![0u8; len];
+                // SAFETY: as in write_on.
+                unsafe { std::ptr::copy_nonoverlapping(self.buf(), out.as_mut_ptr(), len) };
+                Ok(out)
+            }
+            e => Err(e),
+        }
+    }
+
+    pub fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        self.read_on(0, offset, len)
+    }
+
+    pub fn flush(&mut self) -> i32 {
+        self.queues[0].flush(0, ReqFlags::empty());
+        self.complete(0)
+    }
+
+    pub fn discard(&mut self, offset: u64, len: u64) -> i32 {
+        self.queues[0].discard(offset, len, 0, ReqFlags::empty());
+        self.complete(0)
+    }
+
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> i32 {
+        self.queues[0].write_zeroes(offset, len, 0, ReqFlags::empty());
+        self.complete(0)
+    }
+}
+
+/// Deterministic bytes that differ for every (seed, position).
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
