@@ -254,13 +254,10 @@ pub fn process<M: GuestMemory>(
     serial: &[u8],
     counters: &Counters,
 ) -> u32 {
+    // The iterator is bounded by the queue (and indirect table) size and stops at
+    // loops, so collecting it is bounded too.
     let mut segs = Vec::new();
-    let mut too_many = false;
     for d in descs {
-        if segs.len() > usize::try_from(SEG_MAX).unwrap_or(usize::MAX) + 2 {
-            too_many = true;
-            break;
-        }
         if d.len() > 0 {
             segs.push(Segment {
                 addr: d.addr(),
@@ -269,6 +266,7 @@ pub fn process<M: GuestMemory>(
             });
         }
     }
+    let too_many = segs.len() > usize::try_from(SEG_MAX).unwrap_or(usize::MAX) + 2;
     let total: u64 = segs.iter().map(|s| s.len).sum();
     // The status byte: the chain's last byte, which must be device-writable.
     let status_seg = segs.last().copied().filter(|s| s.write);
@@ -313,4 +311,240 @@ pub fn process<M: GuestMemory>(
         return 0;
     }
     u32::try_from(written + 1).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    const W: u16 = 2; // VRING_DESC_F_WRITE
+    const _: () = assert!(virtio_bindings::virtio_ring::VRING_DESC_F_WRITE == 2);
+    const MEM: u64 = 1 << 20;
+
+    struct Rig {
+        mem: GuestMemoryMmap<()>,
+        vol: Volume,
+        counters: Counters,
+        _dir: tempfile::TempDir,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v");
+        drop(Volume::create(&path, 64 * 1024).unwrap());
+        let vol = Volume::open(&path, false).unwrap();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        Rig {
+            mem,
+            vol,
+            counters: Counters::default(),
+            _dir: dir,
+        }
+    }
+
+    fn header(mem: &GuestMemoryMmap<()>, at: u64, kind: u32, sector: u64) {
+        mem.write_obj(kind, GuestAddress(at)).unwrap();
+        mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+        mem.write_obj(sector, GuestAddress(at + 8)).unwrap();
+    }
+
+    fn d(addr: u64, len: u32, flags: u16) -> Descriptor {
+        Descriptor::new(addr, len, flags, 0)
+    }
+
+    fn run(r: &Rig, descs: Vec<Descriptor>) -> u32 {
+        process(
+            &r.mem,
+            descs.into_iter(),
+            &r.vol,
+            b"serial-0123456789abcdef",
+            &r.counters,
+        )
+    }
+
+    fn status(r: &Rig, at: u64) -> u32 {
+        u32::from(r.mem.read_obj::<u8>(GuestAddress(at)).unwrap())
+    }
+
+    #[test]
+    fn write_then_read_round_trips() {
+        let r = rig();
+        header(&r.mem, 0x1000, VIRTIO_BLK_T_OUT, 3);
+        r.mem
+            .write_slice(&[0xabu8; 1024], GuestAddress(0x2000))
+            .unwrap();
+        let used = run(
+            &r,
+            vec![d(0x1000, 16, 0), d(0x2000, 1024, 0), d(0x3000, 1, W)],
+        );
+        assert_eq!((used, status(&r, 0x3000)), (1, VIRTIO_BLK_S_OK));
+        header(&r.mem, 0x1000, VIRTIO_BLK_T_IN, 3);
+        // Data split over two descriptors, the status sharing the last one.
+        let used = run(
+            &r,
+            vec![d(0x1000, 16, 0), d(0x4000, 512, W), d(0x5000, 513, W)],
+        );
+        assert_eq!((used, status(&r, 0x5000 + 512)), (1025, VIRTIO_BLK_S_OK));
+        let mut back = [0u8; 512];
+        r.mem.read_slice(&mut back, GuestAddress(0x5000)).unwrap();
+        assert_eq!(back, [0xab; 512]);
+    }
+
+    #[test]
+    fn hostile_chains_fail_with_a_status_and_touch_nothing() {
+        let r = rig();
+        let out = |sector| {
+            header(&r.mem, 0x1000, VIRTIO_BLK_T_OUT, sector);
+        };
+        // Data in the wrong direction.
+        out(0);
+        assert_eq!(
+            run(
+                &r,
+                vec![d(0x1000, 16, 0), d(0x2000, 512, W), d(0x3000, 1, W)]
+            ),
+            1
+        );
+        assert_eq!(status(&r, 0x3000), VIRTIO_BLK_S_IOERR);
+        // Header in a device-writable buffer.
+        assert_eq!(
+            run(
+                &r,
+                vec![d(0x1000, 16, W), d(0x2000, 512, 0), d(0x3000, 1, W)]
+            ),
+            1
+        );
+        assert_eq!(status(&r, 0x3000), VIRTIO_BLK_S_IOERR);
+        // Data outside guest memory, and straddling its end.
+        assert_eq!(
+            run(
+                &r,
+                vec![d(0x1000, 16, 0), d(0x10_0000_0000, 512, 0), d(0x3000, 1, W)]
+            ),
+            1
+        );
+        assert_eq!(status(&r, 0x3000), VIRTIO_BLK_S_IOERR);
+        assert_eq!(
+            run(
+                &r,
+                vec![d(0x1000, 16, 0), d(MEM - 256, 512, 0), d(0x3000, 1, W)]
+            ),
+            1
+        );
+        assert_eq!(status(&r, 0x3000), VIRTIO_BLK_S_IOERR);
+        // Past the end of the volume, and a sector number that overflows.
+        out(127);
+        assert_eq!(
+            run(
+                &r,
+                vec![d(0x1000, 16, 0), d(0x2000, 1024, 0), d(0x3000, 1, W)]
+            ),
+            1
+        );
+        assert_eq!(status(&r, 0x3000), VIRTIO_BLK_S_IOERR);
+        out(u64::MAX);
+        assert_eq!(
+            run(
+                &r,
+                vec![d(0x1000, 16, 0), d(0x2000, 512, 0), d(0x3000, 1, W)]
+            ),
+            1
+        );
+        assert_eq!(status(&r, 0x3000), VIRTIO_BLK_S_IOERR);
+        // Not a whole number of sectors.
+        out(0);
+        assert_eq!(
+            run(
+                &r,
+                vec![d(0x1000, 16, 0), d(0x2000, 100, 0), d(0x3000, 1, W)]
+            ),
+            1
+        );
+        assert_eq!(status(&r, 0x3000), VIRTIO_BLK_S_IOERR);
+        // More segments than advertised.
+        let mut many = vec![d(0x1000, 16, 0)];
+        many.extend((0..200).map(|i| d(0x2000 + i * 512, 512, 0)));
+        many.push(d(0x3000, 1, W));
+        assert_eq!(run(&r, many), 1);
+        assert_eq!(status(&r, 0x3000), VIRTIO_BLK_S_IOERR);
+        // Unknown request type.
+        header(&r.mem, 0x1000, 99, 0);
+        assert_eq!(run(&r, vec![d(0x1000, 16, 0), d(0x3000, 1, W)]), 1);
+        assert_eq!(status(&r, 0x3000), VIRTIO_BLK_S_UNSUPP);
+        assert_eq!(r.counters.errors.load(Ordering::Relaxed), 9);
+        assert_eq!(r.counters.write_ops.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            r.vol.used().unwrap(),
+            0,
+            "a failed request wrote to the volume"
+        );
+    }
+
+    #[test]
+    fn chains_without_a_status_byte_are_dropped() {
+        let r = rig();
+        header(&r.mem, 0x1000, VIRTIO_BLK_T_IN, 0);
+        // Last descriptor not writable; header only; status outside memory; empty.
+        assert_eq!(run(&r, vec![d(0x1000, 16, 0), d(0x2000, 512, 0)]), 0);
+        assert_eq!(run(&r, vec![d(0x1000, 16, 0)]), 0);
+        assert_eq!(
+            run(
+                &r,
+                vec![d(0x1000, 16, 0), d(0x2000, 512, W), d(0x20_0000_0000, 1, W)]
+            ),
+            0
+        );
+        assert_eq!(run(&r, vec![]), 0);
+        assert_eq!(r.counters.malformed.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn discard_checks_flags_and_ranges_and_get_id_returns_the_serial() {
+        let r = rig();
+        let range = |at: u64, sector: u64, n: u32, flags: u32| {
+            r.mem.write_obj(sector, GuestAddress(at)).unwrap();
+            r.mem.write_obj(n, GuestAddress(at + 8)).unwrap();
+            r.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        };
+        header(&r.mem, 0x1000, VIRTIO_BLK_T_DISCARD, 0);
+        range(0x2000, 0, 8, FLAG_UNMAP);
+        assert_eq!(
+            run(
+                &r,
+                vec![d(0x1000, 16, 0), d(0x2000, 16, 0), d(0x3000, 1, W)]
+            ),
+            1
+        );
+        assert_eq!(
+            status(&r, 0x3000),
+            VIRTIO_BLK_S_UNSUPP,
+            "UNMAP is not a discard flag"
+        );
+        range(0x2000, 120, 16, 0);
+        run(
+            &r,
+            vec![d(0x1000, 16, 0), d(0x2000, 16, 0), d(0x3000, 1, W)],
+        );
+        assert_eq!(status(&r, 0x3000), VIRTIO_BLK_S_IOERR, "range past the end");
+        header(&r.mem, 0x1000, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        range(0x2000, 0, 8, FLAG_UNMAP);
+        run(
+            &r,
+            vec![d(0x1000, 16, 0), d(0x2000, 16, 0), d(0x3000, 1, W)],
+        );
+        assert_eq!(status(&r, 0x3000), VIRTIO_BLK_S_OK);
+
+        header(&r.mem, 0x1000, VIRTIO_BLK_T_GET_ID, 0);
+        assert_eq!(
+            run(
+                &r,
+                vec![d(0x1000, 16, 0), d(0x2000, 20, W), d(0x3000, 1, W)]
+            ),
+            21
+        );
+        let mut id = [0u8; 20];
+        r.mem.read_slice(&mut id, GuestAddress(0x2000)).unwrap();
+        assert_eq!(&id, b"serial-0123456789abc");
+    }
 }
