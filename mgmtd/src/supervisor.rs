@@ -266,6 +266,14 @@ fn specs(opts: &Options, p: &Prepared) -> Result<Vec<Spec>, Error> {
                 args.push(data_dir.join("mgmtd").into_os_string());
                 (args, Some(p.listener.as_raw_fd()))
             }
+            "stord" => {
+                let mut args = common(&[]);
+                args.push("--data-dir".into());
+                args.push(data_dir.join("stord").into_os_string());
+                args.push("--run-dir".into());
+                args.push(data_dir.join("run/stord").into_os_string());
+                (args, None)
+            }
             _ => (common(&[]), None),
         };
         out.push(Spec {

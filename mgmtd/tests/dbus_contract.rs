@@ -16,5 +16,6 @@ fn mgmtd_keeps_the_dbus_contract() {
         path: mgmtd::dbus::MANAGER_PATH,
         version: mgmtd::VERSION,
         object_manager: false,
+        conflict: None,
     });
 }

@@ -11,5 +11,6 @@ fn netd_keeps_the_dbus_contract() {
         path: netd::OBJECT_PATH,
         version: netd::VERSION,
         object_manager: true,
+        conflict: None,
     });
 }

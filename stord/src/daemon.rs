@@ -5,7 +5,10 @@ use tracing::{info, warn};
 use zbus::fdo::{ObjectManager, RequestNameFlags, RequestNameReply};
 use zbus::{connection, Connection};
 
-use crate::dbus::{Storage1, BUS_NAME, OBJECT_PATH};
+use std::path::PathBuf;
+
+use crate::dbus::{publish_volume, SharedStore, Storage1, BUS_NAME, OBJECT_PATH};
+use crate::store::Store;
 
 /// Options of `stord`.
 #[derive(Debug, Clone)]
@@ -14,6 +17,10 @@ pub struct Options {
     pub bus: Option<String>,
     /// Identifier of this node.
     pub node_id: String,
+    /// Directory of the storage pool.
+    pub data_dir: PathBuf,
+    /// Directory for the vhost-user-blk sockets.
+    pub run_dir: PathBuf,
 }
 
 /// Why the storage daemon stopped with an error.
@@ -22,6 +29,9 @@ pub enum Error {
     /// The bus could not be reached or the name could not be owned.
     #[error("cannot connect to D-Bus and own {BUS_NAME}")]
     Connect(#[source] zbus::Error),
+    /// The pool or the socket directory could not be opened.
+    #[error("cannot open the storage pool")]
+    Store(#[source] crate::store::Error),
     /// A signal handler could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
@@ -37,7 +47,7 @@ pub enum Exit {
     Signal,
 }
 
-async fn connect(opts: &Options) -> zbus::Result<Connection> {
+async fn connect(opts: &Options, store: &SharedStore) -> zbus::Result<Connection> {
     let builder = match &opts.bus {
         Some(address) => connection::Builder::address(address.as_str())?,
         None => connection::Builder::system()?,
@@ -47,10 +57,24 @@ async fn connect(opts: &Options) -> zbus::Result<Connection> {
         warn!(detail = %health.detail, "storage daemon is degraded");
     }
     let conn = builder
-        .serve_at(OBJECT_PATH, Storage1::new(opts.node_id.clone(), health))?
+        .serve_at(
+            OBJECT_PATH,
+            Storage1::new(opts.node_id.clone(), health, store.clone()),
+        )?
         .serve_at(OBJECT_PATH, ObjectManager)?
         .build()
         .await?;
+    let ids: Vec<String> = store
+        .lock()
+        .pool()
+        .volumes()
+        .map(|v| v.id.clone())
+        .collect();
+    for id in ids {
+        publish_volume(conn.object_server(), store, &id)
+            .await
+            .map_err(|e| zbus::Error::Failure(e.to_string()))?;
+    }
     // Refuse to queue behind another owner: a second instance must fail, not wait.
     match conn
         .request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into())
@@ -65,7 +89,9 @@ async fn connect(opts: &Options) -> zbus::Result<Connection> {
 pub async fn run(opts: Options) -> Result<Exit, Error> {
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
-    let conn = connect(&opts).await.map_err(Error::Connect)?;
+    let store = Store::open(&opts.data_dir, &opts.run_dir).map_err(Error::Store)?;
+    let store = SharedStore::new(store);
+    let conn = connect(&opts, &store).await.map_err(Error::Connect)?;
     info!(name = BUS_NAME, node = %opts.node_id, "storage daemon ready");
     let exit = tokio::select! {
         _ = term.recv() => Ok(Exit::Signal),

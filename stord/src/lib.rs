@@ -5,10 +5,24 @@
 pub mod daemon;
 pub mod dbus;
 pub mod health;
+pub mod pool;
+pub mod store;
 pub mod vhost_blk;
 pub mod volume;
 
-pub use dbus::{Storage1Proxy, BUS_NAME, OBJECT_PATH};
+pub use dbus::{Storage1Proxy, VolumeProxy, BUS_NAME, OBJECT_PATH};
 
 /// Version of this crate, reported on D-Bus.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// An error and its causes as one line: `error: cause: cause`.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -16,6 +16,12 @@ struct Cli {
     /// Identifier of this node (default: /etc/machine-id).
     #[arg(long)]
     node_id: Option<String>,
+    /// Directory of the storage pool.
+    #[arg(long, default_value = "/var/lib/atoll/stord")]
+    data_dir: std::path::PathBuf,
+    /// Directory for the vhost-user-blk sockets.
+    #[arg(long, default_value = "/run/atoll/stord")]
+    run_dir: std::path::PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -30,6 +36,8 @@ fn main() -> ExitCode {
     let opts = stord::daemon::Options {
         bus: cli.bus,
         node_id: cli.node_id.unwrap_or_else(machine_id),
+        data_dir: cli.data_dir,
+        run_dir: cli.run_dir,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -36,6 +36,9 @@ pub struct DaemonSpec<'a> {
     pub version: &'a str,
     /// Whether an ObjectManager must be served at `path`.
     pub object_manager: bool,
+    /// What a second instance with the same arguments must say, when it is not
+    /// that the bus name is taken (a daemon that locks its state first).
+    pub conflict: Option<&'a str>,
 }
 
 /// Node id the harness passes with `--node-id`.
@@ -245,11 +248,12 @@ pub fn check(spec: &DaemonSpec<'_>) {
     let status = second.wait();
     assert_eq!(status.code(), Some(1), "second instance: {}", second.log());
     let line = second.log();
+    let expected = spec.conflict.map_or_else(
+        || format!("cannot connect to D-Bus and own {}", spec.bus_name),
+        str::to_owned,
+    );
     assert!(
-        last_line(&line).contains(&format!(
-            "cannot connect to D-Bus and own {}",
-            spec.bus_name
-        )),
+        last_line(&line).contains(&expected),
         "second instance said: {line}"
     );
     rt.block_on(check_interface(&conn, spec));

@@ -11,5 +11,6 @@ fn vmm_daemon_keeps_the_dbus_contract() {
         path: vmm::OBJECT_PATH,
         version: vmm::VERSION,
         object_manager: true,
+        conflict: None,
     });
 }
