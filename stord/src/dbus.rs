@@ -342,10 +342,10 @@ pub trait Storage1 {
     #[zbus(property)]
     fn node_id(&self) -> zbus::Result<String>;
     /// "ok", "degraded" or "failed".
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     fn health(&self) -> zbus::Result<String>;
     /// Why Health is not "ok".
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     fn health_detail(&self) -> zbus::Result<String>;
     /// Start time in microseconds since the Unix epoch.
     #[zbus(property)]
@@ -357,10 +357,10 @@ pub trait Storage1 {
     #[zbus(property)]
     fn pool_path(&self) -> zbus::Result<String>;
     /// Pool file system size.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     fn pool_size(&self) -> zbus::Result<u64>;
     /// Pool free bytes.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     fn pool_free(&self) -> zbus::Result<u64>;
     /// Creates a thin volume.
     fn create_volume(&self, name: &str, size: u64) -> zbus::Result<OwnedObjectPath>;
@@ -382,7 +382,7 @@ pub trait Volume {
     #[zbus(property)]
     fn size(&self) -> zbus::Result<u64>;
     /// Bytes used.
-    #[zbus(property)]
+    #[zbus(property(emits_changed_signal = "false"))]
     fn used(&self) -> zbus::Result<u64>;
     /// Live attachments.
     #[zbus(property)]

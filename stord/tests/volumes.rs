@@ -1,0 +1,172 @@
+//! The `stord` binary on a real D-Bus broker: the volume lifecycle an operator (via
+//! mgmtd) drives, with I/O through the sockets it hands out, across a restart.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use atoll_tests::{contract::wait_owner, TestBus};
+use common::{pattern, Frontend};
+use stord::{Storage1Proxy, VolumeProxy};
+
+const MIB: u64 = 1 << 20;
+
+fn spawn(bus: &str, dir: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_stord"))
+        .args(["--bus", bus, "--log-level", "debug", "--data-dir"])
+        .arg(dir.join("pool"))
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .stdin(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("stord.log")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+fn stop(mut child: Child) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+fn error_name(e: zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, msg, _) => format!("{name}: {}", msg.unwrap_or_default()),
+        other => panic!("expected a D-Bus error reply, got {other}"),
+    }
+}
+
+#[test]
+fn volume_lifecycle_over_dbus_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = TestBus::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let conn = rt
+        .block_on(
+            zbus::connection::Builder::address(bus.address())
+                .unwrap()
+                .build(),
+        )
+        .unwrap();
+    let daemon = spawn(bus.address(), dir.path());
+    rt.block_on(wait_owner(&conn, stord::BUS_NAME, true));
+    let storage = rt.block_on(Storage1Proxy::new(&conn)).unwrap();
+
+    // Bad requests get precise errors and change nothing.
+    let e = error_name(
+        rt.block_on(storage.create_volume("bad/name", MIB))
+            .unwrap_err(),
+    );
+    assert!(
+        e.starts_with("org.atoll.Storage1.Error.InvalidArgument: invalid volume name"),
+        "{e}"
+    );
+    let e = error_name(rt.block_on(storage.create_volume("odd", 1000)).unwrap_err());
+    assert!(e.contains("InvalidArgument") && e.contains("1000"), "{e}");
+
+    let path = rt
+        .block_on(storage.create_volume("disk0", 64 * MIB))
+        .unwrap();
+    let e = error_name(
+        rt.block_on(storage.create_volume("disk0", MIB))
+            .unwrap_err(),
+    );
+    assert!(e.contains("already exists"), "{e}");
+    let vol = rt
+        .block_on(
+            VolumeProxy::builder(&conn)
+                .path(path.clone())
+                .unwrap()
+                .build(),
+        )
+        .unwrap();
+    assert_eq!(rt.block_on(vol.name()).unwrap(), "disk0");
+    assert_eq!(rt.block_on(vol.size()).unwrap(), 64 * MIB);
+    let used_empty = rt.block_on(vol.used()).unwrap();
+    assert!(
+        used_empty < MIB,
+        "a new thin volume uses {used_empty} bytes"
+    );
+
+    // Attach, write through the socket, and see the space grow.
+    let socket = rt.block_on(vol.attach(false)).unwrap();
+    assert_eq!(
+        rt.block_on(vol.attachments()).unwrap(),
+        vec![(socket.clone(), false)]
+    );
+    let mut fe = Frontend::connect(Path::new(&socket), 2).unwrap();
+    assert_eq!(fe.capacity(), 64 * MIB);
+    assert_eq!(fe.write(5 * MIB, &pattern(1, 1 << 20)), 0);
+    assert_eq!(fe.flush(), 0);
+    assert!(rt.block_on(vol.used()).unwrap() >= used_empty + MIB);
+
+    // One writer at a time; no delete or resize under a VM.
+    for e in [
+        rt.block_on(vol.attach(false)).unwrap_err(),
+        rt.block_on(vol.attach(true)).unwrap_err(),
+    ] {
+        assert!(error_name(e).starts_with("org.atoll.Storage1.Error.Busy"));
+    }
+    assert!(error_name(rt.block_on(vol.delete()).unwrap_err()).contains("Busy"));
+    assert!(error_name(rt.block_on(vol.resize(128 * MIB)).unwrap_err()).contains("Busy"));
+    let e = error_name(rt.block_on(vol.detach("/nowhere.sock")).unwrap_err());
+    assert!(e.starts_with("org.atoll.Storage1.Error.NotFound"), "{e}");
+
+    drop(fe);
+    rt.block_on(vol.detach(&socket)).unwrap();
+    assert!(rt.block_on(vol.attachments()).unwrap().is_empty());
+    assert!(!Path::new(&socket).exists(), "socket left after detach");
+
+    // Restart: the volume and its data are still there.
+    stop(daemon);
+    let daemon = spawn(bus.address(), dir.path());
+    rt.block_on(wait_owner(&conn, stord::BUS_NAME, true));
+    let om = rt
+        .block_on(
+            zbus::fdo::ObjectManagerProxy::builder(&conn)
+                .destination(stord::BUS_NAME)
+                .unwrap()
+                .path(stord::OBJECT_PATH)
+                .unwrap()
+                .build(),
+        )
+        .unwrap();
+    let objects = rt.block_on(om.get_managed_objects()).unwrap();
+    assert!(
+        objects.contains_key(&path),
+        "volume missing after restart: {objects:?}"
+    );
+    let vol = rt
+        .block_on(
+            VolumeProxy::builder(&conn)
+                .path(path.clone())
+                .unwrap()
+                .build(),
+        )
+        .unwrap();
+    rt.block_on(vol.resize(128 * MIB)).unwrap();
+    let e = error_name(rt.block_on(vol.resize(MIB)).unwrap_err());
+    assert!(e.contains("shrinking"), "{e}");
+    let socket = rt.block_on(vol.attach(true)).unwrap();
+    let mut fe = Frontend::connect_with(Path::new(&socket), 1, true).unwrap();
+    assert_eq!(fe.capacity(), 128 * MIB);
+    assert_eq!(fe.read(5 * MIB, 1 << 20).unwrap(), pattern(1, 1 << 20));
+    drop(fe);
+    rt.block_on(vol.detach(&socket)).unwrap();
+
+    rt.block_on(vol.delete()).unwrap();
+    let objects = rt.block_on(om.get_managed_objects()).unwrap();
+    assert!(!objects.contains_key(&path));
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("pool/volumes"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "volume files left after delete: {left:?}");
+    stop(daemon);
+}
