@@ -76,6 +76,47 @@ impl Frontend {
         self.complete(q)
     }
 
+    /// Queues a write of `data` staged at `slot` (4 KiB slots of the buffer) without
+    /// waiting for it.
+    pub fn submit_write(&mut self, slot: usize, offset: u64, data: &[u8]) {
+        assert!(data.len() <= 4096 && (slot + 1) * 4096 <= BUF);
+        // SAFETY: the slot lies inside the BUF-byte region we own.
+        let dst = unsafe { self.buf().add(slot * 4096) };
+        // SAFETY: `dst` has room for 4096 bytes.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        self.queues[0].write(offset, dst, data.len(), slot, ReqFlags::empty());
+    }
+
+    /// Queues a flush without waiting for it.
+    pub fn submit_flush(&mut self, tag: usize) {
+        self.queues[0].flush(tag, ReqFlags::empty());
+    }
+
+    /// Submits what is queued and waits up to `timeout` for `n` completions; returns
+    /// (tag, result) of those that completed.
+    pub fn reap(&mut self, n: usize, timeout: Duration) -> Vec<(usize, i32)> {
+        let mut out = Vec::new();
+        let mut left = timeout;
+        while out.len() < n {
+            let mut done = [const { MaybeUninit::<Completion>::uninit() }; 64];
+            let before = left;
+            match self.queues[0].do_io(&mut done, 1, Some(&mut left), None) {
+                Ok(k) if k > 0 => {
+                    for c in &done[..k] {
+                        // SAFETY: do_io initialised the first `k` completions.
+                        let c = unsafe { c.assume_init_ref() };
+                        out.push((c.user_data, c.ret));
+                    }
+                }
+                _ => break,
+            }
+            if left.is_zero() || left == before && out.is_empty() {
+                break;
+            }
+        }
+        out
+    }
+
     pub fn write(&mut self, offset: u64, data: &[u8]) -> i32 {
         self.write_on(0, offset, data)
     }
