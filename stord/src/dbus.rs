@@ -8,6 +8,7 @@
 //! Errors are `org.atoll.Storage1.Error.{InvalidArgument,NotFound,Busy,Failed}` with a
 //! one-line message.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -70,6 +71,7 @@ impl From<store::Error> for StorageError {
                 | pool::Error::NameTaken(_)
                 | pool::Error::Shrink { .. },
             ) => Self::InvalidArgument(msg),
+            store::Error::Qos(..) => Self::InvalidArgument(msg),
             store::Error::Pool(pool::Error::NotFound(_)) | store::Error::NoAttachment(..) => {
                 Self::NotFound(msg)
             }
@@ -303,6 +305,29 @@ impl Volume {
         Ok(())
     }
 
+    /// QoS limits in force: read_bytes_sec, write_bytes_sec, total_bytes_sec,
+    /// read_iops_sec, write_iops_sec, total_iops_sec (0 = unlimited).
+    #[zbus(property)]
+    fn qos(&self) -> HashMap<String, u64> {
+        self.meta()
+            .map(|m| m.qos.to_map().into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// Replaces the QoS limits (keys as in the Qos property; missing keys mean
+    /// unlimited). Takes effect on attached frontends at once.
+    async fn set_qos(
+        &self,
+        limits: HashMap<String, u64>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), StorageError> {
+        self.store
+            .lock()
+            .set_qos(&self.id, &limits.into_iter().collect())?;
+        self.qos_changed(&emitter).await?;
+        Ok(())
+    }
+
     /// Grows the volume to `size` bytes; it must not be attached.
     async fn resize(
         &self,
@@ -393,6 +418,11 @@ pub trait Volume {
     fn detach(&self, socket: &str) -> zbus::Result<()>;
     /// Grows the volume.
     fn resize(&self, size: u64) -> zbus::Result<()>;
+    /// QoS limits in force.
+    #[zbus(property)]
+    fn qos(&self) -> zbus::Result<HashMap<String, u64>>;
+    /// Replaces the QoS limits.
+    fn set_qos(&self, limits: HashMap<String, u64>) -> zbus::Result<()>;
     /// Deletes the volume.
     fn delete(&self) -> zbus::Result<()>;
 }

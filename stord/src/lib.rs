@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod dbus;
 pub mod health;
 pub mod pool;
+pub mod qos;
 pub mod store;
 pub mod vhost_blk;
 pub mod volume;

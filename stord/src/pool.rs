@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::qos::QosSpec;
 use crate::volume::{self, Volume, SECTOR};
 
 /// Longest volume name.
@@ -80,6 +81,9 @@ pub struct VolumeMeta {
     pub size: u64,
     /// Creation time, microseconds since the Unix epoch.
     pub created_at_us: u64,
+    /// QoS limits (all 0 = unlimited).
+    #[serde(default)]
+    pub qos: QosSpec,
 }
 
 /// An open pool.
@@ -249,6 +253,7 @@ impl Pool {
             name: name.to_owned(),
             size,
             created_at_us: now_us(),
+            qos: QosSpec::default(),
         };
         let built = Volume::create(&tmp.join("data"), size)
             .map_err(Error::from)
@@ -280,6 +285,15 @@ impl Pool {
         let mut vol = Volume::open(&self.data_path(id), false)?;
         vol.resize(size)?;
         meta.size = size;
+        write_meta(&self.volume_dir(id), &meta)?;
+        self.volumes.insert(id.to_owned(), meta.clone());
+        Ok(meta)
+    }
+
+    /// Records new QoS limits for volume `id`.
+    pub fn set_qos(&mut self, id: &str, qos: QosSpec) -> Result<VolumeMeta, Error> {
+        let mut meta = self.get(id)?.clone();
+        meta.qos = qos;
         write_meta(&self.volume_dir(id), &meta)?;
         self.volumes.insert(id.to_owned(), meta.clone());
         Ok(meta)

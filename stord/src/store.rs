@@ -3,7 +3,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use crate::pool::{self, Pool, VolumeMeta};
+use crate::qos::{self, Limiter, QosSpec};
 use crate::vhost_blk::{self, Attachment};
 use crate::volume::{self, Volume};
 
@@ -29,6 +32,9 @@ pub enum Error {
     /// The socket could not be served.
     #[error("cannot attach volume {0}")]
     Attach(String, #[source] vhost_blk::Error),
+    /// The QoS specification was refused.
+    #[error("invalid QoS for volume {0}")]
+    Qos(String, #[source] qos::Error),
     /// The run directory could not be prepared.
     #[error("cannot prepare {0}")]
     RunDir(PathBuf, #[source] std::io::Error),
@@ -40,6 +46,7 @@ pub struct Store {
     pool: Pool,
     run_dir: PathBuf,
     attachments: HashMap<String, Vec<(Attachment, bool)>>,
+    limiters: HashMap<String, Limiter>,
     next_socket: u64,
 }
 
@@ -60,6 +67,7 @@ impl Store {
             pool,
             run_dir: run_dir.to_owned(),
             attachments: HashMap::new(),
+            limiters: HashMap::new(),
             next_socket: 0,
         })
     }
@@ -79,7 +87,30 @@ impl Store {
         if self.attachments.get(id).is_some_and(|a| !a.is_empty()) {
             return Err(Error::Busy(id.to_owned(), "detach it first".to_owned()));
         }
-        Ok(self.pool.delete(id)?)
+        self.pool.delete(id)?;
+        self.limiters.remove(id);
+        self.attachments.remove(id);
+        Ok(())
+    }
+
+    /// The limiter of volume `id`, shared by all its attachments.
+    fn limiter(&mut self, id: &str) -> Result<Limiter, Error> {
+        let spec = self.pool.get(id)?.qos;
+        Ok(self
+            .limiters
+            .entry(id.to_owned())
+            .or_insert_with(|| Limiter::new(spec))
+            .clone())
+    }
+
+    /// Validates, persists and applies new QoS limits; attached frontends are
+    /// throttled by them from their next request.
+    pub fn set_qos(&mut self, id: &str, limits: &BTreeMap<String, u64>) -> Result<QosSpec, Error> {
+        let spec = QosSpec::from_map(limits).map_err(|e| Error::Qos(id.to_owned(), e))?;
+        self.pool.set_qos(id, spec)?;
+        self.limiter(id)?.set(spec);
+        tracing::info!(volume = id, ?spec, "QoS changed");
+        Ok(spec)
     }
 
     /// Grows a volume that has no attachment (online resize comes with the
@@ -122,7 +153,8 @@ impl Store {
         let socket = self
             .run_dir
             .join(format!("{short}-{}.sock", self.next_socket));
-        let att = Attachment::start(&socket, vol, NUM_QUEUES, id)
+        let limiter = self.limiter(id)?;
+        let att = Attachment::start(&socket, vol, NUM_QUEUES, id, limiter)
             .map_err(|e| Error::Attach(id.to_owned(), e))?;
         tracing::info!(volume = id, socket = %socket.display(), read_only, "volume attached");
         self.attachments

@@ -11,6 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use common::{pattern, Frontend};
+use stord::qos::{Limiter, QosSpec};
 use stord::vhost_blk::Attachment;
 use stord::volume::Volume;
 
@@ -22,7 +23,15 @@ fn attach(dir: &Path, name: &str, size: u64, read_only: bool, queues: usize) -> 
         drop(Volume::create(&path, size).unwrap());
     }
     let vol = Volume::open(&path, read_only).unwrap();
-    Attachment::start(&dir.join(format!("{name}.sock")), vol, queues, name).unwrap()
+    let limiter = Limiter::new(QosSpec::default());
+    Attachment::start(
+        &dir.join(format!("{name}.sock")),
+        vol,
+        queues,
+        name,
+        limiter,
+    )
+    .unwrap()
 }
 
 #[test]

@@ -20,6 +20,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::qos::Limiter;
 use crate::vhost_blk::config::BlkConfig;
 use crate::vhost_blk::request::{self, Counters};
 use crate::volume::Volume;
@@ -43,6 +44,7 @@ struct Inner {
     event_idx: AtomicBool,
     mem: RwLock<Option<GuestMemory>>,
     counters: Arc<Counters>,
+    limiter: Limiter,
 }
 
 impl std::fmt::Debug for BlkBackend {
@@ -56,7 +58,13 @@ impl std::fmt::Debug for BlkBackend {
 impl BlkBackend {
     /// A device serving `volume` with `num_queues` queues; `serial` is what GET_ID
     /// returns (at most 20 bytes are used).
-    pub fn new(volume: Volume, num_queues: usize, serial: &str, counters: Arc<Counters>) -> Self {
+    pub fn new(
+        volume: Volume,
+        num_queues: usize,
+        serial: &str,
+        counters: Arc<Counters>,
+        limiter: Limiter,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 volume: RwLock::new(volume),
@@ -65,6 +73,7 @@ impl BlkBackend {
                 event_idx: AtomicBool::new(false),
                 mem: RwLock::new(None),
                 counters,
+                limiter,
             }),
         }
     }
@@ -112,8 +121,16 @@ impl BlkBackend {
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                let used =
-                    request::process(&*mem, chain, &vol, &self.inner.serial, &self.inner.counters);
+                let used = request::process(
+                    &*mem,
+                    chain,
+                    &request::Context {
+                        vol: &vol,
+                        serial: &self.inner.serial,
+                        counters: &self.inner.counters,
+                        limiter: Some(&self.inner.limiter),
+                    },
+                );
                 vring.add_used(head, used).map_err(io::Error::other)?;
                 completed = true;
             }

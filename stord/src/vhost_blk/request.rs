@@ -18,6 +18,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
+use crate::qos::{Dir, Limiter};
 use crate::vhost_blk::config::{MAX_DISCARD_SEG, SEG_MAX};
 use crate::volume::{IoSlice, Volume, SECTOR};
 
@@ -140,17 +141,29 @@ fn write_bytes<M: GuestMemory>(mem: &M, segs: &[Segment], buf: &[u8]) -> Result<
     Ok(())
 }
 
+/// What a request runs against.
+#[derive(Debug)]
+pub struct Context<'a> {
+    /// The volume.
+    pub vol: &'a Volume,
+    /// What GET_ID returns (first 20 bytes).
+    pub serial: &'a [u8],
+    /// Counters to update.
+    pub counters: &'a Counters,
+    /// QoS limits to wait for before reads and writes.
+    pub limiter: Option<&'a Limiter>,
+}
+
 /// Checks direction and bounds, then runs the request. Returns bytes written into
 /// guest buffers (excluding the status byte).
 fn execute<M: GuestMemory>(
     mem: &M,
-    vol: &Volume,
-    serial: &[u8],
+    ctx: &Context<'_>,
     kind: u32,
     sector: u64,
     data: &[Segment],
-    counters: &Counters,
 ) -> Result<u64, Fail> {
+    let (vol, serial, counters) = (ctx.vol, ctx.serial, ctx.counters);
     let data_len: u64 = data.iter().map(|s| s.len).sum();
     let need_write = |want: bool| -> Result<(), Fail> {
         if data.iter().all(|s| s.write == want) {
@@ -168,6 +181,9 @@ fn execute<M: GuestMemory>(
                 return Err(Fail::IoErr);
             }
             let iov = host_slices(mem, data)?;
+            if let Some(l) = ctx.limiter {
+                l.admit(if write { Dir::Write } else { Dir::Read }, data_len);
+            }
             // SAFETY: `host_slices` resolved every segment inside the guest memory
             // mapping `mem`, which stays mapped while the request runs.
             let res = unsafe {
@@ -250,10 +266,9 @@ fn execute<M: GuestMemory>(
 pub fn process<M: GuestMemory>(
     mem: &M,
     descs: impl Iterator<Item = Descriptor>,
-    vol: &Volume,
-    serial: &[u8],
-    counters: &Counters,
+    ctx: &Context<'_>,
 ) -> u32 {
+    let counters = ctx.counters;
     // The iterator is bounded by the queue (and indirect table) size and stops at
     // loops, so collecting it is bounded too.
     let mut segs = Vec::new();
@@ -291,7 +306,7 @@ pub fn process<M: GuestMemory>(
             header[15],
         ]);
         let data = range(&segs, HEADER_LEN, total - HEADER_LEN - 1);
-        execute(mem, vol, serial, kind, sector, &data, counters)
+        execute(mem, ctx, kind, sector, &data)
     })();
     let (status, written) = match result {
         Ok(n) => (VIRTIO_BLK_S_OK, n),
@@ -354,13 +369,13 @@ mod tests {
     }
 
     fn run(r: &Rig, descs: Vec<Descriptor>) -> u32 {
-        process(
-            &r.mem,
-            descs.into_iter(),
-            &r.vol,
-            b"serial-0123456789abcdef",
-            &r.counters,
-        )
+        let ctx = Context {
+            vol: &r.vol,
+            serial: b"serial-0123456789abcdef",
+            counters: &r.counters,
+            limiter: None,
+        };
+        process(&r.mem, descs.into_iter(), &ctx)
     }
 
     fn status(r: &Rig, at: u64) -> u32 {

@@ -16,6 +16,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::qos::Limiter;
 use crate::vhost_blk::{BlkBackend, Counters};
 use crate::volume::Volume;
 
@@ -59,11 +60,12 @@ impl Attachment {
         volume: Volume,
         num_queues: usize,
         serial: &str,
+        limiter: Limiter,
     ) -> Result<Self, Error> {
         let mut listener =
             Listener::new(socket, true).map_err(|e| Error::Listen(socket.to_owned(), e))?;
         let counters = Arc::new(Counters::default());
-        let backend = BlkBackend::new(volume, num_queues, serial, counters.clone());
+        let backend = BlkBackend::new(volume, num_queues, serial, counters.clone(), limiter);
         let name = format!("vhost-blk-{serial}");
         // Fail now, not in the thread, if the device cannot be made at all.
         let mut daemon = new_daemon(&name, &backend)?;
@@ -86,7 +88,10 @@ impl Attachment {
                     conns2.fetch_add(1, Ordering::Relaxed);
                     info!(socket = %path.display(), "frontend connected");
                     match daemon.wait() {
-                        Ok(()) => info!(socket = %path.display(), "frontend disconnected"),
+                        Ok(())
+                        | Err(vhost_user_backend::Error::HandleRequest(
+                            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+                        )) => info!(socket = %path.display(), "frontend disconnected"),
                         Err(e) => warn!(socket = %path.display(), error = %e, "frontend connection ended with an error"),
                     }
                     // Every connection negotiates from scratch: a fresh device state
