@@ -33,7 +33,9 @@ pub enum Error {
 /// An open thin volume.
 #[derive(Debug)]
 pub struct Volume {
-    file: File,
+    /// `None` for a null volume: I/O succeeds without touching anything (used to
+    /// measure the protocol path alone).
+    file: Option<File>,
     /// The same file without O_DIRECT, for requests whose buffers or offsets are not
     /// aligned the way direct I/O needs.
     buffered: Option<File>,
@@ -94,12 +96,24 @@ impl Volume {
             None
         };
         Ok(Self {
-            file,
+            file: Some(file),
             buffered,
             capacity,
             read_only,
             direct,
         })
+    }
+
+    /// A volume of `capacity` bytes that stores nothing: reads leave the buffers
+    /// untouched and writes are dropped (like QEMU's `null-co`).
+    pub fn null(capacity: u64) -> Self {
+        Self {
+            file: None,
+            buffered: None,
+            capacity,
+            read_only: false,
+            direct: false,
+        }
     }
 
     /// Capacity in bytes.
@@ -119,7 +133,10 @@ impl Volume {
 
     /// Bytes of storage the volume occupies.
     pub fn used(&self) -> Result<u64, Error> {
-        Ok(self.file.metadata().map_err(Error::Stat)?.blocks() * 512)
+        match &self.file {
+            Some(f) => Ok(f.metadata().map_err(Error::Stat)?.blocks() * 512),
+            None => Ok(0),
+        }
     }
 
     /// Whether `[offset, offset + len)` lies inside the volume.
@@ -134,14 +151,19 @@ impl Volume {
         if size == 0 || size % SECTOR != 0 {
             return Err(Error::BadSize(size));
         }
-        self.file.set_len(size).map_err(Error::Resize)?;
-        self.file.sync_all().map_err(Error::Resize)?;
+        if let Some(f) = &self.file {
+            f.set_len(size).map_err(Error::Resize)?;
+            f.sync_all().map_err(Error::Resize)?;
+        }
         self.capacity = size;
         Ok(())
     }
 
     fn vectored(&self, write: bool, iov: &[IoSlice], offset: u64) -> io::Result<usize> {
-        match Self::vectored_on(&self.file, write, iov, offset) {
+        let Some(file) = &self.file else {
+            return Ok(iov.iter().map(|s| s.len).sum());
+        };
+        match Self::vectored_on(file, write, iov, offset) {
             // Direct I/O refuses unaligned buffers, offsets or lengths.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => match &self.buffered {
                 Some(f) => Self::vectored_on(f, write, iov, offset),
@@ -233,7 +255,7 @@ impl Volume {
 
     /// Makes every completed write durable.
     pub fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.file.as_ref().map_or(Ok(()), File::sync_data)
     }
 
     /// Deallocates `[offset, offset + len)`; it reads as zeros afterwards.
@@ -245,10 +267,13 @@ impl Volume {
             (Ok(o), Ok(l)) => (o, l),
             _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
         };
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
         // SAFETY: fallocate on our own descriptor with plain integer arguments.
         let rc = unsafe {
             libc::fallocate(
-                self.file.as_raw_fd(),
+                file.as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 off,
                 len,
