@@ -9,27 +9,14 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use atoll_tests::{contract::wait_owner, TestBus};
-use common::{pattern, Frontend};
+use common::{pattern, Frontend, Rig};
 use stord::{Storage1Proxy, VolumeProxy};
 
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 1024; // 4 MiB volume
 const ROUNDS: u64 = 25;
-
-fn spawn(bus: &str, dir: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_stord"))
-        .args(["--bus", bus, "--log-level", "warn", "--data-dir"])
-        .arg(dir.join("pool"))
-        .arg("--run-dir")
-        .arg(dir.join("run"))
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap()
-}
 
 /// What a block may hold: the last flushed generation, plus generations written
 /// after it (acknowledged or in flight when stord died).
@@ -58,23 +45,11 @@ impl Rng {
 
 #[test]
 fn flushed_writes_survive_sigkill_of_stord() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = TestBus::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rig = Rig::new();
+    let (rt, conn) = (&rig.rt, &rig.conn);
     let _guard = rt.enter();
-    let conn = rt
-        .block_on(
-            zbus::connection::Builder::address(bus.address())
-                .unwrap()
-                .build(),
-        )
-        .unwrap();
-    let mut daemon = spawn(bus.address(), dir.path());
-    rt.block_on(wait_owner(&conn, stord::BUS_NAME, true));
-    let storage = rt.block_on(Storage1Proxy::new(&conn)).unwrap();
+    let mut daemon = rig.spawn_stord();
+    let storage = rt.block_on(Storage1Proxy::new(conn)).unwrap();
     let path = rt
         .block_on(storage.create_volume("crash", BLOCKS * BLOCK as u64))
         .unwrap();
@@ -88,7 +63,7 @@ fn flushed_writes_survive_sigkill_of_stord() {
     for round in 0..ROUNDS {
         let vol = rt
             .block_on(
-                VolumeProxy::builder(&conn)
+                VolumeProxy::builder(conn)
                     .path(path.clone())
                     .unwrap()
                     .build(),
@@ -162,14 +137,13 @@ fn flushed_writes_survive_sigkill_of_stord() {
             }
         }
         drop(fe);
-        daemon = spawn(bus.address(), dir.path());
-        rt.block_on(wait_owner(&conn, stord::BUS_NAME, true));
+        daemon = rig.spawn_stord();
     }
 
     // No volume was lost along the way.
     let om = rt
         .block_on(
-            zbus::fdo::ObjectManagerProxy::builder(&conn)
+            zbus::fdo::ObjectManagerProxy::builder(conn)
                 .destination(stord::BUS_NAME)
                 .unwrap()
                 .path(stord::OBJECT_PATH)

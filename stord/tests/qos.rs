@@ -8,25 +8,12 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use atoll_tests::{contract::wait_owner, TestBus};
-use common::Frontend;
+use common::{Frontend, Rig};
 use stord::{Storage1Proxy, VolumeProxy};
 
 const DEPTH: usize = 16;
-
-fn spawn(bus: &str, dir: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_stord"))
-        .args(["--bus", bus, "--log-level", "warn", "--data-dir"])
-        .arg(dir.join("pool"))
-        .arg("--run-dir")
-        .arg(dir.join("run"))
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap()
-}
 
 /// Keeps DEPTH writes of `len` bytes in flight for `secs`; returns (IOPS, bytes/s)
 /// measured after a short warm-up.
@@ -101,28 +88,16 @@ fn within(measured: f64, limit: f64) -> bool {
 
 #[test]
 fn iops_and_bandwidth_limits_hold_and_change_online() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = TestBus::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rig = Rig::new();
+    let (rt, conn) = (&rig.rt, &rig.conn);
     let _guard = rt.enter();
-    let conn = rt
-        .block_on(
-            zbus::connection::Builder::address(bus.address())
-                .unwrap()
-                .build(),
-        )
-        .unwrap();
-    let mut daemon = spawn(bus.address(), dir.path());
-    rt.block_on(wait_owner(&conn, stord::BUS_NAME, true));
-    let storage = rt.block_on(Storage1Proxy::new(&conn)).unwrap();
+    let mut daemon = rig.spawn_stord();
+    let storage = rt.block_on(Storage1Proxy::new(conn)).unwrap();
     let path = rt
         .block_on(storage.create_volume("limited", 64 << 20))
         .unwrap();
     let vol = rt
-        .block_on(VolumeProxy::builder(&conn).path(path).unwrap().build())
+        .block_on(VolumeProxy::builder(conn).path(path).unwrap().build())
         .unwrap();
 
     // Invalid specifications are refused and change nothing.
@@ -173,8 +148,7 @@ fn iops_and_bandwidth_limits_hold_and_change_online() {
     drop(fe);
     daemon.kill().unwrap();
     daemon.wait().unwrap();
-    let mut daemon = spawn(bus.address(), dir.path());
-    rt.block_on(wait_owner(&conn, stord::BUS_NAME, true));
+    let mut daemon = rig.spawn_stord();
     assert_eq!(rt.block_on(vol.qos()).unwrap()["write_bytes_sec"], 8 << 20);
     daemon.kill().unwrap();
     daemon.wait().unwrap();

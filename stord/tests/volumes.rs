@@ -6,27 +6,13 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
-use atoll_tests::{contract::wait_owner, TestBus};
-use common::{pattern, Frontend};
+use common::{pattern, Frontend, Rig};
 use stord::{Storage1Proxy, VolumeProxy};
 
 const MIB: u64 = 1 << 20;
 
-fn spawn(bus: &str, dir: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_stord"))
-        .args(["--bus", bus, "--log-level", "debug", "--data-dir"])
-        .arg(dir.join("pool"))
-        .arg("--run-dir")
-        .arg(dir.join("run"))
-        .stdin(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("stord.log")).unwrap())
-        .spawn()
-        .unwrap()
-}
-
-fn stop(mut child: Child) {
+fn stop(mut child: std::process::Child) {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
@@ -41,23 +27,11 @@ fn error_name(e: zbus::Error) -> String {
 
 #[test]
 fn volume_lifecycle_over_dbus_survives_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = TestBus::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rig = Rig::new();
+    let (rt, conn) = (&rig.rt, &rig.conn);
     let _guard = rt.enter();
-    let conn = rt
-        .block_on(
-            zbus::connection::Builder::address(bus.address())
-                .unwrap()
-                .build(),
-        )
-        .unwrap();
-    let daemon = spawn(bus.address(), dir.path());
-    rt.block_on(wait_owner(&conn, stord::BUS_NAME, true));
-    let storage = rt.block_on(Storage1Proxy::new(&conn)).unwrap();
+    let daemon = rig.spawn_stord();
+    let storage = rt.block_on(Storage1Proxy::new(conn)).unwrap();
 
     // Bad requests get precise errors and change nothing.
     let e = error_name(
@@ -81,7 +55,7 @@ fn volume_lifecycle_over_dbus_survives_a_restart() {
     assert!(e.contains("already exists"), "{e}");
     let vol = rt
         .block_on(
-            VolumeProxy::builder(&conn)
+            VolumeProxy::builder(conn)
                 .path(path.clone())
                 .unwrap()
                 .build(),
@@ -126,11 +100,10 @@ fn volume_lifecycle_over_dbus_survives_a_restart() {
 
     // Restart: the volume and its data are still there.
     stop(daemon);
-    let daemon = spawn(bus.address(), dir.path());
-    rt.block_on(wait_owner(&conn, stord::BUS_NAME, true));
+    let daemon = rig.spawn_stord();
     let om = rt
         .block_on(
-            zbus::fdo::ObjectManagerProxy::builder(&conn)
+            zbus::fdo::ObjectManagerProxy::builder(conn)
                 .destination(stord::BUS_NAME)
                 .unwrap()
                 .path(stord::OBJECT_PATH)
@@ -145,7 +118,7 @@ fn volume_lifecycle_over_dbus_survives_a_restart() {
     );
     let vol = rt
         .block_on(
-            VolumeProxy::builder(&conn)
+            VolumeProxy::builder(conn)
                 .path(path.clone())
                 .unwrap()
                 .build(),
@@ -164,7 +137,7 @@ fn volume_lifecycle_over_dbus_survives_a_restart() {
     rt.block_on(vol.delete()).unwrap();
     let objects = rt.block_on(om.get_managed_objects()).unwrap();
     assert!(!objects.contains_key(&path));
-    let left: Vec<_> = std::fs::read_dir(dir.path().join("pool/volumes"))
+    let left: Vec<_> = std::fs::read_dir(rig.dir.path().join("pool/volumes"))
         .unwrap()
         .collect();
     assert!(left.is_empty(), "volume files left after delete: {left:?}");

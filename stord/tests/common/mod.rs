@@ -168,3 +168,59 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A private D-Bus broker, a client connection to it and a scratch directory, for
+/// tests that drive the `stord` binary.
+pub struct Rig {
+    pub dir: tempfile::TempDir,
+    pub bus: atoll_tests::TestBus,
+    pub rt: tokio::runtime::Runtime,
+    pub conn: zbus::Connection,
+}
+
+impl Rig {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let bus = atoll_tests::TestBus::start();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let conn = rt
+            .block_on(
+                zbus::connection::Builder::address(bus.address())
+                    .unwrap()
+                    .build(),
+            )
+            .unwrap();
+        Self { dir, bus, rt, conn }
+    }
+
+    /// Starts stord on the rig's pool and waits until it owns its name.
+    pub fn spawn_stord(&self) -> std::process::Child {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stord"))
+            .args([
+                "--bus",
+                self.bus.address(),
+                "--log-level",
+                "warn",
+                "--data-dir",
+            ])
+            .arg(self.dir.path().join("pool"))
+            .arg("--run-dir")
+            .arg(self.dir.path().join("run"))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.block_on(atoll_tests::contract::wait_owner(
+            &self.conn,
+            stord::BUS_NAME,
+            true,
+        ));
+        child
+    }
+
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+}
