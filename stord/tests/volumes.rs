@@ -93,8 +93,10 @@ fn volume_lifecycle_over_dbus_survives_a_restart() {
     let e = error_name(rt.block_on(vol.detach("/nowhere.sock")).unwrap_err());
     assert!(e.starts_with("org.atoll.Storage1.Error.NotFound"), "{e}");
 
-    drop(fe);
+    // Detach cuts a connected frontend off instead of waiting for it to leave (the
+    // frontend is still alive here; a detach that waited would hit the D-Bus timeout).
     rt.block_on(vol.detach(&socket)).unwrap();
+    drop(fe);
     assert!(rt.block_on(vol.attachments()).unwrap().is_empty());
     assert!(!Path::new(&socket).exists(), "socket left after detach");
 

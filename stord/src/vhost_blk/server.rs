@@ -8,12 +8,12 @@
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use tracing::{debug, info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::qos::Limiter;
@@ -44,13 +44,23 @@ fn new_daemon(name: &str, backend: &BlkBackend) -> Result<VhostUserDaemon<BlkBac
 }
 
 /// A volume exported on a vhost-user-blk socket until dropped or detached.
-#[derive(Debug)]
 pub struct Attachment {
     socket: PathBuf,
     stop: Arc<AtomicBool>,
+    /// Cuts the current frontend off, if one is connected.
+    current: Arc<Mutex<Option<ShutdownHandle>>>,
     connections: Arc<AtomicU64>,
     counters: Arc<Counters>,
     thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("socket", &self.socket)
+            .field("connections", &self.connections())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Attachment {
@@ -71,7 +81,13 @@ impl Attachment {
         let mut daemon = new_daemon(&name, &backend)?;
         let stop = Arc::new(AtomicBool::new(false));
         let connections = Arc::new(AtomicU64::new(0));
-        let (stop2, conns2, path) = (stop.clone(), connections.clone(), socket.to_owned());
+        let current = Arc::new(Mutex::new(None::<ShutdownHandle>));
+        let (stop2, conns2, path, current2) = (
+            stop.clone(),
+            connections.clone(),
+            socket.to_owned(),
+            current.clone(),
+        );
         let thread = std::thread::Builder::new()
             .name("vhost-blk-accept".into())
             .spawn(move || {
@@ -84,6 +100,11 @@ impl Attachment {
                         daemon.request_shutdown();
                         let _ = daemon.wait();
                         break;
+                    }
+                    *current2.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = daemon.shutdown_handle();
+                    // A detach that raced with this accept found no handle to use.
+                    if stop2.load(Ordering::Acquire) {
+                        daemon.request_shutdown();
                     }
                     conns2.fetch_add(1, Ordering::Relaxed);
                     info!(socket = %path.display(), "frontend connected");
@@ -110,6 +131,7 @@ impl Attachment {
         Ok(Self {
             socket: socket.to_owned(),
             stop,
+            current,
             connections,
             counters,
             thread: Some(thread),
@@ -139,6 +161,14 @@ impl Attachment {
 
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::Release);
+        if let Some(h) = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            h.shutdown();
+        }
         if let Some(thread) = self.thread.take() {
             // Wake the accept loop; an open frontend connection is shut down by the
             // daemon, which sees our flag after its current connection ends.
