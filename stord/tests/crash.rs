@@ -141,18 +141,8 @@ fn flushed_writes_survive_sigkill_of_stord() {
     }
 
     // No volume was lost along the way.
-    let om = rt
-        .block_on(
-            zbus::fdo::ObjectManagerProxy::builder(conn)
-                .destination(stord::BUS_NAME)
-                .unwrap()
-                .path(stord::OBJECT_PATH)
-                .unwrap()
-                .build(),
-        )
-        .unwrap();
-    let objects = rt.block_on(om.get_managed_objects()).unwrap();
-    assert!(objects.contains_key(&path) && objects.contains_key(&spare));
+    let objects = rig.volume_paths();
+    assert!(objects.contains(&path) && objects.contains(&spare));
     assert_eq!(rt.block_on(storage.health()).unwrap(), "ok");
     daemon.kill().unwrap();
     daemon.wait().unwrap();

@@ -103,19 +103,9 @@ fn volume_lifecycle_over_dbus_survives_a_restart() {
     // Restart: the volume and its data are still there.
     stop(daemon);
     let daemon = rig.spawn_stord();
-    let om = rt
-        .block_on(
-            zbus::fdo::ObjectManagerProxy::builder(conn)
-                .destination(stord::BUS_NAME)
-                .unwrap()
-                .path(stord::OBJECT_PATH)
-                .unwrap()
-                .build(),
-        )
-        .unwrap();
-    let objects = rt.block_on(om.get_managed_objects()).unwrap();
+    let objects = rig.volume_paths();
     assert!(
-        objects.contains_key(&path),
+        objects.contains(&path),
         "volume missing after restart: {objects:?}"
     );
     let vol = rt
@@ -137,8 +127,8 @@ fn volume_lifecycle_over_dbus_survives_a_restart() {
     rt.block_on(vol.detach(&socket)).unwrap();
 
     rt.block_on(vol.delete()).unwrap();
-    let objects = rt.block_on(om.get_managed_objects()).unwrap();
-    assert!(!objects.contains_key(&path));
+    let objects = rig.volume_paths();
+    assert!(!objects.contains(&path));
     let left: Vec<_> = std::fs::read_dir(rig.dir.path().join("pool/volumes"))
         .unwrap()
         .collect();

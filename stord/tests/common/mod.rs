@@ -220,6 +220,22 @@ impl Rig {
         child
     }
 
+    /// Object paths of the volumes stord's ObjectManager announces.
+    pub fn volume_paths(&self) -> std::collections::HashSet<zbus::zvariant::OwnedObjectPath> {
+        let om = self
+            .block_on(
+                zbus::fdo::ObjectManagerProxy::builder(&self.conn)
+                    .destination(stord::BUS_NAME)
+                    .unwrap()
+                    .path(stord::OBJECT_PATH)
+                    .unwrap()
+                    .build(),
+            )
+            .unwrap();
+        let objects = self.block_on(om.get_managed_objects()).unwrap();
+        objects.into_keys().collect()
+    }
+
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.rt.block_on(f)
     }
