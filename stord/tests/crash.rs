@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{pattern, Frontend, Rig};
-use stord::{Storage1Proxy, VolumeProxy};
+use stord::Storage1Proxy;
 
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 1024; // 4 MiB volume
@@ -61,14 +61,7 @@ fn flushed_writes_survive_sigkill_of_stord() {
     let mut rng = Rng(0x5eed_1234_abcd_ef01);
     let mut generation = 0u64;
     for round in 0..ROUNDS {
-        let vol = rt
-            .block_on(
-                VolumeProxy::builder(conn)
-                    .path(path.clone())
-                    .unwrap()
-                    .build(),
-            )
-            .unwrap();
+        let vol = rig.volume(&path);
         let socket = rt.block_on(vol.attach(false)).unwrap();
         let mut fe = Frontend::connect(Path::new(&socket), 1).unwrap();
 

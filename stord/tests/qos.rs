@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Frontend, Rig};
-use stord::{Storage1Proxy, VolumeProxy};
+use stord::Storage1Proxy;
 
 const DEPTH: usize = 16;
 
@@ -96,9 +96,7 @@ fn iops_and_bandwidth_limits_hold_and_change_online() {
     let path = rt
         .block_on(storage.create_volume("limited", 64 << 20))
         .unwrap();
-    let vol = rt
-        .block_on(VolumeProxy::builder(conn).path(path).unwrap().build())
-        .unwrap();
+    let vol = rig.volume(&path);
 
     // Invalid specifications are refused and change nothing.
     for bad in [

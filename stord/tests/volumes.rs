@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use common::{pattern, Frontend, Rig};
-use stord::{Storage1Proxy, VolumeProxy};
+use stord::Storage1Proxy;
 
 const MIB: u64 = 1 << 20;
 
@@ -53,14 +53,7 @@ fn volume_lifecycle_over_dbus_survives_a_restart() {
             .unwrap_err(),
     );
     assert!(e.contains("already exists"), "{e}");
-    let vol = rt
-        .block_on(
-            VolumeProxy::builder(conn)
-                .path(path.clone())
-                .unwrap()
-                .build(),
-        )
-        .unwrap();
+    let vol = rig.volume(&path);
     assert_eq!(rt.block_on(vol.name()).unwrap(), "disk0");
     assert_eq!(rt.block_on(vol.size()).unwrap(), 64 * MIB);
     let used_empty = rt.block_on(vol.used()).unwrap();
@@ -108,14 +101,7 @@ fn volume_lifecycle_over_dbus_survives_a_restart() {
         objects.contains(&path),
         "volume missing after restart: {objects:?}"
     );
-    let vol = rt
-        .block_on(
-            VolumeProxy::builder(conn)
-                .path(path.clone())
-                .unwrap()
-                .build(),
-        )
-        .unwrap();
+    let vol = rig.volume(&path);
     rt.block_on(vol.resize(128 * MIB)).unwrap();
     let e = error_name(rt.block_on(vol.resize(MIB)).unwrap_err());
     assert!(e.contains("shrinking"), "{e}");

@@ -220,6 +220,17 @@ impl Rig {
         child
     }
 
+    /// Typed client of the volume object at `path`.
+    pub fn volume(&self, path: &zbus::zvariant::OwnedObjectPath) -> stord::VolumeProxy<'static> {
+        self.block_on(
+            stord::VolumeProxy::builder(&self.conn)
+                .path(path.clone())
+                .unwrap()
+                .build(),
+        )
+        .unwrap()
+    }
+
     /// Object paths of the volumes stord's ObjectManager announces.
     pub fn volume_paths(&self) -> std::collections::HashSet<zbus::zvariant::OwnedObjectPath> {
         let om = self
