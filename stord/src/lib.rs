@@ -2,9 +2,12 @@
 //! sockets. This library is the crate's single door: it exports the D-Bus interface
 //! `org.atoll.Storage1`, the typed proxy that `mgmtd` uses, and the daemon's entry point.
 
+pub mod cmap;
 pub mod daemon;
+pub mod disk;
 pub mod dbus;
 pub mod health;
+pub mod layer;
 pub mod pool;
 pub mod qos;
 pub mod store;

@@ -131,6 +131,11 @@ impl Volume {
         self.direct
     }
 
+    /// The data file's descriptor (`None` for a null volume).
+    pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.file.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
     /// Bytes of storage the volume occupies.
     pub fn used(&self) -> Result<u64, Error> {
         match &self.file {
