@@ -93,8 +93,10 @@ fn serve(spec: &str, socket: &str) {
         stord::volume::Volume::open(Path::new(spec), false).unwrap()
     };
     let limiter = stord::qos::Limiter::new(stord::qos::QosSpec::default());
+    let disk = std::sync::Arc::new(stord::disk::Disk::from_volume(vol));
     let _att =
-        stord::vhost_blk::Attachment::start(Path::new(socket), vol, 1, "bench", limiter).unwrap();
+        stord::vhost_blk::Attachment::start(Path::new(socket), disk, false, 1, "bench", limiter)
+            .unwrap();
     loop {
         std::thread::park();
     }

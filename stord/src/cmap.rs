@@ -104,7 +104,9 @@ impl ClusterMap {
     }
 
     fn from_bits(file: File, clusters: u64, disk: Vec<u8>) -> Self {
-        let mut bits: Vec<AtomicU64> = (0..words_for(clusters)).map(|_| AtomicU64::new(0)).collect();
+        let mut bits: Vec<AtomicU64> = (0..words_for(clusters))
+            .map(|_| AtomicU64::new(0))
+            .collect();
         for (w, chunk) in bits.iter_mut().zip(disk.chunks(8)) {
             let mut b = [0u8; 8];
             b[..chunk.len()].copy_from_slice(chunk);

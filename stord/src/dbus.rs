@@ -4,6 +4,8 @@
 //!   `org.freedesktop.DBus.ObjectManager` announcing volumes as they come and go.
 //! * `/org/atoll/Storage1/volume/<uuid with _ for ->` — `org.atoll.Storage1.Volume`,
 //!   one object per volume.
+//! * `/org/atoll/Storage1/snapshot/<uuid with _ for ->` — `org.atoll.Storage1.Snapshot`,
+//!   one object per snapshot.
 //!
 //! Errors are `org.atoll.Storage1.Error.{InvalidArgument,NotFound,Busy,Failed}` with a
 //! one-line message.
@@ -72,9 +74,8 @@ impl From<store::Error> for StorageError {
                 | pool::Error::Shrink { .. },
             ) => Self::InvalidArgument(msg),
             store::Error::Qos(..) => Self::InvalidArgument(msg),
-            store::Error::Pool(pool::Error::NotFound(_)) | store::Error::NoAttachment(..) => {
-                Self::NotFound(msg)
-            }
+            store::Error::Pool(pool::Error::NotFound(_) | pool::Error::NoSnapshot(_))
+            | store::Error::NoAttachment(..) => Self::NotFound(msg),
             store::Error::Busy(..) => Self::Busy(msg),
             _ => Self::Failed(msg),
         }
@@ -84,6 +85,39 @@ impl From<store::Error> for StorageError {
 /// Object path of volume `id`.
 pub fn volume_path(id: &str) -> String {
     format!("{OBJECT_PATH}/volume/{}", id.replace('-', "_"))
+}
+
+/// Object path of snapshot `id`.
+pub fn snapshot_path(id: &str) -> String {
+    format!("{OBJECT_PATH}/snapshot/{}", id.replace('-', "_"))
+}
+
+/// The id in a volume or snapshot object path.
+fn id_of(path: &ObjectPath<'_>) -> String {
+    path.as_str()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .replace('_', "-")
+}
+
+fn object_path(path: String) -> Result<OwnedObjectPath, StorageError> {
+    Ok(ObjectPath::try_from(path)
+        .map_err(zbus::Error::from)?
+        .into())
+}
+
+/// Runs `f` on the locked store on a blocking thread: it may copy data or join
+/// threads, which must not stall the bus.
+async fn blocking<T: Send + 'static>(
+    store: &SharedStore,
+    f: impl FnOnce(&mut Store) -> Result<T, store::Error> + Send + 'static,
+) -> Result<T, StorageError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || f(&mut store.lock()))
+        .await
+        .map_err(|e| StorageError::Failed(e.to_string()))?
+        .map_err(StorageError::from)
 }
 
 /// State behind the `org.atoll.Storage1` interface.
@@ -226,9 +260,31 @@ pub async fn publish_volume(
         store: store.clone(),
     };
     server.at(path.as_str(), obj).await?;
-    Ok(ObjectPath::try_from(path)
-        .map_err(zbus::Error::from)?
-        .into())
+    let snaps: Vec<String> = store
+        .lock()
+        .pool()
+        .get(id)
+        .map(|m| m.snapshots.iter().map(|s| s.id.clone()).collect())
+        .unwrap_or_default();
+    for snap in snaps {
+        publish_snapshot(server, store, &snap).await?;
+    }
+    object_path(path)
+}
+
+/// Adds the object of snapshot `id` to `server`.
+async fn publish_snapshot(
+    server: &ObjectServer,
+    store: &SharedStore,
+    id: &str,
+) -> Result<OwnedObjectPath, StorageError> {
+    let path = snapshot_path(id);
+    let obj = Snapshot {
+        id: id.to_owned(),
+        store: store.clone(),
+    };
+    server.at(path.as_str(), obj).await?;
+    object_path(path)
 }
 
 /// One volume of the pool.
@@ -328,27 +384,181 @@ impl Volume {
         Ok(())
     }
 
-    /// Grows the volume to `size` bytes; it must not be attached.
+    /// Grows the volume to `size` bytes, also while attached: a connected
+    /// frontend that set up the backend channel gets a config-change message.
     async fn resize(
         &self,
         size: u64,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<(), StorageError> {
-        self.store.lock().resize(&self.id, size)?;
+        let id = self.id.clone();
+        blocking(&self.store, move |s| s.resize(&id, size)).await?;
         self.size_changed(&emitter).await?;
         Ok(())
     }
 
-    /// Deletes the volume and frees its space; it must not be attached.
+    /// Snapshots of the volume, oldest first.
+    #[zbus(property)]
+    fn snapshots(&self) -> Vec<OwnedObjectPath> {
+        self.meta()
+            .map(|m| {
+                m.snapshots
+                    .iter()
+                    .filter_map(|s| object_path(snapshot_path(&s.id)).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Freezes the volume's current contents as snapshot `name` (unique among
+    /// its snapshots) in O(1), also while attached, and returns its object path.
+    async fn snapshot(
+        &self,
+        name: &str,
+        #[zbus(object_server)] server: &ObjectServer,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<OwnedObjectPath, StorageError> {
+        let (id, name_owned) = (self.id.clone(), name.to_owned());
+        let snap = blocking(&self.store, move |s| s.snapshot(&id, &name_owned)).await?;
+        let path = publish_snapshot(server, &self.store, &snap.id).await?;
+        self.snapshots_changed(&emitter).await?;
+        Ok(path)
+    }
+
+    /// Returns the volume to `snapshot` (one of its own), discarding what was
+    /// written since; it must not be attached. Later snapshots stay.
+    async fn rollback(
+        &self,
+        snapshot: ObjectPath<'_>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), StorageError> {
+        let (id, snap) = (self.id.clone(), id_of(&snapshot));
+        blocking(&self.store, move |s| s.rollback(&id, &snap)).await?;
+        self.size_changed(&emitter).await?;
+        Ok(())
+    }
+
+    /// Deletes the volume with its snapshots and frees their space (clones keep
+    /// the data they share); it must not be attached.
     async fn delete(
         &self,
         #[zbus(object_server)] server: &ObjectServer,
     ) -> Result<(), StorageError> {
-        self.store.lock().delete(&self.id)?;
+        let snaps: Vec<String> = self
+            .meta()
+            .map(|m| m.snapshots.iter().map(|s| s.id.clone()).collect())
+            .unwrap_or_default();
+        let id = self.id.clone();
+        blocking(&self.store, move |s| s.delete(&id)).await?;
         tracing::info!(id = %self.id, "volume deleted");
+        for snap in snaps {
+            server
+                .remove::<Snapshot, _>(snapshot_path(&snap).as_str())
+                .await?;
+        }
         server
             .remove::<Volume, _>(volume_path(&self.id).as_str())
             .await?;
+        Ok(())
+    }
+}
+
+/// One snapshot of a volume.
+#[derive(Debug)]
+pub struct Snapshot {
+    id: String,
+    store: SharedStore,
+}
+
+impl Snapshot {
+    fn meta(&self) -> Option<(String, pool::SnapshotMeta)> {
+        let store = self.store.lock();
+        let (v, s) = store.pool().snapshot(&self.id).ok()?;
+        Some((v.id.clone(), s.clone()))
+    }
+}
+
+/// A frozen point in a volume's history, from which it can be rolled back or
+/// cloned.
+#[interface(name = "org.atoll.Storage1.Snapshot")]
+impl Snapshot {
+    /// Unique id (UUID).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn id(&self) -> String {
+        self.id.clone()
+    }
+
+    /// Name, unique among the volume's snapshots.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn name(&self) -> String {
+        self.meta().map(|(_, s)| s.name).unwrap_or_default()
+    }
+
+    /// The volume it was taken of.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn volume(&self) -> OwnedObjectPath {
+        self.meta()
+            .and_then(|(v, _)| object_path(volume_path(&v)).ok())
+            .unwrap_or_else(|| OwnedObjectPath::from(ObjectPath::from_static_str_unchecked("/")))
+    }
+
+    /// The volume's size when it was taken.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn size(&self) -> u64 {
+        self.meta().map(|(_, s)| s.size).unwrap_or(0)
+    }
+
+    /// Creation time in microseconds since the Unix epoch.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn created_at(&self) -> u64 {
+        self.meta().map(|(_, s)| s.created_at_us).unwrap_or(0)
+    }
+
+    /// Bytes written between the previous snapshot and this one.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn used(&self) -> u64 {
+        let store = self.store.lock();
+        store
+            .pool()
+            .snapshot(&self.id)
+            .map(|(_, s)| store.pool().layer_used(&s.layer))
+            .unwrap_or(0)
+    }
+
+    /// Creates volume `name` holding the snapshot's contents, sharing its data
+    /// (thin: only what the clone writes takes new space); returns its path.
+    #[zbus(name = "Clone")]
+    async fn clone_to(
+        &self,
+        name: &str,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<OwnedObjectPath, StorageError> {
+        let (snap, name_owned) = (self.id.clone(), name.to_owned());
+        let meta = blocking(&self.store, move |s| s.clone_snapshot(&snap, &name_owned)).await?;
+        tracing::info!(id = %meta.id, name, snapshot = %self.id, "volume cloned");
+        publish_volume(server, &self.store, &meta.id).await
+    }
+
+    /// Deletes the snapshot; its space is reclaimed unless clones still use it
+    /// (then when the last of them goes).
+    async fn delete(
+        &self,
+        #[zbus(object_server)] server: &ObjectServer,
+    ) -> Result<(), StorageError> {
+        let snap = self.id.clone();
+        let volume = blocking(&self.store, move |s| s.delete_snapshot(&snap)).await?;
+        tracing::info!(id = %self.id, "snapshot deleted");
+        server
+            .remove::<Snapshot, _>(snapshot_path(&self.id).as_str())
+            .await?;
+        let vpath = volume_path(&volume.id);
+        if let Ok(iface) = server.interface::<_, Volume>(vpath.as_str()).await {
+            iface
+                .get()
+                .await
+                .snapshots_changed(iface.signal_emitter())
+                .await?;
+        }
         Ok(())
     }
 }
@@ -424,5 +634,43 @@ pub trait Volume {
     /// Replaces the QoS limits.
     fn set_qos(&self, limits: HashMap<String, u64>) -> zbus::Result<()>;
     /// Deletes the volume.
+    fn delete(&self) -> zbus::Result<()>;
+    /// Snapshots, oldest first.
+    #[zbus(property)]
+    fn snapshots(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    /// Takes a snapshot.
+    fn snapshot(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    /// Returns to one of the volume's snapshots.
+    fn rollback(&self, snapshot: &ObjectPath<'_>) -> zbus::Result<()>;
+}
+
+/// Typed client of one `org.atoll.Storage1.Snapshot`.
+#[proxy(
+    interface = "org.atoll.Storage1.Snapshot",
+    default_service = "org.atoll.Storage1"
+)]
+pub trait Snapshot {
+    /// Unique id.
+    #[zbus(property)]
+    fn id(&self) -> zbus::Result<String>;
+    /// Name.
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    /// The volume it belongs to.
+    #[zbus(property)]
+    fn volume(&self) -> zbus::Result<OwnedObjectPath>;
+    /// The volume's size when it was taken.
+    #[zbus(property)]
+    fn size(&self) -> zbus::Result<u64>;
+    /// Creation time.
+    #[zbus(property)]
+    fn created_at(&self) -> zbus::Result<u64>;
+    /// Bytes it holds.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn used(&self) -> zbus::Result<u64>;
+    /// Clones it into a new volume.
+    #[zbus(name = "Clone")]
+    fn clone_to(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    /// Deletes it.
     fn delete(&self) -> zbus::Result<()>;
 }

@@ -395,8 +395,16 @@ mod tests {
         let base = layer(dir.path(), "base", size, false);
         let mid = layer(dir.path(), "mid", size, true);
         let top = layer(dir.path(), "top", size, true);
-        write(&Disk::new(size, vec![base.clone()]), 0, &vec![1u8; 128 << 10]);
-        write(&Disk::new(size, vec![base.clone(), mid.clone()]), 8192, &[2u8; 8192]);
+        write(
+            &Disk::new(size, vec![base.clone()]),
+            0,
+            &vec![1u8; 128 << 10],
+        );
+        write(
+            &Disk::new(size, vec![base.clone(), mid.clone()]),
+            8192,
+            &[2u8; 8192],
+        );
         let d = Disk::new(size, vec![base.clone(), mid.clone(), top.clone()]);
         write(&d, 12288, &[3u8; 100]);
         let before = read(&d, 0, size as usize);
@@ -408,6 +416,9 @@ mod tests {
         assert_eq!(read(&d, 0, size as usize), before);
         // And it is durable: a fresh open of the files sees the same.
         let reopened = Arc::new(Layer::open(&dir.path().join("top"), "top", true).unwrap());
-        assert_eq!(read(&Disk::new(size, vec![reopened]), 0, size as usize), before);
+        assert_eq!(
+            read(&Disk::new(size, vec![reopened]), 0, size as usize),
+            before
+        );
     }
 }

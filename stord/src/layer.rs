@@ -203,6 +203,20 @@ impl Layer {
     }
 }
 
+/// Grows the data file of the layer in `dir` to hold `size` bytes (the map
+/// needs nothing: clusters past its end read as not held).
+pub fn grow(dir: &Path, size: u64) -> io::Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("data"))?;
+    let len = round_up(size);
+    if f.metadata()?.len() < len {
+        f.set_len(len)?;
+        f.sync_all()?;
+    }
+    Ok(())
+}
+
 fn seek(fd: i32, pos: u64, whence: i32) -> io::Result<Option<u64>> {
     let off = libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: lseek on a descriptor we own, with plain integer arguments.

@@ -4,8 +4,8 @@
 
 pub mod cmap;
 pub mod daemon;
-pub mod disk;
 pub mod dbus;
+pub mod disk;
 pub mod health;
 pub mod layer;
 pub mod pool;
@@ -14,7 +14,7 @@ pub mod store;
 pub mod vhost_blk;
 pub mod volume;
 
-pub use dbus::{Storage1Proxy, VolumeProxy, BUS_NAME, OBJECT_PATH};
+pub use dbus::{SnapshotProxy, Storage1Proxy, VolumeProxy, BUS_NAME, OBJECT_PATH};
 
 /// Version of this crate, reported on D-Bus.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,14 +1,23 @@
-//! The storage pool: a directory of volumes on the node's data disk.
+//! The storage pool: a directory of volumes and the copy-on-write layers they
+//! are made of, on the node's data disk.
 //!
 //! ```text
-//! <pool>/volumes/<uuid>/meta.json   name, size, creation time (written atomically)
-//! <pool>/volumes/<uuid>/data        the thin volume (sparse file)
+//! <pool>/volumes/<uuid>/meta.json   name, size, top layer, snapshots, QoS
+//! <pool>/layers/<uuid>/layer.json   parent layer (none for a bottom layer)
+//! <pool>/layers/<uuid>/data         the layer's data (sparse file, volume-sized)
+//! <pool>/layers/<uuid>/map          which clusters it holds (layers with a map)
 //! ```
 //!
-//! Creation builds the volume under `.new-<uuid>` and renames it into place;
-//! deletion renames it to `.gone-<uuid>` before removing it. Both renames are
-//! atomic and followed by a directory fsync, so after a crash a volume is either
-//! wholly there or wholly absent, and opening the pool sweeps the leftovers.
+//! A volume is its top layer and the chain of parents below it. A snapshot freezes
+//! the top layer and puts a new empty one over it; a clone is a new volume whose
+//! top layer sits on a snapshot's layer; rollback replaces the top layer with a new
+//! one on the snapshot's. A layer that nothing names (no volume top, no snapshot)
+//! is garbage when it has no child, and is merged into its child when it has one.
+//!
+//! Every directory is built under `.new-<uuid>` and renamed into place; removal
+//! renames to `.gone-<uuid>` first. Each rename is followed by a directory fsync,
+//! and JSON files are replaced by rename. Every step leaves a pool that opens and
+//! reads the same as before or after it; opening sweeps what was left half done.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -17,10 +26,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::layer::{self, Layer};
 use crate::qos::QosSpec;
-use crate::volume::{self, Volume, SECTOR};
+use crate::volume::SECTOR;
 
-/// Longest volume name.
+/// Longest volume or snapshot name.
 const NAME_MAX: usize = 64;
 
 /// Why a pool operation failed.
@@ -29,11 +39,11 @@ pub enum Error {
     /// A file system operation on the pool failed.
     #[error("pool I/O on {0}")]
     Io(PathBuf, #[source] std::io::Error),
-    /// The volume name is empty, too long or has characters outside `[A-Za-z0-9._-]`.
-    #[error("invalid volume name {0:?}: use 1-{NAME_MAX} characters from A-Z a-z 0-9 . _ -")]
+    /// The name is empty, too long or has characters outside `[A-Za-z0-9._-]`.
+    #[error("invalid name {0:?}: use 1-{NAME_MAX} characters from A-Z a-z 0-9 . _ -")]
     BadName(String),
-    /// A volume with this name exists.
-    #[error("a volume named {0:?} already exists")]
+    /// A volume (or a snapshot of this volume) with this name exists.
+    #[error("the name {0:?} is already taken")]
     NameTaken(String),
     /// The size is unusable.
     #[error("invalid size {0}: must be a positive multiple of {SECTOR} bytes")]
@@ -51,6 +61,9 @@ pub enum Error {
     /// No such volume.
     #[error("no volume {0}")]
     NotFound(String),
+    /// No such snapshot.
+    #[error("no snapshot {0}")]
+    NoSnapshot(String),
     /// The pool's file system has too little free space.
     #[error("pool has {free} bytes free, {needed} needed")]
     Full {
@@ -62,12 +75,30 @@ pub enum Error {
     /// Another process has the pool open.
     #[error("pool {0} is in use by another stord")]
     Locked(PathBuf),
-    /// A volume's metadata is unreadable.
+    /// A metadata file is unreadable.
     #[error("corrupt metadata in {0}")]
     Corrupt(PathBuf, #[source] serde_json::Error),
-    /// The data file failed.
-    #[error(transparent)]
-    Volume(#[from] volume::Error),
+    /// A volume's chain of layers is broken.
+    #[error("volume {0}: layer {1} is missing or unreadable")]
+    BrokenChain(String, String),
+    /// A layer's files failed.
+    #[error("layer {0}")]
+    Layer(String, #[source] layer::Error),
+}
+
+/// A frozen point in a volume's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMeta {
+    /// Unique id (UUID).
+    pub id: String,
+    /// Operator-chosen name, unique among the volume's snapshots.
+    pub name: String,
+    /// The frozen layer.
+    pub layer: String,
+    /// The volume's size when the snapshot was taken.
+    pub size: u64,
+    /// Creation time, microseconds since the Unix epoch.
+    pub created_at_us: u64,
 }
 
 /// What is recorded about a volume.
@@ -84,6 +115,34 @@ pub struct VolumeMeta {
     /// QoS limits (all 0 = unlimited).
     #[serde(default)]
     pub qos: QosSpec,
+    /// The layer that takes the writes.
+    pub top: String,
+    /// Snapshots, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<SnapshotMeta>,
+}
+
+/// What is recorded about a layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerMeta {
+    /// Unique id (UUID).
+    pub id: String,
+    /// The layer below, if any.
+    pub parent: Option<String>,
+    /// Whether the layer has a cluster map (every layer made over a parent has).
+    pub cow: bool,
+    /// Creation time, microseconds since the Unix epoch.
+    pub created_at_us: u64,
+}
+
+/// A layer that nothing names and that has exactly one child: its data must be
+/// copied into the child before it can go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merge {
+    /// The layer to remove.
+    pub layer: String,
+    /// Its only child, which absorbs it.
+    pub child: String,
 }
 
 /// An open pool.
@@ -92,6 +151,7 @@ pub struct Pool {
     _lock: nix::fcntl::Flock<fs::File>,
     dir: PathBuf,
     volumes: BTreeMap<String, VolumeMeta>,
+    layers: BTreeMap<String, LayerMeta>,
     broken: Vec<String>,
 }
 
@@ -105,16 +165,21 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
         .map_err(io(dir))
 }
 
-fn write_meta(dir: &Path, meta: &VolumeMeta) -> Result<(), Error> {
-    let path = dir.join("meta.json");
-    let tmp = dir.join("meta.json.tmp");
-    let body = serde_json::to_vec_pretty(meta).map_err(|e| Error::Corrupt(path.clone(), e))?;
+fn write_json<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<(), Error> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let body = serde_json::to_vec_pretty(value).map_err(|e| Error::Corrupt(path.clone(), e))?;
     let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(&body)
         .and_then(|()| f.sync_all())
         .map_err(io(&tmp))?;
     fs::rename(&tmp, &path).map_err(io(&path))?;
     sync_dir(dir)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, Error> {
+    let text = fs::read(path).map_err(io(path))?;
+    serde_json::from_slice(&text).map_err(|e| Error::Corrupt(path.to_owned(), e))
 }
 
 fn now_us() -> u64 {
@@ -132,12 +197,53 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
+fn check_size(size: u64) -> Result<(), Error> {
+    if size == 0 || size % SECTOR != 0 {
+        Err(Error::BadSize(size))
+    } else {
+        Ok(())
+    }
+}
+
+/// Reads every `<dir>/<uuid>/<file>` JSON, removing `.new-`/`.gone-` leftovers;
+/// unreadable entries are reported in `broken`.
+fn load_dir<T: for<'de> Deserialize<'de>>(
+    dir: &Path,
+    file: &str,
+    broken: &mut Vec<String>,
+) -> Result<Vec<T>, Error> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io(dir))? {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name.starts_with(".new-") || name.starts_with(".gone-") {
+            tracing::info!(path = %path.display(), "removing an interrupted pool operation");
+            fs::remove_dir_all(&path).map_err(io(&path))?;
+            continue;
+        }
+        match read_json(&path.join(file)) {
+            Ok(v) => out.push(v),
+            // One bad entry must not take the others down: report it and go on.
+            Err(e) => {
+                let msg = crate::error_chain(&e);
+                tracing::error!(path = %path.display(), error = %msg, "skipped");
+                broken.push(msg);
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl Pool {
-    /// Opens (creating if needed) the pool in `dir`, sweeping half-created and
-    /// half-deleted volumes.
+    /// Opens (creating if needed) the pool in `dir`, sweeping half-done
+    /// operations and removing layers nothing needs.
     pub fn open(dir: &Path) -> Result<Self, Error> {
         let vdir = dir.join("volumes");
-        fs::create_dir_all(&vdir).map_err(io(&vdir))?;
+        let ldir = dir.join("layers");
+        for d in [&vdir, &ldir] {
+            fs::create_dir_all(d).map_err(io(d))?;
+        }
         let lock_path = dir.join(".lock");
         let file = fs::OpenOptions::new()
             .write(true)
@@ -151,45 +257,40 @@ impl Pool {
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => return Err(Error::Locked(dir.to_owned())),
             Err((_, e)) => return Err(Error::Io(lock_path, e.into())),
         };
-        let mut volumes = BTreeMap::new();
         let mut broken = Vec::new();
-        for entry in fs::read_dir(&vdir).map_err(io(&vdir))? {
-            let entry = entry.map_err(io(&vdir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            if name.starts_with(".new-") || name.starts_with(".gone-") {
-                tracing::info!(path = %path.display(), "removing an interrupted volume operation");
-                fs::remove_dir_all(&path).map_err(io(&path))?;
-                continue;
-            }
-            let meta_path = path.join("meta.json");
-            let meta = fs::read(&meta_path)
-                .map_err(io(&meta_path))
-                .and_then(|text| {
-                    serde_json::from_slice::<VolumeMeta>(&text)
-                        .map_err(|e| Error::Corrupt(meta_path.clone(), e))
-                });
-            match meta {
-                Ok(meta) => {
-                    volumes.insert(meta.id.clone(), meta);
+        let layers = load_dir::<LayerMeta>(&ldir, "layer.json", &mut broken)?
+            .into_iter()
+            .map(|l| (l.id.clone(), l))
+            .collect();
+        let loaded = load_dir::<VolumeMeta>(&vdir, "meta.json", &mut broken)?;
+        let mut pool = Self {
+            _lock: lock,
+            dir: dir.to_owned(),
+            volumes: BTreeMap::new(),
+            layers,
+            broken,
+        };
+        for v in loaded {
+            let whole = std::iter::once(v.top.as_str())
+                .chain(v.snapshots.iter().map(|s| s.layer.as_str()))
+                .try_for_each(|l| pool.chain_of(&v.id, l).map(drop));
+            match whole {
+                Ok(()) => {
+                    pool.volumes.insert(v.id.clone(), v);
                 }
-                // One bad volume must not take the others down: report it and go on.
                 Err(e) => {
                     let msg = crate::error_chain(&e);
-                    tracing::error!(volume = %path.display(), error = %msg, "volume skipped");
-                    broken.push(msg);
+                    tracing::error!(volume = %v.id, error = %msg, "volume skipped");
+                    pool.broken.push(msg);
                 }
             }
         }
-        Ok(Self {
-            _lock: lock,
-            dir: dir.to_owned(),
-            volumes,
-            broken,
-        })
+        pool.collect()?;
+        Ok(pool)
     }
 
-    /// Volumes that could not be opened, with the reason; left on disk untouched.
+    /// Volumes and layers that could not be opened, with the reason; left on
+    /// disk untouched.
     pub fn broken(&self) -> &[String] {
         &self.broken
     }
@@ -203,9 +304,9 @@ impl Pool {
         self.dir.join("volumes").join(id)
     }
 
-    /// Path of the data file of volume `id`.
-    pub fn data_path(&self, id: &str) -> PathBuf {
-        self.volume_dir(id).join("data")
+    /// The directory of layer `id`.
+    pub fn layer_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("layers").join(id)
     }
 
     /// Every volume, by id.
@@ -220,61 +321,166 @@ impl Pool {
             .ok_or_else(|| Error::NotFound(id.to_owned()))
     }
 
+    /// Layer `id`.
+    pub fn layer(&self, id: &str) -> Option<&LayerMeta> {
+        self.layers.get(id)
+    }
+
+    /// The volume owning snapshot `snap`, and the snapshot.
+    pub fn snapshot(&self, snap: &str) -> Result<(&VolumeMeta, &SnapshotMeta), Error> {
+        self.volumes
+            .values()
+            .find_map(|v| v.snapshots.iter().find(|s| s.id == snap).map(|s| (v, s)))
+            .ok_or_else(|| Error::NoSnapshot(snap.to_owned()))
+    }
+
+    /// The layers under (and including) `top`, bottom first.
+    fn chain_of(&self, volume: &str, top: &str) -> Result<Vec<LayerMeta>, Error> {
+        let mut out = Vec::new();
+        let mut cur = Some(top.to_owned());
+        while let Some(id) = cur {
+            let l = self
+                .layers
+                .get(&id)
+                .filter(|_| out.len() <= self.layers.len())
+                .ok_or_else(|| Error::BrokenChain(volume.to_owned(), id.clone()))?;
+            cur = l.parent.clone();
+            out.push(l.clone());
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Volume `id`'s layers, bottom first.
+    pub fn chain(&self, id: &str) -> Result<Vec<LayerMeta>, Error> {
+        self.chain_of(id, &self.get(id)?.top)
+    }
+
+    /// Opens layer `id`'s files.
+    pub fn open_layer(&self, id: &str) -> Result<Layer, Error> {
+        let meta = self
+            .layers
+            .get(id)
+            .ok_or_else(|| Error::BrokenChain(String::new(), id.to_owned()))?;
+        Layer::open(&self.layer_dir(id), id, meta.cow).map_err(|e| Error::Layer(id.to_owned(), e))
+    }
+
     /// Total and free bytes of the pool's file system.
     pub fn space(&self) -> Result<(u64, u64), Error> {
-        let st = nix_statvfs(&self.dir)?;
-        Ok(st)
+        nix_statvfs(&self.dir)
     }
 
-    /// Bytes volume `id` occupies.
-    pub fn used(&self, id: &str) -> Result<u64, Error> {
+    /// Bytes layer `id` occupies.
+    pub fn layer_used(&self, id: &str) -> u64 {
         use std::os::unix::fs::MetadataExt;
-        let p = self.data_path(id);
-        Ok(fs::metadata(&p).map_err(io(&p))?.blocks() * 512)
+        let dir = self.layer_dir(id);
+        ["data", "map"]
+            .iter()
+            .filter_map(|f| fs::metadata(dir.join(f)).ok())
+            .map(|m| m.blocks() * 512)
+            .sum()
     }
 
-    /// Creates an empty thin volume.
-    pub fn create(&mut self, name: &str, size: u64) -> Result<VolumeMeta, Error> {
-        if !valid_name(name) {
-            return Err(Error::BadName(name.to_owned()));
-        }
-        if size == 0 || size % SECTOR != 0 {
-            return Err(Error::BadSize(size));
-        }
-        if self.volumes.values().any(|v| v.name == name) {
-            return Err(Error::NameTaken(name.to_owned()));
-        }
-        let id = uuid::Uuid::new_v4().to_string();
-        let vdir = self.dir.join("volumes");
-        let tmp = vdir.join(format!(".new-{id}"));
-        fs::create_dir(&tmp).map_err(io(&tmp))?;
-        let meta = VolumeMeta {
-            id: id.clone(),
-            name: name.to_owned(),
-            size,
+    /// Bytes volume `id` occupies: its layers that no other volume shares.
+    pub fn used(&self, id: &str) -> Result<u64, Error> {
+        let v = self.get(id)?;
+        let mine: std::collections::BTreeSet<String> = std::iter::once(v.top.as_str())
+            .chain(v.snapshots.iter().map(|s| s.layer.as_str()))
+            .flat_map(|l| self.chain_of(id, l).unwrap_or_default())
+            .map(|l| l.id)
+            .collect();
+        let shared: std::collections::BTreeSet<String> = self
+            .volumes
+            .values()
+            .filter(|o| o.id != id)
+            .flat_map(|o| {
+                std::iter::once(o.top.clone())
+                    .chain(o.snapshots.iter().map(|s| s.layer.clone()))
+                    .flat_map(|l| self.chain_of(&o.id, &l).unwrap_or_default())
+                    .map(|l| l.id)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        Ok(mine.difference(&shared).map(|l| self.layer_used(l)).sum())
+    }
+
+    /// Creates a layer of `size` bytes over `parent`.
+    fn new_layer(&mut self, parent: Option<&str>, size: u64) -> Result<LayerMeta, Error> {
+        let meta = LayerMeta {
+            id: uuid::Uuid::new_v4().to_string(),
+            parent: parent.map(str::to_owned),
+            cow: parent.is_some(),
             created_at_us: now_us(),
-            qos: QosSpec::default(),
         };
-        let built = Volume::create(&tmp.join("data"), size)
-            .map_err(Error::from)
-            .and_then(|_| write_meta(&tmp, &meta));
+        let ldir = self.dir.join("layers");
+        let tmp = ldir.join(format!(".new-{}", meta.id));
+        fs::create_dir(&tmp).map_err(io(&tmp))?;
+        let built = Layer::create(&tmp, size, meta.cow)
+            .map_err(|e| Error::Layer(meta.id.clone(), e))
+            .and_then(|()| write_json(&tmp, "layer.json", &meta));
         if let Err(e) = built {
             let _ = fs::remove_dir_all(&tmp);
             return Err(e);
         }
-        let dest = self.volume_dir(&id);
+        let dest = self.layer_dir(&meta.id);
         fs::rename(&tmp, &dest).map_err(io(&dest))?;
-        sync_dir(&vdir)?;
-        self.volumes.insert(id, meta.clone());
+        sync_dir(&ldir)?;
+        self.layers.insert(meta.id.clone(), meta.clone());
         Ok(meta)
     }
 
-    /// Grows volume `id` to `size` bytes.
+    fn check_new_name(&self, name: &str) -> Result<(), Error> {
+        if !valid_name(name) {
+            return Err(Error::BadName(name.to_owned()));
+        }
+        if self.volumes.values().any(|v| v.name == name) {
+            return Err(Error::NameTaken(name.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Writes a new volume's directory.
+    fn add_volume(&mut self, meta: VolumeMeta) -> Result<VolumeMeta, Error> {
+        let vdir = self.dir.join("volumes");
+        let tmp = vdir.join(format!(".new-{}", meta.id));
+        fs::create_dir(&tmp).map_err(io(&tmp))?;
+        if let Err(e) = write_json(&tmp, "meta.json", &meta) {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        let dest = self.volume_dir(&meta.id);
+        fs::rename(&tmp, &dest).map_err(io(&dest))?;
+        sync_dir(&vdir)?;
+        self.volumes.insert(meta.id.clone(), meta.clone());
+        Ok(meta)
+    }
+
+    fn save(&mut self, meta: VolumeMeta) -> Result<VolumeMeta, Error> {
+        write_json(&self.volume_dir(&meta.id), "meta.json", &meta)?;
+        self.volumes.insert(meta.id.clone(), meta.clone());
+        Ok(meta)
+    }
+
+    /// Creates an empty thin volume.
+    pub fn create(&mut self, name: &str, size: u64) -> Result<VolumeMeta, Error> {
+        self.check_new_name(name)?;
+        check_size(size)?;
+        let top = self.new_layer(None, size)?;
+        self.add_volume(VolumeMeta {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: name.to_owned(),
+            size,
+            created_at_us: now_us(),
+            qos: QosSpec::default(),
+            top: top.id,
+            snapshots: Vec::new(),
+        })
+    }
+
+    /// Records volume `id`'s new size; the caller has grown its top layer's files.
     pub fn resize(&mut self, id: &str, size: u64) -> Result<VolumeMeta, Error> {
         let mut meta = self.get(id)?.clone();
-        if size == 0 || size % SECTOR != 0 {
-            return Err(Error::BadSize(size));
-        }
+        check_size(size)?;
         if size < meta.size {
             return Err(Error::Shrink {
                 id: id.to_owned(),
@@ -282,24 +488,88 @@ impl Pool {
                 requested: size,
             });
         }
-        let mut vol = Volume::open(&self.data_path(id), false)?;
-        vol.resize(size)?;
         meta.size = size;
-        write_meta(&self.volume_dir(id), &meta)?;
-        self.volumes.insert(id.to_owned(), meta.clone());
-        Ok(meta)
+        self.save(meta)
     }
 
     /// Records new QoS limits for volume `id`.
     pub fn set_qos(&mut self, id: &str, qos: QosSpec) -> Result<VolumeMeta, Error> {
         let mut meta = self.get(id)?.clone();
         meta.qos = qos;
-        write_meta(&self.volume_dir(id), &meta)?;
-        self.volumes.insert(id.to_owned(), meta.clone());
-        Ok(meta)
+        self.save(meta)
     }
 
-    /// Deletes volume `id` and frees its space.
+    /// Freezes volume `id`'s top layer as snapshot `name` and puts a new empty
+    /// layer over it. The caller has flushed the top layer. Returns the
+    /// snapshot and the new top layer.
+    pub fn take_snapshot(
+        &mut self,
+        id: &str,
+        name: &str,
+    ) -> Result<(SnapshotMeta, LayerMeta), Error> {
+        let mut meta = self.get(id)?.clone();
+        if !valid_name(name) {
+            return Err(Error::BadName(name.to_owned()));
+        }
+        if meta.snapshots.iter().any(|s| s.name == name) {
+            return Err(Error::NameTaken(name.to_owned()));
+        }
+        let top = self.new_layer(Some(&meta.top), meta.size)?;
+        let snap = SnapshotMeta {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: name.to_owned(),
+            layer: std::mem::replace(&mut meta.top, top.id.clone()),
+            size: meta.size,
+            created_at_us: now_us(),
+        };
+        meta.snapshots.push(snap.clone());
+        self.save(meta)?;
+        Ok((snap, top))
+    }
+
+    /// Points volume `id` at a new empty layer over snapshot `snap`'s, dropping
+    /// what was written since. The caller makes sure nothing is attached.
+    pub fn rollback(&mut self, id: &str, snap: &str) -> Result<VolumeMeta, Error> {
+        let mut meta = self.get(id)?.clone();
+        let s = meta
+            .snapshots
+            .iter()
+            .find(|s| s.id == snap)
+            .cloned()
+            .ok_or_else(|| Error::NoSnapshot(snap.to_owned()))?;
+        let top = self.new_layer(Some(&s.layer), s.size)?;
+        meta.top = top.id;
+        meta.size = s.size;
+        self.save(meta)
+    }
+
+    /// Creates volume `name` from snapshot `snap`, sharing its data.
+    pub fn clone_snapshot(&mut self, snap: &str, name: &str) -> Result<VolumeMeta, Error> {
+        self.check_new_name(name)?;
+        let (_, s) = self.snapshot(snap)?;
+        let s = s.clone();
+        let top = self.new_layer(Some(&s.layer), s.size)?;
+        self.add_volume(VolumeMeta {
+            id: uuid::Uuid::new_v4().to_string(),
+            name: name.to_owned(),
+            size: s.size,
+            created_at_us: now_us(),
+            qos: QosSpec::default(),
+            top: top.id,
+            snapshots: Vec::new(),
+        })
+    }
+
+    /// Forgets snapshot `snap`; its layer goes at the next [`collect`](Self::collect).
+    pub fn delete_snapshot(&mut self, snap: &str) -> Result<VolumeMeta, Error> {
+        let (v, _) = self.snapshot(snap)?;
+        let mut meta = v.clone();
+        meta.snapshots.retain(|s| s.id != snap);
+        self.save(meta)
+    }
+
+    /// Deletes volume `id` (its snapshots too); its layers go at the next
+    /// [`collect`](Self::collect).
     pub fn delete(&mut self, id: &str) -> Result<(), Error> {
         self.get(id)?;
         let vdir = self.dir.join("volumes");
@@ -310,6 +580,84 @@ impl Pool {
         self.volumes.remove(id);
         fs::remove_dir_all(&gone).map_err(io(&gone))?;
         Ok(())
+    }
+
+    /// Makes layer `child`'s parent its grandparent; the caller has copied the
+    /// parent's data into it.
+    pub fn reparent(&mut self, child: &str, parent: Option<&str>) -> Result<(), Error> {
+        let mut meta = self
+            .layers
+            .get(child)
+            .cloned()
+            .ok_or_else(|| Error::BrokenChain(String::new(), child.to_owned()))?;
+        meta.parent = parent.map(str::to_owned);
+        write_json(&self.layer_dir(child), "layer.json", &meta)?;
+        self.layers.insert(child.to_owned(), meta);
+        Ok(())
+    }
+
+    fn remove_layer(&mut self, id: &str) -> Result<(), Error> {
+        let ldir = self.dir.join("layers");
+        let gone = ldir.join(format!(".gone-{id}"));
+        let src = self.layer_dir(id);
+        fs::rename(&src, &gone).map_err(io(&src))?;
+        sync_dir(&ldir)?;
+        self.layers.remove(id);
+        fs::remove_dir_all(&gone).map_err(io(&gone))?;
+        tracing::info!(layer = id, "layer removed");
+        Ok(())
+    }
+
+    /// Removes every layer nothing needs and returns the merges still to do
+    /// (layers nothing names that have one child). Does nothing while any volume
+    /// or layer is unreadable: its layers might look unneeded.
+    pub fn collect(&mut self) -> Result<Vec<Merge>, Error> {
+        if !self.broken.is_empty() {
+            return Ok(Vec::new());
+        }
+        loop {
+            let named: std::collections::BTreeSet<&str> = self
+                .volumes
+                .values()
+                .flat_map(|v| {
+                    std::iter::once(v.top.as_str())
+                        .chain(v.snapshots.iter().map(|s| s.layer.as_str()))
+                })
+                .collect();
+            let mut children: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+            for l in self.layers.values() {
+                if let Some(p) = &l.parent {
+                    children.entry(p.as_str()).or_default().push(l.id.as_str());
+                }
+            }
+            let unnamed = self.layers.keys().filter(|id| !named.contains(id.as_str()));
+            let mut dead = Vec::new();
+            let mut merges = Vec::new();
+            for id in unnamed {
+                match children.get(id.as_str()).map(Vec::as_slice) {
+                    None | Some([]) => dead.push(id.clone()),
+                    Some([only]) => merges.push(Merge {
+                        layer: id.clone(),
+                        child: (*only).to_owned(),
+                    }),
+                    Some(_) => {}
+                }
+            }
+            if dead.is_empty() {
+                return Ok(merges);
+            }
+            for id in dead {
+                self.remove_layer(&id)?;
+            }
+        }
+    }
+
+    /// Finishes a merge the caller did (the child holds every cluster of
+    /// `m.layer`): the child takes the layer's parent and the layer goes.
+    pub fn finish_merge(&mut self, m: &Merge) -> Result<(), Error> {
+        let parent = self.layers.get(&m.layer).and_then(|l| l.parent.clone());
+        self.reparent(&m.child, parent.as_deref())?;
+        self.remove_layer(&m.layer)
     }
 }
 
@@ -361,9 +709,11 @@ mod tests {
         ));
         pool.delete(&a.id).unwrap();
         assert!(matches!(pool.delete(&a.id), Err(Error::NotFound(_))));
+        assert_eq!(pool.collect().unwrap(), vec![]);
+        assert_eq!(pool.layers.len(), 1, "the deleted volume's layer must go");
         // A crash in the middle of a create and of a delete.
         fs::create_dir(dir.path().join("volumes/.new-x")).unwrap();
-        fs::create_dir(dir.path().join("volumes/.gone-y")).unwrap();
+        fs::create_dir(dir.path().join("layers/.gone-y")).unwrap();
         assert!(
             matches!(Pool::open(dir.path()), Err(Error::Locked(_))),
             "a second opener must be refused"
@@ -373,18 +723,67 @@ mod tests {
         let ids: Vec<_> = pool.volumes().map(|v| (v.name.clone(), v.size)).collect();
         assert_eq!(ids, vec![("disk-b".to_owned(), 4 << 20)]);
         assert!(!dir.path().join("volumes/.new-x").exists());
-        assert_eq!(
-            Volume::open(&pool.data_path(&b.id), true)
-                .unwrap()
-                .capacity(),
-            4 << 20
-        );
+        assert!(!dir.path().join("layers/.gone-y").exists());
+        assert_eq!(pool.chain(&b.id).unwrap().len(), 1);
         let (total, free) = pool.space().unwrap();
         assert!(total > 0 && free <= total);
     }
 
     #[test]
-    fn a_volume_with_corrupt_metadata_is_skipped_and_kept() {
+    fn snapshots_clones_and_rollbacks_keep_exactly_the_layers_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = Pool::open(dir.path()).unwrap();
+        let v = pool.create("v", 1 << 20).unwrap();
+        let base = v.top.clone();
+        let (s1, t1) = pool.take_snapshot(&v.id, "s1").unwrap();
+        assert!(matches!(
+            pool.take_snapshot(&v.id, "s1"),
+            Err(Error::NameTaken(_))
+        ));
+        let (s2, t2) = pool.take_snapshot(&v.id, "s2").unwrap();
+        assert_eq!(s1.layer, base);
+        assert_eq!(s2.layer, t1.id);
+        let ids = |c: Vec<LayerMeta>| c.into_iter().map(|l| l.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(pool.chain(&v.id).unwrap()),
+            vec![base.clone(), t1.id.clone(), t2.id.clone()]
+        );
+        let c = pool.clone_snapshot(&s1.id, "c").unwrap();
+        assert_eq!(pool.chain(&c.id).unwrap()[0].id, base);
+        // Rolling back to s1 drops the live top (nothing else uses it).
+        let v2 = pool.rollback(&v.id, &s1.id).unwrap();
+        assert_eq!(pool.collect().unwrap(), vec![]);
+        assert!(pool.layer(&t2.id).is_none());
+        assert_eq!(pool.chain(&v.id).unwrap()[0].id, base);
+        // Deleting s2 leaves t1 unnamed and childless: it goes.
+        pool.delete_snapshot(&s2.id).unwrap();
+        assert_eq!(pool.collect().unwrap(), vec![]);
+        assert!(pool.layer(&t1.id).is_none());
+        // Deleting s1: the base still has two children (v and c), so it stays.
+        pool.delete_snapshot(&s1.id).unwrap();
+        assert_eq!(pool.collect().unwrap(), vec![]);
+        assert!(pool.layer(&base).is_some());
+        // Deleting v leaves the base with one child (c's top): a merge.
+        pool.delete(&v.id).unwrap();
+        let merges = pool.collect().unwrap();
+        assert_eq!(
+            merges,
+            vec![Merge {
+                layer: base.clone(),
+                child: c.top.clone()
+            }]
+        );
+        pool.finish_merge(&merges[0]).unwrap();
+        assert!(pool.layer(&base).is_none());
+        assert!(pool.layer(&v2.top).is_none());
+        drop(pool);
+        let pool = Pool::open(dir.path()).unwrap();
+        assert_eq!(ids(pool.chain(&c.id).unwrap()), vec![c.top.clone()]);
+        assert_eq!(pool.layers.len(), 1);
+    }
+
+    #[test]
+    fn a_volume_with_corrupt_metadata_is_skipped_and_nothing_is_collected() {
         let dir = tempfile::tempdir().unwrap();
         let mut pool = Pool::open(dir.path()).unwrap();
         let v = pool.create("v", 4096).unwrap();
@@ -409,6 +808,10 @@ mod tests {
         assert!(
             dir.path().join("volumes").join(&v.id).exists(),
             "a broken volume must be kept"
+        );
+        assert!(
+            pool.layer(&v.top).is_some() && pool.layer_dir(&v.top).exists(),
+            "the layers of an unreadable volume must not be collected"
         );
     }
 }

@@ -1,14 +1,15 @@
-//! The daemon's state: the pool plus the live attachments of its volumes.
+//! The daemon's state: the pool, the open chains of attached volumes and their
+//! attachments.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
 
-use std::collections::BTreeMap;
-
-use crate::pool::{self, Pool, VolumeMeta};
+use crate::disk::Disk;
+use crate::layer::{self, Layer};
+use crate::pool::{self, Merge, Pool, SnapshotMeta, VolumeMeta};
 use crate::qos::{self, Limiter, QosSpec};
 use crate::vhost_blk::{self, Attachment};
-use crate::volume::{self, Volume};
 
 /// Queues each attachment offers.
 pub const NUM_QUEUES: usize = 4;
@@ -26,9 +27,9 @@ pub enum Error {
     /// No attachment with this socket.
     #[error("volume {0} has no attachment at {1}")]
     NoAttachment(String, String),
-    /// The data file could not be opened.
-    #[error("cannot open volume {0}")]
-    Open(String, #[source] volume::Error),
+    /// A layer's data could not be read, written or synced.
+    #[error("volume {0}: layer I/O")]
+    Io(String, #[source] std::io::Error),
     /// The socket could not be served.
     #[error("cannot attach volume {0}")]
     Attach(String, #[source] vhost_blk::Error),
@@ -46,12 +47,17 @@ pub struct Store {
     pool: Pool,
     run_dir: PathBuf,
     attachments: HashMap<String, Vec<(Attachment, bool)>>,
+    /// Open chains of volumes with attachments.
+    disks: HashMap<String, Arc<Disk>>,
+    /// Open layers, shared by every chain that contains them.
+    layers: HashMap<String, Weak<Layer>>,
     limiters: HashMap<String, Limiter>,
     next_socket: u64,
 }
 
 impl Store {
-    /// Opens the pool in `data_dir`; sockets go to `run_dir` (stale ones are removed).
+    /// Opens the pool in `data_dir`; sockets go to `run_dir` (stale ones are
+    /// removed). Merges left pending by a crash are finished.
     pub fn open(data_dir: &Path, run_dir: &Path) -> Result<Self, Error> {
         let pool = Pool::open(data_dir)?;
         std::fs::create_dir_all(run_dir).map_err(|e| Error::RunDir(run_dir.to_owned(), e))?;
@@ -63,13 +69,17 @@ impl Store {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        Ok(Self {
+        let mut store = Self {
             pool,
             run_dir: run_dir.to_owned(),
             attachments: HashMap::new(),
+            disks: HashMap::new(),
+            layers: HashMap::new(),
             limiters: HashMap::new(),
             next_socket: 0,
-        })
+        };
+        store.collect()?;
+        Ok(store)
     }
 
     /// The pool.
@@ -77,19 +87,120 @@ impl Store {
         &self.pool
     }
 
+    fn attached(&self, id: &str) -> bool {
+        self.attachments.get(id).is_some_and(|a| !a.is_empty())
+    }
+
+    /// Layer `id`, opened once and shared.
+    fn layer(&mut self, id: &str) -> Result<Arc<Layer>, Error> {
+        if let Some(l) = self.layers.get(id).and_then(Weak::upgrade) {
+            return Ok(l);
+        }
+        let l = Arc::new(self.pool.open_layer(id)?);
+        self.layers.insert(id.to_owned(), Arc::downgrade(&l));
+        Ok(l)
+    }
+
+    /// The chain of volume `id`: the attached one, or freshly opened.
+    fn disk(&mut self, id: &str) -> Result<Arc<Disk>, Error> {
+        if let Some(d) = self.disks.get(id) {
+            return Ok(d.clone());
+        }
+        let size = self.pool.get(id)?.size;
+        let layers = self
+            .pool
+            .chain(id)?
+            .iter()
+            .map(|l| self.layer(&l.id))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Arc::new(Disk::new(size, layers)))
+    }
+
     /// Creates a volume.
     pub fn create(&mut self, name: &str, size: u64) -> Result<VolumeMeta, Error> {
         Ok(self.pool.create(name, size)?)
     }
 
-    /// Deletes a volume that has no attachment.
+    /// Deletes a volume that has no attachment, with its snapshots; layers that
+    /// clones still use stay until nothing does.
     pub fn delete(&mut self, id: &str) -> Result<(), Error> {
-        if self.attachments.get(id).is_some_and(|a| !a.is_empty()) {
+        if self.attached(id) {
             return Err(Error::Busy(id.to_owned(), "detach it first".to_owned()));
         }
         self.pool.delete(id)?;
         self.limiters.remove(id);
         self.attachments.remove(id);
+        self.disks.remove(id);
+        self.collect()
+    }
+
+    /// Freezes volume `id` as snapshot `name` (attached or not: guest I/O pauses
+    /// for the switch to a new top layer, which is a few file creations).
+    pub fn snapshot(&mut self, id: &str, name: &str) -> Result<SnapshotMeta, Error> {
+        let Some(disk) = self.disks.get(id).cloned() else {
+            let (snap, _) = self.pool.take_snapshot(id, name)?;
+            return Ok(snap);
+        };
+        let mut chain = disk.lock();
+        if let Some(top) = chain.layers.last() {
+            top.flush().map_err(|e| Error::Io(id.to_owned(), e))?;
+        }
+        let (snap, top) = self.pool.take_snapshot(id, name)?;
+        chain.layers.push(self.layer(&top.id)?);
+        tracing::info!(volume = id, snapshot = %snap.id, "snapshot taken");
+        Ok(snap)
+    }
+
+    /// Returns volume `id` (not attached) to snapshot `snap`.
+    pub fn rollback(&mut self, id: &str, snap: &str) -> Result<VolumeMeta, Error> {
+        if self.attached(id) {
+            return Err(Error::Busy(
+                id.to_owned(),
+                "detach it before rolling back".to_owned(),
+            ));
+        }
+        let meta = self.pool.rollback(id, snap)?;
+        self.collect()?;
+        tracing::info!(volume = id, snapshot = snap, "rolled back");
+        Ok(meta)
+    }
+
+    /// Creates volume `name` from snapshot `snap`.
+    pub fn clone_snapshot(&mut self, snap: &str, name: &str) -> Result<VolumeMeta, Error> {
+        Ok(self.pool.clone_snapshot(snap, name)?)
+    }
+
+    /// Deletes snapshot `snap`, reclaiming its space when nothing else uses it.
+    pub fn delete_snapshot(&mut self, snap: &str) -> Result<VolumeMeta, Error> {
+        let meta = self.pool.delete_snapshot(snap)?;
+        self.collect()?;
+        Ok(meta)
+    }
+
+    /// Removes unneeded layers and merges unnamed ones into their only child,
+    /// also under attached volumes (their I/O goes on during the copy).
+    fn collect(&mut self) -> Result<(), Error> {
+        loop {
+            let merges = self.pool.collect()?;
+            let Some(m) = merges.first() else {
+                return Ok(());
+            };
+            self.merge(m)?;
+        }
+    }
+
+    fn merge(&mut self, m: &Merge) -> Result<(), Error> {
+        let lower = self.layer(&m.layer)?;
+        let child = self.layer(&m.child)?;
+        let copied = child
+            .absorb(&lower)
+            .map_err(|e| Error::Io(m.child.clone(), e))?;
+        for disk in self.disks.values() {
+            disk.lock().layers.retain(|l| l.id() != m.layer);
+        }
+        self.pool.finish_merge(m)?;
+        self.layers.remove(&m.layer);
+        tracing::info!(layer = %m.layer, into = %m.child, clusters = copied, "layer merged");
         Ok(())
     }
 
@@ -113,16 +224,43 @@ impl Store {
         Ok(spec)
     }
 
-    /// Grows a volume that has no attachment (online resize comes with the
-    /// config-change notification).
+    /// Grows volume `id`, attached or not; attached frontends are told of the
+    /// new capacity.
     pub fn resize(&mut self, id: &str, size: u64) -> Result<VolumeMeta, Error> {
-        if self.attachments.get(id).is_some_and(|a| !a.is_empty()) {
-            return Err(Error::Busy(
-                id.to_owned(),
-                "detach it before resizing".to_owned(),
-            ));
+        let current = self.pool.get(id)?.size;
+        if size < current || size == 0 || size % crate::volume::SECTOR != 0 {
+            // Let the pool produce the precise error.
+            return Ok(self.pool.resize(id, size)?);
         }
-        Ok(self.pool.resize(id, size)?)
+        let disk = self.disk(id)?;
+        let mut chain = disk.lock();
+        let top = chain
+            .layers
+            .last()
+            .cloned()
+            .ok_or_else(|| Error::Io(id.to_owned(), std::io::Error::other("no layers")))?;
+        top.flush().map_err(|e| Error::Io(id.to_owned(), e))?;
+        let top_id = top.id().to_owned();
+        layer::grow(&self.pool.layer_dir(&top_id), size)
+            .map_err(|e| Error::Io(id.to_owned(), e))?;
+        // Reopen the top layer so it sees its new length.
+        drop(top);
+        chain.layers.pop();
+        self.layers.remove(&top_id);
+        chain.layers.push(self.layer(&top_id)?);
+        let meta = self.pool.resize(id, size)?;
+        chain.capacity = size;
+        drop(chain);
+        for (att, _) in self
+            .attachments
+            .get(id)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            att.config_changed();
+        }
+        tracing::info!(volume = id, size, "volume resized");
+        Ok(meta)
     }
 
     /// Serves volume `id` on a new socket. Any number of read-only attachments, or
@@ -146,17 +284,17 @@ impl Store {
                 "it has read-only attachments".to_owned(),
             ));
         }
-        let vol = Volume::open(&self.pool.data_path(id), read_only)
-            .map_err(|e| Error::Open(id.to_owned(), e))?;
+        let disk = self.disk(id)?;
         self.next_socket += 1;
         let short: String = id.chars().take(8).collect();
         let socket = self
             .run_dir
             .join(format!("{short}-{}.sock", self.next_socket));
         let limiter = self.limiter(id)?;
-        let att = Attachment::start(&socket, vol, NUM_QUEUES, id, limiter)
+        let att = Attachment::start(&socket, disk.clone(), read_only, NUM_QUEUES, id, limiter)
             .map_err(|e| Error::Attach(id.to_owned(), e))?;
         tracing::info!(volume = id, socket = %socket.display(), read_only, "volume attached");
+        self.disks.insert(id.to_owned(), disk);
         self.attachments
             .entry(id.to_owned())
             .or_default()
@@ -164,7 +302,8 @@ impl Store {
         Ok(socket)
     }
 
-    /// Stops serving the attachment of `id` at `socket`.
+    /// Stops serving the attachment of `id` at `socket`. The last detach syncs
+    /// the volume's top layer.
     pub fn detach(&mut self, id: &str, socket: &str) -> Result<(), Error> {
         let list = self.attachments.entry(id.to_owned()).or_default();
         let pos = list
@@ -173,6 +312,11 @@ impl Store {
             .ok_or_else(|| Error::NoAttachment(id.to_owned(), socket.to_owned()))?;
         let (att, _) = list.remove(pos);
         att.detach();
+        if list.is_empty() {
+            if let Some(disk) = self.disks.remove(id) {
+                disk.flush().map_err(|e| Error::Io(id.to_owned(), e))?;
+            }
+        }
         tracing::info!(volume = id, socket, "volume detached");
         Ok(())
     }

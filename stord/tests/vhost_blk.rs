@@ -9,8 +9,10 @@ mod common;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::Arc;
 
 use common::{pattern, Frontend};
+use stord::disk::Disk;
 use stord::qos::{Limiter, QosSpec};
 use stord::vhost_blk::Attachment;
 use stord::volume::Volume;
@@ -22,11 +24,12 @@ fn attach(dir: &Path, name: &str, size: u64, read_only: bool, queues: usize) -> 
     if !path.exists() {
         drop(Volume::create(&path, size).unwrap());
     }
-    let vol = Volume::open(&path, read_only).unwrap();
+    let disk = Arc::new(Disk::from_volume(Volume::open(&path, read_only).unwrap()));
     let limiter = Limiter::new(QosSpec::default());
     Attachment::start(
         &dir.join(format!("{name}.sock")),
-        vol,
+        disk,
+        read_only,
         queues,
         name,
         limiter,

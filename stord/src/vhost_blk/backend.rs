@@ -3,9 +3,10 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -20,10 +21,10 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::disk::Disk;
 use crate::qos::Limiter;
 use crate::vhost_blk::config::BlkConfig;
 use crate::vhost_blk::request::{self, Counters};
-use crate::volume::Volume;
 
 /// Guest memory as the backend sees it.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
@@ -38,13 +39,16 @@ pub struct BlkBackend {
 }
 
 struct Inner {
-    volume: RwLock<Volume>,
+    disk: Arc<Disk>,
+    read_only: bool,
     num_queues: usize,
     serial: Vec<u8>,
     event_idx: AtomicBool,
     mem: RwLock<Option<GuestMemory>>,
     counters: Arc<Counters>,
     limiter: Limiter,
+    /// The channel for backend-initiated messages, if the frontend set one up.
+    backend_req: Mutex<Option<Backend>>,
 }
 
 impl std::fmt::Debug for BlkBackend {
@@ -56,10 +60,11 @@ impl std::fmt::Debug for BlkBackend {
 }
 
 impl BlkBackend {
-    /// A device serving `volume` with `num_queues` queues; `serial` is what GET_ID
-    /// returns (at most 20 bytes are used).
+    /// A device serving `disk` (refusing writes if `read_only`) with `num_queues`
+    /// queues; `serial` is what GET_ID returns (at most 20 bytes are used).
     pub fn new(
-        volume: Volume,
+        disk: Arc<Disk>,
+        read_only: bool,
         num_queues: usize,
         serial: &str,
         counters: Arc<Counters>,
@@ -67,25 +72,43 @@ impl BlkBackend {
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                volume: RwLock::new(volume),
+                disk,
+                read_only,
                 num_queues: num_queues.max(1),
                 serial: serial.as_bytes().to_vec(),
                 event_idx: AtomicBool::new(false),
                 mem: RwLock::new(None),
                 counters,
                 limiter,
+                backend_req: Mutex::new(None),
             }),
         }
     }
 
-    fn config(&self) -> BlkConfig {
-        let vol = self
+    /// Tells the connected frontend that the configuration space changed (the
+    /// capacity after a resize). Returns whether a frontend was told; a frontend
+    /// without the backend channel sees the new size when it reads the
+    /// configuration again (e.g. on reconnect).
+    pub fn config_changed(&self) -> bool {
+        let req = self
             .inner
-            .volume
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .backend_req
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match req.map(|r| r.handle_config_change()) {
+            Some(Ok(_)) => true,
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "cannot notify the frontend of a config change");
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn config(&self) -> BlkConfig {
         BlkConfig {
-            capacity_sectors: vol.capacity() / crate::volume::SECTOR,
+            capacity_sectors: self.inner.disk.capacity() / crate::volume::SECTOR,
             blk_size: 512,
             num_queues: u16::try_from(self.inner.num_queues).unwrap_or(u16::MAX),
         }
@@ -103,11 +126,6 @@ impl BlkBackend {
             return Ok(());
         };
         let mem = mem.memory();
-        let vol = self
-            .inner
-            .volume
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
         loop {
             if event_idx {
@@ -125,7 +143,8 @@ impl BlkBackend {
                     &*mem,
                     chain,
                     &request::Context {
-                        vol: &vol,
+                        disk: &self.inner.disk,
+                        read_only: self.inner.read_only,
                         serial: &self.inner.serial,
                         counters: &self.inner.counters,
                         limiter: Some(&self.inner.limiter),
@@ -173,12 +192,7 @@ impl VhostUserBackend for BlkBackend {
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_MQ
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        let vol = self
-            .inner
-            .volume
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if vol.read_only() {
+        if self.inner.read_only {
             f |= 1 << VIRTIO_BLK_F_RO;
         } else {
             f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
@@ -191,6 +205,15 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self
+            .inner
+            .backend_req
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(backend);
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -1,5 +1,5 @@
 //! One virtio-blk request: parsing a descriptor chain a guest controls, and running
-//! it against a [`Volume`].
+//! it against a [`Disk`].
 //!
 //! The chain is flattened into segments; the first 16 bytes are the request header
 //! (readable), the last byte is the status (writable), the bytes between are data.
@@ -18,9 +18,10 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
+use crate::disk::Disk;
 use crate::qos::{Dir, Limiter};
 use crate::vhost_blk::config::{MAX_DISCARD_SEG, SEG_MAX};
-use crate::volume::{IoSlice, Volume, SECTOR};
+use crate::volume::{IoSlice, SECTOR};
 
 /// Length of the request header.
 const HEADER_LEN: u64 = 16;
@@ -144,8 +145,10 @@ fn write_bytes<M: GuestMemory>(mem: &M, segs: &[Segment], buf: &[u8]) -> Result<
 /// What a request runs against.
 #[derive(Debug)]
 pub struct Context<'a> {
-    /// The volume.
-    pub vol: &'a Volume,
+    /// The volume's chain.
+    pub disk: &'a Disk,
+    /// Whether writes, discards and write-zeroes are refused.
+    pub read_only: bool,
     /// What GET_ID returns (first 20 bytes).
     pub serial: &'a [u8],
     /// Counters to update.
@@ -163,7 +166,7 @@ fn execute<M: GuestMemory>(
     sector: u64,
     data: &[Segment],
 ) -> Result<u64, Fail> {
-    let (vol, serial, counters) = (ctx.vol, ctx.serial, ctx.counters);
+    let (vol, serial, counters) = (ctx.disk, ctx.serial, ctx.counters);
     let data_len: u64 = data.iter().map(|s| s.len).sum();
     let need_write = |want: bool| -> Result<(), Fail> {
         if data.iter().all(|s| s.write == want) {
@@ -176,6 +179,9 @@ fn execute<M: GuestMemory>(
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
             let write = kind == VIRTIO_BLK_T_OUT;
             need_write(!write)?;
+            if write && ctx.read_only {
+                return Err(Fail::IoErr);
+            }
             let offset = sector.checked_mul(SECTOR).ok_or(Fail::IoErr)?;
             if data_len % SECTOR != 0 || !vol.in_range(offset, data_len) {
                 return Err(Fail::IoErr);
@@ -222,6 +228,9 @@ fn execute<M: GuestMemory>(
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             need_write(false)?;
+            if ctx.read_only {
+                return Err(Fail::IoErr);
+            }
             if data_len == 0
                 || data_len % RANGE_LEN != 0
                 || data_len / RANGE_LEN > u64::from(MAX_DISCARD_SEG)
@@ -331,6 +340,7 @@ pub fn process<M: GuestMemory>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::volume::Volume;
     use vm_memory::GuestMemoryMmap;
 
     const W: u16 = 2; // VRING_DESC_F_WRITE
@@ -339,7 +349,7 @@ mod tests {
 
     struct Rig {
         mem: GuestMemoryMmap<()>,
-        vol: Volume,
+        vol: Disk,
         counters: Counters,
         _dir: tempfile::TempDir,
     }
@@ -348,7 +358,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v");
         drop(Volume::create(&path, 64 * 1024).unwrap());
-        let vol = Volume::open(&path, false).unwrap();
+        let vol = Disk::from_volume(Volume::open(&path, false).unwrap());
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         Rig {
             mem,
@@ -370,7 +380,8 @@ mod tests {
 
     fn run(r: &Rig, descs: Vec<Descriptor>) -> u32 {
         let ctx = Context {
-            vol: &r.vol,
+            disk: &r.vol,
+            read_only: false,
             serial: b"serial-0123456789abcdef",
             counters: &r.counters,
             limiter: None,
@@ -489,11 +500,7 @@ mod tests {
         assert_eq!(status(&r, 0x3000), VIRTIO_BLK_S_UNSUPP);
         assert_eq!(r.counters.errors.load(Ordering::Relaxed), 9);
         assert_eq!(r.counters.write_ops.load(Ordering::Relaxed), 0);
-        assert_eq!(
-            r.vol.used().unwrap(),
-            0,
-            "a failed request wrote to the volume"
-        );
+        assert_eq!(r.vol.used(), 0, "a failed request wrote to the volume");
     }
 
     #[test]

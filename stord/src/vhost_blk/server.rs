@@ -16,9 +16,9 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::disk::Disk;
 use crate::qos::Limiter;
 use crate::vhost_blk::{BlkBackend, Counters};
-use crate::volume::Volume;
 
 /// Why an attachment could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +51,7 @@ pub struct Attachment {
     current: Arc<Mutex<Option<ShutdownHandle>>>,
     connections: Arc<AtomicU64>,
     counters: Arc<Counters>,
+    backend: BlkBackend,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -64,10 +65,12 @@ impl std::fmt::Debug for Attachment {
 }
 
 impl Attachment {
-    /// Serves `volume` on a new socket at `socket` with `num_queues` queues.
+    /// Serves `disk` (read-only if asked) on a new socket at `socket` with
+    /// `num_queues` queues.
     pub fn start(
         socket: &Path,
-        volume: Volume,
+        disk: Arc<Disk>,
+        read_only: bool,
         num_queues: usize,
         serial: &str,
         limiter: Limiter,
@@ -75,7 +78,15 @@ impl Attachment {
         let mut listener =
             Listener::new(socket, true).map_err(|e| Error::Listen(socket.to_owned(), e))?;
         let counters = Arc::new(Counters::default());
-        let backend = BlkBackend::new(volume, num_queues, serial, counters.clone(), limiter);
+        let backend = BlkBackend::new(
+            disk,
+            read_only,
+            num_queues,
+            serial,
+            counters.clone(),
+            limiter,
+        );
+        let backend_handle = backend.clone();
         let name = format!("vhost-blk-{serial}");
         // Fail now, not in the thread, if the device cannot be made at all.
         let mut daemon = new_daemon(&name, &backend)?;
@@ -134,6 +145,7 @@ impl Attachment {
             current,
             connections,
             counters,
+            backend: backend_handle,
             thread: Some(thread),
         })
     }
@@ -146,6 +158,16 @@ impl Attachment {
     /// I/O counters of this attachment.
     pub fn counters(&self) -> &Counters {
         &self.counters
+    }
+
+    /// Announces a configuration change (new capacity) to the connected
+    /// frontend, from a separate thread: a frontend that does not answer must
+    /// not hold the caller up.
+    pub fn config_changed(&self) {
+        let backend = self.backend.clone();
+        let _ = std::thread::Builder::new()
+            .name("vhost-blk-config".into())
+            .spawn(move || backend.config_changed());
     }
 
     /// How many frontends have connected so far.
