@@ -5,7 +5,7 @@
 //! A malformed or truncated vhost-user message ends that connection only; the
 //! attachment goes back to accepting.
 
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -52,6 +52,8 @@ pub struct Attachment {
     connections: Arc<AtomicU64>,
     counters: Arc<Counters>,
     backend: BlkBackend,
+    /// The listening socket, owned by the serving thread until it ends.
+    listen_fd: RawFd,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -87,6 +89,7 @@ impl Attachment {
             limiter,
         );
         let backend_handle = backend.clone();
+        let listen_fd = listener.as_raw_fd();
         let name = format!("vhost-blk-{serial}");
         // Fail now, not in the thread, if the device cannot be made at all.
         let mut daemon = new_daemon(&name, &backend)?;
@@ -104,7 +107,12 @@ impl Attachment {
             .spawn(move || {
                 while !stop2.load(Ordering::Acquire) {
                     if let Err(e) = daemon.start(&mut listener) {
+                        if stop2.load(Ordering::Acquire) {
+                            break;
+                        }
                         warn!(socket = %path.display(), error = %e, "cannot accept a frontend");
+                        // Out of descriptors or similar: do not spin.
+                        std::thread::sleep(std::time::Duration::from_millis(100));
                         continue;
                     }
                     if stop2.load(Ordering::Acquire) {
@@ -146,6 +154,7 @@ impl Attachment {
             connections,
             counters,
             backend: backend_handle,
+            listen_fd,
             thread: Some(thread),
         })
     }
@@ -192,9 +201,12 @@ impl Attachment {
             h.shutdown();
         }
         if let Some(thread) = self.thread.take() {
-            // Wake the accept loop; an open frontend connection is shut down by the
-            // daemon, which sees our flag after its current connection ends.
-            let _ = UnixStream::connect(&self.socket);
+            // Wake the accept loop: shutting the listening socket down makes a
+            // blocked accept fail (connecting to the path would not work if the
+            // socket file was removed under us).
+            // SAFETY: the descriptor stays open until the thread, which owns it,
+            // is joined below; shutdown does not close it.
+            unsafe { libc::shutdown(self.listen_fd, libc::SHUT_RDWR) };
             let _ = thread.join();
         }
         let _ = std::fs::remove_file(&self.socket);
