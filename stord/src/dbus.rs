@@ -19,6 +19,8 @@ use zbus::zvariant::{ObjectPath, OwnedObjectPath};
 use zbus::{interface, proxy, ObjectServer};
 
 use crate::health::Health;
+use crate::image::{self, Format, Progress, Source};
+use crate::job;
 use crate::pool;
 use crate::store::{self, Store};
 
@@ -105,6 +107,64 @@ fn object_path(path: String) -> Result<OwnedObjectPath, StorageError> {
     Ok(ObjectPath::try_from(path)
         .map_err(zbus::Error::from)?
         .into())
+}
+
+impl From<image::Error> for StorageError {
+    fn from(e: image::Error) -> Self {
+        let msg = crate::error_chain(&e);
+        match e {
+            image::Error::Io(_, ref io) if io.kind() == std::io::ErrorKind::NotFound => {
+                Self::NotFound(msg)
+            }
+            image::Error::Io(..) | image::Error::Volume(_) | image::Error::Cancelled => {
+                Self::Failed(msg)
+            }
+            _ => Self::InvalidArgument(msg),
+        }
+    }
+}
+
+/// The outcome of an import/export step as a job sees it: the message, and
+/// whether it was a cancellation.
+fn job_error(e: &image::Error) -> (String, bool) {
+    (crate::error_chain(e), matches!(e, image::Error::Cancelled))
+}
+
+/// Starts an export of `disk` to `path` as a job; `done` runs when it ends.
+async fn export_job(
+    conn: &zbus::Connection,
+    disk: Arc<crate::disk::Disk>,
+    what: String,
+    path: &str,
+    format: &str,
+    done: impl FnOnce() + Send + 'static,
+) -> Result<OwnedObjectPath, StorageError> {
+    let format = match Format::parse(format) {
+        Ok(Some(f)) => f,
+        Ok(None) => Format::Raw,
+        Err(e) => {
+            done();
+            return Err(e.into());
+        }
+    };
+    let progress = Arc::new(Progress::default());
+    let (dest, p2) = (std::path::PathBuf::from(path), progress.clone());
+    let target = format!("{what} -> {path} ({})", format.name());
+    Ok(job::start(
+        conn,
+        "export",
+        target,
+        progress,
+        move || {
+            let r = image::export(&disk, &dest, format, &p2)
+                .map(|()| String::new())
+                .map_err(|e| job_error(&e));
+            done();
+            r
+        },
+        |_, res| async move { res.map(|_| None).map_err(|(m, _)| m) },
+    )
+    .await?)
 }
 
 /// Runs `f` on the locked store on a blocking thread: it may copy data or join
@@ -245,6 +305,57 @@ impl Storage1 {
         let meta = self.store.lock().create(name, size)?;
         tracing::info!(id = %meta.id, name, size, "volume created");
         publish_volume(server, &self.store, &meta.id).await
+    }
+
+    /// Creates volume `name` from the image file at `path` (absolute, on this
+    /// node) in `format` (`raw`, `qcow2`, or `auto` to detect it). The volume's
+    /// size is the image's virtual size. Returns a job object at once; the
+    /// volume appears (and is the job's Result) when the job completes, and is
+    /// removed if it fails or is cancelled.
+    async fn import_volume(
+        &self,
+        name: &str,
+        path: &str,
+        format: &str,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<OwnedObjectPath, StorageError> {
+        let fmt = Format::parse(format)?;
+        let src_path = std::path::PathBuf::from(path);
+        let src = tokio::task::spawn_blocking(move || Source::open(&src_path, fmt))
+            .await
+            .map_err(|e| StorageError::Failed(e.to_string()))??;
+        let (meta, disk) = self.store.lock().begin_import(name, src.size())?;
+        tracing::info!(id = %meta.id, name, path, format = src.format().name(), "import started");
+        let progress = Arc::new(Progress::default());
+        let p2 = progress.clone();
+        let (store, id) = (self.store.clone(), meta.id.clone());
+        job::start(
+            conn,
+            "import",
+            format!("{path} ({}) -> {name}", src.format().name()),
+            progress,
+            move || {
+                src.import(&disk, &p2)
+                    .map(|()| String::new())
+                    .map_err(|e| job_error(&e))
+            },
+            move |conn, res| async move {
+                let ok = res.is_ok();
+                let (s2, id2) = (store.clone(), id.clone());
+                let ended = tokio::task::spawn_blocking(move || s2.lock().end_import(&id2, ok))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| crate::error_chain(&e)));
+                res.map_err(|(m, _)| m)?;
+                ended?;
+                let path = publish_volume(conn.object_server(), &store, &id)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(Some(path))
+            },
+        )
+        .await
+        .map_err(StorageError::from)
     }
 }
 
@@ -397,6 +508,26 @@ impl Volume {
         Ok(())
     }
 
+    /// Writes the volume's contents to a new file at `path` (absolute; must not
+    /// exist) in `format` (`raw` or `qcow2`) as a job, whose object path is
+    /// returned at once. The volume must not be attached read-write: export a
+    /// snapshot of a running VM's disk instead.
+    async fn export(
+        &self,
+        path: &str,
+        format: &str,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<OwnedObjectPath, StorageError> {
+        let id = self.id.clone();
+        let disk = blocking(&self.store, move |s| s.begin_export(&id)).await?;
+        let (store, id) = (self.store.clone(), self.id.clone());
+        let name = self.meta().map(|m| m.name).unwrap_or_default();
+        export_job(conn, disk, name, path, format, move || {
+            store.lock().end_export(&id)
+        })
+        .await
+    }
+
     /// Snapshots of the volume, oldest first.
     #[zbus(property)]
     fn snapshots(&self) -> Vec<OwnedObjectPath> {
@@ -539,6 +670,21 @@ impl Snapshot {
         publish_volume(server, &self.store, &meta.id).await
     }
 
+    /// Writes the snapshot's contents to a new file at `path` (absolute; must
+    /// not exist) in `format` (`raw` or `qcow2`) as a job, whose object path is
+    /// returned at once.
+    async fn export(
+        &self,
+        path: &str,
+        format: &str,
+        #[zbus(connection)] conn: &zbus::Connection,
+    ) -> Result<OwnedObjectPath, StorageError> {
+        let snap = self.id.clone();
+        let disk = blocking(&self.store, move |s| s.snapshot_disk(&snap)).await?;
+        let name = self.meta().map(|(_, s)| s.name).unwrap_or_default();
+        export_job(conn, disk, name, path, format, || {}).await
+    }
+
     /// Deletes the snapshot; its space is reclaimed unless clones still use it
     /// (then when the last of them goes).
     async fn delete(
@@ -599,6 +745,8 @@ pub trait Storage1 {
     fn pool_free(&self) -> zbus::Result<u64>;
     /// Creates a thin volume.
     fn create_volume(&self, name: &str, size: u64) -> zbus::Result<OwnedObjectPath>;
+    /// Imports an image into a new volume; returns a job.
+    fn import_volume(&self, name: &str, path: &str, format: &str) -> zbus::Result<OwnedObjectPath>;
 }
 
 /// Typed client of one `org.atoll.Storage1.Volume`.
@@ -642,6 +790,8 @@ pub trait Volume {
     fn snapshot(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     /// Returns to one of the volume's snapshots.
     fn rollback(&self, snapshot: &ObjectPath<'_>) -> zbus::Result<()>;
+    /// Exports the volume to an image file; returns a job.
+    fn export(&self, path: &str, format: &str) -> zbus::Result<OwnedObjectPath>;
 }
 
 /// Typed client of one `org.atoll.Storage1.Snapshot`.
@@ -673,4 +823,6 @@ pub trait Snapshot {
     fn clone_to(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     /// Deletes it.
     fn delete(&self) -> zbus::Result<()>;
+    /// Exports it to an image file; returns a job.
+    fn export(&self, path: &str, format: &str) -> zbus::Result<OwnedObjectPath>;
 }

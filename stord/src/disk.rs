@@ -237,6 +237,29 @@ impl Disk {
             .collect()
     }
 
+    /// Byte ranges, in order, that some layer holds data for (everything else
+    /// reads as zeros), clipped to the capacity.
+    pub fn allocated_runs(&self) -> io::Result<Vec<(u64, u64)>> {
+        let chain = self.read();
+        let mut all = Vec::new();
+        for l in &chain.layers {
+            all.extend(l.data_runs()?);
+        }
+        all.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (a, b) in all {
+            let (a, b) = (a * CLUSTER, (b * CLUSTER).min(chain.capacity));
+            if a >= b {
+                continue;
+            }
+            match out.last_mut() {
+                Some(last) if last.1 >= a => last.1 = last.1.max(b),
+                _ => out.push((a, b)),
+            }
+        }
+        Ok(out)
+    }
+
     /// Bytes the layers occupy.
     pub fn used(&self) -> u64 {
         self.read().layers.iter().map(|l| l.used()).sum()
@@ -321,6 +344,7 @@ impl Disk {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

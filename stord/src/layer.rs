@@ -158,7 +158,7 @@ impl Layer {
         let Some(map) = &self.map else {
             return Err(io::Error::other("a bottom layer cannot absorb another"));
         };
-        let mut buf = vec![0u8; 256 * CLUSTER as usize];
+        let mut buf = vec![0u8; 256 * usize::try_from(CLUSTER).unwrap_or(4096)];
         let mut copied = 0u64;
         let limit = map.clusters().min(self.data.capacity() / CLUSTER);
         for (first, end) in lower.data_runs()? {

@@ -7,6 +7,8 @@ pub mod daemon;
 pub mod dbus;
 pub mod disk;
 pub mod health;
+pub mod image;
+pub mod job;
 pub mod layer;
 pub mod pool;
 pub mod qos;
@@ -15,6 +17,7 @@ pub mod vhost_blk;
 pub mod volume;
 
 pub use dbus::{SnapshotProxy, Storage1Proxy, VolumeProxy, BUS_NAME, OBJECT_PATH};
+pub use job::JobProxy;
 
 /// Version of this crate, reported on D-Bus.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -120,6 +120,10 @@ pub struct VolumeMeta {
     /// Snapshots, oldest first.
     #[serde(default)]
     pub snapshots: Vec<SnapshotMeta>,
+    /// Being filled from an image; a volume still marked so when the pool opens
+    /// is the remains of an interrupted import and is removed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub importing: bool,
 }
 
 /// What is recorded about a layer.
@@ -271,6 +275,12 @@ impl Pool {
             broken,
         };
         for v in loaded {
+            if v.importing {
+                tracing::info!(volume = %v.id, name = %v.name, "removing an interrupted import");
+                pool.volumes.insert(v.id.clone(), v.clone());
+                pool.delete(&v.id)?;
+                continue;
+            }
             let whole = std::iter::once(v.top.as_str())
                 .chain(v.snapshots.iter().map(|s| s.layer.as_str()))
                 .try_for_each(|l| pool.chain_of(&v.id, l).map(drop));
@@ -334,8 +344,9 @@ impl Pool {
             .ok_or_else(|| Error::NoSnapshot(snap.to_owned()))
     }
 
-    /// The layers under (and including) `top`, bottom first.
-    fn chain_of(&self, volume: &str, top: &str) -> Result<Vec<LayerMeta>, Error> {
+    /// The layers under (and including) `top`, bottom first (`volume` names the
+    /// owner in errors).
+    pub fn chain_of(&self, volume: &str, top: &str) -> Result<Vec<LayerMeta>, Error> {
         let mut out = Vec::new();
         let mut cur = Some(top.to_owned());
         while let Some(id) = cur {
@@ -463,6 +474,28 @@ impl Pool {
 
     /// Creates an empty thin volume.
     pub fn create(&mut self, name: &str, size: u64) -> Result<VolumeMeta, Error> {
+        self.create_volume(name, size, false)
+    }
+
+    /// Creates an empty volume to be filled by an import, marked so until
+    /// [`finish_import`](Self::finish_import).
+    pub fn create_for_import(&mut self, name: &str, size: u64) -> Result<VolumeMeta, Error> {
+        self.create_volume(name, size, true)
+    }
+
+    /// Clears the import mark of volume `id`.
+    pub fn finish_import(&mut self, id: &str) -> Result<VolumeMeta, Error> {
+        let mut meta = self.get(id)?.clone();
+        meta.importing = false;
+        self.save(meta)
+    }
+
+    fn create_volume(
+        &mut self,
+        name: &str,
+        size: u64,
+        importing: bool,
+    ) -> Result<VolumeMeta, Error> {
         self.check_new_name(name)?;
         check_size(size)?;
         let top = self.new_layer(None, size)?;
@@ -474,6 +507,7 @@ impl Pool {
             qos: QosSpec::default(),
             top: top.id,
             snapshots: Vec::new(),
+            importing,
         })
     }
 
@@ -557,6 +591,7 @@ impl Pool {
             qos: QosSpec::default(),
             top: top.id,
             snapshots: Vec::new(),
+            importing: false,
         })
     }
 
@@ -780,6 +815,21 @@ mod tests {
         let pool = Pool::open(dir.path()).unwrap();
         assert_eq!(ids(pool.chain(&c.id).unwrap()), vec![c.top.clone()]);
         assert_eq!(pool.layers.len(), 1);
+    }
+
+    #[test]
+    fn an_interrupted_import_is_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut pool = Pool::open(dir.path()).unwrap();
+        let half = pool.create_for_import("half", 1 << 20).unwrap();
+        let done = pool.create_for_import("done", 1 << 20).unwrap();
+        pool.finish_import(&done.id).unwrap();
+        drop(pool);
+        let pool = Pool::open(dir.path()).unwrap();
+        let names: Vec<_> = pool.volumes().map(|v| v.name.clone()).collect();
+        assert_eq!(names, vec!["done".to_owned()]);
+        assert!(pool.layer(&half.top).is_none(), "its layer must go too");
+        assert!(!pool.layer_dir(&half.top).exists());
     }
 
     #[test]

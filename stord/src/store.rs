@@ -52,6 +52,8 @@ pub struct Store {
     /// Open layers, shared by every chain that contains them.
     layers: HashMap<String, Weak<Layer>>,
     limiters: HashMap<String, Limiter>,
+    /// Volumes an import or export is working on, with what it is doing.
+    busy: HashMap<String, &'static str>,
     next_socket: u64,
 }
 
@@ -76,6 +78,7 @@ impl Store {
             disks: HashMap::new(),
             layers: HashMap::new(),
             limiters: HashMap::new(),
+            busy: HashMap::new(),
             next_socket: 0,
         };
         store.collect()?;
@@ -89,6 +92,70 @@ impl Store {
 
     fn attached(&self, id: &str) -> bool {
         self.attachments.get(id).is_some_and(|a| !a.is_empty())
+    }
+
+    fn check_not_busy(&self, id: &str) -> Result<(), Error> {
+        match self.busy.get(id) {
+            Some(what) => Err(Error::Busy(id.to_owned(), format!("{what} is running"))),
+            None => Ok(()),
+        }
+    }
+
+    /// Creates volume `name` for `src` and returns it with its chain, marked as
+    /// importing until [`end_import`](Self::end_import).
+    pub fn begin_import(
+        &mut self,
+        name: &str,
+        size: u64,
+    ) -> Result<(VolumeMeta, Arc<Disk>), Error> {
+        let meta = self.pool.create_for_import(name, size)?;
+        self.busy.insert(meta.id.clone(), "an import");
+        let disk = self.disk(&meta.id)?;
+        Ok((meta, disk))
+    }
+
+    /// Finishes an import: keeps the volume if `ok`, else deletes it.
+    pub fn end_import(&mut self, id: &str, ok: bool) -> Result<(), Error> {
+        self.busy.remove(id);
+        if ok {
+            self.pool.finish_import(id)?;
+            Ok(())
+        } else {
+            self.delete(id)
+        }
+    }
+
+    /// The chain of volume `id` for an export; the volume may not be attached
+    /// read-write (nor become so) until [`end_export`](Self::end_export).
+    pub fn begin_export(&mut self, id: &str) -> Result<Arc<Disk>, Error> {
+        self.check_not_busy(id)?;
+        if self.attachments(id).iter().any(|(_, ro)| !ro) {
+            return Err(Error::Busy(
+                id.to_owned(),
+                "it is attached read-write; export a snapshot instead".to_owned(),
+            ));
+        }
+        let disk = self.disk(id)?;
+        self.busy.insert(id.to_owned(), "an export");
+        Ok(disk)
+    }
+
+    /// Ends an export of volume `id`.
+    pub fn end_export(&mut self, id: &str) {
+        self.busy.remove(id);
+    }
+
+    /// A read view of snapshot `snap`'s contents (it never changes).
+    pub fn snapshot_disk(&mut self, snap: &str) -> Result<Arc<Disk>, Error> {
+        let (v, s) = self.pool.snapshot(snap)?;
+        let (vid, layer, size) = (v.id.clone(), s.layer.clone(), s.size);
+        let layers = self
+            .pool
+            .chain_of(&vid, &layer)?
+            .iter()
+            .map(|l| self.layer(&l.id))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Arc::new(Disk::new(size, layers)))
     }
 
     /// Layer `id`, opened once and shared.
@@ -124,6 +191,9 @@ impl Store {
     /// Deletes a volume that has no attachment, with its snapshots; layers that
     /// clones still use stay until nothing does.
     pub fn delete(&mut self, id: &str) -> Result<(), Error> {
+        if self.busy.get(id).is_none_or(|w| *w != "an import") {
+            self.check_not_busy(id)?;
+        }
         if self.attached(id) {
             return Err(Error::Busy(id.to_owned(), "detach it first".to_owned()));
         }
@@ -153,6 +223,7 @@ impl Store {
 
     /// Returns volume `id` (not attached) to snapshot `snap`.
     pub fn rollback(&mut self, id: &str, snap: &str) -> Result<VolumeMeta, Error> {
+        self.check_not_busy(id)?;
         if self.attached(id) {
             return Err(Error::Busy(
                 id.to_owned(),
@@ -227,6 +298,7 @@ impl Store {
     /// Grows volume `id`, attached or not; attached frontends are told of the
     /// new capacity.
     pub fn resize(&mut self, id: &str, size: u64) -> Result<VolumeMeta, Error> {
+        self.check_not_busy(id)?;
         let current = self.pool.get(id)?.size;
         if size < current || size == 0 || size % crate::volume::SECTOR != 0 {
             // Let the pool produce the precise error.
@@ -267,6 +339,9 @@ impl Store {
     /// exactly one read-write one.
     pub fn attach(&mut self, id: &str, read_only: bool) -> Result<PathBuf, Error> {
         self.pool.get(id)?;
+        if !read_only || self.busy.get(id).is_some_and(|w| *w == "an import") {
+            self.check_not_busy(id)?;
+        }
         let current = self
             .attachments
             .get(id)

@@ -244,7 +244,15 @@ impl Rig {
             )
             .unwrap();
         let objects = self.block_on(om.get_managed_objects()).unwrap();
-        objects.into_keys().collect()
+        objects
+            .into_iter()
+            .filter(|(_, ifaces)| {
+                ifaces
+                    .keys()
+                    .any(|i| i.as_str() == "org.atoll.Storage1.Volume")
+            })
+            .map(|(path, _)| path)
+            .collect()
     }
 
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
