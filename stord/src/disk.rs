@@ -9,7 +9,9 @@
 //! `preadv`/`pwritev` on its file.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
 
 use crate::cmap::CLUSTER;
 use crate::layer::{read_full, write_full, Layer};
@@ -25,9 +27,72 @@ pub struct Chain {
 }
 
 /// A chain shared by the queue workers of every attachment of one volume.
+///
+/// Requests either run synchronously under the chain's read lock, or (see
+/// [`Disk::direct`]) are handed to io_uring against one layer's file and counted
+/// as in flight until they complete. [`Disk::lock`] first stops new direct
+/// requests and waits for the ones in flight, so a chain change (snapshot,
+/// resize, merge) never races with I/O on the old layout.
 #[derive(Debug)]
 pub struct Disk {
     chain: RwLock<Chain>,
+    inflight: Arc<AtomicUsize>,
+    quiesce: AtomicBool,
+}
+
+/// How long [`Disk::lock`] waits for direct requests to complete.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A request that one layer's file can serve as is: no copy-up, no mix of layers.
+/// Counts as in flight until dropped.
+#[derive(Debug)]
+pub struct Direct {
+    /// The layer whose data file serves the whole range.
+    pub layer: Arc<Layer>,
+    _inflight: Inflight,
+}
+
+/// One request in flight, counted until dropped.
+#[derive(Debug)]
+struct Inflight(Arc<AtomicUsize>);
+
+impl Inflight {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Exclusive access to a disk's chain; direct requests resume when dropped.
+#[derive(Debug)]
+pub struct ChainGuard<'a> {
+    guard: RwLockWriteGuard<'a, Chain>,
+    quiesce: &'a AtomicBool,
+}
+
+impl std::ops::Deref for ChainGuard<'_> {
+    type Target = Chain;
+    fn deref(&self) -> &Chain {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for ChainGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Chain {
+        &mut self.guard
+    }
+}
+
+impl Drop for ChainGuard<'_> {
+    fn drop(&mut self) {
+        self.quiesce.store(false, Ordering::Release);
+    }
 }
 
 fn total(iov: &[IoSlice]) -> u64 {
@@ -194,6 +259,8 @@ impl Disk {
     pub fn new(capacity: u64, layers: Vec<Arc<Layer>>) -> Self {
         Self {
             chain: RwLock::new(Chain { capacity, layers }),
+            inflight: Arc::new(AtomicUsize::new(0)),
+            quiesce: AtomicBool::new(false),
         }
     }
 
@@ -209,11 +276,63 @@ impl Disk {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Exclusive access to the chain: waits for requests in flight, holds new ones.
-    pub fn lock(&self) -> RwLockWriteGuard<'_, Chain> {
-        self.chain
+    /// Exclusive access to the chain: stops new direct requests, waits for those
+    /// in flight (failing after 30 s if they never complete) and for synchronous
+    /// ones, and holds new ones until the guard is dropped.
+    pub fn lock(&self) -> io::Result<ChainGuard<'_>> {
+        self.quiesce.store(true, Ordering::Release);
+        let start = Instant::now();
+        while self.inflight.load(Ordering::Acquire) != 0 {
+            if start.elapsed() > DRAIN_TIMEOUT {
+                self.quiesce.store(false, Ordering::Release);
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "requests in flight did not complete",
+                ));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        let guard = self
+            .chain
             .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok(ChainGuard {
+            guard,
+            quiesce: &self.quiesce,
+        })
+    }
+
+    /// If one layer's file can serve `[offset, offset + len)` as is (a read whose
+    /// clusters all come from the same layer, a write to clusters the top layer
+    /// already holds or to a bottom-only top), that layer, counted in flight.
+    /// None while the chain is being changed, or when the request needs the
+    /// synchronous path.
+    pub fn direct(&self, offset: u64, len: u64, write: bool) -> Option<Direct> {
+        if self.quiesce.load(Ordering::Acquire) || len == 0 {
+            return None;
+        }
+        let inflight = Inflight::new(&self.inflight);
+        let chain = self.read();
+        let (c0, c1) = (offset / CLUSTER, (offset + len - 1) / CLUSTER);
+        let layer = if write {
+            let top = chain.layers.last()?;
+            match top.map() {
+                None => top,
+                Some(m) if (c0..=c1).all(|c| m.get(c)) => top,
+                Some(_) => return None,
+            }
+        } else {
+            let src = chain.source(c0, chain.layers.len())?;
+            if !(c0 + 1..=c1).all(|c| chain.source(c, chain.layers.len()) == Some(src)) {
+                return None;
+            }
+            &chain.layers[src]
+        };
+        layer.data().raw_fd()?;
+        Some(Direct {
+            layer: layer.clone(),
+            _inflight: inflight,
+        })
     }
 
     /// Capacity in bytes.

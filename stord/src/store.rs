@@ -211,7 +211,7 @@ impl Store {
             let (snap, _) = self.pool.take_snapshot(id, name)?;
             return Ok(snap);
         };
-        let mut chain = disk.lock();
+        let mut chain = disk.lock().map_err(|e| Error::Io(id.to_owned(), e))?;
         if let Some(top) = chain.layers.last() {
             top.flush().map_err(|e| Error::Io(id.to_owned(), e))?;
         }
@@ -267,7 +267,10 @@ impl Store {
             .absorb(&lower)
             .map_err(|e| Error::Io(m.child.clone(), e))?;
         for disk in self.disks.values() {
-            disk.lock().layers.retain(|l| l.id() != m.layer);
+            disk.lock()
+                .map_err(|e| Error::Io(m.child.clone(), e))?
+                .layers
+                .retain(|l| l.id() != m.layer);
         }
         self.pool.finish_merge(m)?;
         self.layers.remove(&m.layer);
@@ -305,7 +308,7 @@ impl Store {
             return Ok(self.pool.resize(id, size)?);
         }
         let disk = self.disk(id)?;
-        let mut chain = disk.lock();
+        let mut chain = disk.lock().map_err(|e| Error::Io(id.to_owned(), e))?;
         let top = chain
             .layers
             .last()

@@ -24,10 +24,13 @@ use vmm_sys_util::event::{
 use crate::disk::Disk;
 use crate::qos::Limiter;
 use crate::vhost_blk::config::BlkConfig;
-use crate::vhost_blk::request::{self, Counters};
+use crate::vhost_blk::request::{self, Counters, Outcome};
+use crate::vhost_blk::uring::QueueRing;
 
 /// Guest memory as the backend sees it.
 pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// One snapshot of the guest's memory table.
+pub type GuestMem = GuestMemoryMmap<()>;
 
 /// Largest queue the backend accepts.
 pub const QUEUE_SIZE: usize = 1024;
@@ -49,6 +52,9 @@ struct Inner {
     limiter: Limiter,
     /// The channel for backend-initiated messages, if the frontend set one up.
     backend_req: Mutex<Option<Backend>>,
+    /// One io_uring per queue; empty if io_uring is unavailable (all I/O is then
+    /// synchronous in the queue's thread).
+    rings: Vec<QueueRing>,
 }
 
 impl std::fmt::Debug for BlkBackend {
@@ -70,17 +76,26 @@ impl BlkBackend {
         counters: Arc<Counters>,
         limiter: Limiter,
     ) -> Self {
+        let num_queues = num_queues.max(1);
+        let rings = (0..num_queues)
+            .map(|_| QueueRing::new())
+            .collect::<io::Result<Vec<_>>>()
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "io_uring unavailable; I/O stays synchronous");
+                Vec::new()
+            });
         Self {
             inner: Arc::new(Inner {
                 disk,
                 read_only,
-                num_queues: num_queues.max(1),
+                num_queues,
                 serial: serial.as_bytes().to_vec(),
                 event_idx: AtomicBool::new(false),
                 mem: RwLock::new(None),
                 counters,
                 limiter,
                 backend_req: Mutex::new(None),
+                rings,
             }),
         }
     }
@@ -114,19 +129,75 @@ impl BlkBackend {
         }
     }
 
-    /// Drains queue `vring`, completing every available request.
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
-        let Some(mem) = self
-            .inner
+    /// The completion eventfd of each queue's ring (none without io_uring), to be
+    /// polled by that queue's worker thread with event id `num_queues + 1 + thread`.
+    pub fn ring_eventfds(&self) -> Vec<std::os::fd::RawFd> {
+        self.inner.rings.iter().map(QueueRing::eventfd).collect()
+    }
+
+    /// Waits for every request in flight and drops them: the frontend that made
+    /// them is gone, so there is nobody to tell.
+    pub fn drain_rings(&self) {
+        for ring in &self.inner.rings {
+            let n = ring.drain().len();
+            if n > 0 {
+                tracing::debug!(requests = n, "dropped completions of a departed frontend");
+            }
+        }
+    }
+
+    fn memory(&self) -> Option<Arc<GuestMem>> {
+        self.inner
             .mem
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-        else {
+            .as_ref()
+            .map(|m| m.memory().into_inner())
+    }
+
+    /// Signals the guest if it asked to be told about the used entries just added.
+    fn notify(vring: &VringRwLock, event_idx: bool) -> io::Result<()> {
+        let notify = if event_idx {
+            vring.needs_notification().map_err(io::Error::other)?
+        } else {
+            true
+        };
+        if notify {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Returns completed asynchronous requests of queue `q` to the guest; true
+    /// if there were any.
+    fn complete(&self, q: usize, vring: &VringRwLock) -> io::Result<bool> {
+        let Some(ring) = self.inner.rings.get(q) else {
+            return Ok(false);
+        };
+        let done = ring.reap();
+        let any = !done.is_empty();
+        for c in done {
+            let used = request::complete(&*c.mem, c.pending, c.result, &self.inner.counters);
+            vring.add_used(c.head, used).map_err(io::Error::other)?;
+        }
+        Ok(any)
+    }
+
+    /// Drains queue `q`, running or submitting every available request.
+    fn process_queue(&self, q: usize, vring: &VringRwLock) -> io::Result<()> {
+        let Some(mem) = self.memory() else {
             return Ok(());
         };
-        let mem = mem.memory();
+        let ring = self.inner.rings.get(q);
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
+        let ctx = request::Context {
+            disk: &self.inner.disk,
+            read_only: self.inner.read_only,
+            serial: &self.inner.serial,
+            counters: &self.inner.counters,
+            limiter: Some(&self.inner.limiter),
+            allow_async: ring.is_some(),
+        };
         loop {
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
@@ -139,29 +210,31 @@ impl BlkBackend {
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
-                let used = request::process(
-                    &*mem,
-                    chain,
-                    &request::Context {
-                        disk: &self.inner.disk,
-                        read_only: self.inner.read_only,
-                        serial: &self.inner.serial,
-                        counters: &self.inner.counters,
-                        limiter: Some(&self.inner.limiter),
+                let used = match request::process(&*mem, chain, &ctx) {
+                    Outcome::Done(used) => used,
+                    Outcome::Async(p) => match ring.map(|r| r.push(head, p, mem.clone())) {
+                        Some(Ok(())) => continue,
+                        // No room in the ring: run it here.
+                        Some(Err(p)) => request::complete(
+                            &*mem,
+                            p,
+                            Err(io::ErrorKind::WouldBlock.into()),
+                            &self.inner.counters,
+                        ),
+                        None => continue,
                     },
-                );
+                };
                 vring.add_used(head, used).map_err(io::Error::other)?;
                 completed = true;
             }
+            if let Some(ring) = ring {
+                ring.submit()?;
+                // Page-cache hits complete during submission: return them now
+                // instead of after an eventfd round trip.
+                completed |= self.complete(q, vring)?;
+            }
             if completed {
-                let notify = if event_idx {
-                    vring.needs_notification().map_err(io::Error::other)?
-                } else {
-                    true
-                };
-                if notify {
-                    vring.signal_used_queue()?;
-                }
+                Self::notify(vring, event_idx)?;
             }
             // With EVENT_IDX, re-enabling may reveal requests that raced in.
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
@@ -253,14 +326,29 @@ impl VhostUserBackend for BlkBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let vring = vrings
-            .get(usize::from(device_event))
-            .ok_or_else(|| io::Error::other(format!("event for unknown queue {device_event}")))?;
-        self.process_queue(vring)
+        // Each worker thread serves one queue (see `queues_per_thread`), so its
+        // `vrings` hold just that queue and its ring is the thread's.
+        let event = usize::from(device_event);
+        let nq = self.inner.num_queues;
+        let vring = if event < nq {
+            vrings.get(event)
+        } else {
+            vrings.first()
+        };
+        let vring =
+            vring.ok_or_else(|| io::Error::other(format!("event {device_event} for no queue")))?;
+        if event < nq {
+            self.process_queue(thread_id, vring)
+        } else {
+            if self.complete(thread_id, vring)? {
+                Self::notify(vring, self.inner.event_idx.load(Ordering::Relaxed))?;
+            }
+            Ok(())
+        }
     }
 }

@@ -5,7 +5,8 @@ pub mod backend;
 pub mod config;
 pub mod request;
 pub mod server;
+pub mod uring;
 
-pub use backend::BlkBackend;
+pub use backend::{BlkBackend, GuestMem};
 pub use request::Counters;
 pub use server::{Attachment, Error};

@@ -18,7 +18,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
-use crate::disk::Disk;
+use crate::disk::{Direct, Disk};
 use crate::qos::{Dir, Limiter};
 use crate::vhost_blk::config::{MAX_DISCARD_SEG, SEG_MAX};
 use crate::volume::{IoSlice, SECTOR};
@@ -155,6 +155,99 @@ pub struct Context<'a> {
     pub counters: &'a Counters,
     /// QoS limits to wait for before reads and writes.
     pub limiter: Option<&'a Limiter>,
+    /// Whether reads and writes that one layer file can serve may be returned as
+    /// [`Outcome::Async`] instead of being run here.
+    pub allow_async: bool,
+}
+
+/// A read or write handed to the caller to run asynchronously; the status is
+/// written by [`complete`] when it ends.
+#[derive(Debug)]
+pub struct Pending {
+    /// The layer serving it (counted in flight while this lives).
+    pub direct: Direct,
+    /// Write (else read).
+    pub write: bool,
+    /// Byte offset in the volume.
+    pub offset: u64,
+    /// Guest buffers, resolved to host memory.
+    pub iov: Vec<IoSlice>,
+    /// Bytes to move.
+    pub len: u64,
+    /// Where the status byte goes.
+    status: GuestAddress,
+}
+
+/// What became of a request.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Finished; the used length to report.
+    Done(u32),
+    /// Runs asynchronously; finish it with [`complete`].
+    Async(Pending),
+}
+
+/// Successful result of running a request here or handing it off.
+enum Exec {
+    /// Bytes written into guest buffers.
+    Done(u64),
+    /// Handed off; the status byte is written later.
+    Async(Pending),
+}
+
+/// Finishes an asynchronous request that moved `result` bytes: retries it
+/// synchronously if direct I/O refused it or it came up short, writes the
+/// status and counts it. Returns the used length.
+pub fn complete<M: GuestMemory>(
+    mem: &M,
+    p: Pending,
+    result: std::io::Result<usize>,
+    counters: &Counters,
+) -> u32 {
+    let want = usize::try_from(p.len).unwrap_or(usize::MAX);
+    let result = match result {
+        Ok(n) if n == want => Ok(n),
+        // EINVAL (alignment for O_DIRECT) or a short transfer: the volume's own
+        // path falls back to buffered I/O and loops over short transfers.
+        _ => {
+            let vol = p.direct.layer.data();
+            // SAFETY: the buffers are guest memory that the caller keeps mapped
+            // (the ring slot holds the mapping) for this call.
+            unsafe {
+                if p.write {
+                    vol.write_vectored(&p.iov, p.offset)
+                } else {
+                    vol.read_vectored(&p.iov, p.offset)
+                }
+            }
+        }
+    };
+    let ok = matches!(result, Ok(n) if n == want);
+    if ok {
+        let (ops, bytes) = if p.write {
+            (&counters.write_ops, &counters.write_bytes)
+        } else {
+            (&counters.read_ops, &counters.read_bytes)
+        };
+        ops.fetch_add(1, Ordering::Relaxed);
+        bytes.fetch_add(p.len, Ordering::Relaxed);
+    } else {
+        counters.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    let status = if ok {
+        VIRTIO_BLK_S_OK
+    } else {
+        VIRTIO_BLK_S_IOERR
+    };
+    if mem
+        .write_obj(u8::try_from(status).unwrap_or(u8::MAX), p.status)
+        .is_err()
+    {
+        counters.malformed.fetch_add(1, Ordering::Relaxed);
+        return 0;
+    }
+    let written = if ok && !p.write { p.len } else { 0 };
+    u32::try_from(written + 1).unwrap_or(u32::MAX)
 }
 
 /// Checks direction and bounds, then runs the request. Returns bytes written into
@@ -165,7 +258,8 @@ fn execute<M: GuestMemory>(
     kind: u32,
     sector: u64,
     data: &[Segment],
-) -> Result<u64, Fail> {
+    status: GuestAddress,
+) -> Result<Exec, Fail> {
     let (vol, serial, counters) = (ctx.disk, ctx.serial, ctx.counters);
     let data_len: u64 = data.iter().map(|s| s.len).sum();
     let need_write = |want: bool| -> Result<(), Fail> {
@@ -190,6 +284,18 @@ fn execute<M: GuestMemory>(
             if let Some(l) = ctx.limiter {
                 l.admit(if write { Dir::Write } else { Dir::Read }, data_len);
             }
+            if ctx.allow_async {
+                if let Some(direct) = vol.direct(offset, data_len, write) {
+                    return Ok(Exec::Async(Pending {
+                        direct,
+                        write,
+                        offset,
+                        iov,
+                        len: data_len,
+                        status,
+                    }));
+                }
+            }
             // SAFETY: `host_slices` resolved every segment inside the guest memory
             // mapping `mem`, which stays mapped while the request runs.
             let res = unsafe {
@@ -210,12 +316,12 @@ fn execute<M: GuestMemory>(
             };
             ops.fetch_add(1, Ordering::Relaxed);
             bytes.fetch_add(data_len, Ordering::Relaxed);
-            Ok(if write { 0 } else { data_len })
+            Ok(Exec::Done(if write { 0 } else { data_len }))
         }
         VIRTIO_BLK_T_FLUSH => {
             vol.flush().map_err(|_| Fail::IoErr)?;
             counters.flush_ops.fetch_add(1, Ordering::Relaxed);
-            Ok(0)
+            Ok(Exec::Done(0))
         }
         VIRTIO_BLK_T_GET_ID => {
             need_write(true)?;
@@ -224,7 +330,7 @@ fn execute<M: GuestMemory>(
             let len = serial.len().min(ID_LEN);
             id[..len].copy_from_slice(&serial[..len]);
             write_bytes(mem, &range(data, 0, n as u64), &id[..n])?;
-            Ok(n as u64)
+            Ok(Exec::Done(n as u64))
         }
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
             need_write(false)?;
@@ -264,19 +370,20 @@ fn execute<M: GuestMemory>(
                 res.map_err(|_| Fail::IoErr)?;
             }
             counters.discard_ops.fetch_add(1, Ordering::Relaxed);
-            Ok(0)
+            Ok(Exec::Done(0))
         }
         _ => Err(Fail::Unsupported),
     }
 }
 
-/// Runs the request made of `descs` and writes its status. Returns the number of
-/// bytes the device wrote into the chain (the used length).
+/// Runs the request made of `descs` and writes its status, returning the number
+/// of bytes the device wrote into the chain (the used length); or hands a read or
+/// write off to run asynchronously (see [`Context::allow_async`]).
 pub fn process<M: GuestMemory>(
     mem: &M,
     descs: impl Iterator<Item = Descriptor>,
     ctx: &Context<'_>,
-) -> u32 {
+) -> Outcome {
     let counters = ctx.counters;
     // The iterator is bounded by the queue (and indirect table) size and stops at
     // loops, so collecting it is bounded too.
@@ -296,7 +403,7 @@ pub fn process<M: GuestMemory>(
     let status_seg = segs.last().copied().filter(|s| s.write);
     let Some(status_seg) = status_seg.filter(|_| total > HEADER_LEN) else {
         counters.malformed.fetch_add(1, Ordering::Relaxed);
-        return 0;
+        return Outcome::Done(0);
     };
     let status_addr = GuestAddress(status_seg.addr.0 + status_seg.len - 1);
     let result = (|| {
@@ -315,10 +422,11 @@ pub fn process<M: GuestMemory>(
             header[15],
         ]);
         let data = range(&segs, HEADER_LEN, total - HEADER_LEN - 1);
-        execute(mem, ctx, kind, sector, &data)
+        execute(mem, ctx, kind, sector, &data, status_addr)
     })();
     let (status, written) = match result {
-        Ok(n) => (VIRTIO_BLK_S_OK, n),
+        Ok(Exec::Async(p)) => return Outcome::Async(p),
+        Ok(Exec::Done(n)) => (VIRTIO_BLK_S_OK, n),
         Err(f) => {
             counters.errors.fetch_add(1, Ordering::Relaxed);
             let s = if f == Fail::Unsupported {
@@ -332,9 +440,9 @@ pub fn process<M: GuestMemory>(
     let status = u8::try_from(status).unwrap_or(u8::MAX);
     if mem.write_obj(status, status_addr).is_err() {
         counters.malformed.fetch_add(1, Ordering::Relaxed);
-        return 0;
+        return Outcome::Done(0);
     }
-    u32::try_from(written + 1).unwrap_or(u32::MAX)
+    Outcome::Done(u32::try_from(written + 1).unwrap_or(u32::MAX))
 }
 
 #[cfg(test)]
@@ -385,8 +493,12 @@ mod tests {
             serial: b"serial-0123456789abcdef",
             counters: &r.counters,
             limiter: None,
+            allow_async: false,
         };
-        process(&r.mem, descs.into_iter(), &ctx)
+        match process(&r.mem, descs.into_iter(), &ctx) {
+            Outcome::Done(n) => n,
+            Outcome::Async(_) => unreachable!("async is off"),
+        }
     }
 
     fn status(r: &Rig, at: u64) -> u32 {

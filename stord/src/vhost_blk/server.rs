@@ -13,8 +13,9 @@ use std::thread::JoinHandle;
 
 use tracing::{debug, info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 use crate::disk::Disk;
 use crate::qos::Limiter;
@@ -34,13 +35,26 @@ pub enum Error {
     Thread(#[source] std::io::Error),
 }
 
+/// A fresh device for the next connection, with each queue worker also polling
+/// its queue's io_uring completions.
 fn new_daemon(name: &str, backend: &BlkBackend) -> Result<VhostUserDaemon<BlkBackend>, Error> {
-    VhostUserDaemon::new(
+    let daemon = VhostUserDaemon::new(
         name.to_owned(),
         backend.clone(),
         GuestMemoryAtomic::new(GuestMemoryMmap::new()),
     )
-    .map_err(|e| Error::Device(e.to_string()))
+    .map_err(|e| Error::Device(e.to_string()))?;
+    let handlers = daemon.get_epoll_handlers();
+    let nq = backend.num_queues() as u64;
+    for (q, fd) in backend.ring_eventfds().into_iter().enumerate() {
+        let handler = handlers
+            .get(q)
+            .ok_or_else(|| Error::Device(format!("no worker for queue {q}")))?;
+        handler
+            .register_listener(fd, EventSet::IN, nq + 1 + q as u64)
+            .map_err(|e| Error::Device(format!("cannot poll the io_uring of queue {q}: {e}")))?;
+    }
+    Ok(daemon)
 }
 
 /// A volume exported on a vhost-user-blk socket until dropped or detached.
@@ -134,6 +148,9 @@ impl Attachment {
                         )) => info!(socket = %path.display(), "frontend disconnected"),
                         Err(e) => warn!(socket = %path.display(), error = %e, "frontend connection ended with an error"),
                     }
+                    // Requests the departed frontend left in flight complete into
+                    // nowhere before the next one may see their completions.
+                    backend.drain_rings();
                     // Every connection negotiates from scratch: a fresh device state
                     // (features, memory table, rings) over the same volume.
                     daemon = match new_daemon(&name, &backend) {
