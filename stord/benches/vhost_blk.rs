@@ -6,7 +6,9 @@
 //! cargo bench -p stord --bench vhost_blk -- --reps 5 --secs 5 --only tmpfs
 //! ```
 //!
-//! Scenarios: `tmpfs` (file in /dev/shm; qsd with aio=io_uring), `null` (no I/O:
+//! Scenarios: `tmpfs` (file in /dev/shm; qsd with aio=io_uring), `chain` (the same
+//! file under three snapshot layers and an empty top, against the fresh volume),
+//! `null` (no I/O:
 //! the protocol path alone; qsd with null-co), `disk` (file on the root file system,
 //! O_DIRECT; qsd with cache.direct=on,aio=native; fio io_uring O_DIRECT as the
 //! limit, when fio is installed). Workloads: 4 KiB random read QD1 and QD32, 4 KiB
@@ -85,15 +87,60 @@ struct Sample {
     p50_us: f64,
 }
 
-/// Serves `spec` (`null` or a file path) on `socket` in this process, forever.
+/// A volume with three snapshots in its chain over the tmpfs image: three frozen
+/// layers each holding 5 % of the volume as randomly placed 64 KiB extents, and
+/// an empty top layer.
+fn chain3(base_file: &Path) -> stord::disk::Disk {
+    use std::sync::Arc;
+    use stord::layer::Layer;
+    let root = Path::new("/dev/shm/atoll-bench-chain");
+    let _ = std::fs::remove_dir_all(root);
+    std::fs::create_dir_all(root.join("base")).unwrap();
+    std::os::unix::fs::symlink(base_file, root.join("base/data")).unwrap();
+    let mut layers = vec![Arc::new(
+        Layer::open(&root.join("base"), "base", false).unwrap(),
+    )];
+    let clusters = FILE_SIZE / 4096;
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut buf = vec![0x5au8; 64 << 10];
+    for name in ["s1", "s2", "s3", "top"] {
+        let dir = root.join(name);
+        std::fs::create_dir(&dir).unwrap();
+        Layer::create(&dir, FILE_SIZE, true).unwrap();
+        layers.push(Arc::new(Layer::open(&dir, name, true).unwrap()));
+        if name == "top" {
+            break;
+        }
+        let d = stord::disk::Disk::new(FILE_SIZE, layers.clone());
+        let extents = clusters / 16;
+        for _ in 0..extents / 20 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let iov = [stord::volume::IoSlice {
+                ptr: buf.as_mut_ptr(),
+                len: buf.len(),
+            }];
+            // SAFETY: `buf` outlives the call.
+            unsafe { d.write_vectored(&iov, (rng % extents) * (64 << 10)).unwrap() };
+        }
+        d.flush().unwrap();
+    }
+    stord::disk::Disk::new(FILE_SIZE, layers)
+}
+
+/// Serves `spec` (`null`, `chain3:<file>` or a file path) on `socket` in this
+/// process, forever.
 fn serve(spec: &str, socket: &str) {
-    let vol = if spec == "null" {
-        stord::volume::Volume::null(FILE_SIZE)
+    let disk = if spec == "null" {
+        stord::disk::Disk::from_volume(stord::volume::Volume::null(FILE_SIZE))
+    } else if let Some(file) = spec.strip_prefix("chain3:") {
+        chain3(Path::new(file))
     } else {
-        stord::volume::Volume::open(Path::new(spec), false).unwrap()
+        stord::disk::Disk::from_volume(stord::volume::Volume::open(Path::new(spec), false).unwrap())
     };
     let limiter = stord::qos::Limiter::new(stord::qos::QosSpec::default());
-    let disk = std::sync::Arc::new(stord::disk::Disk::from_volume(vol));
+    let disk = std::sync::Arc::new(disk);
     let _att =
         stord::vhost_blk::Attachment::start(Path::new(socket), disk, false, 1, "bench", limiter)
             .unwrap();
@@ -130,6 +177,10 @@ fn wait_for_socket(p: &Path, child: &mut Child) {
 }
 
 fn start_stord(dir: &Path, target: &str) -> Backend {
+    start_stord_as(dir, target, "stord")
+}
+
+fn start_stord_as(dir: &Path, target: &str, name: &str) -> Backend {
     let socket = dir.join("stord.sock");
     let mut child = Command::new(std::env::current_exe().unwrap())
         .env(SERVE_ENV, format!("{target}|{}", socket.display()))
@@ -138,7 +189,7 @@ fn start_stord(dir: &Path, target: &str) -> Backend {
         .unwrap();
     wait_for_socket(&socket, &mut child);
     Backend {
-        name: "stord".into(),
+        name: name.into(),
         child,
         socket,
     }
@@ -368,6 +419,20 @@ fn main() {
             None,
         ));
     }
+    if want("chain") {
+        prefill(&shm);
+        let (a, b) = (shm.display().to_string(), shm.display().to_string());
+        scenarios.push((
+            "tmpfs, 3 snapshots",
+            vec![
+                Box::new(move |d| {
+                    start_stord_as(d, &format!("chain3:{a}"), "stord, 3 snapshots in chain")
+                }),
+                Box::new(move |d| start_stord_as(d, &b, "stord, fresh volume")),
+            ],
+            None,
+        ));
+    }
     if want("null") {
         scenarios.push((
             "null",
@@ -400,7 +465,7 @@ fn main() {
         ));
     }
 
-    println!("| scenario | workload | backend | IOPS min / median / max | p50 latency (QD1) | vs qsd (median) |");
+    println!("| scenario | workload | backend | IOPS min / median / max | p50 latency (QD1) | vs 2nd backend (median) |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for (scenario, starts, fio_file) in &scenarios {
         // samples[backend][workload] = Vec<Sample>

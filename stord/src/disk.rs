@@ -232,6 +232,19 @@ impl Chain {
         if (c0..=c1).all(|c| map.get(c)) {
             return direct(offset, end);
         }
+        // Only the first and last clusters can be partly covered. When neither
+        // needs copying up, writers of whole clusters share the lock (they
+        // exclude copy-ups and merges, not each other).
+        let whole = |c: u64| {
+            let (cs, ce) = (c * CLUSTER, (c + 1) * CLUSTER);
+            map.get(c) || (offset <= cs && end >= ce)
+        };
+        if whole(c0) && whole(c1) {
+            let _g = top.lock_alloc_shared();
+            direct(offset, end)?;
+            map.set(c0..c1 + 1);
+            return Ok(());
+        }
         let _g = top.lock_alloc();
         let mut run: Option<u64> = None;
         for c in c0..=c1 {
@@ -328,6 +341,12 @@ impl Disk {
             }
             &chain.layers[src]
         };
+        // Buffered files (tmpfs, or file systems without O_DIRECT) are served
+        // from the page cache faster by a plain syscall than by io_uring, which
+        // may hand such requests to its worker threads.
+        if !layer.data().direct() {
+            return None;
+        }
         layer.data().raw_fd()?;
         Some(Direct {
             layer: layer.clone(),

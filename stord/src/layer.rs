@@ -5,7 +5,7 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::cmap::{self, ClusterMap, CLUSTER};
 use crate::volume::{self, IoSlice, Volume};
@@ -27,9 +27,10 @@ pub struct Layer {
     id: String,
     data: Volume,
     map: Option<ClusterMap>,
-    /// Held while clusters are being allocated (copy-on-write, merges), so two
-    /// writers never fill the same cluster from below at once.
-    alloc: Mutex<()>,
+    /// Held exclusively while clusters are filled from below (copy-up, merges),
+    /// so nobody else fills or writes a cluster being filled; shared by writers
+    /// of whole new clusters.
+    alloc: RwLock<()>,
 }
 
 /// `size` rounded up to whole clusters.
@@ -72,7 +73,7 @@ impl Layer {
             id: id.to_owned(),
             data,
             map,
-            alloc: Mutex::new(()),
+            alloc: RwLock::new(()),
         }
     }
 
@@ -99,10 +100,17 @@ impl Layer {
         }
     }
 
-    /// Takes the allocation lock.
-    pub fn lock_alloc(&self) -> MutexGuard<'_, ()> {
+    /// Takes the allocation lock exclusively (copy-up, merge).
+    pub fn lock_alloc(&self) -> RwLockWriteGuard<'_, ()> {
         self.alloc
-            .lock()
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes the allocation lock shared (writes of whole clusters).
+    pub fn lock_alloc_shared(&self) -> RwLockReadGuard<'_, ()> {
+        self.alloc
+            .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 

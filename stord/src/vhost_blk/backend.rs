@@ -203,6 +203,7 @@ impl BlkBackend {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
             let mut completed = false;
+            let mut pushed = false;
             loop {
                 let chain = vring
                     .get_mut()
@@ -213,7 +214,10 @@ impl BlkBackend {
                 let used = match request::process(&*mem, chain, &ctx) {
                     Outcome::Done(used) => used,
                     Outcome::Async(p) => match ring.map(|r| r.push(head, p, mem.clone())) {
-                        Some(Ok(())) => continue,
+                        Some(Ok(())) => {
+                            pushed = true;
+                            continue;
+                        }
                         // No room in the ring: run it here.
                         Some(Err(p)) => request::complete(
                             &*mem,
@@ -227,7 +231,7 @@ impl BlkBackend {
                 vring.add_used(head, used).map_err(io::Error::other)?;
                 completed = true;
             }
-            if let Some(ring) = ring {
+            if let Some(ring) = ring.filter(|_| pushed) {
                 ring.submit()?;
                 // Page-cache hits complete during submission: return them now
                 // instead of after an eventfd round trip.
@@ -345,6 +349,9 @@ impl VhostUserBackend for BlkBackend {
         if event < nq {
             self.process_queue(thread_id, vring)
         } else {
+            if let Some(ring) = self.inner.rings.get(thread_id) {
+                ring.clear_event();
+            }
             if self.complete(thread_id, vring)? {
                 Self::notify(vring, self.inner.event_idx.load(Ordering::Relaxed))?;
             }
