@@ -122,7 +122,10 @@ fn chain3(base_file: &Path) -> stord::disk::Disk {
                 len: buf.len(),
             }];
             // SAFETY: `buf` outlives the call.
-            unsafe { d.write_vectored(&iov, (rng % extents) * (64 << 10)).unwrap() };
+            unsafe {
+                d.write_vectored(&iov, (rng % extents) * (64 << 10))
+                    .unwrap()
+            };
         }
         d.flush().unwrap();
     }
@@ -136,6 +139,12 @@ fn serve(spec: &str, socket: &str) {
         stord::disk::Disk::from_volume(stord::volume::Volume::null(FILE_SIZE))
     } else if let Some(file) = spec.strip_prefix("chain3:") {
         chain3(Path::new(file))
+    } else if let Some(file) = spec.strip_prefix("empty:") {
+        // A brand-new thin volume: every first write allocates, as in a new top layer.
+        let _ = std::fs::remove_file(file);
+        stord::disk::Disk::from_volume(
+            stord::volume::Volume::create(Path::new(file), FILE_SIZE).unwrap(),
+        )
     } else {
         stord::disk::Disk::from_volume(stord::volume::Volume::open(Path::new(spec), false).unwrap())
     };
@@ -379,7 +388,35 @@ fn fmt_iops(x: f64) -> String {
     }
 }
 
+/// In-process read timing of a disk, without vhost-user (for profiling).
+fn micro(spec: &str) {
+    let disk = if let Some(f) = spec.strip_prefix("chain3:") {
+        chain3(Path::new(f))
+    } else {
+        stord::disk::Disk::from_volume(stord::volume::Volume::open(Path::new(spec), false).unwrap())
+    };
+    let mut buf = vec![0u8; 128 << 10];
+    let n = 20_000u64;
+    let t = Instant::now();
+    for i in 0..n {
+        let iov = [stord::volume::IoSlice {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }];
+        // SAFETY: `buf` outlives the call.
+        unsafe { disk.read_vectored(&iov, (i % 8192) * (128 << 10)).unwrap() };
+    }
+    println!(
+        "{spec}: {:.1} µs per 128 KiB read",
+        t.elapsed().as_secs_f64() * 1e6 / n as f64
+    );
+}
+
 fn main() {
+    if let Ok(spec) = std::env::var("ATOLL_BENCH_MICRO") {
+        micro(&spec);
+        return;
+    }
     if let Ok(spec) = std::env::var(SERVE_ENV) {
         let (target, socket) = spec.split_once('|').unwrap();
         serve(target, socket);
@@ -429,6 +466,13 @@ fn main() {
                     start_stord_as(d, &format!("chain3:{a}"), "stord, 3 snapshots in chain")
                 }),
                 Box::new(move |d| start_stord_as(d, &b, "stord, fresh volume")),
+                Box::new(|d| {
+                    start_stord_as(
+                        d,
+                        "empty:/dev/shm/atoll-bench-empty.img",
+                        "stord, new empty volume",
+                    )
+                }),
             ],
             None,
         ));
@@ -474,11 +518,18 @@ fn main() {
             vec![vec![Vec::new(); WORKLOADS.len()]; starts.len() + 1];
         for _ in 0..reps {
             for (bi, start) in starts.iter().enumerate() {
-                let backend = start(dir.path());
+                let mut backend = start(dir.path());
                 if names.len() <= bi {
                     names.push(backend.name.clone());
                 }
                 for (wi, w) in WORKLOADS.iter().enumerate() {
+                    // The chain scenario measures each workload on a freshly built
+                    // chain: otherwise the random writes of one workload would
+                    // fragment the top layer under the next.
+                    if wi > 0 && scenario.contains("snapshots") {
+                        drop(backend);
+                        backend = start(dir.path());
+                    }
                     samples[bi][wi].push(run(&backend.socket, *w, secs));
                 }
             }

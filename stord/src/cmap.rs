@@ -8,17 +8,18 @@
 //! Bits only ever go from 0 to 1 while the layer lives (discard in a layer with a
 //! parent keeps the bit and punches a hole in the data instead), so any mix of old
 //! and new bitmap sectors after a torn write is a valid map. What makes the map
-//! crash-consistent is the order in [`ClusterMap::persist`]: the clusters written
-//! since the last persist are collected first, then the data file is synced, and
-//! only then are their bits written and synced. A bit on disk therefore never
-//! points at data that was not durable; a cluster whose bit was lost in a crash
-//! reads from the layer below, as it did before the unflushed write.
+//! crash-consistent is the order: a writer sets a bit only after its data write
+//! returned, then flags the bit's page dirty; [`ClusterMap::persist`] copies the
+//! dirty pages first, then syncs the data file, and only then writes and syncs
+//! the copied pages. A bit on disk therefore never points at data that was not
+//! durable; a cluster whose bit was lost in a crash reads from the layer below, as
+//! it did before the unflushed write. Setting a bit costs two atomic operations.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Bytes per cluster, the copy-on-write unit.
@@ -41,20 +42,15 @@ pub enum Error {
     Corrupt(&'static str),
 }
 
-#[derive(Debug, Default)]
-struct Pending {
-    /// Clusters whose data was written since the last persist.
-    clusters: Vec<u64>,
-    /// The bitmap as it is on disk.
-    disk: Vec<u8>,
-}
-
 /// An open cluster map.
 #[derive(Debug)]
 pub struct ClusterMap {
     file: File,
     bits: Vec<AtomicU64>,
-    pending: Mutex<Pending>,
+    /// One flag per bitmap page: set after a bit in it went from 0 to 1.
+    dirty: Vec<AtomicBool>,
+    /// The bitmap as last written to disk; held by `persist`.
+    disk: Mutex<Vec<u8>>,
 }
 
 fn header() -> [u8; 20] {
@@ -112,13 +108,12 @@ impl ClusterMap {
             b[..chunk.len()].copy_from_slice(chunk);
             *w.get_mut() = u64::from_le_bytes(b);
         }
+        let pages = (bits.len() * 8).div_ceil(PAGE);
         Self {
             file,
             bits,
-            pending: Mutex::new(Pending {
-                clusters: Vec::new(),
-                disk,
-            }),
+            dirty: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+            disk: Mutex::new(disk),
         }
     }
 
@@ -137,72 +132,86 @@ impl ClusterMap {
             .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (c % 64)) != 0)
     }
 
-    /// Records that the data of clusters `range` is written; their bits reach
-    /// the disk at the next [`persist`](Self::persist). Clusters outside the map are
-    /// ignored (the caller checks bounds).
+    /// Records that the data of clusters `range` is written (call only after
+    /// the data write returned); their bits reach the disk at the next
+    /// [`persist`](Self::persist). Clusters outside the map are ignored (the caller
+    /// checks bounds).
     pub fn set(&self, range: std::ops::Range<u64>) {
-        let mut fresh = Vec::new();
-        for c in range {
-            let Some(w) = usize::try_from(c / 64).ok().and_then(|i| self.bits.get(i)) else {
-                continue;
+        let mut c = range.start;
+        while c < range.end {
+            let Some(w) = usize::try_from(c / 64)
+                .ok()
+                .filter(|&i| i < self.bits.len())
+            else {
+                return;
             };
-            let bit = 1 << (c % 64);
-            if w.fetch_or(bit, Ordering::AcqRel) & bit == 0 {
-                fresh.push(c);
+            // All bits of this word inside the range, at once.
+            let lo = c % 64;
+            let hi = (range.end - (c - lo)).min(64);
+            let mask = if hi - lo == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << (hi - lo)) - 1) << lo
+            };
+            let old = self.bits[w].fetch_or(mask, Ordering::AcqRel);
+            if old & mask != mask {
+                if let Some(d) = self.dirty.get(w * 8 / PAGE) {
+                    d.store(true, Ordering::Release);
+                }
             }
-        }
-        if !fresh.is_empty() {
-            self.pending
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clusters
-                .extend(fresh);
+            c += hi - lo;
         }
     }
 
-    /// Makes every bit set so far durable: takes the pending clusters, runs
-    /// `sync_data` (the layer's data sync), then writes and syncs their bitmap pages.
+    /// Makes every bit set so far durable: copies the dirty bitmap pages, runs
+    /// `sync_data` (the layer's data sync), then writes and syncs those pages.
     pub fn persist(&self, sync_data: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
-        let mut p = self
-            .pending
+        let mut disk = self
+            .disk
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let clusters = std::mem::take(&mut p.clusters);
+        let need = self.bits.len() * 8;
+        if disk.len() < need {
+            disk.resize(need, 0);
+        }
+        let mut pages = Vec::new();
+        for (p, d) in self.dirty.iter().enumerate() {
+            if !d.swap(false, Ordering::AcqRel) {
+                continue;
+            }
+            let words = p * PAGE / 8..((p + 1) * PAGE / 8).min(self.bits.len());
+            for w in words {
+                let v = self.bits[w].load(Ordering::Acquire);
+                disk[w * 8..w * 8 + 8].copy_from_slice(&v.to_le_bytes());
+            }
+            pages.push(p);
+        }
+        let redirty = |pages: &[usize]| {
+            for &p in pages {
+                if let Some(d) = self.dirty.get(p) {
+                    d.store(true, Ordering::Release);
+                }
+            }
+        };
         if let Err(e) = sync_data() {
-            p.clusters.extend(clusters);
+            redirty(&pages);
             return Err(e);
         }
-        if clusters.is_empty() {
+        if pages.is_empty() {
             return Ok(());
         }
-        let need = words_for(self.clusters()) * 8;
-        if p.disk.len() < need {
-            p.disk.resize(need, 0);
-        }
-        let mut pages: Vec<usize> = Vec::new();
-        for &c in &clusters {
-            let Ok(byte) = usize::try_from(c / 8) else {
-                continue;
-            };
-            if let Some(b) = p.disk.get_mut(byte) {
-                *b |= 1 << (c % 8);
-                pages.push(byte / PAGE);
-            }
-        }
-        pages.sort_unstable();
-        pages.dedup();
         let res = (|| {
-            for &page in &pages {
-                let start = page * PAGE;
-                let end = (start + PAGE).min(p.disk.len());
+            for &p in &pages {
+                let start = p * PAGE;
+                let end = (start + PAGE).min(disk.len());
                 self.file
-                    .write_all_at(&p.disk[start..end], HEADER + start as u64)?;
+                    .write_all_at(&disk[start..end], HEADER + start as u64)?;
             }
             self.file.sync_data()
         })();
         if res.is_err() {
             // Try again at the next flush; the bits stay set in memory.
-            p.clusters.extend(clusters);
+            redirty(&pages);
         }
         res
     }
@@ -247,6 +256,13 @@ mod tests {
         assert!(!ClusterMap::open(&path, 100_000).unwrap().get(9));
         m.persist(|| Ok(())).unwrap();
         assert!(ClusterMap::open(&path, 100_000).unwrap().get(9));
+        // Ranges spanning words set exactly their bits.
+        m.set(60..200);
+        m.persist(|| Ok(())).unwrap();
+        let again = ClusterMap::open(&path, 100_000).unwrap();
+        let set: Vec<u64> = again.iter_set().collect();
+        assert_eq!(set.len(), 3 + 140 + 1, "{set:?}");
+        assert!(!again.get(59) && again.get(60) && again.get(199) && !again.get(200));
         // A bigger layer (after a resize) reads the old bits and zeros beyond.
         let grown = ClusterMap::open(&path, 1_000_000).unwrap();
         assert!(grown.get(70_000) && !grown.get(900_000));

@@ -146,6 +146,111 @@ fn cluster_buf() -> Vec<u8> {
     vec![0u8; usize::try_from(CLUSTER).unwrap_or(4096)]
 }
 
+thread_local! {
+    /// A small ring per thread for reads that span several layers.
+    static BATCH_RING: std::cell::RefCell<Option<io_uring::IoUring>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Most reads one batch submits.
+const BATCH_MAX: usize = 64;
+
+/// Runs `reads` (volume, memory, offset): one is a plain vectored read; several
+/// go to the kernel together in one io_uring submission (one syscall instead of
+/// one each), and any that fails or comes up short is redone synchronously.
+///
+/// # Safety
+/// Every slice must be valid for writes of its length for the whole call.
+unsafe fn read_batch(reads: &[(&crate::volume::Volume, Vec<IoSlice>, u64)]) -> io::Result<()> {
+    let sync = |(v, part, off): &(&crate::volume::Volume, Vec<IoSlice>, u64)| {
+        // SAFETY: forwarded from the caller.
+        unsafe { read_full(v, part, *off) }
+    };
+    // Buffered files (tmpfs) are faster read by plain syscalls: io_uring may
+    // hand buffered reads to its worker threads.
+    if reads.len() < 2
+        || reads.len() > BATCH_MAX
+        || reads
+            .iter()
+            .any(|r| r.0.raw_fd().is_none() || !r.0.direct())
+    {
+        return reads.iter().try_for_each(sync);
+    }
+    let iovecs: Vec<Vec<libc::iovec>> = reads
+        .iter()
+        .map(|(_, part, _)| {
+            part.iter()
+                .map(|s| libc::iovec {
+                    iov_base: s.ptr.cast(),
+                    iov_len: s.len,
+                })
+                .collect()
+        })
+        .collect();
+    let results = BATCH_RING.with(|cell| -> Option<Vec<i32>> {
+        let mut cell = cell.borrow_mut();
+        if cell.is_none() {
+            *cell = io_uring::IoUring::new(BATCH_MAX as u32).ok();
+        }
+        let ring = cell.as_mut()?;
+        let mut entries = Vec::with_capacity(reads.len());
+        for (i, ((v, _, off), iov)) in reads.iter().zip(&iovecs).enumerate() {
+            let entry = io_uring::opcode::Readv::new(
+                io_uring::types::Fd(v.raw_fd()?),
+                iov.as_ptr(),
+                u32::try_from(iov.len()).ok()?,
+            )
+            .offset(*off)
+            .build()
+            .user_data(i as u64);
+            entries.push(entry);
+        }
+        // SAFETY: the entries point at `iovecs` and the caller's memory, both
+        // valid until every completion is reaped below. The queue is empty here
+        // (everything is always submitted) and holds BATCH_MAX entries.
+        if unsafe { ring.submission().push_multiple(&entries) }.is_err() {
+            return None;
+        }
+        let mut results = vec![i32::MIN; reads.len()];
+        let mut got = 0;
+        while got < reads.len() {
+            if let Err(e) = ring.submit_and_wait(reads.len() - got) {
+                let again = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                );
+                if !again {
+                    // Requests may still be in flight into the caller's memory:
+                    // never reuse (or close and reap) this ring; leave it be.
+                    std::mem::forget(cell.take());
+                    return None;
+                }
+            }
+            for c in ring.completion() {
+                if let Some(r) = usize::try_from(c.user_data())
+                    .ok()
+                    .and_then(|i| results.get_mut(i))
+                {
+                    *r = c.result();
+                    got += 1;
+                }
+            }
+        }
+        Some(results)
+    });
+    match results {
+        Some(results) => {
+            for (r, res) in reads.iter().zip(results) {
+                if usize::try_from(res).ok() != Some(total(&r.1) as usize) {
+                    sync(r)?;
+                }
+            }
+            Ok(())
+        }
+        None => reads.iter().try_for_each(sync),
+    }
+}
+
 impl Chain {
     fn top(&self) -> io::Result<&Arc<Layer>> {
         self.layers
@@ -168,6 +273,7 @@ impl Chain {
         let len = total(iov);
         let end = offset + len;
         let mut pos = offset;
+        let mut reads = Vec::new();
         while pos < end {
             let src = self.source(pos / CLUSTER, below);
             let mut run_end = (pos / CLUSTER + 1) * CLUSTER;
@@ -177,18 +283,18 @@ impl Chain {
             let run_end = run_end.min(end);
             let part = slice(iov, pos - offset, run_end - pos);
             match src {
-                // SAFETY: `part` lies inside `iov` (caller's guarantee).
-                Some(i) => unsafe { read_full(self.layers[i].data(), &part, pos)? },
+                Some(i) => reads.push((self.layers[i].data(), part, pos)),
                 None => {
                     for s in &part {
-                        // SAFETY: as above.
+                        // SAFETY: `part` lies inside `iov` (caller's guarantee).
                         unsafe { std::ptr::write_bytes(s.ptr, 0, s.len) };
                     }
                 }
             }
             pos = run_end;
         }
-        Ok(())
+        // SAFETY: every piece lies inside `iov` (caller's guarantee).
+        unsafe { read_batch(&reads) }
     }
 
     /// Fills cluster `c` of the top layer from below, lets `edit` change the
