@@ -528,6 +528,14 @@ impl Volume {
         .await
     }
 
+    /// I/O counters summed over the live attachments: read_ops, read_bytes,
+    /// write_ops, write_bytes, flush_ops, discard_ops, errors (requests that
+    /// failed with a status) and malformed (chains without a status byte).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn io_counters(&self) -> HashMap<String, u64> {
+        self.store.lock().counters(&self.id).into_iter().collect()
+    }
+
     /// Snapshots of the volume, oldest first.
     #[zbus(property)]
     fn snapshots(&self) -> Vec<OwnedObjectPath> {
@@ -786,6 +794,9 @@ pub trait Volume {
     /// Snapshots, oldest first.
     #[zbus(property)]
     fn snapshots(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    /// I/O counters over the live attachments.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn io_counters(&self) -> zbus::Result<HashMap<String, u64>>;
     /// Takes a snapshot.
     fn snapshot(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     /// Returns to one of the volume's snapshots.

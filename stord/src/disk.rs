@@ -154,6 +154,8 @@ thread_local! {
 
 /// Most reads one batch submits.
 const BATCH_MAX: usize = 64;
+/// The same, as the ring size.
+const BATCH_RING_ENTRIES: u32 = 64;
 
 /// Runs `reads` (volume, memory, offset): one is a plain vectored read; several
 /// go to the kernel together in one io_uring submission (one syscall instead of
@@ -190,7 +192,7 @@ unsafe fn read_batch(reads: &[(&crate::volume::Volume, Vec<IoSlice>, u64)]) -> i
     let results = BATCH_RING.with(|cell| -> Option<Vec<i32>> {
         let mut cell = cell.borrow_mut();
         if cell.is_none() {
-            *cell = io_uring::IoUring::new(BATCH_MAX as u32).ok();
+            *cell = io_uring::IoUring::new(BATCH_RING_ENTRIES).ok();
         }
         let ring = cell.as_mut()?;
         let mut entries = Vec::with_capacity(reads.len());
@@ -241,7 +243,7 @@ unsafe fn read_batch(reads: &[(&crate::volume::Volume, Vec<IoSlice>, u64)]) -> i
     match results {
         Some(results) => {
             for (r, res) in reads.iter().zip(results) {
-                if usize::try_from(res).ok() != Some(total(&r.1) as usize) {
+                if u64::try_from(res).ok() != Some(total(&r.1)) {
                     sync(r)?;
                 }
             }
@@ -447,10 +449,9 @@ impl Disk {
             }
             &chain.layers[src]
         };
-        // Buffered files (tmpfs, or file systems without O_DIRECT) are served
-        // from the page cache faster by a plain syscall than by io_uring, which
-        // may hand such requests to its worker threads.
-        if !layer.data().direct() {
+        // Buffered files and memory file systems are served faster by a plain
+        // syscall than by io_uring, which hands such requests to worker threads.
+        if !layer.data().prefers_uring() {
             return None;
         }
         layer.data().raw_fd()?;
@@ -502,6 +503,12 @@ impl Disk {
             }
         }
         Ok(out)
+    }
+
+    /// Whether any layer's file is served through io_uring (see
+    /// [`Volume::prefers_uring`](crate::volume::Volume::prefers_uring)).
+    pub fn uses_direct_io(&self) -> bool {
+        self.read().layers.iter().any(|l| l.data().prefers_uring())
     }
 
     /// Bytes the layers occupy.

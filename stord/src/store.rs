@@ -399,6 +399,35 @@ impl Store {
         Ok(())
     }
 
+    /// I/O counters of volume `id`, summed over its attachments (since each was
+    /// made): read_ops, read_bytes, write_ops, write_bytes, flush_ops,
+    /// discard_ops, errors, malformed.
+    pub fn counters(&self, id: &str) -> BTreeMap<String, u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut out = BTreeMap::new();
+        for (att, _) in self
+            .attachments
+            .get(id)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let c = att.counters();
+            for (k, v) in [
+                ("read_ops", &c.read_ops),
+                ("read_bytes", &c.read_bytes),
+                ("write_ops", &c.write_ops),
+                ("write_bytes", &c.write_bytes),
+                ("flush_ops", &c.flush_ops),
+                ("discard_ops", &c.discard_ops),
+                ("errors", &c.errors),
+                ("malformed", &c.malformed),
+            ] {
+                *out.entry(k.to_owned()).or_insert(0) += v.load(Relaxed);
+            }
+        }
+        out
+    }
+
     /// Sockets of volume `id` with their read-only flag.
     pub fn attachments(&self, id: &str) -> Vec<(String, bool)> {
         self.attachments

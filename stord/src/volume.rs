@@ -42,6 +42,9 @@ pub struct Volume {
     capacity: u64,
     read_only: bool,
     direct: bool,
+    /// Whether the file lives in memory (tmpfs, ramfs): I/O completes at once in
+    /// a plain syscall, which beats handing it to io_uring.
+    in_memory: bool,
 }
 
 /// One piece of memory taking part in a vectored request.
@@ -90,6 +93,7 @@ impl Volume {
             Err(e) => return Err(Error::Open(e)),
         };
         let capacity = file.metadata().map_err(Error::Stat)?.len();
+        let in_memory = in_memory_fs(&file);
         let buffered = if direct {
             Some(open(false).map_err(Error::Open)?)
         } else {
@@ -101,6 +105,7 @@ impl Volume {
             capacity,
             read_only,
             direct,
+            in_memory,
         })
     }
 
@@ -113,6 +118,7 @@ impl Volume {
             capacity,
             read_only: false,
             direct: false,
+            in_memory: true,
         }
     }
 
@@ -129,6 +135,13 @@ impl Volume {
     /// Whether I/O bypasses the page cache.
     pub fn direct(&self) -> bool {
         self.direct
+    }
+
+    /// Whether requests are worth submitting to io_uring: direct I/O on a file
+    /// backed by a device (not tmpfs, where io_uring hands O_DIRECT requests to
+    /// worker threads and a plain syscall is twice as fast at queue depth 1).
+    pub fn prefers_uring(&self) -> bool {
+        self.direct && !self.in_memory
     }
 
     /// The data file's descriptor (`None` for a null volume).
@@ -296,6 +309,24 @@ impl Volume {
     pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
         self.discard(offset, len)
     }
+}
+
+/// Whether `f` is on a memory file system (tmpfs, ramfs).
+fn in_memory_fs(f: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs on our own descriptor into a writable statfs buffer.
+    let rc = unsafe { libc::fstatfs(f.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded, so it filled the structure.
+    let kind = unsafe { st.assume_init() }.f_type;
+    // `f_type` is i64 here but narrower on some targets.
+    #[allow(clippy::useless_conversion)]
+    let kind = i64::from(kind);
+    matches!(kind, TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
 #[cfg(test)]

@@ -73,6 +73,9 @@ fn volume_lifecycle_over_dbus_survives_a_restart() {
     assert_eq!(fe.write(5 * MIB, &pattern(1, 1 << 20)), 0);
     assert_eq!(fe.flush(), 0);
     assert!(rt.block_on(vol.used()).unwrap() >= used_empty + MIB);
+    let c = rt.block_on(vol.io_counters()).unwrap();
+    assert_eq!(c["write_bytes"], MIB, "{c:?}");
+    assert_eq!((c["flush_ops"], c["errors"]), (1, 0), "{c:?}");
 
     // One writer at a time; no delete under a VM.
     for e in [

@@ -77,7 +77,10 @@ impl BlkBackend {
         limiter: Limiter,
     ) -> Self {
         let num_queues = num_queues.max(1);
-        let rings = (0..num_queues)
+        // Only direct I/O on device-backed files goes through io_uring; other
+        // volumes get no rings at all.
+        let ring_count = if disk.uses_direct_io() { num_queues } else { 0 };
+        let rings = (0..ring_count)
             .map(|_| QueueRing::new())
             .collect::<io::Result<Vec<_>>>()
             .unwrap_or_else(|e| {
