@@ -153,6 +153,37 @@ fn a_reconnecting_frontend_finds_its_data() {
 }
 
 #[test]
+fn a_frontend_vanishing_with_requests_in_flight_leaves_the_device_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let att = attach(dir.path(), "v", 8 * MIB, false, 1);
+    for round in 0..5u64 {
+        let mut fe = Frontend::connect(att.socket(), 1).unwrap();
+        // Requests the next connection must be able to rely on.
+        assert_eq!(fe.write(round * 4096, &pattern(round, 4096)), 0);
+        assert_eq!(fe.flush(), 0);
+        // 32 writes left in flight as the frontend goes away (its memory with it).
+        for slot in 0..32usize {
+            fe.submit_write(slot, MIB + slot as u64 * 4096, &pattern(100 + round, 4096));
+        }
+        let _ = fe.reap(0, std::time::Duration::ZERO);
+        drop(fe);
+    }
+    let mut fe = Frontend::connect(att.socket(), 1).unwrap();
+    for round in 0..5u64 {
+        assert_eq!(fe.read(round * 4096, 4096).unwrap(), pattern(round, 4096));
+    }
+    // The in-flight writes either landed whole or not at all.
+    for slot in 0..32u64 {
+        let got = fe.read(MIB + slot * 4096, 4096).unwrap();
+        assert!(
+            got == vec![0; 4096] || (0..5).any(|r| got == pattern(100 + r, 4096)),
+            "block {slot} holds torn data"
+        );
+    }
+    assert_eq!(att.connections(), 6);
+}
+
+#[test]
 fn every_queue_serves_io() {
     let dir = tempfile::tempdir().unwrap();
     let att = attach(dir.path(), "q", 8 * MIB, false, 4);
