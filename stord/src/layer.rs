@@ -145,15 +145,8 @@ impl Layer {
         let Some(fd) = self.data.raw_fd() else {
             return Ok(runs);
         };
-        let len = self.data.capacity();
-        let mut pos = 0u64;
-        while pos < len {
-            let Some(start) = seek(fd, pos, libc::SEEK_DATA)? else {
-                break;
-            };
-            let end = seek(fd, start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        for (start, end) in crate::volume::data_extents(fd, self.data.capacity())? {
             push(start / CLUSTER, end.div_ceil(CLUSTER));
-            pos = end.max(start + 1);
         }
         Ok(runs)
     }
@@ -223,21 +216,6 @@ pub fn grow(dir: &Path, size: u64) -> io::Result<()> {
         f.sync_all()?;
     }
     Ok(())
-}
-
-fn seek(fd: i32, pos: u64, whence: i32) -> io::Result<Option<u64>> {
-    let off = libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: lseek on a descriptor we own, with plain integer arguments.
-    let r = unsafe { libc::lseek(fd, off, whence) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        };
-    }
-    Ok(u64::try_from(r).ok())
 }
 
 /// Reads exactly the length of `iov` at `off`.

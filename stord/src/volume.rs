@@ -311,6 +311,41 @@ impl Volume {
     }
 }
 
+/// The byte ranges of the file behind `fd`, up to `len`, that hold data (not
+/// holes), found with `SEEK_DATA`/`SEEK_HOLE`.
+pub fn data_extents(fd: std::os::fd::RawFd, len: u64) -> io::Result<Vec<(u64, u64)>> {
+    let seek = |pos: u64, whence| -> io::Result<Option<u64>> {
+        let off =
+            libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: lseek with plain integer arguments on a descriptor the caller owns.
+        let r = unsafe { libc::lseek(fd, off, whence) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data (or hole) at or after `pos`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(u64::try_from(r).ok())
+    };
+    let mut runs = Vec::new();
+    let mut pos = 0;
+    while pos < len {
+        let Some(start) = seek(pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if start >= len {
+            break;
+        }
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        runs.push((start, end));
+        pos = end.max(start + 1);
+    }
+    Ok(runs)
+}
+
 /// Whether `f` is on a memory file system (tmpfs, ramfs).
 fn in_memory_fs(f: &File) -> bool {
     const TMPFS_MAGIC: i64 = 0x0102_1994;

@@ -239,39 +239,10 @@ fn read_some(f: &File, buf: &mut [u8], off: u64) -> io::Result<usize> {
     Ok(got)
 }
 
-/// The byte ranges of `f` (up to `len`) that hold data, found with SEEK_DATA.
+/// The byte ranges of `f` (up to `len`) that hold data.
 fn data_runs(f: &File, len: u64) -> io::Result<Vec<(u64, u64)>> {
     use std::os::fd::AsRawFd;
-    let fd = f.as_raw_fd();
-    let seek = |pos: u64, whence| -> io::Result<Option<u64>> {
-        let off =
-            libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: lseek on a descriptor we own, with plain integer arguments.
-        let r = unsafe { libc::lseek(fd, off, whence) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return if e.raw_os_error() == Some(libc::ENXIO) {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(u64::try_from(r).ok())
-    };
-    let mut runs = Vec::new();
-    let mut pos = 0;
-    while pos < len {
-        let Some(start) = seek(pos, libc::SEEK_DATA)? else {
-            break;
-        };
-        if start >= len {
-            break;
-        }
-        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
-        runs.push((start, end));
-        pos = end.max(start + 1);
-    }
-    Ok(runs)
+    crate::volume::data_extents(f.as_raw_fd(), len)
 }
 
 /// Writes the contents of `disk` to a new file at `path` in `format`.

@@ -157,6 +157,11 @@ impl QueueRing {
         st.slots.len() - st.free.len()
     }
 
+    /// Whether completions are waiting to be reaped (no syscall).
+    pub fn has_completions(&self) -> bool {
+        !self.state().ring.completion().is_empty()
+    }
+
     /// Clears the completion eventfd (before reaping what woke it up).
     pub fn clear_event(&self) {
         let _ = self.eventfd.read();
