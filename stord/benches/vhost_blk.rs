@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Scenarios: `tmpfs` (file in /dev/shm; qsd with aio=io_uring), `chain` (the same
-//! file under three snapshot layers and an empty top, against the fresh volume),
+//! file under three snapshot layers and an empty top, against the fresh volume;
+//! `disk-chain` does the same on the O_DIRECT disk file),
 //! `null` (no I/O:
 //! the protocol path alone; qsd with null-co), `disk` (file on the root file system,
 //! O_DIRECT; qsd with cache.direct=on,aio=native; fio io_uring O_DIRECT as the
@@ -87,13 +88,13 @@ struct Sample {
     p50_us: f64,
 }
 
-/// A volume with three snapshots in its chain over the tmpfs image: three frozen
+/// A volume with three snapshots in its chain over `base_file`: three frozen
 /// layers each holding 5 % of the volume as randomly placed 64 KiB extents, and
 /// an empty top layer.
 fn chain3(base_file: &Path) -> stord::disk::Disk {
     use std::sync::Arc;
     use stord::layer::Layer;
-    let root = Path::new("/dev/shm/atoll-bench-chain");
+    let root = &base_file.with_file_name("atoll-bench-chain");
     let _ = std::fs::remove_dir_all(root);
     std::fs::create_dir_all(root.join("base")).unwrap();
     std::os::unix::fs::symlink(base_file, root.join("base/data")).unwrap();
@@ -470,6 +471,27 @@ fn main() {
                     start_stord_as(
                         d,
                         "empty:/dev/shm/atoll-bench-empty.img",
+                        "stord, new empty volume",
+                    )
+                }),
+            ],
+            None,
+        ));
+    }
+    if want("disk-chain") {
+        prefill(&disk);
+        let (a, b) = (disk.display().to_string(), disk.display().to_string());
+        scenarios.push((
+            "disk (O_DIRECT), 3 snapshots",
+            vec![
+                Box::new(move |d| {
+                    start_stord_as(d, &format!("chain3:{a}"), "stord, 3 snapshots in chain")
+                }),
+                Box::new(move |d| start_stord_as(d, &b, "stord, fresh volume")),
+                Box::new(|d| {
+                    start_stord_as(
+                        d,
+                        "empty:/var/tmp/atoll-bench-empty.img",
                         "stord, new empty volume",
                     )
                 }),

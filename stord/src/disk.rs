@@ -49,7 +49,19 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Direct {
     /// The layer whose data file serves the whole range.
     pub layer: Arc<Layer>,
+    /// Clusters of the layer's map to mark as held once the write succeeds (a
+    /// first write of whole clusters to a copy-on-write top layer).
+    pub mark: Option<std::ops::Range<u64>>,
     _inflight: Inflight,
+}
+
+impl Direct {
+    /// Records a successful write: marks its new clusters in the layer's map.
+    pub fn written(&self) {
+        if let (Some(range), Some(map)) = (&self.mark, self.layer.map()) {
+            map.set(range.clone());
+        }
+    }
 }
 
 /// One request in flight, counted until dropped.
@@ -435,11 +447,20 @@ impl Disk {
         let inflight = Inflight::new(&self.inflight);
         let chain = self.read();
         let (c0, c1) = (offset / CLUSTER, (offset + len - 1) / CLUSTER);
+        let mut mark = None;
         let layer = if write {
             let top = chain.layers.last()?;
             match top.map() {
                 None => top,
                 Some(m) if (c0..=c1).all(|c| m.get(c)) => top,
+                // Whole new clusters need no copy-up: write them, then mark them.
+                Some(m)
+                    if (offset % CLUSTER == 0 || m.get(c0))
+                        && ((offset + len) % CLUSTER == 0 || m.get(c1)) =>
+                {
+                    mark = Some(c0..c1 + 1);
+                    top
+                }
                 Some(_) => return None,
             }
         } else {
@@ -457,6 +478,7 @@ impl Disk {
         layer.data().raw_fd()?;
         Some(Direct {
             layer: layer.clone(),
+            mark,
             _inflight: inflight,
         })
     }
@@ -683,10 +705,10 @@ mod tests {
         let d = Disk::new(size, vec![base.clone(), mid.clone(), top.clone()]);
         write(&d, 12288, &[3u8; 100]);
         let before = read(&d, 0, size as usize);
-        top.absorb(&mid).unwrap();
+        top.absorb(&mid, || Ok(())).unwrap();
         let d = Disk::new(size, vec![base.clone(), top.clone()]);
         assert_eq!(read(&d, 0, size as usize), before);
-        top.absorb(&base).unwrap();
+        top.absorb(&base, || Ok(())).unwrap();
         let d = Disk::new(size, vec![top.clone()]);
         assert_eq!(read(&d, 0, size as usize), before);
         // And it is durable: a fresh open of the files sees the same.

@@ -155,7 +155,15 @@ impl Layer {
     /// that this one does not hold, so `lower` can leave the chain. Runs while
     /// guest I/O goes on: each batch is taken under the allocation lock and
     /// re-checked, and the result is flushed before returning.
-    pub fn absorb(&self, lower: &Layer) -> io::Result<u64> {
+    ///
+    /// `pause` is called before each batch and its result held while the batch
+    /// is copied: the caller uses it to hold asynchronous writes to this layer
+    /// off (they set their map bits only when they complete).
+    pub fn absorb<G>(
+        &self,
+        lower: &Layer,
+        mut pause: impl FnMut() -> io::Result<G>,
+    ) -> io::Result<u64> {
         let Some(map) = &self.map else {
             return Err(io::Error::other("a bottom layer cannot absorb another"));
         };
@@ -166,6 +174,7 @@ impl Layer {
             let mut c = first;
             while c < end.min(limit) {
                 let batch_end = (c + 256).min(end).min(limit);
+                let _paused = pause()?;
                 let _g = self.lock_alloc();
                 let mut i = c;
                 while i < batch_end {

@@ -263,8 +263,15 @@ impl Store {
     fn merge(&mut self, m: &Merge) -> Result<(), Error> {
         let lower = self.layer(&m.layer)?;
         let child = self.layer(&m.child)?;
+        // If the child is an attached volume's top, its asynchronous writes are
+        // held off batch by batch while clusters are copied in.
+        let live = self
+            .disks
+            .values()
+            .find(|d| d.layer_ids().last() == Some(&m.child))
+            .cloned();
         let copied = child
-            .absorb(&lower)
+            .absorb(&lower, || live.as_ref().map(|d| d.lock()).transpose())
             .map_err(|e| Error::Io(m.child.clone(), e))?;
         for disk in self.disks.values() {
             disk.lock()

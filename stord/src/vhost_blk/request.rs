@@ -223,6 +223,9 @@ pub fn complete<M: GuestMemory>(
         }
     };
     let ok = matches!(result, Ok(n) if n == want);
+    if ok && p.write {
+        p.direct.written();
+    }
     if ok {
         let (ops, bytes) = if p.write {
             (&counters.write_ops, &counters.write_bytes)
