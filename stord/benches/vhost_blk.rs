@@ -413,6 +413,27 @@ fn micro(spec: &str) {
     );
 }
 
+/// Starts one backend of a scenario in a scratch directory.
+type Start = Box<dyn Fn(&Path) -> Backend>;
+
+/// The backends of a chain scenario on `file`: three snapshots in the chain,
+/// the fresh volume, and a new empty volume next to it.
+fn chain_backends(file: &Path) -> Vec<Start> {
+    let (a, b) = (file.display().to_string(), file.display().to_string());
+    let empty = file.with_file_name("atoll-bench-empty.img");
+    vec![
+        Box::new(move |d| start_stord_as(d, &format!("chain3:{a}"), "stord, 3 snapshots in chain")),
+        Box::new(move |d| start_stord_as(d, &b, "stord, fresh volume")),
+        Box::new(move |d| {
+            start_stord_as(
+                d,
+                &format!("empty:{}", empty.display()),
+                "stord, new empty volume",
+            )
+        }),
+    ]
+}
+
 fn main() {
     if let Ok(spec) = std::env::var("ATOLL_BENCH_MICRO") {
         micro(&spec);
@@ -437,7 +458,6 @@ fn main() {
 
     let shm = PathBuf::from("/dev/shm/atoll-bench.img");
     let disk = PathBuf::from("/var/tmp/atoll-bench.img");
-    type Start = Box<dyn Fn(&Path) -> Backend>;
     let mut scenarios: Vec<(&str, Vec<Start>, Option<PathBuf>)> = Vec::new();
     let want = |s: &str| only.as_deref().is_none_or(|o| o == s);
     if want("tmpfs") {
@@ -457,47 +477,14 @@ fn main() {
             None,
         ));
     }
-    if want("chain") {
-        prefill(&shm);
-        let (a, b) = (shm.display().to_string(), shm.display().to_string());
-        scenarios.push((
-            "tmpfs, 3 snapshots",
-            vec![
-                Box::new(move |d| {
-                    start_stord_as(d, &format!("chain3:{a}"), "stord, 3 snapshots in chain")
-                }),
-                Box::new(move |d| start_stord_as(d, &b, "stord, fresh volume")),
-                Box::new(|d| {
-                    start_stord_as(
-                        d,
-                        "empty:/dev/shm/atoll-bench-empty.img",
-                        "stord, new empty volume",
-                    )
-                }),
-            ],
-            None,
-        ));
-    }
-    if want("disk-chain") {
-        prefill(&disk);
-        let (a, b) = (disk.display().to_string(), disk.display().to_string());
-        scenarios.push((
-            "disk (O_DIRECT), 3 snapshots",
-            vec![
-                Box::new(move |d| {
-                    start_stord_as(d, &format!("chain3:{a}"), "stord, 3 snapshots in chain")
-                }),
-                Box::new(move |d| start_stord_as(d, &b, "stord, fresh volume")),
-                Box::new(|d| {
-                    start_stord_as(
-                        d,
-                        "empty:/var/tmp/atoll-bench-empty.img",
-                        "stord, new empty volume",
-                    )
-                }),
-            ],
-            None,
-        ));
+    for (key, name, file) in [
+        ("chain", "tmpfs, 3 snapshots", &shm),
+        ("disk-chain", "disk (O_DIRECT), 3 snapshots", &disk),
+    ] {
+        if want(key) {
+            prefill(file);
+            scenarios.push((name, chain_backends(file), None));
+        }
     }
     if want("null") {
         scenarios.push((
