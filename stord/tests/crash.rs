@@ -74,14 +74,7 @@ fn flushed_writes_survive_sigkill_of_stord() {
         }
         if round % 6 == 4 {
             let oldest = rt.block_on(vol.snapshots()).unwrap()[0].clone();
-            let snap = rt
-                .block_on(
-                    stord::SnapshotProxy::builder(conn)
-                        .path(oldest)
-                        .unwrap()
-                        .build(),
-                )
-                .unwrap();
+            let snap = rig.snapshot(&oldest);
             rt.block_on(snap.delete()).unwrap();
         }
 

@@ -10,9 +10,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{pattern, Frontend, Rig};
+use common::{error_name, pattern, Frontend, Rig};
 use futures_util::StreamExt;
-use stord::{JobProxy, SnapshotProxy, Storage1Proxy};
+use stord::{JobProxy, Storage1Proxy};
 use zbus::zvariant::OwnedObjectPath;
 
 const MIB: u64 = 1 << 20;
@@ -77,13 +77,6 @@ fn read_all(rig: &Rig, vol: &OwnedObjectPath, len: usize) -> Vec<u8> {
     drop(fe);
     rig.block_on(v.detach(&socket)).unwrap();
     out
-}
-
-fn error_name(e: zbus::Error) -> String {
-    match e {
-        zbus::Error::MethodError(name, msg, _) => format!("{name}: {}", msg.unwrap_or_default()),
-        other => panic!("expected a D-Bus error reply, got {other}"),
-    }
 }
 
 fn padded(model: &[u8]) -> Vec<u8> {
@@ -189,14 +182,7 @@ fn images_import_and_export_as_jobs() {
             .unwrap_err(),
     );
     assert!(e.contains("Busy") && e.contains("snapshot"), "{e}");
-    let snapshot = rig
-        .block_on(
-            SnapshotProxy::builder(&rig.conn)
-                .path(snap)
-                .unwrap()
-                .build(),
-        )
-        .unwrap();
+    let snapshot = rig.snapshot(&snap);
     let dest = d.join("snap.raw");
     let job = finish(
         &rig,

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{pattern, Frontend, Rig};
+use common::{error_name, pattern, Frontend, Rig};
 use stord::{SnapshotProxy, Storage1Proxy, VolumeProxy};
 use zbus::zvariant::OwnedObjectPath;
 
@@ -75,15 +75,8 @@ impl<'a> Vol<'a> {
     }
 
     fn snapshot(&self, name: &str) -> SnapshotProxy<'static> {
-        let path = self.rig.block_on(self.proxy.snapshot(name)).unwrap();
         self.rig
-            .block_on(
-                SnapshotProxy::builder(&self.rig.conn)
-                    .path(path)
-                    .unwrap()
-                    .build(),
-            )
-            .unwrap()
+            .snapshot(&self.rig.block_on(self.proxy.snapshot(name)).unwrap())
     }
 }
 
@@ -91,13 +84,6 @@ fn layers(rig: &Rig) -> usize {
     std::fs::read_dir(rig.dir.path().join("pool/layers"))
         .unwrap()
         .count()
-}
-
-fn error_name(e: zbus::Error) -> String {
-    match e {
-        zbus::Error::MethodError(name, msg, _) => format!("{name}: {}", msg.unwrap_or_default()),
-        other => panic!("expected a D-Bus error reply, got {other}"),
-    }
 }
 
 #[test]
@@ -200,14 +186,7 @@ fn snapshot_clone_rollback_and_delete_keep_every_byte() {
     rig.block_on(clone.proxy.delete()).unwrap();
     vol.with(|fe| check(fe, &now, "volume after deleting the clone"));
     let s2 = rig.block_on(vol.proxy.snapshots()).unwrap();
-    let s2 = rig
-        .block_on(
-            SnapshotProxy::builder(&rig.conn)
-                .path(s2[0].clone())
-                .unwrap()
-                .build(),
-        )
-        .unwrap();
+    let s2 = rig.snapshot(&s2[0]);
     rig.block_on(s2.delete()).unwrap();
     assert_eq!(layers(&rig), 1, "a volume without snapshots is one layer");
     vol.with(|fe| check(fe, &now, "volume after deleting every snapshot"));

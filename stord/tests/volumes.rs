@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{pattern, Frontend, Rig};
+use common::{error_name, pattern, Frontend, Rig};
 use stord::Storage1Proxy;
 
 const MIB: u64 = 1 << 20;
@@ -16,13 +16,6 @@ fn stop(mut child: std::process::Child) {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
-}
-
-fn error_name(e: zbus::Error) -> String {
-    match e {
-        zbus::Error::MethodError(name, msg, _) => format!("{name}: {}", msg.unwrap_or_default()),
-        other => panic!("expected a D-Bus error reply, got {other}"),
-    }
 }
 
 #[test]

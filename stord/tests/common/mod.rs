@@ -169,6 +169,14 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A D-Bus error reply as `name: message`; panics on any other error.
+pub fn error_name(e: zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, msg, _) => format!("{name}: {}", msg.unwrap_or_default()),
+        other => panic!("expected a D-Bus error reply, got {other}"),
+    }
+}
+
 /// A private D-Bus broker, a client connection to it and a scratch directory, for
 /// tests that drive the `stord` binary.
 pub struct Rig {
@@ -224,6 +232,20 @@ impl Rig {
     pub fn volume(&self, path: &zbus::zvariant::OwnedObjectPath) -> stord::VolumeProxy<'static> {
         self.block_on(
             stord::VolumeProxy::builder(&self.conn)
+                .path(path.clone())
+                .unwrap()
+                .build(),
+        )
+        .unwrap()
+    }
+
+    /// Typed client of the snapshot object at `path`.
+    pub fn snapshot(
+        &self,
+        path: &zbus::zvariant::OwnedObjectPath,
+    ) -> stord::SnapshotProxy<'static> {
+        self.block_on(
+            stord::SnapshotProxy::builder(&self.conn)
                 .path(path.clone())
                 .unwrap()
                 .build(),
