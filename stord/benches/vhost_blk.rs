@@ -454,6 +454,8 @@ fn main() {
     let reps: usize = arg("--reps").map_or(3, |v| v.parse().unwrap());
     let secs: f64 = arg("--secs").map_or(3.0, |v| v.parse().unwrap());
     let only = arg("--only");
+    // `--workload QD32` keeps the workloads whose name contains the text.
+    let wl = arg("--workload").unwrap_or_default();
     let dir = tempfile::tempdir().unwrap();
 
     let shm = PathBuf::from("/dev/shm/atoll-bench.img");
@@ -532,6 +534,9 @@ fn main() {
                     names.push(backend.name.clone());
                 }
                 for (wi, w) in WORKLOADS.iter().enumerate() {
+                    if !w.name.contains(wl.as_str()) {
+                        continue;
+                    }
                     // The chain scenario measures each workload on a freshly built
                     // chain: otherwise the random writes of one workload would
                     // fragment the top layer under the next.
@@ -544,6 +549,9 @@ fn main() {
             }
             if let Some(f) = fio_file {
                 for (wi, w) in WORKLOADS.iter().enumerate() {
+                    if !w.name.contains(wl.as_str()) {
+                        continue;
+                    }
                     if let Some(s) = fio(f, *w, secs) {
                         samples[starts.len()][wi].push(s);
                     }
@@ -552,6 +560,9 @@ fn main() {
         }
         names.push("fio io_uring O_DIRECT (limit)".into());
         for (wi, w) in WORKLOADS.iter().enumerate() {
+            if samples[1][wi].is_empty() {
+                continue;
+            }
             let qsd_median = stats(&samples[1][wi].iter().map(|s| s.iops).collect::<Vec<_>>()).1;
             for (bi, name) in names.iter().enumerate() {
                 let s = &samples[bi][wi];

@@ -1,13 +1,23 @@
 //! Atoll's hypervisor.
 //!
 //! The `vmm` binary has two roles: `vmm daemon` is the node's VM supervisor that owns
-//! `org.atoll.Vmm1` on D-Bus; (later) `vmm run` is the process of one VM. This library
+//! `org.atoll.Vmm1` on D-Bus; `vmm run` is the process of one VM. This library
 //! is the crate's single door: it exports the D-Bus interface and the typed proxy that
 //! `mgmtd` uses, and the supervisor's entry point.
 
+pub mod arch;
+pub mod bus;
+pub mod config;
 pub mod daemon;
 pub mod dbus;
+pub mod devices;
 pub mod health;
+pub mod interrupts;
+pub mod memory;
+pub mod pci;
+pub mod vcpu;
+pub mod virtio;
+pub mod vm;
 
 pub use dbus::{Vmm1Proxy, BUS_NAME, OBJECT_PATH};
 

@@ -1,4 +1,4 @@
-//! The `vmm` binary: `vmm daemon` (node supervisor).
+//! The `vmm` binary: `vmm daemon` (node supervisor) and `vmm run` (one VM).
 
 use std::process::ExitCode;
 
@@ -25,6 +25,12 @@ enum Command {
         #[arg(long)]
         node_id: Option<String>,
     },
+    /// Run one VM in this process until it ends; prints the exit reason as JSON.
+    Run {
+        /// VM config (JSON): a file path, or `fd:N` for an inherited descriptor.
+        #[arg(long, value_name = "FILE|fd:N")]
+        config: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +43,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     match cli.command {
+        Command::Run { config } => run_vm(&config),
         Command::Daemon { bus, node_id } => {
             let opts = vmm::daemon::Options {
                 bus,
@@ -60,6 +67,69 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// Exit status of `vmm run` when the VM could not be created.
+const EXIT_SETUP: u8 = 1;
+/// Exit status when the VM crashed (the guest's own endings are 0).
+const EXIT_CRASHED: u8 = 3;
+
+fn read_config(arg: &str) -> anyhow::Result<vmm::config::VmConfig> {
+    use anyhow::Context;
+    use std::io::Read;
+    let text = match arg.strip_prefix("fd:") {
+        Some(n) => {
+            let fd: i32 = n.parse().context("fd:N needs a descriptor number")?;
+            if fd < 3 {
+                anyhow::bail!("fd:{fd} is a standard stream, not a config");
+            }
+            // SAFETY: the caller handed this descriptor to us for the config;
+            // nothing else in the process uses it.
+            let mut f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            let mut s = String::new();
+            f.read_to_string(&mut s)
+                .with_context(|| format!("cannot read the config from fd {fd}"))?;
+            s
+        }
+        None => std::fs::read_to_string(arg)
+            .with_context(|| format!("cannot read the config file {arg}"))?,
+    };
+    Ok(vmm::config::VmConfig::from_json(&text)?)
+}
+
+fn run_vm(config: &str) -> ExitCode {
+    let start = std::time::Instant::now();
+    let cfg = match read_config(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmm: {e:#}");
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    let vm = match vmm::vm::Vm::new(&cfg, start) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("vmm: {:#}", anyhow::Error::from(e));
+            return ExitCode::from(EXIT_SETUP);
+        }
+    };
+    match vm.run() {
+        Ok(reason) => {
+            println!(
+                "{}",
+                serde_json::json!({ "exit": reason, "text": reason.to_string() })
+            );
+            if matches!(reason, vmm::vm::ExitReason::Crashed(_)) {
+                ExitCode::from(EXIT_CRASHED)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("vmm: {:#}", anyhow::Error::from(e));
+            ExitCode::from(EXIT_SETUP)
         }
     }
 }

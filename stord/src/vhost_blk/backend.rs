@@ -35,6 +35,12 @@ pub type GuestMem = GuestMemoryMmap<()>;
 /// How long a queue worker watches its ring for the next request after
 /// finishing some, before sleeping until a kick.
 const POLL: std::time::Duration = std::time::Duration::from_micros(30);
+/// Requests handed to io_uring per submission while a queue is drained. One
+/// submission per drained ring would turn 32 in-flight requests into a convoy:
+/// the device takes them in one kick, completes them in one interrupt, the
+/// frontend refills all 32 at once, and the device idles between batches (65 k
+/// IOPS at QD32 here); small batches keep it busy (90 k, as fio's own loop).
+const SUBMIT_BATCH: usize = 8;
 
 /// Largest queue the backend accepts.
 pub const QUEUE_SIZE: usize = 1024;
@@ -236,7 +242,7 @@ impl BlkBackend {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
             let mut completed = false;
-            let mut pushed = false;
+            let mut pushed = 0usize;
             loop {
                 let chain = vring
                     .get_mut()
@@ -248,7 +254,13 @@ impl BlkBackend {
                     Outcome::Done(used) => used,
                     Outcome::Async(p) => match ring.map(|r| r.push(head, p, mem.clone())) {
                         Some(Ok(())) => {
-                            pushed = true;
+                            pushed += 1;
+                            if pushed == SUBMIT_BATCH {
+                                if let Some(r) = ring {
+                                    r.submit()?;
+                                }
+                                pushed = 0;
+                            }
                             continue;
                         }
                         // No room in the ring: run it here.
@@ -265,7 +277,7 @@ impl BlkBackend {
                 completed = true;
             }
             if let Some(ring) = ring {
-                if pushed {
+                if pushed > 0 {
                     ring.submit()?;
                 }
                 // Whatever completed by now (during submission, or while

@@ -1,0 +1,6 @@
+//! x86-64 specifics: the address map, CPU state at entry, CPUID and boot protocols.
+
+pub mod boot;
+pub mod cpuid;
+pub mod layout;
+pub mod regs;

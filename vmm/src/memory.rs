@@ -1,0 +1,102 @@
+//! Guest RAM: one memfd (optionally hugetlbfs), mapped shared so vhost-user
+//! backends can map the same pages, registered with KVM slot by slot.
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::layout;
+
+/// Guest memory could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// memfd_create or ftruncate failed (no hugepages reserved, out of memory).
+    #[error("cannot allocate {mib} MiB of guest memory{}", if *.hugepages { " from hugepages" } else { "" })]
+    Allocate {
+        /// Size asked for.
+        mib: u64,
+        /// Whether hugepages were asked for.
+        hugepages: bool,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// mmap failed.
+    #[error("cannot map guest memory")]
+    Map(#[source] vm_memory::mmap::FromRangesError),
+    /// KVM refused a memory slot.
+    #[error("cannot register guest memory with KVM")]
+    Kvm(#[source] kvm_ioctls::Error),
+}
+
+/// The guest's RAM and the file behind it.
+#[derive(Debug)]
+pub struct GuestRam {
+    /// The mapping.
+    pub mem: GuestMemoryMmap,
+    /// The memfd, shared with vhost-user backends.
+    pub file: File,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+impl GuestRam {
+    /// Allocates `mib` MiB and maps it.
+    pub fn new(mib: u64, hugepages: bool) -> Result<Self, MemoryError> {
+        let size = mib << 20;
+        let alloc = |source| MemoryError::Allocate {
+            mib,
+            hugepages,
+            source,
+        };
+        const NAME: &CStr = c"atoll-guest-ram";
+        let mut flags = libc::MFD_CLOEXEC;
+        if hugepages {
+            flags |= libc::MFD_HUGETLB | libc::MFD_HUGE_2MB;
+        }
+        // SAFETY: NAME is a valid C string; the returned fd is checked.
+        let fd = unsafe { libc::memfd_create(NAME.as_ptr(), flags) };
+        if fd < 0 {
+            return Err(alloc(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd was just created and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).map_err(alloc)?;
+        let mut ranges = Vec::new();
+        let mut file_off = 0u64;
+        for (start, len) in layout::ram_ranges(size) {
+            let len_usize = usize::try_from(len)
+                .map_err(|_| alloc(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+            let dup = file.try_clone().map_err(alloc)?;
+            ranges.push((
+                GuestAddress(start),
+                len_usize,
+                Some(FileOffset::new(dup, file_off)),
+            ));
+            file_off += len;
+        }
+        let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Map)?;
+        Ok(Self { mem, file, size })
+    }
+
+    /// Registers every region as a KVM memory slot.
+    pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
+        for (slot, region) in self.mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region stays mapped for as long as the VM exists (both
+            // live in the same `Vm`, memory dropped after the VM fd).
+            unsafe { vm.set_user_memory_region(r) }.map_err(MemoryError::Kvm)?;
+        }
+        Ok(())
+    }
+}

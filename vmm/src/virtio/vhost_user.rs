@@ -1,0 +1,274 @@
+//! vhost-user frontends: the device's queues are served by another process
+//! (stord, netd, or any standard backend) that maps guest memory from our
+//! memfd and is kicked and interrupts through eventfds KVM wires directly.
+
+use std::path::{Path, PathBuf};
+
+use tracing::{info, warn};
+use vhost::vhost_user::message::VhostUserConfigFlags;
+use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+
+use super::{features, host_address, types, Activation, VirtioDevice, VirtioError};
+use crate::config::VhostUserConfig;
+use crate::memory::GuestRam;
+
+/// virtio-blk feature bits we pass through from a backend.
+const BLK_FEATURES: u64 = (1 << 1) // SIZE_MAX
+    | (1 << 2) // SEG_MAX
+    | (1 << 4) // GEOMETRY
+    | (1 << 5) // RO
+    | (1 << 6) // BLK_SIZE
+    | (1 << 9) // FLUSH
+    | (1 << 10) // TOPOLOGY
+    | (1 << 11) // CONFIG_WCE
+    | (1 << 12) // MQ
+    | (1 << 13) // DISCARD
+    | (1 << 14); // WRITE_ZEROES
+const BLK_F_MQ: u64 = 1 << 12;
+/// Bytes of virtio_blk_config we fetch (through write_zeroes_may_unmap).
+const BLK_CONFIG_LEN: u32 = 60;
+
+/// A vhost-user device.
+pub struct VhostUserDevice {
+    path: PathBuf,
+    frontend: Frontend,
+    device_type: u32,
+    offered: u64,
+    protocol: VhostUserProtocolFeatures,
+    has_protocol: bool,
+    config: Vec<u8>,
+    num_queues: u16,
+    queue_size: u16,
+    mem: GuestMemoryMmap,
+    regions: Vec<VhostUserMemoryRegionInfo>,
+    active: Vec<u16>,
+}
+
+impl std::fmt::Debug for VhostUserDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserDevice")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn step(path: &Path, step: &'static str) -> impl FnOnce(vhost::Error) -> VirtioError {
+    let path = path.to_owned();
+    move |source| VirtioError::Backend { path, step, source }
+}
+
+impl VhostUserDevice {
+    /// Connects to a vhost-user-blk backend and reads its configuration.
+    pub fn block(cfg: &VhostUserConfig, ram: &GuestRam) -> Result<Self, VirtioError> {
+        let path = cfg.socket.clone();
+        let mut frontend =
+            Frontend::connect(&path, u64::from(cfg.num_queues)).map_err(|source| {
+                VirtioError::Unreachable {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+        frontend.set_owner().map_err(step(&path, "SET_OWNER"))?;
+        let backend_features = frontend
+            .get_features()
+            .map_err(step(&path, "GET_FEATURES"))?;
+        let has_protocol = backend_features & features::VHOST_USER_PROTOCOL != 0;
+        let wanted = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        let mut protocol = VhostUserProtocolFeatures::empty();
+        if has_protocol {
+            let theirs = frontend
+                .get_protocol_features()
+                .map_err(step(&path, "GET_PROTOCOL_FEATURES"))?;
+            protocol = theirs & wanted;
+            frontend
+                .set_protocol_features(protocol)
+                .map_err(step(&path, "SET_PROTOCOL_FEATURES"))?;
+        }
+        if backend_features & features::VERSION_1 == 0 {
+            return Err(VirtioError::Incompatible {
+                path,
+                why: "it does not offer VIRTIO_F_VERSION_1".into(),
+            });
+        }
+        let mut num_queues = cfg.num_queues;
+        if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            let max = frontend
+                .get_queue_num()
+                .map_err(step(&path, "GET_QUEUE_NUM"))?;
+            if u64::from(num_queues) > max {
+                warn!(
+                    path = %path.display(),
+                    "backend offers {max} queues; using {max} instead of {num_queues}"
+                );
+                num_queues = max.max(1) as u16;
+            }
+        } else {
+            num_queues = 1;
+        }
+        let mut config = vec![0u8; BLK_CONFIG_LEN as usize];
+        if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+            let (_, payload) = frontend
+                .get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &config)
+                .map_err(step(&path, "GET_CONFIG"))?;
+            let n = payload.len().min(config.len());
+            config[..n].copy_from_slice(&payload[..n]);
+        } else {
+            return Err(VirtioError::Incompatible {
+                path,
+                why: "it does not offer the CONFIG protocol feature (needed for the disk size)"
+                    .into(),
+            });
+        }
+        let mut offered = backend_features
+            & (BLK_FEATURES
+                | features::VERSION_1
+                | features::RING_INDIRECT_DESC
+                | features::RING_EVENT_IDX);
+        if num_queues == 1 {
+            offered &= !BLK_F_MQ;
+        }
+        // num_queues in the config space is what the guest may use.
+        config[34..36].copy_from_slice(&num_queues.to_le_bytes());
+        let mut regions = Vec::new();
+        for r in ram.mem.iter() {
+            regions.push(
+                VhostUserMemoryRegionInfo::from_guest_region(r).map_err(|_| {
+                    VirtioError::Incompatible {
+                        path: path.clone(),
+                        why: "guest memory is not file-backed".into(),
+                    }
+                })?,
+            );
+        }
+        let capacity = u64::from_le_bytes(config[..8].try_into().unwrap_or([0; 8]));
+        info!(
+            path = %path.display(),
+            sectors = capacity,
+            queues = num_queues,
+            "vhost-user-blk backend connected"
+        );
+        Ok(Self {
+            path,
+            frontend,
+            device_type: types::BLOCK,
+            offered,
+            protocol,
+            has_protocol,
+            config,
+            num_queues,
+            queue_size: cfg.queue_size,
+            mem: ram.mem.clone(),
+            regions,
+            active: Vec::new(),
+        })
+    }
+
+    fn start(&mut self, a: &Activation) -> Result<(), VirtioError> {
+        let path = self.path.clone();
+        let mut acked = a.features & self.offered;
+        if self.has_protocol {
+            acked |= features::VHOST_USER_PROTOCOL;
+        }
+        self.frontend
+            .set_features(acked)
+            .map_err(step(&path, "SET_FEATURES"))?;
+        self.frontend
+            .set_mem_table(&self.regions)
+            .map_err(step(&path, "SET_MEM_TABLE"))?;
+        for q in &a.queues {
+            let n = u64::from(q.size);
+            let bad = |why| VirtioError::BadQueue {
+                queue: q.index,
+                why,
+            };
+            let desc = host_address(&self.mem, q.desc, 16 * n)
+                .ok_or(bad("descriptor table outside guest memory"))?;
+            let avail = host_address(&self.mem, q.avail, 6 + 2 * n)
+                .ok_or(bad("available ring outside guest memory"))?;
+            let used = host_address(&self.mem, q.used, 6 + 8 * n)
+                .ok_or(bad("used ring outside guest memory"))?;
+            let i = usize::from(q.index);
+            self.frontend
+                .set_vring_num(i, q.size)
+                .map_err(step(&path, "SET_VRING_NUM"))?;
+            let addrs = VringConfigData {
+                queue_max_size: self.queue_size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: desc,
+                used_ring_addr: used,
+                avail_ring_addr: avail,
+                log_addr: None,
+            };
+            self.frontend
+                .set_vring_addr(i, &addrs)
+                .map_err(step(&path, "SET_VRING_ADDR"))?;
+            self.frontend
+                .set_vring_base(i, 0)
+                .map_err(step(&path, "SET_VRING_BASE"))?;
+            self.frontend
+                .set_vring_call(i, &q.call)
+                .map_err(step(&path, "SET_VRING_CALL"))?;
+            self.frontend
+                .set_vring_kick(i, &q.kick)
+                .map_err(step(&path, "SET_VRING_KICK"))?;
+            if self.has_protocol {
+                self.frontend
+                    .set_vring_enable(i, true)
+                    .map_err(step(&path, "SET_VRING_ENABLE"))?;
+            }
+            self.active.push(q.index);
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for VhostUserDevice {
+    fn device_type(&self) -> u32 {
+        self.device_type
+    }
+
+    fn queues(&self) -> (u16, u16) {
+        (self.num_queues, self.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.offered
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| self.config.get(o + i))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), VirtioError> {
+        let r = self.start(&a);
+        // The eventfds were duplicated into the backend; ours can go.
+        drop(a);
+        r
+    }
+
+    fn reset(&mut self) {
+        for q in std::mem::take(&mut self.active) {
+            let i = usize::from(q);
+            if self.has_protocol {
+                let _ = self.frontend.set_vring_enable(i, false);
+            }
+            // GET_VRING_BASE stops the ring in the backend.
+            if let Err(e) = self.frontend.get_vring_base(i) {
+                warn!(path = %self.path.display(), "stopping queue {q}: {e}");
+            }
+        }
+        let _ = self.protocol;
+    }
+}

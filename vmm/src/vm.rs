@@ -1,0 +1,353 @@
+//! One VM: KVM objects, memory, buses and devices, vCPU threads, and why it ended.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use serde::Serialize;
+use tracing::info;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::{boot, cpuid, regs};
+use crate::bus::{Bus, BusError};
+use crate::config::VmConfig;
+use crate::devices::console::Console;
+use crate::devices::debug::{BootTimer, DebugExit, Stamp, BOOT_TIMER, DEBUG_EXIT};
+use crate::devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ};
+use crate::devices::{cmos, i8042};
+use crate::interrupts::{IrqError, IrqRouting};
+use crate::memory::{GuestRam, MemoryError};
+use crate::pci::{ConfigIo, PciError, PciRoot};
+use crate::vcpu::{VcpuContext, VcpuThread};
+
+/// Why a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "reason", content = "detail")]
+pub enum ExitReason {
+    /// The guest powered off.
+    Poweroff,
+    /// The guest reset the machine (i8042 or KVM reset event).
+    Reset,
+    /// The guest triple-faulted (also how some guests reboot).
+    TripleFault,
+    /// A test guest wrote this status to the debug exit port.
+    GuestExit(u8),
+    /// The host stopped the VM.
+    Stopped,
+    /// The VM could not go on; the text says why.
+    Crashed(String),
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Poweroff => f.write_str("poweroff"),
+            Self::Reset => f.write_str("reset"),
+            Self::TripleFault => f.write_str("triple-fault"),
+            Self::GuestExit(c) => write!(f, "guest-exit({c})"),
+            Self::Stopped => f.write_str("stopped"),
+            Self::Crashed(why) => write!(f, "crashed: {why}"),
+        }
+    }
+}
+
+/// The first exit reason reported wins; the eventfd wakes the VM's owner.
+#[derive(Debug)]
+pub struct Exit {
+    reason: Mutex<Option<ExitReason>>,
+    evt: EventFd,
+}
+
+impl Exit {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            reason: Mutex::new(None),
+            evt: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Records `r` unless a reason is already set.
+    pub fn set(&self, r: ExitReason) {
+        let mut g = self.reason.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            *g = Some(r);
+            let _ = self.evt.write(1);
+        }
+    }
+
+    /// The reason, once set.
+    pub fn get(&self) -> Option<ExitReason> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Why a VM could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm is missing or not accessible.
+    #[error("cannot open /dev/kvm")]
+    Kvm(#[source] kvm_ioctls::Error),
+    /// A KVM call failed.
+    #[error("KVM refused to {what}")]
+    KvmCall {
+        /// What was being done.
+        what: &'static str,
+        /// Its error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel, initrd or command line.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// vCPU set-up.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// Interrupt routing.
+    #[error(transparent)]
+    Irq(#[from] IrqError),
+    /// A PCI device could not be created (for example an unreachable backend).
+    #[error(transparent)]
+    Pci(#[from] PciError),
+    /// Devices overlap on a bus (a bug).
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// An eventfd, thread or socket could not be created.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Its error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmCall { what, source }
+}
+
+fn os_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmError {
+    let what = what.into();
+    move |source| VmError::Io { what, source }
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    config: VmConfig,
+    vm: Arc<VmFd>,
+    // Declared after `vm` so it is unmapped after the VM fd is closed.
+    ram: GuestRam,
+    io: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<Exit>,
+    reset: EventFd,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    console: Console,
+    stamps: Arc<Mutex<Vec<Stamp>>>,
+    pci: Arc<PciRoot>,
+}
+
+impl fmt::Debug for Vm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vm")
+            .field("name", &self.config.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Creates the VM described by `config`; `start` is when the process began
+    /// (the boot timer counts from it).
+    pub fn new(config: &VmConfig, start: Instant) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let vm = Arc::new(kvm.create_vm().map_err(kvm_call("create a VM"))?);
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(kvm_call("set the TSS address"))?;
+        vm.set_identity_map_address(0xfffb_c000)
+            .map_err(kvm_call("set the identity map address"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_call("create the interrupt controllers"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_call("create the PIT"))?;
+
+        let ram = GuestRam::new(config.memory_mib, config.hugepages)?;
+        ram.register(&vm)?;
+        let irq = Arc::new(IrqRouting::new(vm.clone())?);
+
+        let io = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let exit = Arc::new(Exit::new().map_err(os_err("cannot create an eventfd"))?);
+        let reset = EventFd::new(EFD_NONBLOCK).map_err(os_err("cannot create an eventfd"))?;
+
+        let console = Console::new(config.serial.buffer_bytes)
+            .map_err(os_err("cannot create the console"))?;
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(os_err("cannot create an eventfd"))?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_call("wire the serial interrupt"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console.clone())));
+        io.insert(serial.clone(), COM1_BASE, 8)?;
+        if config.serial.socket.is_none() {
+            console.use_stdout();
+        }
+        if let Some(path) = &config.serial.socket {
+            let s = serial.clone();
+            console
+                .listen(path, Box::new(move |b| SerialDevice::input(&s, b)))
+                .map_err(os_err(format!(
+                    "cannot listen on the serial socket {}",
+                    path.display()
+                )))?;
+        }
+        let kbd = reset
+            .try_clone()
+            .map_err(os_err("cannot clone an eventfd"))?;
+        io.insert(
+            Arc::new(Mutex::new(i8042::I8042::new(kbd))),
+            i8042::BASE,
+            i8042::LEN,
+        )?;
+        io.insert(
+            Arc::new(Mutex::new(cmos::Cmos::new(ram.size))),
+            cmos::BASE,
+            cmos::LEN,
+        )?;
+        let stamps = Arc::new(Mutex::new(Vec::new()));
+        io.insert(
+            Arc::new(Mutex::new(BootTimer::new(start, stamps.clone()))),
+            BOOT_TIMER,
+            1,
+        )?;
+        if config.debug_exit {
+            io.insert(Arc::new(Mutex::new(DebugExit(exit.clone()))), DEBUG_EXIT, 1)?;
+        }
+
+        let pci = PciRoot::new(&vm, &ram, &irq, &mmio, config)?;
+        io.insert(
+            Arc::new(Mutex::new(ConfigIo(pci.clone()))),
+            crate::pci::CONFIG_ADDRESS,
+            8,
+        )?;
+
+        regs::write_boot_tables(&ram.mem)?;
+        let entry = boot::load(&ram.mem, ram.size, &config.boot, config.vcpus)?;
+        let base_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_call("report its CPUID"))?;
+        let mut vcpus = Vec::new();
+        for i in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(i))
+                .map_err(kvm_call("create a vCPU"))?;
+            fd.set_cpuid2(&cpuid::for_vcpu(&base_cpuid, i, config.vcpus))
+                .map_err(kvm_call("set the CPUID"))?;
+            regs::setup_msrs(&fd)?;
+            regs::setup_lapic(&fd)?;
+            if i == 0 {
+                regs::setup(&fd, entry.mode, entry.rip, entry.boot_info)?;
+            }
+            vcpus.push(fd);
+        }
+        info!(
+            name = %config.name,
+            vcpus = config.vcpus,
+            memory_mib = config.memory_mib,
+            entry = format!("{:#x}", entry.rip),
+            mode = ?entry.mode,
+            "VM created"
+        );
+        Ok(Self {
+            config: config.clone(),
+            vm,
+            ram,
+            io,
+            mmio,
+            exit,
+            reset,
+            vcpus,
+            console,
+            stamps,
+            pci,
+        })
+    }
+
+    /// Boot timer stamps so far.
+    pub fn stamps(&self) -> Vec<Stamp> {
+        self.stamps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The exit signal (to stop the VM from another thread: set `Stopped`).
+    pub fn exit(&self) -> Arc<Exit> {
+        self.exit.clone()
+    }
+
+    /// Runs the vCPUs until the VM ends; returns why.
+    pub fn run(mut self) -> Result<ExitReason, VmError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for (i, fd) in self.vcpus.drain(..).enumerate() {
+            let ctx = VcpuContext {
+                index: i as u8,
+                io: self.io.clone(),
+                mmio: self.mmio.clone(),
+                exit: self.exit.clone(),
+                stop: stop.clone(),
+                affinity: self.config.cpu_affinity.get(i).cloned().unwrap_or_default(),
+            };
+            threads.push(VcpuThread::spawn(fd, ctx).map_err(os_err("cannot start a vCPU thread"))?);
+        }
+        let reason = self.wait();
+        stop.store(true, Ordering::Release);
+        for t in threads {
+            t.stop();
+        }
+        self.pci.shutdown();
+        info!(name = %self.config.name, %reason, dropped_console_bytes = self.console.dropped(), "VM ended");
+        let _ = (&self.vm, &self.ram);
+        Ok(reason)
+    }
+
+    fn wait(&self) -> ExitReason {
+        use std::os::fd::AsRawFd;
+        loop {
+            if let Some(r) = self.exit.get() {
+                return r;
+            }
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.exit.evt.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.reset.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is valid for the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return ExitReason::Crashed("poll failed in the VM's main loop".into());
+            }
+            if fds[1].revents != 0 {
+                let _ = self.reset.read();
+                self.exit.set(ExitReason::Reset);
+            }
+        }
+    }
+}
