@@ -81,7 +81,7 @@ pub struct BootConfig {
 }
 
 /// Where the serial port's bytes go.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SerialConfig {
     /// Unix stream socket a console client can attach to at any time.
@@ -123,6 +123,15 @@ pub struct NetConfig {
 pub struct MediaConfig {
     /// Image file, served raw.
     pub path: PathBuf,
+}
+
+impl Default for SerialConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            buffer_bytes: default_ring(),
+        }
+    }
 }
 
 fn default_name() -> String {

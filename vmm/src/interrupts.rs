@@ -1,6 +1,10 @@
 //! Interrupt routing: the in-kernel PIC/IOAPIC routes plus one MSI route per
 //! allocated GSI, committed to KVM as one table.
 
+// Hardware registers and guest-visible structures pack values into
+// fixed-width fields: truncating casts here are the layout, not accidents.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 

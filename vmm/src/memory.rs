@@ -85,9 +85,9 @@ impl GuestRam {
 
     /// Registers every region as a KVM memory slot.
     pub fn register(&self, vm: &VmFd) -> Result<(), MemoryError> {
-        for (slot, region) in self.mem.iter().enumerate() {
+        for (slot, region) in (0u32..).zip(self.mem.iter()) {
             let r = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot,
                 flags: 0,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),

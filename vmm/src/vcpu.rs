@@ -98,7 +98,7 @@ fn pin(cpus: &[usize]) {
 
 fn run(mut fd: VcpuFd, ctx: &VcpuContext) {
     let reason = loop {
-        if ctx.stop.load(Ordering::Acquire) {
+        if ctx.stop.load(Ordering::Acquire) || ctx.exit.is_set() {
             return;
         }
         match fd.run() {
@@ -128,10 +128,12 @@ fn run(mut fd: VcpuFd, ctx: &VcpuContext) {
                 KVM_SYSTEM_EVENT_RESET => break ExitReason::Reset,
                 k => break ExitReason::Crashed(format!("unknown system event {k}")),
             },
-            Ok(VcpuExit::FailEntry(reason, cpu)) => break ExitReason::Crashed(format!(
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                break ExitReason::Crashed(format!(
                 "vCPU {} failed to enter the guest (hardware reason {reason:#x}, host CPU {cpu})",
                 ctx.index
-            )),
+            ))
+            }
             Ok(VcpuExit::InternalError) => {
                 break ExitReason::Crashed(format!(
                     "KVM internal error on vCPU {} (instruction emulation failed)",

@@ -59,13 +59,16 @@ impl fmt::Display for ExitReason {
 pub struct Exit {
     reason: Mutex<Option<ExitReason>>,
     evt: EventFd,
+    set: AtomicBool,
 }
 
 impl Exit {
-    fn new() -> std::io::Result<Self> {
+    /// No reason yet.
+    pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
             evt: EventFd::new(EFD_NONBLOCK)?,
+            set: AtomicBool::new(false),
         })
     }
 
@@ -74,8 +77,14 @@ impl Exit {
         let mut g = self.reason.lock().unwrap_or_else(|e| e.into_inner());
         if g.is_none() {
             *g = Some(r);
+            self.set.store(true, Ordering::Release);
             let _ = self.evt.write(1);
         }
+    }
+
+    /// Whether the VM is ending (cheap; checked by vCPUs after every exit).
+    pub fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
     }
 
     /// The reason, once set.
@@ -149,7 +158,6 @@ pub struct Vm {
     io: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: Arc<Exit>,
-    reset: EventFd,
     vcpus: Vec<kvm_ioctls::VcpuFd>,
     console: Console,
     stamps: Arc<Mutex<Vec<Stamp>>>,
@@ -189,7 +197,6 @@ impl Vm {
         let io = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
         let exit = Arc::new(Exit::new().map_err(os_err("cannot create an eventfd"))?);
-        let reset = EventFd::new(EFD_NONBLOCK).map_err(os_err("cannot create an eventfd"))?;
 
         let console = Console::new(config.serial.buffer_bytes)
             .map_err(os_err("cannot create the console"))?;
@@ -210,11 +217,8 @@ impl Vm {
                     path.display()
                 )))?;
         }
-        let kbd = reset
-            .try_clone()
-            .map_err(os_err("cannot clone an eventfd"))?;
         io.insert(
-            Arc::new(Mutex::new(i8042::I8042::new(kbd))),
+            Arc::new(Mutex::new(i8042::I8042::new(exit.clone()))),
             i8042::BASE,
             i8042::LEN,
         )?;
@@ -274,7 +278,6 @@ impl Vm {
             io,
             mmio,
             exit,
-            reset,
             vcpus,
             console,
             stamps,
@@ -299,14 +302,19 @@ impl Vm {
     pub fn run(mut self) -> Result<ExitReason, VmError> {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        for (i, fd) in self.vcpus.drain(..).enumerate() {
+        for (i, fd) in (0u8..).zip(self.vcpus.drain(..)) {
             let ctx = VcpuContext {
-                index: i as u8,
+                index: i,
                 io: self.io.clone(),
                 mmio: self.mmio.clone(),
                 exit: self.exit.clone(),
                 stop: stop.clone(),
-                affinity: self.config.cpu_affinity.get(i).cloned().unwrap_or_default(),
+                affinity: self
+                    .config
+                    .cpu_affinity
+                    .get(usize::from(i))
+                    .cloned()
+                    .unwrap_or_default(),
             };
             threads.push(VcpuThread::spawn(fd, ctx).map_err(os_err("cannot start a vCPU thread"))?);
         }
@@ -316,6 +324,10 @@ impl Vm {
             t.stop();
         }
         self.pci.shutdown();
+        if self.config.serial.socket.is_none() && !self.console.at_line_start() {
+            // Whatever follows on standard output starts on its own line.
+            println!();
+        }
         info!(name = %self.config.name, %reason, dropped_console_bytes = self.console.dropped(), "VM ended");
         let _ = (&self.vm, &self.ram);
         Ok(reason)
@@ -327,26 +339,15 @@ impl Vm {
             if let Some(r) = self.exit.get() {
                 return r;
             }
-            let mut fds = [
-                libc::pollfd {
-                    fd: self.exit.evt.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.reset.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
+            let mut fds = [libc::pollfd {
+                fd: self.exit.evt.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
             // SAFETY: `fds` is valid for the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
             if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
                 return ExitReason::Crashed("poll failed in the VM's main loop".into());
-            }
-            if fds[1].revents != 0 {
-                let _ = self.reset.read();
-                self.exit.set(ExitReason::Reset);
             }
         }
     }

@@ -3,6 +3,10 @@
 //! with an e820 map, or the PVH start info with a memory map), plus an MP table
 //! so the guest finds every vCPU and the IOAPIC without ACPI.
 
+// Hardware registers and guest-visible structures pack values into
+// fixed-width fields: truncating casts here are the layout, not accidents.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 

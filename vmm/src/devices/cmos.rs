@@ -2,6 +2,10 @@
 //! the current UTC time in BCD, 24-hour mode, never "update in progress";
 //! memory size bytes for firmware-style probes; other bytes as plain NVRAM.
 
+// Hardware registers and guest-visible structures pack values into
+// fixed-width fields: truncating casts here are the layout, not accidents.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::bus::BusDevice;
@@ -120,7 +124,7 @@ mod tests {
         // 512 MiB - 16 MiB in 64 KiB units.
         assert_eq!(
             u16::from_le_bytes([c.register(0x34, t), c.register(0x35, t)]),
-            (496 << 20) >> 16
+            ((496u32 << 20) >> 16) as u16
         );
     }
 }

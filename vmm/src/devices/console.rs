@@ -26,6 +26,8 @@ struct State {
     client: Option<UnixStream>,
     /// No socket: output goes straight to the process's standard output.
     stdout: bool,
+    /// The last byte written was a newline (or nothing was written).
+    at_line_start: bool,
 }
 
 impl State {
@@ -94,6 +96,7 @@ impl Console {
                 dropped: 0,
                 client: None,
                 stdout: false,
+                at_line_start: true,
             })),
             wake: Arc::new(EventFd::new(EFD_NONBLOCK)?),
         })
@@ -106,6 +109,11 @@ impl Console {
     /// Sends output to standard output instead of keeping it for clients.
     pub fn use_stdout(&self) {
         self.state().stdout = true;
+    }
+
+    /// Whether output ended with a newline (so a status line can follow).
+    pub fn at_line_start(&self) -> bool {
+        self.state().at_line_start
     }
 
     /// Bytes lost because the ring overflowed while nobody read.
@@ -215,6 +223,9 @@ impl Console {
 impl Write for Console {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut st = self.state();
+        if let Some(&last) = data.last() {
+            st.at_line_start = last == b'\n';
+        }
         if st.stdout {
             let mut out = io::stdout().lock();
             let _ = out.write_all(data).and_then(|()| out.flush());

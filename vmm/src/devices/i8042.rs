@@ -1,9 +1,10 @@
 //! The i8042 keyboard controller, reduced to what guests use on a server: the
 //! CPU reset command (0xfe to port 0x64), which ends the VM with reason "reset".
 
-use vmm_sys_util::eventfd::EventFd;
+use std::sync::Arc;
 
 use crate::bus::BusDevice;
+use crate::vm::{Exit, ExitReason};
 
 /// First port (data).
 pub const BASE: u64 = 0x60;
@@ -21,15 +22,15 @@ const STATUS_SYS: u8 = 0x04;
 /// probes with, so its driver neither times out nor gives up noisily.
 #[derive(Debug)]
 pub struct I8042 {
-    reset: EventFd,
+    reset: Arc<Exit>,
     ctr: u8,
     out: Option<u8>,
     expect_ctr: bool,
 }
 
 impl I8042 {
-    /// A controller signalling `reset` when the guest resets the CPU.
-    pub fn new(reset: EventFd) -> Self {
+    /// A controller ending the VM through `reset` when the guest resets the CPU.
+    pub fn new(reset: Arc<Exit>) -> Self {
         Self {
             reset,
             ctr: 0x30, // both ports' clocks off, no interrupts
@@ -64,9 +65,8 @@ impl BusDevice for I8042 {
                 self.expect_ctr = false;
             }
             4 => match v {
-                CMD_RESET_CPU => {
-                    let _ = self.reset.write(1);
-                }
+                // The vCPU stops right after this write, as the CPU would.
+                CMD_RESET_CPU => self.reset.set(ExitReason::Reset),
                 CMD_READ_CTR => self.out = Some(self.ctr),
                 CMD_WRITE_CTR => self.expect_ctr = true,
                 CMD_SELF_TEST => self.out = Some(0x55),
@@ -84,8 +84,8 @@ mod tests {
 
     #[test]
     fn reset_and_ctr() {
-        let evt = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-        let mut k = I8042::new(evt.try_clone().unwrap());
+        let exit = Arc::new(Exit::new().unwrap());
+        let mut k = I8042::new(exit.clone());
         let mut b = [0u8];
         k.write(BASE, 4, &[CMD_READ_CTR]);
         k.read(BASE, 4, &mut b);
@@ -97,8 +97,8 @@ mod tests {
         k.write(BASE, 4, &[CMD_READ_CTR]);
         k.read(BASE, 0, &mut b);
         assert_eq!(b[0], 0x45);
-        assert!(evt.read().is_err(), "no reset yet");
+        assert_eq!(exit.get(), None, "no reset yet");
         k.write(BASE, 4, &[CMD_RESET_CPU]);
-        assert_eq!(evt.read().unwrap(), 1);
+        assert_eq!(exit.get(), Some(ExitReason::Reset));
     }
 }

@@ -1,6 +1,10 @@
 //! A type-0 PCI configuration space: 256 bytes with a write mask, BARs with
 //! the sizing protocol, and a capability list.
 
+// Hardware registers and guest-visible structures pack values into
+// fixed-width fields: truncating casts here are the layout, not accidents.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 /// One memory BAR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bar {

@@ -4,6 +4,10 @@
 //! bus follows. Slots are looked up at run time, so devices can be added and
 //! removed while the VM runs (the hot-plug controller comes later).
 
+// Hardware registers and guest-visible structures pack values into
+// fixed-width fields: truncating casts here are the layout, not accidents.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 pub mod config;
 pub mod msix;
 

@@ -1,6 +1,10 @@
 //! MSI-X: the vector table in a BAR, each vector a KVM GSI with an irqfd that
 //! devices (or vhost-user backends) signal.
 
+// Hardware registers and guest-visible structures pack values into
+// fixed-width fields: truncating casts here are the layout, not accidents.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use std::sync::Arc;
 
 use kvm_ioctls::VmFd;

@@ -2,6 +2,10 @@
 //! configuration, ISR, device configuration, notification area and the MSI-X
 //! table; vendor capabilities point the driver at each.
 
+// Hardware registers and guest-visible structures pack values into
+// fixed-width fields: truncating casts here are the layout, not accidents.
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
 use std::sync::Arc;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};

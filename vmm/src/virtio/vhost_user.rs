@@ -105,7 +105,7 @@ impl VhostUserDevice {
                     path = %path.display(),
                     "backend offers {max} queues; using {max} instead of {num_queues}"
                 );
-                num_queues = max.max(1) as u16;
+                num_queues = u16::try_from(max.max(1)).unwrap_or(num_queues);
             }
         } else {
             num_queues = 1;

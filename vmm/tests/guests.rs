@@ -1,0 +1,361 @@
+//! Small x86-64 guest programs (tests/guests/*.c, built here with gcc) run in
+//! the real `vmm run` process on /dev/kvm: serial console, PCI enumeration,
+//! virtio-blk through a real vhost-user-blk backend (qemu-storage-daemon),
+//! reset, hostile queue programming, and bad configs.
+#![allow(
+    clippy::unwrap_used,
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss
+)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Builds every guest once per test process; returns the directory of ELFs.
+fn guests() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
+        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vmm-guests");
+        std::fs::create_dir_all(&out).unwrap();
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "c") {
+                continue;
+            }
+            let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
+            let elf = out.join(format!("{name}.elf"));
+            let st = Command::new("gcc")
+                .args([
+                    "-ffreestanding",
+                    "-nostdlib",
+                    "-static",
+                    "-fno-pic",
+                    "-no-pie",
+                    "-mno-red-zone",
+                    "-mgeneral-regs-only",
+                    "-O2",
+                    "-fno-stack-protector",
+                    "-fno-asynchronous-unwind-tables",
+                    "-Wall",
+                    "-Werror",
+                    "-Wno-unused-function",
+                    "-Wl,--build-id=none,--no-warn-rwx-segments,-z,noexecstack",
+                    "-T",
+                ])
+                .arg(src.join("link.ld"))
+                .arg("-o")
+                .arg(&elf)
+                .arg(src.join("start.S"))
+                .arg(&path)
+                .status()
+                .expect("gcc builds the test guests");
+            assert!(st.success(), "building guest {name}");
+        }
+        out
+    })
+}
+
+fn guest(name: &str) -> PathBuf {
+    guests().join(format!("{name}.elf"))
+}
+
+/// A VM config for `guest` with debug exit on, merged with `extra`.
+fn config(dir: &Path, guest_name: &str, extra: serde_json::Value) -> PathBuf {
+    let mut c = serde_json::json!({
+        "name": guest_name,
+        "memory_mib": 64,
+        "boot": {"kernel": guest(guest_name)},
+        "debug_exit": true,
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    let path = dir.join(format!("{guest_name}.json"));
+    std::fs::write(&path, c.to_string()).unwrap();
+    path
+}
+
+fn vmm(config: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vmm"));
+    c.args(["--log-level", "info", "run", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Runs the VM to its end (at most 60 s).
+fn run(config: &Path) -> Output {
+    let mut child = vmm(config).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("VM did not end within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The exit reason (last stdout line) and the console lines before it.
+fn outcome(out: &Output) -> (serde_json::Value, Vec<String>) {
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    let last = lines.pop().unwrap_or_default();
+    let exit = serde_json::from_str(&last).unwrap_or_else(|_| {
+        panic!(
+            "no exit line; stdout {text:?}, stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (exit, lines)
+}
+
+/// qemu-storage-daemon exporting `file` as vhost-user-blk; `--daemonize`
+/// returns once the export listens.
+struct Qsd {
+    pid: i32,
+    socket: PathBuf,
+}
+
+impl Qsd {
+    fn start(dir: &Path, file: &Path) -> Self {
+        let socket = dir.join("qsd.sock");
+        let pidfile = dir.join("qsd.pid");
+        let st = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=n0,filename={}",
+                file.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+                socket.display()
+            ))
+            .arg("--daemonize")
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .status()
+            .expect("qemu-storage-daemon (Debian qemu-utils)");
+        assert!(st.success());
+        let pid = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        Self { pid, socket }
+    }
+}
+
+impl Drop for Qsd {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the daemon's pid.
+        unsafe { libc::kill(self.pid, libc::SIGTERM) };
+    }
+}
+
+/// A 4 MiB raw disk whose first 4 KiB hold `i % 251`.
+fn disk(dir: &Path) -> PathBuf {
+    let path = dir.join("disk.raw");
+    let mut data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
+    data.resize(4 << 20, 0);
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+#[test]
+fn serial_output_waits_for_the_console_and_input_reaches_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("console.sock");
+    let cfg = config(
+        dir.path(),
+        "hello",
+        serde_json::json!({"serial": {"socket": sock}}),
+    );
+    let child: Child = vmm(&cfg).spawn().unwrap();
+    // The guest prints before anyone attaches; the ring buffer keeps it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let stream = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("console socket never appeared: {e}"),
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut lines = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    lines.read_line(&mut line).unwrap();
+    assert_eq!(line, "hello from the guest\r\n");
+    (&stream).write_all(b"Z").unwrap();
+    line.clear();
+    lines.read_line(&mut line).unwrap();
+    assert_eq!(line, "got Z\r\n");
+    let out = child.wait_with_output().unwrap();
+    let (exit, _) = outcome(&out);
+    assert_eq!(
+        exit["exit"],
+        serde_json::json!({"reason": "guest-exit", "detail": 7})
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("boot timer") && log.contains("stage=85"),
+        "the guest's boot timer stamp is logged: {log}"
+    );
+    assert!(out.status.success());
+    let mut rest = Vec::new();
+    let _ = lines.read_to_end(&mut rest);
+}
+
+#[test]
+fn i8042_reset_ends_the_vm_with_reason_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&config(dir.path(), "reset", serde_json::json!({})));
+    let (exit, lines) = outcome(&out);
+    assert_eq!(exit["exit"], serde_json::json!({"reason": "reset"}));
+    assert_eq!(lines, ["resetting"], "nothing runs after the reset");
+}
+
+#[test]
+fn pci_bus_enumerates_the_host_bridge_and_virtio_blk() {
+    let dir = tempfile::tempdir().unwrap();
+    let qsd = Qsd::start(dir.path(), &disk(dir.path()));
+    let out = run(&config(
+        dir.path(),
+        "pci",
+        serde_json::json!({"disks": [{"socket": qsd.socket}]}),
+    ));
+    let (exit, lines) = outcome(&out);
+    assert_eq!(exit["exit"]["reason"], "guest-exit");
+    assert_eq!(
+        lines,
+        [
+            "slot 0 id 1b36:0008 class 060000 bar0 0000000000000000 flags 0 size 00000000 caps",
+            // Modern virtio-blk: 64-bit BAR of 64 KiB in the PCI window, the four
+            // virtio structures (common, notify, ISR, device) and MSI-X.
+            "slot 1 id 1af4:1042 class 018000 bar0 00000000c0000000 flags 4 size 00010000 caps 09/1 09/2 09/3 09/4 11",
+            "done",
+        ]
+    );
+}
+
+#[test]
+fn virtio_blk_requests_round_trip_through_a_vhost_user_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = disk(dir.path());
+    let qsd = Qsd::start(dir.path(), &file);
+    let out = run(&config(
+        dir.path(),
+        "blk",
+        serde_json::json!({"disks": [{"socket": qsd.socket}]}),
+    ));
+    let (exit, lines) = outcome(&out);
+    assert_eq!(exit["exit"]["reason"], "guest-exit", "{lines:?}");
+    assert_eq!(
+        lines,
+        [
+            "status 0f",
+            "capacity 8192",
+            "read0 status 0 pattern ok",
+            "write8 status 0",
+            "flush status 0",
+            "read8 status 0 pattern ok",
+            "past-end status 1",
+        ]
+    );
+    drop(qsd);
+    // What the guest wrote is in the file.
+    let data = std::fs::read(&file).unwrap();
+    let expect: Vec<u8> = (0..4096).map(|i| 0xa5 ^ (i as u8)).collect();
+    assert_eq!(&data[8 * 512..8 * 512 + 4096], &expect[..]);
+}
+
+#[test]
+fn a_queue_outside_guest_memory_breaks_only_that_device_until_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let qsd = Qsd::start(dir.path(), &disk(dir.path()));
+    let out = run(&config(
+        dir.path(),
+        "badring",
+        serde_json::json!({"disks": [{"socket": qsd.socket}]}),
+    ));
+    let (exit, lines) = outcome(&out);
+    assert_eq!(exit["exit"]["reason"], "guest-exit", "{lines:?}");
+    assert_eq!(
+        lines,
+        [
+            // DEVICE_NEEDS_RESET (0x40) on top of what the driver set.
+            "bad ring status 4f",
+            "oversized queue size 256",
+            "queue 99 size 0",
+            "after reset status 0f",
+        ]
+    );
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("descriptor table outside guest memory"),
+        "{log}"
+    );
+}
+
+fn setup_error(dir: &Path, name: &str, cfg: &str) -> String {
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, cfg).unwrap();
+    let out = vmm(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{name}: exit status");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_configs_fail_with_a_precise_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let kernel = guest("hello");
+    let k = kernel.display();
+    let e = setup_error(d, "syntax", "{\"memory_mib\": 64,");
+    assert!(e.contains("invalid VM config"), "{e}");
+    let e = setup_error(
+        d,
+        "range",
+        &format!("{{\"memory_mib\": 1, \"boot\": {{\"kernel\": \"{k}\"}}}}"),
+    );
+    assert!(e.contains("memory_mib must be 16..="), "{e}");
+    let e = setup_error(
+        d,
+        "nokernel",
+        "{\"memory_mib\": 64, \"boot\": {\"kernel\": \"/nonexistent/vmlinux\"}}",
+    );
+    assert!(e.contains("cannot read /nonexistent/vmlinux"), "{e}");
+    let junk = d.join("junk.bin");
+    std::fs::write(&junk, b"not a kernel at all").unwrap();
+    let e = setup_error(
+        d,
+        "junk",
+        &format!(
+            "{{\"memory_mib\": 64, \"boot\": {{\"kernel\": \"{}\"}}}}",
+            junk.display()
+        ),
+    );
+    assert!(e.contains("is not a bootable kernel"), "{e}");
+    let e = setup_error(
+        d,
+        "nobackend",
+        &format!(
+            "{{\"memory_mib\": 64, \"boot\": {{\"kernel\": \"{k}\"}}, \"disks\": [{{\"socket\": \"{}\"}}]}}",
+            d.join("nobody.sock").display()
+        ),
+    );
+    assert!(e.contains("cannot reach the vhost-user backend"), "{e}");
+    let e = setup_error(d, "fd", "");
+    assert!(e.contains("invalid VM config"), "{e}");
+}
