@@ -259,7 +259,12 @@ fn specs(opts: &Options, p: &Prepared) -> Result<Vec<Spec>, Error> {
             return Err(Error::MissingBinary(program));
         }
         let (args, listener_fd) = match name {
-            "vmm" => (common(&["daemon"]), None),
+            "vmm" => {
+                let mut args = common(&["daemon"]);
+                args.push("--state-dir".into());
+                args.push(data_dir.join("run/vmm").into_os_string());
+                (args, None)
+            }
             "mgmtd" => {
                 let mut args = common(&["--listen-fd", "3"]);
                 args.push("--data-dir".into());

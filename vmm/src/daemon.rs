@@ -5,7 +5,21 @@ use tracing::{info, warn};
 use zbus::fdo::{ObjectManager, RequestNameFlags, RequestNameReply};
 use zbus::{connection, Connection};
 
-use crate::dbus::{Vmm1, BUS_NAME, OBJECT_PATH};
+use std::sync::Arc;
+
+use crate::dbus::{vm_path, VmObject, Vmm1, BUS_NAME, OBJECT_PATH};
+use crate::supervisor::{Supervisor, VmEntry};
+
+/// Emits PropertiesChanged and StateChanged for `vm`.
+async fn announce(conn: &Connection, vm: &Arc<VmEntry>) -> zbus::Result<()> {
+    let path = vm_path(&vm.id)?;
+    let iface = conn.object_server().interface::<_, VmObject>(&path).await?;
+    let emitter = iface.signal_emitter();
+    let obj = iface.get().await;
+    let r = obj.announce(emitter).await;
+    drop(obj);
+    r
+}
 
 /// Options of `vmm daemon`.
 #[derive(Debug, Clone)]
@@ -14,6 +28,10 @@ pub struct Options {
     pub bus: Option<String>,
     /// Identifier of this node.
     pub node_id: String,
+    /// Where VM configs and runtime files live.
+    pub state_dir: std::path::PathBuf,
+    /// The `vmm` binary that runs each VM (normally this executable).
+    pub vmm_bin: std::path::PathBuf,
 }
 
 /// Why the supervisor stopped with an error.
@@ -28,6 +46,9 @@ pub enum Error {
     /// The bus went away under the daemon.
     #[error("lost the connection to D-Bus")]
     BusLost,
+    /// The state directory is unusable.
+    #[error(transparent)]
+    State(#[from] crate::supervisor::SupervisorError),
 }
 
 /// Why [`run`] returned without an error.
@@ -37,7 +58,7 @@ pub enum Exit {
     Signal,
 }
 
-async fn connect(opts: &Options) -> zbus::Result<Connection> {
+async fn connect(opts: &Options, sup: &Arc<Supervisor>) -> zbus::Result<Connection> {
     let builder = match &opts.bus {
         Some(address) => connection::Builder::address(address.as_str())?,
         None => connection::Builder::system()?,
@@ -47,7 +68,10 @@ async fn connect(opts: &Options) -> zbus::Result<Connection> {
         warn!(detail = %health.detail, "VM supervisor is degraded");
     }
     let conn = builder
-        .serve_at(OBJECT_PATH, Vmm1::new(opts.node_id.clone(), health))?
+        .serve_at(
+            OBJECT_PATH,
+            Vmm1::new(opts.node_id.clone(), health, sup.clone()),
+        )?
         .serve_at(OBJECT_PATH, ObjectManager)?
         .build()
         .await?;
@@ -65,7 +89,25 @@ async fn connect(opts: &Options) -> zbus::Result<Connection> {
 pub async fn run(opts: Options) -> Result<Exit, Error> {
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
-    let conn = connect(&opts).await.map_err(Error::Connect)?;
+    let sup = Supervisor::open(&opts.state_dir, opts.vmm_bin.clone())?;
+    let conn = connect(&opts, &sup).await.map_err(Error::Connect)?;
+    for vm in sup.list() {
+        let path = vm_path(&vm.id).map_err(Error::Connect)?;
+        conn.object_server()
+            .at(&path, VmObject::new(sup.clone(), vm))
+            .await
+            .map_err(Error::Connect)?;
+    }
+    let handle = tokio::runtime::Handle::current();
+    let c = conn.clone();
+    sup.set_notify(Arc::new(move |vm: &Arc<VmEntry>| {
+        let (c, vm) = (c.clone(), vm.clone());
+        handle.spawn(async move {
+            if let Err(e) = announce(&c, &vm).await {
+                warn!(vm = %vm.id, "cannot signal a state change: {e}");
+            }
+        });
+    }));
     info!(name = BUS_NAME, node = %opts.node_id, "VM supervisor ready");
     let exit = tokio::select! {
         _ = term.recv() => Ok(Exit::Signal),

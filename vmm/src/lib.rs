@@ -5,21 +5,25 @@
 //! is the crate's single door: it exports the D-Bus interface and the typed proxy that
 //! `mgmtd` uses, and the supervisor's entry point.
 
+pub mod api;
 pub mod arch;
 pub mod bus;
 pub mod config;
 pub mod daemon;
 pub mod dbus;
 pub mod devices;
+pub mod fuzzing;
 pub mod health;
 pub mod interrupts;
 pub mod memory;
 pub mod pci;
+pub mod seccomp;
+pub mod supervisor;
 pub mod vcpu;
 pub mod virtio;
 pub mod vm;
 
-pub use dbus::{Vmm1Proxy, BUS_NAME, OBJECT_PATH};
+pub use dbus::{VmProxy, Vmm1Proxy, BUS_NAME, OBJECT_PATH};
 
 /// Version of this crate, reported on D-Bus.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

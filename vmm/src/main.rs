@@ -24,12 +24,21 @@ enum Command {
         /// Identifier of this node (default: /etc/machine-id).
         #[arg(long)]
         node_id: Option<String>,
+        /// Directory for VM configs and runtime files.
+        #[arg(long, value_name = "DIR", default_value = "/run/atoll/vmm")]
+        state_dir: std::path::PathBuf,
     },
     /// Run one VM in this process until it ends; prints the exit reason as JSON.
     Run {
         /// VM config (JSON): a file path, or `fd:N` for an inherited descriptor.
         #[arg(long, value_name = "FILE|fd:N")]
         config: String,
+        /// Directory for the control socket (api.sock), pid and exit.json.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<std::path::PathBuf>,
+        /// Do not install the seccomp filter (debugging only).
+        #[arg(long)]
+        no_seccomp: bool,
     },
 }
 
@@ -43,11 +52,28 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     match cli.command {
-        Command::Run { config } => run_vm(&config),
-        Command::Daemon { bus, node_id } => {
+        Command::Run {
+            config,
+            state_dir,
+            no_seccomp,
+        } => run_vm(&config, state_dir.as_deref(), !no_seccomp),
+        Command::Daemon {
+            bus,
+            node_id,
+            state_dir,
+        } => {
+            let vmm_bin = match std::env::current_exe() {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("vmm: cannot find my own executable: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let opts = vmm::daemon::Options {
                 bus,
                 node_id: node_id.unwrap_or_else(machine_id),
+                state_dir,
+                vmm_bin,
             };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -99,7 +125,8 @@ fn read_config(arg: &str) -> anyhow::Result<vmm::config::VmConfig> {
     Ok(vmm::config::VmConfig::from_json(&text)?)
 }
 
-fn run_vm(config: &str) -> ExitCode {
+fn run_vm(config: &str, state_dir: Option<&std::path::Path>, seccomp: bool) -> ExitCode {
+    use std::io::Write;
     let start = std::time::Instant::now();
     let cfg = match read_config(config) {
         Ok(c) => c,
@@ -115,12 +142,31 @@ fn run_vm(config: &str) -> ExitCode {
             return ExitCode::from(EXIT_SETUP);
         }
     };
-    match vm.run() {
+    // Files are opened now: after the seccomp filter, nothing can be opened.
+    let mut exit_file = None;
+    if let Some(dir) = state_dir {
+        let opened = std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(dir.join("pid"), format!("{}\n", std::process::id())))
+            .and_then(|()| std::fs::File::create(dir.join("exit.json")));
+        match opened {
+            Ok(f) => exit_file = Some(f),
+            Err(e) => {
+                eprintln!("vmm: cannot use the state directory {}: {e}", dir.display());
+                return ExitCode::from(EXIT_SETUP);
+            }
+        }
+    }
+    let opts = vmm::vm::RunOptions {
+        api_socket: state_dir.map(|d| d.join("api.sock")),
+        seccomp,
+    };
+    match vm.run(opts) {
         Ok(reason) => {
-            println!(
-                "{}",
-                serde_json::json!({ "exit": reason, "text": reason.to_string() })
-            );
+            let line = serde_json::json!({ "exit": reason, "text": reason.to_string() });
+            println!("{line}");
+            if let Some(f) = exit_file.as_mut() {
+                let _ = writeln!(f, "{line}").and_then(|()| f.sync_all());
+            }
             if matches!(reason, vmm::vm::ExitReason::Crashed(_)) {
                 ExitCode::from(EXIT_CRASHED)
             } else {

@@ -1,9 +1,9 @@
 //! vCPU threads: run KVM, dispatch port and MMIO exits to the buses, turn
 //! terminal exits into the VM's exit reason.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -20,13 +20,85 @@ fn kick_signal() -> i32 {
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-fn install_kick_handler() {
+/// Installs the (empty) handler of the kick signal; before seccomp.
+pub fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         if let Err(e) = register_signal_handler(kick_signal(), on_kick) {
             warn!("cannot install the vCPU kick handler: {e}");
         }
     });
+}
+
+/// Pause, resume and stop for all vCPUs of a VM.
+#[derive(Debug, Default)]
+pub struct VcpuControl {
+    state: Mutex<Ctl>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Ctl {
+    paused: bool,
+    stop: bool,
+    parked: usize,
+}
+
+impl VcpuControl {
+    fn lock(&self) -> MutexGuard<'_, Ctl> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called by a vCPU between runs: parks while paused; false once stopping.
+    fn checkpoint(&self) -> bool {
+        let mut g = self.lock();
+        if g.paused && !g.stop {
+            g.parked += 1;
+            self.cv.notify_all();
+            while g.paused && !g.stop {
+                g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+            g.parked -= 1;
+        }
+        !g.stop
+    }
+
+    /// Parks every vCPU of `threads`; returns once all are parked.
+    pub fn pause(&self, threads: &[VcpuThread]) {
+        self.lock().paused = true;
+        loop {
+            for t in threads.iter().filter(|t| !t.handle.is_finished()) {
+                t.kick();
+            }
+            let g = self.lock();
+            let running = threads.iter().filter(|t| !t.handle.is_finished()).count();
+            if g.parked >= running || g.stop {
+                return;
+            }
+            // Kicks can be lost just before KVM_RUN; wake up to repeat them.
+            let _ = self
+                .cv
+                .wait_timeout(g, Duration::from_millis(2))
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.lock().paused = false;
+        self.cv.notify_all();
+    }
+
+    /// Whether the vCPUs are paused.
+    pub fn paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Makes every vCPU return (after [`VcpuThread::stop`] kicks it).
+    pub fn stop(&self) {
+        self.lock().stop = true;
+        self.cv.notify_all();
+    }
 }
 
 /// A running vCPU thread.
@@ -45,8 +117,8 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     /// Where terminal exits are reported.
     pub exit: Arc<Exit>,
-    /// Set when the VM is being stopped.
-    pub stop: Arc<AtomicBool>,
+    /// Pause and stop.
+    pub control: Arc<VcpuControl>,
     /// Host CPUs to run on (empty: any).
     pub affinity: Vec<usize>,
 }
@@ -66,12 +138,17 @@ impl VcpuThread {
         Ok(Self { handle })
     }
 
-    /// Interrupts `KVM_RUN` (the stop flag must already be set) and joins.
+    /// Interrupts `KVM_RUN` once.
+    pub fn kick(&self) {
+        let _ = self.handle.kill(kick_signal());
+    }
+
+    /// Interrupts `KVM_RUN` ([`VcpuControl::stop`] must have been called) and joins.
     pub fn stop(self) {
         while !self.handle.is_finished() {
             // A signal delivered just before KVM_RUN is entered is lost; repeat.
-            let _ = self.handle.kill(kick_signal());
-            std::thread::sleep(std::time::Duration::from_millis(1));
+            self.kick();
+            std::thread::sleep(Duration::from_millis(1));
         }
         let _ = self.handle.join();
     }
@@ -98,7 +175,7 @@ fn pin(cpus: &[usize]) {
 
 fn run(mut fd: VcpuFd, ctx: &VcpuContext) {
     let reason = loop {
-        if ctx.stop.load(Ordering::Acquire) || ctx.exit.is_set() {
+        if ctx.exit.is_set() || !ctx.control.checkpoint() {
             return;
         }
         match fd.run() {

@@ -11,6 +11,7 @@ use serde::Serialize;
 use tracing::info;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::api::{Api, Request};
 use crate::arch::{boot, cpuid, regs};
 use crate::bus::{Bus, BusError};
 use crate::config::VmConfig;
@@ -21,7 +22,8 @@ use crate::devices::{cmos, i8042};
 use crate::interrupts::{IrqError, IrqRouting};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pci::{ConfigIo, PciError, PciRoot};
-use crate::vcpu::{VcpuContext, VcpuThread};
+use crate::seccomp::SeccompError;
+use crate::vcpu::{VcpuContext, VcpuControl, VcpuThread};
 
 /// Why a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -126,6 +128,9 @@ pub enum VmError {
     /// A PCI device could not be created (for example an unreachable backend).
     #[error(transparent)]
     Pci(#[from] PciError),
+    /// The seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// Devices overlap on a bus (a bug).
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -298,9 +303,22 @@ impl Vm {
         self.exit.clone()
     }
 
-    /// Runs the vCPUs until the VM ends; returns why.
-    pub fn run(mut self) -> Result<ExitReason, VmError> {
-        let stop = Arc::new(AtomicBool::new(false));
+    /// Runs the vCPUs until the VM ends; returns why. With `api`, serves the
+    /// control socket meanwhile; with `seccomp`, filters system calls from
+    /// here on.
+    pub fn run(mut self, opts: RunOptions) -> Result<ExitReason, VmError> {
+        let mut api = match &opts.api_socket {
+            Some(p) => Some(Api::bind(p).map_err(os_err(format!(
+                "cannot listen on the API socket {}",
+                p.display()
+            )))?),
+            None => None,
+        };
+        crate::vcpu::install_kick_handler();
+        if opts.seccomp {
+            crate::seccomp::install()?;
+        }
+        let control = Arc::new(VcpuControl::default());
         let mut threads = Vec::new();
         for (i, fd) in (0u8..).zip(self.vcpus.drain(..)) {
             let ctx = VcpuContext {
@@ -308,7 +326,7 @@ impl Vm {
                 io: self.io.clone(),
                 mmio: self.mmio.clone(),
                 exit: self.exit.clone(),
-                stop: stop.clone(),
+                control: control.clone(),
                 affinity: self
                     .config
                     .cpu_affinity
@@ -318,8 +336,17 @@ impl Vm {
             };
             threads.push(VcpuThread::spawn(fd, ctx).map_err(os_err("cannot start a vCPU thread"))?);
         }
-        let reason = self.wait();
-        stop.store(true, Ordering::Release);
+        let started = Instant::now();
+        let reason = loop {
+            if let Some(r) = self.exit.get() {
+                break r;
+            }
+            self.wait(api.as_ref());
+            if let Some(api) = api.as_mut() {
+                api.service(|req| self.handle(req, &control, &threads, started));
+            }
+        };
+        control.stop();
         for t in threads {
             t.stop();
         }
@@ -333,22 +360,76 @@ impl Vm {
         Ok(reason)
     }
 
-    fn wait(&self) -> ExitReason {
-        use std::os::fd::AsRawFd;
-        loop {
-            if let Some(r) = self.exit.get() {
-                return r;
+    fn handle(
+        &self,
+        req: Result<Request, String>,
+        control: &VcpuControl,
+        threads: &[VcpuThread],
+        started: Instant,
+    ) -> serde_json::Value {
+        let state = |c: &VcpuControl| if c.paused() { "paused" } else { "running" };
+        let req = match req {
+            Ok(r) => r,
+            Err(e) => return serde_json::json!({"ok": false, "error": format!("bad request: {e}")}),
+        };
+        match req {
+            Request::State => {}
+            Request::Info => {
+                return serde_json::json!({
+                    "ok": true,
+                    "state": state(control),
+                    "name": self.config.name,
+                    "vcpus": self.config.vcpus,
+                    "memory_mib": self.config.memory_mib,
+                    "uptime_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "boot_stamps": self.stamps().iter().map(|s| serde_json::json!({"stage": s.stage, "micros": s.micros})).collect::<Vec<_>>(),
+                    "console_dropped_bytes": self.console.dropped(),
+                })
             }
-            let mut fds = [libc::pollfd {
-                fd: self.exit.evt.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            // SAFETY: `fds` is valid for the call.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
-            if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-                return ExitReason::Crashed("poll failed in the VM's main loop".into());
+            Request::Pause => control.pause(threads),
+            Request::Resume => control.resume(),
+            Request::Stop => self.exit.set(ExitReason::Stopped),
+            Request::Reboot => self.exit.set(ExitReason::Reset),
+            Request::Shutdown => {
+                return serde_json::json!({
+                    "ok": false,
+                    "error": "graceful shutdown needs the ACPI power button, which this VMM does not offer yet; use stop"
+                })
             }
         }
+        serde_json::json!({"ok": true, "state": state(control)})
     }
+
+    /// Sleeps until the VM ends or the API has input.
+    fn wait(&self, api: Option<&Api>) {
+        use std::os::fd::AsRawFd;
+        let mut fds = vec![libc::pollfd {
+            fd: self.exit.evt.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        for fd in api.map(Api::fds).unwrap_or_default() {
+            fds.push(libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: `fds` is valid for the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            self.exit.set(ExitReason::Crashed(
+                "poll failed in the VM's main loop".into(),
+            ));
+        }
+    }
+}
+
+/// How [`Vm::run`] runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Control socket to serve.
+    pub api_socket: Option<std::path::PathBuf>,
+    /// Install the seccomp filter.
+    pub seccomp: bool,
 }

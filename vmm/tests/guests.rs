@@ -8,61 +8,14 @@
     clippy::cast_sign_loss
 )]
 
+mod common;
+use common::guest;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-/// Builds every guest once per test process; returns the directory of ELFs.
-fn guests() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guests");
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("vmm-guests");
-        std::fs::create_dir_all(&out).unwrap();
-        for entry in std::fs::read_dir(&src).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_none_or(|e| e != "c") {
-                continue;
-            }
-            let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
-            let elf = out.join(format!("{name}.elf"));
-            let st = Command::new("gcc")
-                .args([
-                    "-ffreestanding",
-                    "-nostdlib",
-                    "-static",
-                    "-fno-pic",
-                    "-no-pie",
-                    "-mno-red-zone",
-                    "-mgeneral-regs-only",
-                    "-O2",
-                    "-fno-stack-protector",
-                    "-fno-asynchronous-unwind-tables",
-                    "-Wall",
-                    "-Werror",
-                    "-Wno-unused-function",
-                    "-Wl,--build-id=none,--no-warn-rwx-segments,-z,noexecstack",
-                    "-T",
-                ])
-                .arg(src.join("link.ld"))
-                .arg("-o")
-                .arg(&elf)
-                .arg(src.join("start.S"))
-                .arg(&path)
-                .status()
-                .expect("gcc builds the test guests");
-            assert!(st.success(), "building guest {name}");
-        }
-        out
-    })
-}
-
-fn guest(name: &str) -> PathBuf {
-    guests().join(format!("{name}.elf"))
-}
 
 /// A VM config for `guest` with debug exit on, merged with `extra`.
 fn config(dir: &Path, guest_name: &str, extra: serde_json::Value) -> PathBuf {
@@ -358,4 +311,154 @@ fn bad_configs_fail_with_a_precise_message() {
     assert!(e.contains("cannot reach the vhost-user backend"), "{e}");
     let e = setup_error(d, "fd", "");
     assert!(e.contains("invalid VM config"), "{e}");
+}
+
+#[test]
+fn media_and_rng_survive_hostile_chains() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&config(
+        dir.path(),
+        "media",
+        serde_json::json!({"media": [{"path": disk(dir.path())}], "rng": true}),
+    ));
+    let (exit, lines) = outcome(&out);
+    assert_eq!(exit["exit"]["reason"], "guest-exit", "{lines:?}");
+    assert_eq!(
+        lines,
+        [
+            "media status 0f capacity 8192",
+            "read pattern ok used 4097 status 00",
+            // Read-only: writes fail with VIRTIO_BLK_S_IOERR.
+            "write used 1 status 01",
+            "id atoll-media0",
+            "get-id used 21 status 00",
+            "past end used 1 status 01",
+            "outside memory used 1 status 01",
+            "oversized used 1 status 01",
+            // No answer is possible (no writable status byte): used, length 0.
+            "loop used 0 status ff",
+            "no status used 0 status ff",
+            "still serving used 513 status 00",
+            "rng used 64 random",
+        ]
+    );
+}
+
+struct ApiClient {
+    reader: BufReader<UnixStream>,
+    stream: UnixStream,
+}
+
+impl ApiClient {
+    fn connect(path: &Path) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("no API socket at {}: {e}", path.display()),
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        Self {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            stream,
+        }
+    }
+
+    fn call(&mut self, req: &str) -> serde_json::Value {
+        writeln!(self.stream, "{req}").unwrap();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
+fn next_tick(console: &mut BufReader<UnixStream>) -> u64 {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(console.read_line(&mut line).unwrap() > 0, "console closed");
+        if let Some(n) = line.trim().strip_prefix("tick ") {
+            return n.parse().unwrap();
+        }
+    }
+}
+
+#[test]
+fn pause_resume_info_and_stop_through_the_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let console = dir.path().join("console.sock");
+    let cfg = config(
+        dir.path(),
+        "spin",
+        serde_json::json!({"vcpus": 2, "serial": {"socket": console}}),
+    );
+    let mut cmd = vmm(&cfg);
+    cmd.arg("--state-dir").arg(&state);
+    let child = cmd.spawn().unwrap();
+    let child_pid = child.id();
+    let mut api = ApiClient::connect(&state.join("api.sock"));
+    let c = UnixStream::connect(&console).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut ticks = BufReader::new(c);
+    next_tick(&mut ticks);
+
+    assert_eq!(api.call(r#"{"op":"state"}"#)["state"], "running");
+    assert_eq!(
+        api.call(r#"{"op":"pause"}"#),
+        serde_json::json!({"ok": true, "state": "paused"})
+    );
+    // Drain what was printed before the pause took effect, then expect silence.
+    ticks
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut seen = String::new();
+    while ticks.read_line(&mut seen).is_ok_and(|n| n > 0) {}
+    let mut more = String::new();
+    let silent = ticks.read_line(&mut more);
+    assert!(
+        silent.is_err() && more.is_empty(),
+        "a paused guest printed {more:?}"
+    );
+    ticks
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    assert_eq!(api.call(r#"{"op":"resume"}"#)["state"], "running");
+    next_tick(&mut ticks);
+
+    let info = api.call(r#"{"op":"info"}"#);
+    assert_eq!(info["vcpus"], 2);
+    assert_eq!(info["memory_mib"], 64);
+    assert_eq!(info["boot_stamps"][0]["stage"], 85);
+    let bad = api.call(r#"{"op":"explode"}"#);
+    assert_eq!(bad["ok"], false);
+    assert!(
+        bad["error"].as_str().unwrap().contains("unknown variant"),
+        "{bad}"
+    );
+    let bad = api.call("not json");
+    assert_eq!(bad["ok"], false);
+    let sd = api.call(r#"{"op":"shutdown"}"#);
+    assert_eq!(sd["ok"], false);
+
+    assert_eq!(api.call(r#"{"op":"stop"}"#)["ok"], true);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let recorded: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("exit.json")).unwrap()).unwrap();
+    assert_eq!(recorded["exit"]["reason"], "stopped");
+    let pid: u32 = std::fs::read_to_string(state.join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(pid, child_pid);
 }

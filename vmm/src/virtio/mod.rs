@@ -1,7 +1,10 @@
 //! Virtio devices behind the virtio-pci (modern) transport.
 
+pub mod block;
 pub mod pci;
+pub mod rng;
 pub mod vhost_user;
+pub mod worker;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -180,11 +183,21 @@ pub fn create_all(
     if !config.nets.is_empty() {
         return Err(VirtioError::Unsupported("vhost-user-net").into());
     }
-    if !config.media.is_empty() {
-        return Err(VirtioError::Unsupported("read-only media").into());
+    for (i, m) in config.media.iter().enumerate() {
+        let dev = block::Media::open(&m.path, i, ctx.ram.mem.clone())?;
+        out.push(Arc::new(Mutex::new(pci::VirtioPci::new(
+            ctx,
+            Box::new(dev),
+            bars,
+        )?)));
     }
     if config.rng {
-        return Err(VirtioError::Unsupported("virtio-rng").into());
+        let dev = rng::Rng::new(ctx.ram.mem.clone());
+        out.push(Arc::new(Mutex::new(pci::VirtioPci::new(
+            ctx,
+            Box::new(dev),
+            bars,
+        )?)));
     }
     Ok(out)
 }

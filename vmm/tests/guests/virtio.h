@@ -92,3 +92,46 @@ struct desc {
 #define D_WRITE 2
 
 #endif
+
+/* One split queue at fixed addresses, polled. */
+#define VQ_SIZE 8
+#define VQ_DESC 0x300000ul
+#define VQ_AVAIL 0x301000ul
+#define VQ_USED 0x302000ul
+
+static u16 vq_avail_idx, vq_used_seen;
+
+/* Sets up queue 0 of `d` and starts the device; returns the status. */
+static u8 vq_start(struct vdev *d) {
+    vdev_negotiate(d);
+    vdev_queue(d, 0, VQ_SIZE, VQ_DESC, VQ_AVAIL, VQ_USED);
+    return vdev_driver_ok(d);
+}
+
+/* Publishes the chain already written at descriptor 0, waits for it to be
+ * used and returns the used length (polls a bounded number of times: -1 if
+ * the device never answers). */
+static long vq_submit(struct vdev *d) {
+    volatile u16 *avail = (volatile u16 *)VQ_AVAIL;
+    avail[2 + vq_avail_idx % VQ_SIZE] = 0;
+    mb();
+    avail[1] = ++vq_avail_idx;
+    mb();
+    mmio_w16(d->notify, 0);
+    volatile u16 *used = (volatile u16 *)VQ_USED;
+    for (long spins = 0; used[1] == vq_used_seen; spins++)
+        if (spins > 2000000)
+            return -1;
+    vq_used_seen++;
+    mb();
+    volatile u32 *elem = (volatile u32 *)(VQ_USED + 4 + 8 * ((vq_used_seen - 1) % VQ_SIZE));
+    return elem[1];
+}
+
+static void vq_desc(int i, u64 addr, u32 len, u16 flags, u16 next) {
+    volatile struct desc *d = (volatile struct desc *)VQ_DESC;
+    d[i].addr = addr;
+    d[i].len = len;
+    d[i].flags = flags;
+    d[i].next = next;
+}

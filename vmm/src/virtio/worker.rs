@@ -1,0 +1,207 @@
+//! Devices emulated inside the VMM: a thread per device waits for the guest's
+//! queue notifications, hands each descriptor chain to the device's handler
+//! and interrupts the guest when the ring says so.
+//!
+//! Everything a chain contains comes from the guest: handlers must treat every
+//! address and length as hostile (virtio-queue already rejects loops,
+//! out-of-range tables and oversized chains when walking them).
+
+// Guest-visible lengths and addresses are 32/64-bit fields bounded by the
+// checks next to each cast (SIZE_MAX, request caps, queue sizes).
+#![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+
+use std::os::fd::AsRawFd;
+use std::thread::JoinHandle;
+
+use tracing::warn;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{features, Activation, VirtioError};
+
+/// A chain as handlers see it.
+pub type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
+
+/// What a device does with each request.
+pub trait QueueHandler: Send + 'static {
+    /// Serves one chain from queue `queue`; returns the bytes written into it.
+    fn handle(&mut self, queue: u16, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32;
+}
+
+/// The running worker of one device.
+#[derive(Debug)]
+pub struct Worker {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Live {
+    queue: Queue,
+    index: u16,
+    kick: EventFd,
+    call: EventFd,
+    broken: bool,
+}
+
+/// Builds the queues of `a` and starts serving them with `handler`.
+pub fn start(
+    name: &str,
+    mem: GuestMemoryMmap,
+    a: Activation,
+    max_size: u16,
+    mut handler: impl QueueHandler,
+) -> Result<Worker, VirtioError> {
+    let mut live = Vec::new();
+    for q in a.queues {
+        let bad = |why| VirtioError::BadQueue {
+            queue: q.index,
+            why,
+        };
+        let mut queue = Queue::new(max_size).map_err(|_| bad("invalid maximum size"))?;
+        queue.set_size(q.size);
+        queue.set_desc_table_address(Some(q.desc as u32), Some((q.desc >> 32) as u32));
+        queue.set_avail_ring_address(Some(q.avail as u32), Some((q.avail >> 32) as u32));
+        queue.set_used_ring_address(Some(q.used as u32), Some((q.used >> 32) as u32));
+        queue.set_event_idx(a.features & features::RING_EVENT_IDX != 0);
+        queue.set_ready(true);
+        if !queue.is_valid(&mem) {
+            return Err(bad("rings misaligned or outside guest memory"));
+        }
+        live.push(Live {
+            queue,
+            index: q.index,
+            kick: q.kick,
+            call: q.call,
+            broken: false,
+        });
+    }
+    let setup = |what| move |source| VirtioError::Setup { what, source };
+    let stop = EventFd::new(EFD_NONBLOCK).map_err(setup("cannot create an eventfd"))?;
+    let epoll = Epoll::new().map_err(setup("cannot create an epoll"))?;
+    let stop_id = live.len() as u64;
+    epoll
+        .ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, stop_id),
+        )
+        .map_err(setup("cannot watch an eventfd"))?;
+    for (i, l) in live.iter().enumerate() {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                l.kick.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, i as u64),
+            )
+            .map_err(setup("cannot watch a queue eventfd"))?;
+    }
+    let thread = std::thread::Builder::new()
+        .name(format!("virtio-{name}"))
+        .spawn(move || {
+            // Requests that arrived before activation (no notification yet).
+            for l in &mut live {
+                serve(l, &mem, &mut handler);
+            }
+            let mut events = vec![EpollEvent::default(); live.len() + 1];
+            loop {
+                let n = match epoll.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        warn!("virtio worker: {e}");
+                        return;
+                    }
+                };
+                for ev in &events[..n] {
+                    let id = ev.data();
+                    if id == stop_id {
+                        return;
+                    }
+                    if let Some(l) = live.get_mut(id as usize) {
+                        let _ = l.kick.read();
+                        serve(l, &mem, &mut handler);
+                    }
+                }
+            }
+        })
+        .map_err(setup("cannot start the device thread"))?;
+    Ok(Worker {
+        stop,
+        thread: Some(thread),
+    })
+}
+
+/// Drains a queue; a ring the guest corrupted stops that queue only.
+fn serve(l: &mut Live, mem: &GuestMemoryMmap, handler: &mut impl QueueHandler) {
+    if l.broken {
+        return;
+    }
+    match drain(&mut l.queue, l.index, mem, handler) {
+        Ok(true) => {
+            let _ = l.call.write(1);
+        }
+        Ok(false) => {}
+        Err(why) => broken(l, &why),
+    }
+}
+
+/// Serves every available chain of `queue`; true if the guest wants an
+/// interrupt. An error means the guest corrupted the ring itself.
+pub fn drain(
+    queue: &mut Queue,
+    index: u16,
+    mem: &GuestMemoryMmap,
+    handler: &mut impl QueueHandler,
+) -> Result<bool, String> {
+    // A ring can hold at most `size` new chains per pass over it; a guest that
+    // keeps publishing cannot hold this thread forever.
+    let mut budget = 64 * usize::from(queue.size().max(1));
+    loop {
+        queue.disable_notification(mem).map_err(|e| e.to_string())?;
+        loop {
+            let chain = queue.iter(mem).map_err(|e| e.to_string())?.next();
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let len = handler.handle(index, mem, chain);
+            queue.add_used(mem, head, len).map_err(|e| e.to_string())?;
+            budget = budget.saturating_sub(1);
+            if budget == 0 {
+                return Ok(true);
+            }
+        }
+        // More may have arrived while notifications were off.
+        if !queue.enable_notification(mem).map_err(|e| e.to_string())? {
+            break;
+        }
+    }
+    queue.needs_notification(mem).map_err(|e| e.to_string())
+}
+
+fn broken(l: &mut Live, why: &str) {
+    warn!(
+        queue = l.index,
+        "guest broke the queue, ignoring it until reset: {why}"
+    );
+    l.broken = true;
+}
+
+impl Worker {
+    /// Stops the thread and waits for it.
+    pub fn stop(mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
