@@ -110,7 +110,7 @@ pub struct VhostUserConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    /// The backend's socket and queues (one RX/TX pair per two queues).
+    /// The backend's socket (one RX/TX queue pair is used for now).
     #[serde(flatten)]
     pub vhost: VhostUserConfig,
     /// MAC address offered to the guest, `52:54:00:12:34:56` form.
@@ -205,12 +205,6 @@ impl VmConfig {
             }
         }
         for n in &self.nets {
-            if n.vhost.num_queues % 2 != 0 {
-                return bad(format!(
-                    "net {}: num_queues must be even (RX/TX pairs)",
-                    n.vhost.socket.display()
-                ));
-            }
             parse_mac(&n.mac).map_err(ConfigError::Invalid)?;
         }
         if self.devices() > crate::pci::MAX_DEVICES {

@@ -15,6 +15,27 @@ use futures_util::StreamExt;
 use vmm::{VmProxy, Vmm1Proxy};
 use zbus::zvariant::OwnedObjectPath;
 
+/// Kills every VM process started under `dir` when the test ends, passed or
+/// not (VM processes outlive their supervisor by design).
+struct Reaper(std::path::PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let needle = self.0.to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains(&needle) && cmd.contains("run") {
+                // SAFETY: kill(2) on a process this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 fn daemon(bus: &TestBus, state: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args(["daemon", "--node-id", "n1", "--bus", bus.address()])
@@ -80,6 +101,7 @@ async fn until_state(v: &VmProxy<'_>, state: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vm_lifecycle_survives_a_supervisor_restart() {
     let dir = tempfile::tempdir().unwrap();
+    let _reaper = Reaper(dir.path().to_owned());
     let state = dir.path().join("state");
     let bus = TestBus::start();
     let mut d = daemon(&bus, &state);
@@ -143,6 +165,7 @@ async fn vm_lifecycle_survives_a_supervisor_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_reset_restarts_and_bad_kernels_report_why() {
     let dir = tempfile::tempdir().unwrap();
+    let _reaper = Reaper(dir.path().to_owned());
     let bus = TestBus::start();
     let mut d = daemon(&bus, &dir.path().join("state"));
     let conn = connect(&bus).await;

@@ -14,18 +14,36 @@ pub const LEN: u64 = 5;
 const CMD_READ_CTR: u8 = 0x20;
 const CMD_WRITE_CTR: u8 = 0x60;
 const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_KBD_TEST: u8 = 0xab;
+const CMD_WRITE_KBD_OUT: u8 = 0xd2;
+const CMD_WRITE_AUX_OUT: u8 = 0xd3;
 const CMD_RESET_CPU: u8 = 0xfe;
 const STATUS_OUT_FULL: u8 = 0x01;
 const STATUS_SYS: u8 = 0x04;
+/// Keyboard not inhibited (no "keylock").
+const STATUS_UNLOCKED: u8 = 0x10;
+const STATUS_AUX_DATA: u8 = 0x20;
 
-/// The controller. Answers the configuration and self-test commands Linux
-/// probes with, so its driver neither times out nor gives up noisily.
+/// What the next byte on the data port is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Keyboard,
+    Ctr,
+    KbdOut,
+    AuxOut,
+}
+
+/// The controller. Answers the configuration, self-test and loopback commands
+/// Linux probes with, so its driver settles at once: not a multiplexer (the
+/// AUX loopback echoes), no AUX port (the AUX disable bit never toggles).
+/// Every poll of the status port is a VM exit: an unanswered probe costs
+/// seconds of boot.
 #[derive(Debug)]
 pub struct I8042 {
     reset: Arc<Exit>,
     ctr: u8,
-    out: Option<u8>,
-    expect_ctr: bool,
+    out: Option<(u8, bool)>,
+    expect: Expect,
 }
 
 impl I8042 {
@@ -35,7 +53,7 @@ impl I8042 {
             reset,
             ctr: 0x30, // both ports' clocks off, no interrupts
             out: None,
-            expect_ctr: false,
+            expect: Expect::Keyboard,
         }
     }
 }
@@ -44,14 +62,13 @@ impl BusDevice for I8042 {
     fn read(&mut self, _base: u64, offset: u64, data: &mut [u8]) {
         let Some(b) = data.first_mut() else { return };
         *b = match offset {
-            0 => self.out.take().unwrap_or(0),
+            0 => self.out.take().map_or(0, |(v, _)| v),
             4 => {
-                STATUS_SYS
-                    | if self.out.is_some() {
-                        STATUS_OUT_FULL
-                    } else {
-                        0
-                    }
+                let mut st = STATUS_SYS | STATUS_UNLOCKED;
+                if let Some((_, aux)) = self.out {
+                    st |= STATUS_OUT_FULL | if aux { STATUS_AUX_DATA } else { 0 };
+                }
+                st
             }
             _ => 0,
         };
@@ -60,16 +77,25 @@ impl BusDevice for I8042 {
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         let Some(&v) = data.first() else { return };
         match offset {
-            0 if self.expect_ctr => {
-                self.ctr = v;
-                self.expect_ctr = false;
+            0 => {
+                match self.expect {
+                    Expect::Ctr => self.ctr = v,
+                    Expect::KbdOut => self.out = Some((v, false)),
+                    Expect::AuxOut => self.out = Some((v, true)),
+                    // Bytes for the keyboard itself: there is none to answer.
+                    Expect::Keyboard => {}
+                }
+                self.expect = Expect::Keyboard;
             }
             4 => match v {
                 // The vCPU stops right after this write, as the CPU would.
                 CMD_RESET_CPU => self.reset.set(ExitReason::Reset),
-                CMD_READ_CTR => self.out = Some(self.ctr),
-                CMD_WRITE_CTR => self.expect_ctr = true,
-                CMD_SELF_TEST => self.out = Some(0x55),
+                CMD_READ_CTR => self.out = Some((self.ctr, false)),
+                CMD_WRITE_CTR => self.expect = Expect::Ctr,
+                CMD_SELF_TEST => self.out = Some((0x55, false)),
+                CMD_KBD_TEST => self.out = Some((0x00, false)),
+                CMD_WRITE_KBD_OUT => self.expect = Expect::KbdOut,
+                CMD_WRITE_AUX_OUT => self.expect = Expect::AuxOut,
                 _ => {}
             },
             _ => {}
@@ -97,6 +123,16 @@ mod tests {
         k.write(BASE, 4, &[CMD_READ_CTR]);
         k.read(BASE, 0, &mut b);
         assert_eq!(b[0], 0x45);
+        // AUX loopback echoes with the AUX data bit.
+        k.write(BASE, 4, &[CMD_WRITE_AUX_OUT]);
+        k.write(BASE, 0, &[0x5a]);
+        k.read(BASE, 4, &mut b);
+        assert_eq!(
+            b[0] & (STATUS_OUT_FULL | STATUS_AUX_DATA | STATUS_UNLOCKED),
+            0x31
+        );
+        k.read(BASE, 0, &mut b);
+        assert_eq!(b[0], 0x5a);
         assert_eq!(exit.get(), None, "no reset yet");
         k.write(BASE, 4, &[CMD_RESET_CPU]);
         assert_eq!(exit.get(), Some(ExitReason::Reset));

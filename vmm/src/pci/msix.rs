@@ -45,6 +45,11 @@ pub struct Msix {
     enabled: bool,
     function_masked: bool,
     irq: Arc<IrqRouting>,
+    /// Raised by the VMM while masked (the pending bit).
+    pending: Vec<bool>,
+    /// Raised only by the VMM (not by a backend or device thread through the
+    /// irqfd), so `pending` is exact for it.
+    internal: Vec<bool>,
 }
 
 /// MSI-X set-up failed.
@@ -83,6 +88,8 @@ impl Msix {
             enabled: false,
             function_masked: false,
             irq,
+            pending: vec![false; usize::from(count)],
+            internal: vec![false; usize::from(count)],
         })
     }
 
@@ -101,10 +108,35 @@ impl Msix {
         self.vectors.get(usize::from(vector)).map(|v| &v.irqfd)
     }
 
-    /// Raises `vector` (devices emulated in the VMM).
-    pub fn signal(&self, vector: u16) {
-        if let Some(v) = self.vectors.get(usize::from(vector)) {
-            let _ = v.irqfd.write(1);
+    /// Raises `vector` from the VMM; held as pending while it is masked.
+    pub fn signal(&mut self, vector: u16) {
+        let i = usize::from(vector);
+        if i >= self.vectors.len() {
+            return;
+        }
+        if self.unmasked(i) {
+            let _ = self.vectors[i].irqfd.write(1);
+        } else {
+            self.pending[i] = true;
+        }
+    }
+
+    /// Marks which vectors only the VMM raises. The others are signalled
+    /// straight through their irqfd (vhost-user backends, device threads): what
+    /// arrives while they are masked cannot be seen, so unmasking them fires
+    /// once, a spurious interrupt instead of a lost one.
+    pub fn set_internal(&mut self, internal: &[u16]) {
+        self.internal.fill(false);
+        for v in internal {
+            if let Some(x) = self.internal.get_mut(usize::from(*v)) {
+                *x = true;
+            }
+        }
+    }
+
+    fn unmasking(&mut self, i: usize) {
+        if std::mem::take(&mut self.pending[i]) || !self.internal[i] {
+            let _ = self.vectors[i].irqfd.write(1);
         }
     }
 
@@ -128,9 +160,7 @@ impl Msix {
         for (i, was) in before.into_iter().enumerate() {
             self.route(i);
             if !was && self.unmasked(i) {
-                // An interrupt raised while masked would be lost; a spurious
-                // one is harmless to virtio drivers.
-                self.signal(i as u16);
+                self.unmasking(i);
             }
         }
     }
@@ -185,7 +215,7 @@ impl Msix {
         if self.entries[i] != e {
             self.route(i);
             if !was && self.unmasked(i) {
-                self.signal(i as u16);
+                self.unmasking(i);
             }
         }
     }

@@ -180,8 +180,17 @@ pub fn create_all(
             bars,
         )?)));
     }
-    if !config.nets.is_empty() {
-        return Err(VirtioError::Unsupported("vhost-user-net").into());
+    for n in &config.nets {
+        let mac = crate::config::parse_mac(&n.mac).map_err(|why| VirtioError::Incompatible {
+            path: n.vhost.socket.clone(),
+            why,
+        })?;
+        let dev = vhost_user::VhostUserDevice::net(&n.vhost, ctx.ram, mac)?;
+        out.push(Arc::new(Mutex::new(pci::VirtioPci::new(
+            ctx,
+            Box::new(dev),
+            bars,
+        )?)));
     }
     for (i, m) in config.media.iter().enumerate() {
         let dev = block::Media::open(&m.path, i, ctx.ram.mem.clone())?;

@@ -229,7 +229,8 @@ impl VirtioPci {
                     NO_VECTOR
                 } else {
                     v as u16
-                }
+                };
+                self.update_internal();
             }
             0x14 => self.set_status(v as u8),
             0x16 => self.queue_select = v as u16,
@@ -251,6 +252,7 @@ impl VirtioPci {
                         NO_VECTOR
                     };
                 }
+                self.update_internal();
             }
             0x1c if !live => {
                 if let Some(q) = self.queue() {
@@ -268,6 +270,16 @@ impl VirtioPci {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// The config vector is raised only by us unless a queue shares it.
+    fn update_internal(&mut self) {
+        let shared = self.queues.iter().any(|q| q.vector == self.config_vector);
+        if self.config_vector != NO_VECTOR && !shared {
+            self.msix.set_internal(&[self.config_vector]);
+        } else {
+            self.msix.set_internal(&[]);
         }
     }
 

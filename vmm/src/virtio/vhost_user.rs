@@ -59,9 +59,44 @@ fn step(path: &Path, step: &'static str) -> impl FnOnce(vhost::Error) -> VirtioE
     move |source| VirtioError::Backend { path, step, source }
 }
 
+/// What sits behind the socket.
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    /// vhost-user-blk.
+    Block,
+    /// vhost-user-net with this MAC address.
+    Net([u8; 6]),
+}
+
+/// virtio-net feature bits passed through from a backend: checksum and
+/// segmentation offloads, mergeable receive buffers.
+const NET_FEATURES: u64 = (1 << 0) // CSUM
+    | (1 << 1) // GUEST_CSUM
+    | (1 << 7) // GUEST_TSO4
+    | (1 << 8) // GUEST_TSO6
+    | (1 << 9) // GUEST_ECN
+    | (1 << 10) // GUEST_UFO
+    | (1 << 11) // HOST_TSO4
+    | (1 << 12) // HOST_TSO6
+    | (1 << 13) // HOST_ECN
+    | (1 << 14) // HOST_UFO
+    | (1 << 15); // MRG_RXBUF
+/// Offered by the VMM itself: the MAC and link status live in our config space.
+const NET_F_MAC: u64 = 1 << 5;
+const NET_F_STATUS: u64 = 1 << 16;
+
 impl VhostUserDevice {
     /// Connects to a vhost-user-blk backend and reads its configuration.
     pub fn block(cfg: &VhostUserConfig, ram: &GuestRam) -> Result<Self, VirtioError> {
+        Self::connect(cfg, ram, Kind::Block)
+    }
+
+    /// Connects to a vhost-user-net backend; the NIC gets `mac`.
+    pub fn net(cfg: &VhostUserConfig, ram: &GuestRam, mac: [u8; 6]) -> Result<Self, VirtioError> {
+        Self::connect(cfg, ram, Kind::Net(mac))
+    }
+
+    fn connect(cfg: &VhostUserConfig, ram: &GuestRam, kind: Kind) -> Result<Self, VirtioError> {
         let path = cfg.socket.clone();
         let mut frontend =
             Frontend::connect(&path, u64::from(cfg.num_queues)).map_err(|source| {
@@ -107,33 +142,52 @@ impl VhostUserDevice {
                 );
                 num_queues = u16::try_from(max.max(1)).unwrap_or(num_queues);
             }
-        } else {
+        } else if matches!(kind, Kind::Block) {
             num_queues = 1;
         }
-        let mut config = vec![0u8; BLK_CONFIG_LEN as usize];
-        if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
-            let (_, payload) = frontend
-                .get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &config)
-                .map_err(step(&path, "GET_CONFIG"))?;
-            let n = payload.len().min(config.len());
-            config[..n].copy_from_slice(&payload[..n]);
-        } else {
-            return Err(VirtioError::Incompatible {
-                path,
-                why: "it does not offer the CONFIG protocol feature (needed for the disk size)"
-                    .into(),
-            });
-        }
-        let mut offered = backend_features
-            & (BLK_FEATURES
-                | features::VERSION_1
-                | features::RING_INDIRECT_DESC
-                | features::RING_EVENT_IDX);
-        if num_queues == 1 {
-            offered &= !BLK_F_MQ;
-        }
-        // num_queues in the config space is what the guest may use.
-        config[34..36].copy_from_slice(&num_queues.to_le_bytes());
+        let common = features::VERSION_1 | features::RING_INDIRECT_DESC | features::RING_EVENT_IDX;
+        let (device_type, offered, config) = match kind {
+            Kind::Block => {
+                let mut config = vec![0u8; BLK_CONFIG_LEN as usize];
+                if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+                    return Err(VirtioError::Incompatible {
+                        path,
+                        why: "it does not offer the CONFIG protocol feature (needed for the disk size)"
+                            .into(),
+                    });
+                }
+                let (_, payload) = frontend
+                    .get_config(0, BLK_CONFIG_LEN, VhostUserConfigFlags::WRITABLE, &config)
+                    .map_err(step(&path, "GET_CONFIG"))?;
+                let n = payload.len().min(config.len());
+                config[..n].copy_from_slice(&payload[..n]);
+                let mut offered = backend_features & (BLK_FEATURES | common);
+                if num_queues == 1 {
+                    offered &= !BLK_F_MQ;
+                }
+                // num_queues in the config space is what the guest may use.
+                config[34..36].copy_from_slice(&num_queues.to_le_bytes());
+                let capacity = u64::from_le_bytes(config[..8].try_into().unwrap_or([0; 8]));
+                info!(path = %path.display(), sectors = capacity, queues = num_queues, "vhost-user-blk backend connected");
+                (types::BLOCK, offered, config)
+            }
+            Kind::Net(mac) => {
+                // One RX/TX pair: more need the control queue (not offered yet).
+                if num_queues > 2 {
+                    warn!(path = %path.display(), "using one queue pair of {num_queues} queues");
+                }
+                num_queues = 2;
+                let offered =
+                    (backend_features & (NET_FEATURES | common)) | NET_F_MAC | NET_F_STATUS;
+                let mut config = vec![0u8; 12];
+                config[..6].copy_from_slice(&mac);
+                config[6..8].copy_from_slice(&1u16.to_le_bytes()); // link up
+                config[8..10].copy_from_slice(&1u16.to_le_bytes()); // one pair
+                config[10..12].copy_from_slice(&1500u16.to_le_bytes());
+                info!(path = %path.display(), mac = ?mac, "vhost-user-net backend connected");
+                (types::NET, offered, config)
+            }
+        };
         let mut regions = Vec::new();
         for r in ram.mem.iter() {
             regions.push(
@@ -145,17 +199,10 @@ impl VhostUserDevice {
                 })?,
             );
         }
-        let capacity = u64::from_le_bytes(config[..8].try_into().unwrap_or([0; 8]));
-        info!(
-            path = %path.display(),
-            sectors = capacity,
-            queues = num_queues,
-            "vhost-user-blk backend connected"
-        );
         Ok(Self {
             path,
             frontend,
-            device_type: types::BLOCK,
+            device_type,
             offered,
             protocol,
             has_protocol,
@@ -170,7 +217,11 @@ impl VhostUserDevice {
 
     fn start(&mut self, a: &Activation) -> Result<(), VirtioError> {
         let path = self.path.clone();
-        let mut acked = a.features & self.offered;
+        // MAC and STATUS are ours, not the backend's.
+        let mut acked = a.features & self.offered & !(NET_F_MAC | NET_F_STATUS);
+        if self.device_type == types::BLOCK {
+            acked = a.features & self.offered;
+        }
         if self.has_protocol {
             acked |= features::VHOST_USER_PROTOCOL;
         }

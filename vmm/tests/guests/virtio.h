@@ -120,7 +120,7 @@ static long vq_submit(struct vdev *d) {
     mmio_w16(d->notify, 0);
     volatile u16 *used = (volatile u16 *)VQ_USED;
     for (long spins = 0; used[1] == vq_used_seen; spins++)
-        if (spins > 2000000)
+        if (spins > 200000)
             return -1;
     vq_used_seen++;
     mb();

@@ -1,0 +1,88 @@
+#!/bin/busybox sh
+# /init of the inner guest (Debian's stock kernel booted by our vmm inside L1).
+#
+# Kernel command line (read from /proc/cmdline):
+#   atoll.mode=write  mount /dev/vda, write atoll.text to /atoll.txt, sync, umount
+#   atoll.mode=read   mount /dev/vda, print /atoll.txt
+# then `reboot -f`: with `reboot=k` the kernel resets through the i8042 (0xfe) and
+# the VM ends with exit reason "reset".
+#
+# Every line the harness looks for starts with "ATOLL-INNER:".
+/bin/busybox mkdir -p /proc /sys /dev /mnt /tmp
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
+/bin/busybox --install -s /bin
+export PATH=/bin
+
+# Boot timer (port 0x440 = 1088): the VMM logs the µs since it started.
+stamp() { printf "$1" | dd of=/dev/port bs=1 seek=1088 count=1 2>/dev/null; }
+stamp U
+
+mode=none
+text=
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    atoll.mode=*) mode=${arg#atoll.mode=} ;;
+    atoll.text=*) text=${arg#atoll.text=} ;;
+  esac
+done
+
+echo "ATOLL-INNER: userspace mode=$mode uptime=$(cut -d' ' -f1 /proc/uptime) cpus=$(grep -c ^processor /proc/cpuinfo)"
+echo "ATOLL-INNER: net=$(ls /sys/class/net | tr '\n' ' ')"
+
+finish() {
+  stamp E
+  echo "ATOLL-INNER: rebooting uptime=$(cut -d' ' -f1 /proc/uptime)"
+  sync
+  reboot -f
+  # Not reached unless the reset failed.
+  sleep 5
+  echo "ATOLL-INNER: ERROR reboot -f returned"
+  while :; do sleep 60; done
+}
+
+fail() {
+  echo "ATOLL-INNER: ERROR $*"
+  dmesg | tail -n 30 | sed 's/^/ATOLL-INNER: dmesg: /'
+  finish
+}
+
+# Drivers that Debian builds as modules, in dependency order.
+for m in $(cat /modules/order); do
+  insmod "/modules/$m.ko" || echo "ATOLL-INNER: WARN insmod $m failed"
+done
+echo "ATOLL-INNER: modules loaded uptime=$(cut -d' ' -f1 /proc/uptime)"
+
+# Debugging hook: the harness copies $INNER_EXTRA_DIR to /extra.
+if [ -x /extra/run.sh ]; then
+  /extra/run.sh 2>&1 | sed 's/^/ATOLL-INNER: extra: /'
+fi
+
+i=0
+while [ ! -b /dev/vda ]; do
+  i=$((i + 1))
+  [ "$i" -gt 300 ] && fail "no /dev/vda after 30 s ($(ls /sys/bus/virtio/devices 2>/dev/null | tr '\n' ' '))"
+  sleep 0.1
+done
+echo "ATOLL-INNER: disk vda size=$(cat /sys/block/vda/size) sectors uptime=$(cut -d' ' -f1 /proc/uptime)"
+
+case "$mode" in
+  write)
+    mount -t ext2 /dev/vda /mnt || fail "mount /dev/vda failed"
+    echo "$text" > /mnt/atoll.txt || fail "write failed"
+    sync
+    umount /mnt || fail "umount failed"
+    echo "ATOLL-INNER: WRITE-OK"
+    ;;
+  read)
+    mount -t ext2 -o ro /dev/vda /mnt || fail "mount /dev/vda failed"
+    [ -f /mnt/atoll.txt ] || fail "/atoll.txt not on the disk"
+    echo "ATOLL-INNER: READ=$(cat /mnt/atoll.txt)"
+    umount /mnt
+    ;;
+  *)
+    fail "unknown atoll.mode=$mode"
+    ;;
+esac
+finish

@@ -1,0 +1,141 @@
+#!/bin/busybox sh
+# /init of the outer guest (L1: QEMU TCG with nested SVM, Debian's stock kernel).
+#
+# Loads KVM (kvm-amd vgif=0), exports the disk L1 sees as /dev/vda through
+# qemu-storage-daemon as vhost-user-blk, then boots the inner Linux twice with
+# our vmm (write mode, then read mode) and prints one "ATOLL-L1: PASS name" or
+# "ATOLL-L1: FAIL name" line per check, then "ATOLL-L1: DONE" and powers off.
+/bin/busybox mkdir -p /proc /sys /dev /tmp /run
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sysfs /sys
+/bin/busybox mount -t devtmpfs devtmpfs /dev 2>/dev/null
+/bin/busybox mount -t tmpfs tmpfs /tmp
+/bin/busybox mount -t tmpfs tmpfs /run
+/bin/busybox --install -s /bin
+export PATH=/bin
+export HOME=/tmp
+. /etc/atoll-test.conf
+
+say() { echo "ATOLL-L1: $*"; }
+up() { cut -d' ' -f1 /proc/uptime; }
+pass() { say "PASS $1"; }
+failc() { say "FAIL $1${2:+ ($2)}"; }
+check() { # name, then a command: PASS when it succeeds
+  name=$1
+  shift
+  if "$@"; then pass "$name"; else failc "$name"; fi
+}
+finish() {
+  [ -n "$qsd_pid" ] && kill "$qsd_pid" 2>/dev/null && sleep 1
+  sync
+  say "DONE uptime=$(up)"
+  poweroff -f
+  sleep 30
+}
+
+say "init uptime=$(up)"
+
+for m in irqbypass ccp kvm; do
+  insmod /lib/modules/$m.ko || say "WARN insmod $m failed"
+done
+insmod /lib/modules/kvm-amd.ko vgif=0 || say "WARN insmod kvm-amd failed"
+for m in $(cat /lib/modules/order); do
+  insmod /lib/modules/$m.ko || say "WARN insmod $m failed"
+done
+if [ ! -c /dev/kvm ]; then
+  say "INFRA no /dev/kvm in L1"
+  dmesg | tail -n 20
+  failc l1-kvm
+  finish
+fi
+say "kvm ready uptime=$(up)"
+
+i=0
+while [ ! -b /dev/vda ]; do
+  i=$((i + 1))
+  if [ "$i" -gt 100 ]; then
+    say "INFRA no /dev/vda in L1"
+    failc l1-disk
+    finish
+  fi
+  sleep 0.1
+done
+
+qemu-storage-daemon \
+  --blockdev driver=host_device,node-name=file0,filename=/dev/vda \
+  --blockdev driver=raw,node-name=disk0,file=file0 \
+  --export type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=/tmp/qsd.sock,writable=on \
+  > /tmp/qsd.log 2>&1 &
+qsd_pid=$!
+i=0
+while [ ! -S /tmp/qsd.sock ]; do
+  i=$((i + 1))
+  if [ "$i" -gt 300 ] || ! kill -0 "$qsd_pid" 2>/dev/null; then
+    say "INFRA qemu-storage-daemon did not start:"
+    cat /tmp/qsd.log
+    qsd_pid=
+    failc l1-qsd
+    finish
+  fi
+  sleep 0.1
+done
+say "qsd ready uptime=$(up)"
+
+# boot N MODE: one inner VM; its console and the vmm's log go to our console.
+boot() {
+  n=$1
+  mode=$2
+  quiet=
+  case " $INNER_QUIET_BOOTS " in *" $n "*) quiet=quiet ;; esac
+  cat > /tmp/boot$n.json <<EOF
+{"name":"linux$n","vcpus":$VCPUS,"memory_mib":$MEMORY_MIB,
+ "boot":{"kernel":"/inner/vmlinux","initrd":"/inner/initrd.cpio",
+  "cmdline":"console=ttyS0 reboot=k panic=-1 $quiet $INNER_CMDLINE_EXTRA atoll.mode=$mode atoll.text=$TEXT"},
+ "disks":[{"socket":"/tmp/qsd.sock"}]}
+EOF
+  say "boot$n start mode=$mode ${quiet:-verbose} uptime=$(up)"
+  # A heartbeat, so that the host's no-output watchdog only fires when L1 itself
+  # is frozen, not when the inner guest is silent.
+  (
+    t=0
+    while sleep 20; do
+      t=$((t + 20))
+      say "boot$n still running after ${t}s"
+    done
+  ) &
+  hb=$!
+  # The vmm's stdout (guest console + exit line) and its log (stderr) go to our
+  # console as they come, and to a file for the checks.
+  {
+    timeout -s KILL "$INNER_TIMEOUT" vmm run --config /tmp/boot$n.json --no-seccomp \
+      --log-level "$VMM_LOG_LEVEL"
+    rc=$?
+    if [ "$rc" = 137 ]; then
+      say "boot$n vmm killed after ${INNER_TIMEOUT}s"
+    else
+      say "boot$n vmm exit status $rc"
+    fi
+  } 2>&1 | tee /tmp/boot$n.out
+  kill "$hb" 2>/dev/null
+  tr -d '\r' < /tmp/boot$n.out > /tmp/boot$n.txt
+  say "boot$n end uptime=$(up)"
+  exitline=$(grep '{"exit"' /tmp/boot$n.txt | tail -n 1)
+  [ -n "$exitline" ] || say "boot$n: vmm printed no exit line"
+  say "boot$n exit: ${exitline:-none}"
+}
+
+has() { grep -q "$2" "/tmp/boot$1.txt"; }
+exit_reset() { grep '{"exit"' "/tmp/boot$1.txt" | grep -q '"reason":"reset"'; }
+
+boot 1 write
+check boot1-userspace has 1 'ATOLL-INNER: userspace mode=write'
+check boot1-file-written has 1 'ATOLL-INNER: WRITE-OK'
+check boot1-exit-reset exit_reset 1
+
+boot 2 read
+check boot2-userspace has 2 'ATOLL-INNER: userspace mode=read'
+got=$(sed -n 's/.*ATOLL-INNER: READ=//p' /tmp/boot2.txt | tail -n 1)
+if [ "$got" = "$TEXT" ]; then pass boot2-read-back; else failc boot2-read-back "got '$got', want '$TEXT'"; fi
+check boot2-exit-reset exit_reset 2
+
+finish
