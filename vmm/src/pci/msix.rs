@@ -47,9 +47,9 @@ pub struct Msix {
     irq: Arc<IrqRouting>,
     /// Raised by the VMM while masked (the pending bit).
     pending: Vec<bool>,
-    /// Raised only by the VMM (not by a backend or device thread through the
-    /// irqfd), so `pending` is exact for it.
-    internal: Vec<bool>,
+    /// Raised by a backend or device thread straight through the irqfd (queue
+    /// vectors), so `pending` cannot be known for it.
+    external: Vec<bool>,
 }
 
 /// MSI-X set-up failed.
@@ -89,7 +89,7 @@ impl Msix {
             function_masked: false,
             irq,
             pending: vec![false; usize::from(count)],
-            internal: vec![false; usize::from(count)],
+            external: vec![false; usize::from(count)],
         })
     }
 
@@ -121,21 +121,21 @@ impl Msix {
         }
     }
 
-    /// Marks which vectors only the VMM raises. The others are signalled
-    /// straight through their irqfd (vhost-user backends, device threads): what
-    /// arrives while they are masked cannot be seen, so unmasking them fires
-    /// once, a spurious interrupt instead of a lost one.
-    pub fn set_internal(&mut self, internal: &[u16]) {
-        self.internal.fill(false);
-        for v in internal {
-            if let Some(x) = self.internal.get_mut(usize::from(*v)) {
+    /// Marks the vectors queues use: backends and device threads signal them
+    /// straight through the irqfd, so what arrives while they are masked cannot
+    /// be seen, and unmasking them fires once (a spurious interrupt instead of
+    /// a lost one). Other vectors keep exact pending bits.
+    pub fn set_external(&mut self, external: &[u16]) {
+        self.external.fill(false);
+        for v in external {
+            if let Some(x) = self.external.get_mut(usize::from(*v)) {
                 *x = true;
             }
         }
     }
 
     fn unmasking(&mut self, i: usize) {
-        if std::mem::take(&mut self.pending[i]) || !self.internal[i] {
+        if std::mem::take(&mut self.pending[i]) || self.external[i] {
             let _ = self.vectors[i].irqfd.write(1);
         }
     }

@@ -273,14 +273,15 @@ impl VirtioPci {
         }
     }
 
-    /// The config vector is raised only by us unless a queue shares it.
+    /// Queue vectors are raised through their irqfd by whoever serves the queue.
     fn update_internal(&mut self) {
-        let shared = self.queues.iter().any(|q| q.vector == self.config_vector);
-        if self.config_vector != NO_VECTOR && !shared {
-            self.msix.set_internal(&[self.config_vector]);
-        } else {
-            self.msix.set_internal(&[]);
-        }
+        let used: Vec<u16> = self
+            .queues
+            .iter()
+            .map(|q| q.vector)
+            .filter(|v| *v != NO_VECTOR)
+            .collect();
+        self.msix.set_external(&used);
     }
 
     fn set_status(&mut self, new: u8) {

@@ -107,7 +107,7 @@ EOF
   # The vmm's stdout (guest console + exit line) and its log (stderr) go to our
   # console as they come, and to a file for the checks.
   {
-    timeout -s KILL "$INNER_TIMEOUT" vmm run --config /tmp/boot$n.json --no-seccomp \
+    timeout -s KILL "$INNER_TIMEOUT" vmm run --config /tmp/boot$n.json \
       --log-level "$VMM_LOG_LEVEL"
     rc=$?
     if [ "$rc" = 137 ]; then

@@ -16,7 +16,7 @@
 # Environment (all optional):
 #   ATOLL_CACHE       downloads and extracted packages  [/var/tmp/atoll-linux-cache]
 #   ATOLL_LINUX_WORK  this run's files and logs           [a new /tmp/atoll-linux.XXXXXX]
-#   VMM_BIN           the vmm binary [target/release/vmm, built when missing]
+#   VMM_BIN           the vmm binary [target/release/vmm, (re)built by cargo when unset]
 #   L1_TIMEOUT        seconds for one outer QEMU run     [480]
 #   L1_SILENCE        seconds without L1 output = hang   [90]
 #   INNER_TIMEOUT     seconds for one inner VM, in L1    [150]
@@ -33,6 +33,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../../.." && pwd)
 CACHE=${ATOLL_CACHE:-/var/tmp/atoll-linux-cache}
+VMM_BIN_SET=${VMM_BIN:+1}
 VMM_BIN=${VMM_BIN:-$REPO/target/release/vmm}
 L1_TIMEOUT=${L1_TIMEOUT:-480}
 L1_SILENCE=${L1_SILENCE:-90}
@@ -179,7 +180,7 @@ if [[ -z $QSD ]]; then
 fi
 flock -u 9
 
-if [[ ! -x $VMM_BIN ]]; then
+if [[ -z ${VMM_BIN_SET:-} ]]; then
   say "building vmm (cargo build --release -p vmm)"
   (cd "$REPO" && cargo build --release -p vmm)
 fi
