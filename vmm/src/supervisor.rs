@@ -125,6 +125,20 @@ pub struct VmEntry {
     status: Mutex<Status>,
 }
 
+impl Status {
+    fn stopped() -> Self {
+        Self {
+            state: State::Stopped,
+            exit_reason: String::new(),
+            pid: None,
+            since: None,
+            boots: 0,
+            want_running: false,
+            generation: 0,
+        }
+    }
+}
+
 impl VmEntry {
     /// A snapshot of its status.
     pub fn status(&self) -> Status {
@@ -258,15 +272,7 @@ impl Supervisor {
                 id,
                 dir: vm_dir,
                 config: cfg,
-                status: Mutex::new(Status {
-                    state: State::Stopped,
-                    exit_reason: String::new(),
-                    pid: None,
-                    since: None,
-                    boots: 0,
-                    want_running: false,
-                    generation: 0,
-                }),
+                status: Mutex::new(Status::stopped()),
             });
             let run = entry.run_dir();
             let pid = fs::read_to_string(run.join("pid"))
@@ -342,15 +348,7 @@ impl Supervisor {
             id,
             dir,
             config,
-            status: Mutex::new(Status {
-                state: State::Stopped,
-                exit_reason: String::new(),
-                pid: None,
-                since: None,
-                boots: 0,
-                want_running: false,
-                generation: 0,
-            }),
+            status: Mutex::new(Status::stopped()),
         });
         self.vms_lock().push(entry.clone());
         info!(vm = %entry.id, name = %entry.config.name, "VM created");
