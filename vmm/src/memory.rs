@@ -66,6 +66,17 @@ impl GuestRam {
         // SAFETY: fd was just created and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size).map_err(alloc)?;
+        if hugepages {
+            // The mapping is MAP_NORESERVE: take every huge page now, so a
+            // shortage is this error and not a SIGBUS in the middle of a run.
+            let len = libc::off_t::try_from(size)
+                .map_err(|_| alloc(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+            // SAFETY: fallocate on our own memfd with a valid range.
+            let rc = unsafe { libc::fallocate(fd, 0, 0, len) };
+            if rc != 0 {
+                return Err(alloc(std::io::Error::last_os_error()));
+            }
+        }
         let mut ranges = Vec::new();
         let mut file_off = 0u64;
         for (start, len) in layout::ram_ranges(size) {

@@ -462,3 +462,55 @@ fn pause_resume_info_and_stop_through_the_control_socket() {
         .unwrap();
     assert_eq!(pid, child_pid);
 }
+
+fn hugepages_free() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+const NR: &str = "/proc/sys/vm/nr_hugepages";
+
+/// Puts the machine's huge page reservation back, whatever the test did.
+struct Restore(String);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR, self.0.trim());
+    }
+}
+
+#[test]
+fn hugepage_memory_is_taken_up_front_or_refused_clearly() {
+    let _restore = Restore(std::fs::read_to_string(NR).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "spin", serde_json::json!({"hugepages": true}));
+
+    // None reserved: a precise error before anything runs.
+    std::fs::write(NR, "0").unwrap();
+    let out = vmm(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot allocate 64 MiB of guest memory from hugepages"),
+        "{err}"
+    );
+
+    // Enough reserved: all 32 pages are the VM's while it runs.
+    std::fs::write(NR, "40").unwrap();
+    let free = hugepages_free();
+    let state = dir.path().join("state");
+    let mut cmd = vmm(&cfg);
+    cmd.arg("--state-dir").arg(&state);
+    let child = cmd.spawn().unwrap();
+    let mut api = ApiClient::connect(&state.join("api.sock"));
+    assert_eq!(api.call(r#"{"op":"state"}"#)["state"], "running");
+    assert_eq!(free - hugepages_free(), 32);
+    api.call(r#"{"op":"stop"}"#);
+    assert!(child.wait_with_output().unwrap().status.success());
+}
