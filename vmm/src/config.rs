@@ -64,6 +64,11 @@ pub struct VmConfig {
     /// (test guests; off for real VMs).
     #[serde(default)]
     pub debug_exit: bool,
+    /// Describe the machine with ACPI tables too (power button for a graceful
+    /// shutdown, S5 poweroff, reset register). Off by default for now: a Linux
+    /// guest booted with them loses userspace console output (see docs/vmm.md).
+    #[serde(default)]
+    pub acpi: bool,
 }
 
 /// Direct kernel boot.

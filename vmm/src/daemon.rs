@@ -67,14 +67,18 @@ async fn connect(opts: &Options, sup: &Arc<Supervisor>) -> zbus::Result<Connecti
     if health.state != "ok" {
         warn!(detail = %health.detail, "VM supervisor is degraded");
     }
-    let conn = builder
+    let mut builder = builder
         .serve_at(
             OBJECT_PATH,
             Vmm1::new(opts.node_id.clone(), health, sup.clone()),
         )?
-        .serve_at(OBJECT_PATH, ObjectManager)?
-        .build()
-        .await?;
+        .serve_at(OBJECT_PATH, ObjectManager)?;
+    // Every known VM is on the bus before the name is: a client that sees the
+    // name sees the VMs.
+    for vm in sup.list() {
+        builder = builder.serve_at(vm_path(&vm.id)?, VmObject::new(sup.clone(), vm))?;
+    }
+    let conn = builder.build().await?;
     // Refuse to queue behind another owner: a second instance must fail, not wait.
     match conn
         .request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into())
@@ -91,13 +95,6 @@ pub async fn run(opts: Options) -> Result<Exit, Error> {
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
     let sup = Supervisor::open(&opts.state_dir, opts.vmm_bin.clone())?;
     let conn = connect(&opts, &sup).await.map_err(Error::Connect)?;
-    for vm in sup.list() {
-        let path = vm_path(&vm.id).map_err(Error::Connect)?;
-        conn.object_server()
-            .at(&path, VmObject::new(sup.clone(), vm))
-            .await
-            .map_err(Error::Connect)?;
-    }
     let handle = tokio::runtime::Handle::current();
     let c = conn.clone();
     sup.set_notify(Arc::new(move |vm: &Arc<VmEntry>| {

@@ -40,6 +40,14 @@ enum Command {
         #[arg(long)]
         no_seccomp: bool,
     },
+    /// Send one request to a running VM's control socket and print the reply.
+    Ctl {
+        /// The VM's --state-dir.
+        #[arg(long, value_name = "DIR")]
+        state_dir: std::path::PathBuf,
+        /// state, info, pause, resume, shutdown, reboot or stop.
+        op: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -52,6 +60,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     match cli.command {
+        Command::Ctl { state_dir, op } => ctl(&state_dir, &op),
         Command::Run {
             config,
             state_dir,
@@ -93,6 +102,33 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn ctl(state_dir: &std::path::Path, op: &str) -> ExitCode {
+    use std::io::{BufRead, Write};
+    let path = state_dir.join("api.sock");
+    let reply = std::os::unix::net::UnixStream::connect(&path).and_then(|mut s| {
+        writeln!(s, "{}", serde_json::json!({ "op": op }))?;
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line)?;
+        Ok(line)
+    });
+    match reply {
+        Ok(line) => {
+            print!("{line}");
+            let ok =
+                serde_json::from_str::<serde_json::Value>(&line).is_ok_and(|v| v["ok"] == true);
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("vmm: cannot reach {}: {e}", path.display());
+            ExitCode::FAILURE
         }
     }
 }

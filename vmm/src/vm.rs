@@ -167,6 +167,8 @@ pub struct Vm {
     console: Console,
     stamps: Arc<Mutex<Vec<Stamp>>>,
     pci: Arc<PciRoot>,
+    /// Raises the ACPI power button (Generic Event Device), with ACPI.
+    power_button: Option<EventFd>,
 }
 
 impl fmt::Debug for Vm {
@@ -250,7 +252,24 @@ impl Vm {
         )?;
 
         regs::write_boot_tables(&ram.mem)?;
-        let entry = boot::load(&ram.mem, ram.size, &config.boot, config.vcpus)?;
+        let mut power_button = None;
+        let rsdp = if config.acpi {
+            let rsdp = crate::arch::acpi::write(&ram.mem, config.vcpus)
+                .map_err(|_| boot::BootError::Memory)?;
+            io.insert(
+                Arc::new(Mutex::new(crate::arch::acpi::PmDevice(exit.clone()))),
+                crate::arch::acpi::PM_BASE,
+                crate::arch::acpi::PM_LEN,
+            )?;
+            let ged = EventFd::new(EFD_NONBLOCK).map_err(os_err("cannot create an eventfd"))?;
+            vm.register_irqfd(&ged, crate::arch::acpi::GED_GSI)
+                .map_err(kvm_call("wire the power button interrupt"))?;
+            power_button = Some(ged);
+            Some(rsdp)
+        } else {
+            None
+        };
+        let entry = boot::load(&ram.mem, ram.size, &config.boot, config.vcpus, rsdp)?;
         let base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_call("report its CPUID"))?;
@@ -287,6 +306,7 @@ impl Vm {
             console,
             stamps,
             pci,
+            power_button,
         })
     }
 
@@ -390,12 +410,21 @@ impl Vm {
             Request::Resume => control.resume(),
             Request::Stop => self.exit.set(ExitReason::Stopped),
             Request::Reboot => self.exit.set(ExitReason::Reset),
-            Request::Shutdown => {
-                return serde_json::json!({
-                    "ok": false,
-                    "error": "graceful shutdown needs the ACPI power button, which this VMM does not offer yet; use stop"
-                })
-            }
+            Request::Shutdown => match &self.power_button {
+                // The guest decides what a power button press means; the
+                // VM ends when it writes S5 (reason "poweroff").
+                Some(b) => {
+                    if let Err(e) = b.write(1) {
+                        return serde_json::json!({"ok": false, "error": format!("power button: {e}")});
+                    }
+                }
+                None => {
+                    return serde_json::json!({
+                        "ok": false,
+                        "error": "this VM has no ACPI (\"acpi\": false): nothing to press; use stop"
+                    })
+                }
+            },
         }
         serde_json::json!({"ok": true, "state": state(control)})
     }

@@ -397,7 +397,7 @@ fn pause_resume_info_and_stop_through_the_control_socket() {
     let cfg = config(
         dir.path(),
         "spin",
-        serde_json::json!({"vcpus": 2, "serial": {"socket": console}}),
+        serde_json::json!({"vcpus": 2, "acpi": true, "serial": {"socket": console}}),
     );
     let mut cmd = vmm(&cfg);
     cmd.arg("--state-dir").arg(&state);
@@ -446,8 +446,21 @@ fn pause_resume_info_and_stop_through_the_control_socket() {
     );
     let bad = api.call("not json");
     assert_eq!(bad["ok"], false);
+    // The power button is pressed; this guest ignores it and keeps ticking.
     let sd = api.call(r#"{"op":"shutdown"}"#);
-    assert_eq!(sd["ok"], false);
+    assert_eq!(sd["ok"], true, "{sd}");
+    next_tick(&mut ticks);
+
+    // The same socket from the command line.
+    let ctl = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["ctl", "--state-dir"])
+        .arg(&state)
+        .arg("state")
+        .output()
+        .unwrap();
+    assert!(ctl.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&ctl.stdout).unwrap();
+    assert_eq!(v["state"], "running");
 
     assert_eq!(api.call(r#"{"op":"stop"}"#)["ok"], true);
     let out = child.wait_with_output().unwrap();
@@ -513,4 +526,30 @@ fn hugepage_memory_is_taken_up_front_or_refused_clearly() {
     assert_eq!(free - hugepages_free(), 32);
     api.call(r#"{"op":"stop"}"#);
     assert!(child.wait_with_output().unwrap().status.success());
+}
+
+#[test]
+fn acpi_tables_check_out_and_s5_powers_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&config(
+        dir.path(),
+        "acpi",
+        serde_json::json!({"vcpus": 3, "acpi": true}),
+    ));
+    let (exit, lines) = outcome(&out);
+    assert_eq!(
+        exit["exit"],
+        serde_json::json!({"reason": "poweroff"}),
+        "{lines:?}"
+    );
+    assert_eq!(
+        lines,
+        [
+            "rsdp ok",
+            "xsdt ok entries 2",
+            "fadt ok hw-reduced 1 dsdt ok",
+            "madt ok cpus 3",
+            "poweroff",
+        ]
+    );
 }

@@ -85,6 +85,7 @@ pub fn load(
     mem_size: u64,
     boot: &BootConfig,
     vcpus: u8,
+    rsdp: Option<u64>,
 ) -> Result<Entry, BootError> {
     let path = &boot.kernel;
     let mut kernel = File::open(path).map_err(file_err(path))?;
@@ -131,7 +132,7 @@ pub fn load(
 
     match kind {
         Kind::Pvh(rip) => {
-            write_pvh_info(mem, initrd, &ram)?;
+            write_pvh_info(mem, initrd, &ram, rsdp)?;
             Ok(Entry {
                 mode: EntryMode::Protected32,
                 rip,
@@ -162,6 +163,7 @@ pub fn load(
                 };
             }
             params.e820_entries = ram.len() as u8;
+            params.acpi_rsdp_addr = rsdp.unwrap_or(0);
             mem.write_obj(params, GuestAddress(layout::ZERO_PAGE))
                 .map_err(mem_err)?;
             let rip = match kind {
@@ -236,6 +238,7 @@ fn write_pvh_info(
     mem: &GuestMemoryMmap,
     initrd: Option<(u64, u64)>,
     ram: &[(u64, u64, u32)],
+    rsdp: Option<u64>,
 ) -> Result<(), BootError> {
     const MAGIC: u32 = 0x336e_c578;
     let mut info = Vec::with_capacity(56);
@@ -245,7 +248,7 @@ fn write_pvh_info(
     info.extend_from_slice(&u32::from(initrd.is_some()).to_le_bytes());
     info.extend_from_slice(&layout::PVH_MODLIST.to_le_bytes());
     info.extend_from_slice(&layout::CMDLINE.to_le_bytes());
-    info.extend_from_slice(&0u64.to_le_bytes()); // no RSDP
+    info.extend_from_slice(&rsdp.unwrap_or(0).to_le_bytes());
     info.extend_from_slice(&layout::PVH_MEMMAP.to_le_bytes());
     info.extend_from_slice(&(ram.len() as u32).to_le_bytes());
     info.extend_from_slice(&0u32.to_le_bytes());
