@@ -91,6 +91,7 @@ boot() {
 {"name":"linux$n","vcpus":$VCPUS,"memory_mib":$MEMORY_MIB,
  "boot":{"kernel":"/inner/vmlinux","initrd":"/inner/initrd.cpio",
   "cmdline":"console=ttyS0 reboot=k panic=-1 $quiet $INNER_CMDLINE_EXTRA atoll.mode=$mode atoll.text=$TEXT"},
+ "acpi":${INNER_ACPI:-false},
  "disks":[{"socket":"/tmp/qsd.sock"}]}
 EOF
   say "boot$n start mode=$mode ${quiet:-verbose} uptime=$(up)"

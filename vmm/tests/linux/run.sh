@@ -21,6 +21,7 @@
 #   L1_SILENCE        seconds without L1 output = hang   [90]
 #   INNER_TIMEOUT     seconds for one inner VM, in L1    [150]
 #   INNER_CMDLINE_EXTRA  more inner kernel parameters    []
+#   INNER_ACPI        "acpi" in the inner VMs' config    [false]
 #   INNER_QUIET_BOOTS which inner boots get "quiet"      ["2": boot 1 logs
 #                     everything for diagnosis, boot 2 is timed without the
 #                     cost of a serial console byte per VM exit]
@@ -40,6 +41,7 @@ L1_SILENCE=${L1_SILENCE:-90}
 L1_MEMORY_MIB=${L1_MEMORY_MIB:-2048}
 INNER_TIMEOUT=${INNER_TIMEOUT:-150}
 INNER_CMDLINE_EXTRA=${INNER_CMDLINE_EXTRA:-}
+INNER_ACPI=${INNER_ACPI:-false}
 INNER_QUIET_BOOTS=${INNER_QUIET_BOOTS-2}
 INNER_EXTRA_DIR=${INNER_EXTRA_DIR:-}
 VMM_LOG_LEVEL=${VMM_LOG_LEVEL:-info}
@@ -258,6 +260,7 @@ VCPUS=$VCPUS
 MEMORY_MIB=$MEMORY_MIB
 INNER_TIMEOUT=$INNER_TIMEOUT
 INNER_CMDLINE_EXTRA='$INNER_CMDLINE_EXTRA'
+INNER_ACPI=$INNER_ACPI
 INNER_QUIET_BOOTS='$INNER_QUIET_BOOTS'
 VMM_LOG_LEVEL='$VMM_LOG_LEVEL'
 EOF
