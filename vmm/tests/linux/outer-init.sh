@@ -139,4 +139,33 @@ got=$(sed -n 's/.*ATOLL-INNER: READ=//p' /tmp/boot2.txt | tail -n 1)
 if [ "$got" = "$TEXT" ]; then pass boot2-read-back; else failc boot2-read-back "got '$got', want '$TEXT'"; fi
 check boot2-exit-reset exit_reset 2
 
+# Benchmark boots (BENCH_BOOTS > 0): 1 vCPU, quiet, read mode. For each: the
+# boot timer's stamp at /init (µs since the vmm started) and the vmm's own
+# memory: Rss of every mapping except guest RAM, sampled at that moment.
+i=0
+while [ "$i" -lt "${BENCH_BOOTS:-0}" ]; do
+  i=$((i + 1))
+  d=/tmp/bench$i
+  rm -rf "$d"
+  cat > /tmp/bench$i.json <<EOF
+{"name":"bench$i","vcpus":1,"memory_mib":$MEMORY_MIB,
+ "boot":{"kernel":"/inner/vmlinux","initrd":"/inner/initrd.cpio",
+  "cmdline":"console=ttyS0 reboot=k panic=-1 quiet $INNER_CMDLINE_EXTRA atoll.mode=read atoll.text=$TEXT"},
+ "disks":[{"socket":"/tmp/qsd.sock"}]}
+EOF
+  vmm run --config /tmp/bench$i.json --state-dir "$d" --log-level warn > /tmp/bench$i.out 2>&1 &
+  pid=$!
+  us=
+  t=0
+  while [ -z "$us" ] && kill -0 "$pid" 2>/dev/null && [ "$t" -lt 1500 ]; do
+    sleep 0.1
+    t=$((t + 1))
+    us=$(vmm ctl --state-dir "$d" info 2>/dev/null | sed -n 's/.*"micros":\([0-9]*\),"stage":85.*/\1/p')
+  done
+  rss=$(awk '/^[0-9a-f]+-[0-9a-f]+ / {guest = index($0, "atoll-guest-ram") > 0}
+             /^Rss:/ && !guest {s += $2} END {print s}' "/proc/$pid/smaps" 2>/dev/null)
+  wait "$pid"
+  say "BENCH boot=$i micros=${us:-none} vmm_rss_kib=${rss:-none}"
+done
+
 finish

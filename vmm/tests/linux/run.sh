@@ -22,6 +22,7 @@
 #   INNER_TIMEOUT     seconds for one inner VM, in L1    [150]
 #   INNER_CMDLINE_EXTRA  more inner kernel parameters    []
 #   INNER_ACPI        "acpi" in the inner VMs' config    [false]
+#   BENCH_BOOTS       extra quiet 1-vCPU boots, timed   [0]
 #   INNER_QUIET_BOOTS which inner boots get "quiet"      ["2": boot 1 logs
 #                     everything for diagnosis, boot 2 is timed without the
 #                     cost of a serial console byte per VM exit]
@@ -42,6 +43,7 @@ L1_MEMORY_MIB=${L1_MEMORY_MIB:-2048}
 INNER_TIMEOUT=${INNER_TIMEOUT:-150}
 INNER_CMDLINE_EXTRA=${INNER_CMDLINE_EXTRA:-}
 INNER_ACPI=${INNER_ACPI:-false}
+BENCH_BOOTS=${BENCH_BOOTS:-0}
 INNER_QUIET_BOOTS=${INNER_QUIET_BOOTS-2}
 INNER_EXTRA_DIR=${INNER_EXTRA_DIR:-}
 VMM_LOG_LEVEL=${VMM_LOG_LEVEL:-info}
@@ -261,6 +263,7 @@ MEMORY_MIB=$MEMORY_MIB
 INNER_TIMEOUT=$INNER_TIMEOUT
 INNER_CMDLINE_EXTRA='$INNER_CMDLINE_EXTRA'
 INNER_ACPI=$INNER_ACPI
+BENCH_BOOTS=$BENCH_BOOTS
 INNER_QUIET_BOOTS='$INNER_QUIET_BOOTS'
 VMM_LOG_LEVEL='$VMM_LOG_LEVEL'
 EOF
@@ -399,6 +402,17 @@ for n in 1 2; do
     echo "timing boot$n: no userspace marker (vmm started ${t_start:-?}s after QEMU start)"
   fi
 done
+# Benchmark boots: min / median / max.
+if grep -q "ATOLL-L1: BENCH " "$LOG"; then
+  for f in micros vmm_rss_kib; do
+    vals=$(sed -n "s/.*ATOLL-L1: BENCH .*$f=\([0-9]*\).*/\1/p" "$LOG" | sort -n)
+    n=$(echo "$vals" | grep -c .)
+    if ((n > 0)); then
+      echo "bench $f over $n boots: min $(echo "$vals" | head -n 1)" \
+        "median $(echo "$vals" | sed -n "$(((n + 1) / 2))p") max $(echo "$vals" | tail -n 1)"
+    fi
+  done
+fi
 if ((failed > 0)); then
   say "last 60 lines of the L1 console (all of it: $LOG):"
   tail -n 60 "$LOG" | sed 's/^/    /'
