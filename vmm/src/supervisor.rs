@@ -217,6 +217,8 @@ fn pid_alive(pid: u32) -> bool {
     })
 }
 
+const NO_EXIT_LINE: &str = "the VM process ended without an exit reason";
+
 /// The exit line a VM process left, as (state, reason).
 fn read_exit(run_dir: &Path) -> (State, String) {
     let line = fs::read_to_string(run_dir.join("exit.json")).unwrap_or_default();
@@ -230,10 +232,7 @@ fn read_exit(run_dir: &Path) -> (State, String) {
             };
             (state, reason)
         }
-        Err(_) => (
-            State::Crashed,
-            "the VM process ended without an exit reason (killed?)".into(),
-        ),
+        Err(_) => (State::Crashed, format!("{NO_EXIT_LINE} (killed?)")),
     }
 }
 
@@ -452,6 +451,10 @@ impl Supervisor {
         if announce {
             self.changed(vm);
         }
+        if !vm.lock().want_running {
+            // Stop was asked for while this process was starting.
+            let _ = vm.api("stop");
+        }
         self.watch(vm, Some(child), pid, generation);
         Ok(())
     }
@@ -484,11 +487,16 @@ impl Supervisor {
     }
 
     fn ended(self: &Arc<Self>, vm: &Arc<VmEntry>, generation: u64) {
-        let (state, reason) = read_exit(&vm.run_dir());
+        let (mut state, mut reason) = read_exit(&vm.run_dir());
         let restart = {
             let mut st = vm.lock();
             if st.generation != generation {
                 return;
+            }
+            if state == State::Crashed && !st.want_running && reason.starts_with(NO_EXIT_LINE) {
+                // Killed by a Stop that could not be delivered politely.
+                state = State::Stopped;
+                reason = "stopped".into();
             }
             st.pid = None;
             st.since = None;
@@ -525,7 +533,9 @@ impl Supervisor {
         let ok = match op {
             "pause" => state == State::Running,
             "resume" => state == State::Paused,
-            "stop" | "reboot" | "shutdown" => matches!(state, State::Running | State::Paused),
+            // Stop also lands while a (re)start is under way.
+            "stop" => matches!(state, State::Running | State::Paused | State::Starting),
+            "reboot" | "shutdown" => matches!(state, State::Running | State::Paused),
             _ => false,
         };
         if !ok {
@@ -534,7 +544,24 @@ impl Supervisor {
         if op == "stop" || op == "shutdown" {
             vm.lock().want_running = false;
         }
-        let reply = vm.api(op)?;
+        if op == "stop" && state == State::Starting {
+            // No process to ask yet: the start in progress sees the wish when
+            // it completes, a restart after a reset does not happen.
+            return Ok(());
+        }
+        let reply = match vm.api(op) {
+            Ok(r) => r,
+            // The process is ending under us (a guest reset, say) or does not
+            // answer: Stop is a forced stop, so it ends now either way.
+            Err(_) if op == "stop" => {
+                if let Some(pid) = vm.lock().pid.and_then(|p| i32::try_from(p).ok()) {
+                    // SAFETY: kill(2) on the VM process this supervisor runs.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         if matches!(op, "pause" | "resume") {
             let mut st = vm.lock();
             st.state = if reply["state"] == "paused" {

@@ -194,17 +194,15 @@ async fn guest_reset_restarts_and_bad_kernels_report_why() {
     tokio::time::timeout(Duration::from_secs(30), wait)
         .await
         .expect("restarts after resets");
-    // Stop lands between two boots or on a running one; either way it ends.
-    wait_until("the rebooting VM to stop", Duration::from_secs(20), || {
-        let rt = tokio::runtime::Handle::current();
-        let st = tokio::task::block_in_place(|| {
-            rt.block_on(async {
-                let _ = v.stop().await;
-                v.state().await.unwrap()
-            })
-        });
-        (st == "stopped").then_some(())
-    });
+    // Stop lands between two boots or on a running one; either way it ends
+    // and no restart follows.
+    let stop = v.stop();
+    let (reason, r) = tokio::join!(until_state(&v, "stopped"), stop);
+    r.unwrap();
+    assert!(reason == "reset" || reason == "stopped", "{reason}");
+    let boots = v.boots().await.unwrap();
+    assert_eq!(v.state().await.unwrap(), "stopped");
+    assert_eq!(v.boots().await.unwrap(), boots, "no restart after Stop");
 
     // A kernel that is not one: Start fails and says why.
     let junk = dir.path().join("junk");
