@@ -94,31 +94,33 @@ impl Bus {
         (off + len as u64 <= r.len).then(|| (*base, off, r.device.clone()))
     }
 
+    /// Runs `f` on the device covering `len` bytes at `addr`; false if none.
+    fn dispatch(
+        &self,
+        addr: u64,
+        len: usize,
+        f: impl FnOnce(&mut dyn BusDevice, u64, u64),
+    ) -> bool {
+        let Some((base, off, dev)) = self.find(addr, len) else {
+            return false;
+        };
+        f(
+            &mut *dev.lock().unwrap_or_else(|e| e.into_inner()),
+            base,
+            off,
+        );
+        true
+    }
+
     /// Dispatches a read; false if no device covers the access (the caller
     /// then returns all ones, as real hardware does).
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
-        match self.find(addr, data.len()) {
-            Some((base, off, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .read(base, off, data);
-                true
-            }
-            None => false,
-        }
+        self.dispatch(addr, data.len(), |d, base, off| d.read(base, off, data))
     }
 
     /// Dispatches a write; false if no device covers it (the write is dropped).
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        match self.find(addr, data.len()) {
-            Some((base, off, dev)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(base, off, data);
-                true
-            }
-            None => false,
-        }
+        self.dispatch(addr, data.len(), |d, base, off| d.write(base, off, data))
     }
 }
 
