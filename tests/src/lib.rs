@@ -6,6 +6,7 @@
 pub mod bins;
 pub mod bus;
 pub mod contract;
+pub mod net_echo;
 pub mod node;
 
 pub use bus::TestBus;

@@ -65,9 +65,10 @@ pub struct VmConfig {
     #[serde(default)]
     pub debug_exit: bool,
     /// Describe the machine with ACPI tables too (power button for a graceful
-    /// shutdown, S5 poweroff, reset register). Off by default for now: a Linux
-    /// guest booted with them loses userspace console output (see docs/vmm.md).
-    #[serde(default)]
+    /// shutdown, S5 poweroff, reset register, the legacy devices' interrupts).
+    /// On by default; without them the guest finds the machine through the MP
+    /// table and has no power button.
+    #[serde(default = "yes")]
     pub acpi: bool,
 }
 
@@ -145,6 +146,10 @@ fn default_name() -> String {
 fn one() -> u8 {
     1
 }
+fn yes() -> bool {
+    true
+}
+
 fn one_u16() -> u16 {
     1
 }

@@ -91,7 +91,25 @@ impl GuestRam {
             file_off += len;
         }
         let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Map)?;
+        if !hugepages {
+            for region in mem.iter() {
+                advise_huge(region.as_ptr(), region.len());
+            }
+        }
         Ok(Self { mem, file, size })
+    }
+
+    /// Whether guest RAM can get transparent huge pages on this host: the
+    /// memfd is shmem, whose THP policy is the host's `shmem_enabled` (it must
+    /// be `advise`, `within_size`, `always` or `force`; kernels default to
+    /// `never`, and then every 4 KiB of guest RAM costs its own nested-paging
+    /// fault the first time the guest touches it).
+    pub fn host_shmem_thp() -> Option<String> {
+        let s =
+            std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled").ok()?;
+        let start = s.find('[')?;
+        let end = s[start..].find(']')?;
+        Some(s[start + 1..start + end].to_string())
     }
 
     /// Registers every region as a KVM memory slot.
@@ -109,5 +127,21 @@ impl GuestRam {
             unsafe { vm.set_user_memory_region(r) }.map_err(MemoryError::Kvm)?;
         }
         Ok(())
+    }
+}
+
+/// Asks for transparent huge pages on a mapping of guest RAM. Fewer, larger
+/// pages mean fewer faults while the guest first touches its memory and a
+/// smaller nested page table; a host that does not allow THP for shmem simply
+/// keeps 4 KiB pages.
+fn advise_huge(ptr: *mut u8, len: u64) {
+    let Ok(len) = usize::try_from(len) else {
+        return;
+    };
+    // SAFETY: the range is one mapping we own for the life of the guest;
+    // MADV_HUGEPAGE changes only the page size the kernel may use for it.
+    let rc = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_HUGEPAGE) };
+    if rc != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "madvise(MADV_HUGEPAGE) on guest RAM failed");
     }
 }

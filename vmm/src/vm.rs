@@ -269,7 +269,9 @@ impl Vm {
         } else {
             None
         };
+        let devices_ms = start.elapsed().as_millis();
         let entry = boot::load(&ram.mem, ram.size, &config.boot, config.vcpus, rsdp)?;
+        let loaded_ms = start.elapsed().as_millis();
         let base_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_call("report its CPUID"))?;
@@ -293,6 +295,14 @@ impl Vm {
             memory_mib = config.memory_mib,
             entry = format!("{:#x}", entry.rip),
             mode = ?entry.mode,
+            ram_pages = if config.hugepages {
+                "hugetlb".to_string()
+            } else {
+                format!("shmem-thp-{}", GuestRam::host_shmem_thp().unwrap_or_else(|| "none".into()))
+            },
+            devices_ms,
+            loaded_ms,
+            created_ms = start.elapsed().as_millis(),
             "VM created"
         );
         Ok(Self {

@@ -5,126 +5,20 @@
 
 mod common;
 
-use std::collections::VecDeque;
-use std::io;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-
-/// Echoes every transmitted frame into the next receive buffer.
-#[derive(Default)]
-struct Echo {
-    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
-    pending: Mutex<VecDeque<Vec<u8>>>,
-    event_idx: AtomicBool,
-}
-
-impl Echo {
-    fn pump(&self, vrings: &[VringRwLock]) -> io::Result<()> {
-        let Some(atomic) = self.mem.read().unwrap().clone() else {
-            return Ok(());
-        };
-        let mem = atomic.memory();
-        let (rxq, txq) = (&vrings[0], &vrings[1]);
-        let mut pending = self.pending.lock().unwrap();
-        loop {
-            // The queue's lock is held only while popping.
-            let next = txq
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = next else { break };
-            let head = chain.head_index();
-            let mut frame = Vec::new();
-            for d in chain.clone().readable() {
-                let mut buf = vec![0u8; d.len() as usize];
-                mem.read_slice(&mut buf, d.addr())
-                    .map_err(io::Error::other)?;
-                frame.extend_from_slice(&buf);
-            }
-            pending.push_back(frame);
-            txq.add_used(head, 0).map_err(io::Error::other)?;
-        }
-        txq.signal_used_queue()?;
-        while let Some(frame) = pending.front() {
-            let next = rxq
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = next else { break };
-            let head = chain.head_index();
-            let mut written = 0usize;
-            for d in chain.writable() {
-                let n = (d.len() as usize).min(frame.len() - written);
-                mem.write_slice(&frame[written..written + n], d.addr())
-                    .map_err(io::Error::other)?;
-                written += n;
-            }
-            rxq.add_used(head, written as u32)
-                .map_err(io::Error::other)?;
-            pending.pop_front();
-        }
-        rxq.signal_used_queue()
-    }
-}
-
-impl VhostUserBackend for Echo {
-    type Bitmap = ();
-    type Vring = VringRwLock;
-
-    fn num_queues(&self) -> usize {
-        2
-    }
-    fn max_queue_size(&self) -> usize {
-        256
-    }
-    fn features(&self) -> u64 {
-        (1 << 32) | (1 << 15) | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-    }
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-    }
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Relaxed);
-    }
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        *self.mem.write().unwrap() = Some(mem);
-        Ok(())
-    }
-    fn handle_event(
-        &self,
-        _device_event: u16,
-        _evset: EventSet,
-        vrings: &[VringRwLock],
-        _thread_id: usize,
-    ) -> io::Result<()> {
-        self.pump(vrings)
-    }
-}
+use atoll_tests::net_echo::{serve_once, EchoNet};
 
 #[test]
 fn a_frame_round_trips_through_a_vhost_user_net_backend() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("net.sock");
-    let backend = Arc::new(Echo::default());
-    let mut daemon = VhostUserDaemon::new(
-        "echo-net".into(),
-        backend,
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .unwrap();
-    let s2 = sock.clone();
-    let server = std::thread::spawn(move || daemon.serve(&s2));
+    let backend = Arc::new(EchoNet::default());
+    let (b2, s2) = (backend.clone(), sock.clone());
+    let server = std::thread::spawn(move || serve_once(b2, &s2));
     atoll_tests::wait_until("the backend socket", Duration::from_secs(10), || {
         sock.exists().then_some(())
     });

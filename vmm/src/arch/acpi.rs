@@ -14,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::aml::{self, Aml};
 use super::layout;
 use crate::bus::BusDevice;
+use crate::devices::serial::{COM1_BASE, COM1_IRQ};
 use crate::vm::{Exit, ExitReason};
 
 /// Where the RSDP goes (the BIOS area Linux also scans).
@@ -65,8 +66,9 @@ fn fadt(dsdt: u64) -> Vec<u8> {
     let mut f = vec![0u8; 276 - 36];
     let at = |off: usize| off - 36;
     f[at(40)..at(44)].copy_from_slice(&(dsdt as u32).to_le_bytes());
-    // Legacy devices, an 8042, no VGA.
-    f[at(109)..at(111)].copy_from_slice(&0x7u16.to_le_bytes());
+    // Legacy devices, no VGA; no 8042 for the guest to drive: the VMs have
+    // no keyboard, and the reset through port 0x64 needs no driver.
+    f[at(109)..at(111)].copy_from_slice(&0x5u16.to_le_bytes());
     // HW_REDUCED_ACPI, RESET_REG_SUP, power and sleep buttons are devices.
     let flags: u32 = (1 << 20) | (1 << 10) | (1 << 4) | (1 << 5);
     f[at(112)..at(116)].copy_from_slice(&flags.to_le_bytes());
@@ -128,7 +130,28 @@ fn dsdt() -> Vec<u8> {
             &pci_names.4,
         ],
     );
-    let sb = aml::Scope("\\_SB", vec![&pci0, &pwrb, &ged]);
+    // COM1. A hardware-reduced ACPI guest has no legacy PIC and maps only
+    // the ISA interrupts that the tables name: without this device Linux
+    // drives ttyS0 by polling for the kernel's messages but never gets IRQ 4,
+    // so everything written through the tty layer (userspace) stalls.
+    let com_hid = aml::Str("PNP0501");
+    let com_crs = aml::isa_resources(COM1_BASE as u16, 8, COM1_IRQ as u8);
+    let com_names = (
+        aml::Name("_HID", &com_hid),
+        aml::Name("_UID", &0u64),
+        aml::Name("_CRS", &com_crs),
+    );
+    let com1 = aml::Device("COM1", vec![&com_names.0, &com_names.1, &com_names.2]);
+    // The CMOS clock, for the same reason (IRQ 8): /dev/rtc0 in the guest.
+    let rtc_hid = aml::Str("PNP0B00");
+    let rtc_crs = aml::isa_resources(crate::devices::cmos::BASE as u16, 2, 8);
+    let rtc_names = (
+        aml::Name("_HID", &rtc_hid),
+        aml::Name("_UID", &0u64),
+        aml::Name("_CRS", &rtc_crs),
+    );
+    let rtc = aml::Device("RTC_", vec![&rtc_names.0, &rtc_names.1, &rtc_names.2]);
+    let sb = aml::Scope("\\_SB", vec![&pci0, &com1, &rtc, &pwrb, &ged]);
     let s5 = aml::Name("_S5_", &aml::Package(vec![&5u64, &0u64]));
     let mut body = sb.to_bytes();
     s5.emit(&mut body);
@@ -208,6 +231,7 @@ mod tests {
             d.len()
         );
         assert!(d.windows(8).any(|w| w == b"ACPI0013"));
+        assert!(d.windows(7).any(|w| w == b"PNP0501"));
         assert!(d.windows(4).any(|w| w == b"_S5_"));
     }
 

@@ -233,12 +233,28 @@ pub fn pci_root_resources(mem: (u32, u32)) -> Buffer {
 
 /// A resource template with one I/O port range.
 pub fn io_resource(port: u16, len: u8) -> Buffer {
+    let mut r = io_descriptor(port, len);
+    r.extend_from_slice(&[0x79, 0]);
+    Buffer(r)
+}
+
+/// A resource template for a legacy ISA device: one I/O port range and one
+/// ISA interrupt (edge triggered, active high), like a 16550's.
+pub fn isa_resources(port: u16, len: u8, irq: u8) -> Buffer {
+    let mut r = io_descriptor(port, len);
+    let mask = 1u16 << (irq & 15);
+    r.push(0x22);
+    r.extend_from_slice(&mask.to_le_bytes());
+    r.extend_from_slice(&[0x79, 0]);
+    Buffer(r)
+}
+
+fn io_descriptor(port: u16, len: u8) -> Vec<u8> {
     let mut r = vec![0x47, 1];
     r.extend_from_slice(&port.to_le_bytes());
     r.extend_from_slice(&port.to_le_bytes());
     r.extend_from_slice(&[1, len]);
-    r.extend_from_slice(&[0x79, 0]);
-    Buffer(r)
+    r
 }
 
 #[cfg(test)]

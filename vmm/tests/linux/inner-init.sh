@@ -4,8 +4,10 @@
 # Kernel command line (read from /proc/cmdline):
 #   atoll.mode=write  mount /dev/vda, write atoll.text to /atoll.txt, sync, umount
 #   atoll.mode=read   mount /dev/vda, print /atoll.txt
-# then `reboot -f`: with `reboot=k` the kernel resets through the i8042 (0xfe) and
-# the VM ends with exit reason "reset".
+#   atoll.end=reboot  (default) `reboot -f`: with `reboot=k` the kernel resets
+#                     through the i8042 (0xfe); the VM ends with reason "reset"
+#   atoll.end=button  wait for the ACPI power button (the VMM's `shutdown`), then
+#                     `poweroff -f`; the VM ends with reason "poweroff"
 #
 # Every line the harness looks for starts with "ATOLL-INNER:".
 /bin/busybox mkdir -p /proc /sys /dev /mnt /tmp
@@ -21,17 +23,41 @@ stamp U
 
 mode=none
 text=
+end=reboot
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     atoll.mode=*) mode=${arg#atoll.mode=} ;;
     atoll.text=*) text=${arg#atoll.text=} ;;
+    atoll.end=*) end=${arg#atoll.end=} ;;
   esac
 done
 
 echo "ATOLL-INNER: userspace mode=$mode uptime=$(cut -d' ' -f1 /proc/uptime) cpus=$(grep -c ^processor /proc/cpuinfo)"
 echo "ATOLL-INNER: net=$(ls /sys/class/net | tr '\n' ' ')"
 
+# The input device the ACPI button driver registered as "Power Button".
+power_button() {
+  for d in /sys/class/input/event*; do
+    [ "$(cat "$d/device/name" 2>/dev/null)" = "Power Button" ] && echo "/dev/${d##*/}" && return
+  done
+}
+
 finish() {
+  if [ "$end" = button ]; then
+    ev=$(power_button)
+    if [ -z "$ev" ]; then
+      echo "ATOLL-INNER: ERROR no power button input device"
+    else
+      echo "ATOLL-INNER: waiting for the power button on $ev"
+      # One input_event (24 bytes) arrives when the button is pressed.
+      dd if="$ev" of=/dev/null bs=24 count=1 2>/dev/null
+      echo "ATOLL-INNER: power button pressed, powering off"
+      sync
+      poweroff -f
+      sleep 5
+      echo "ATOLL-INNER: ERROR poweroff -f returned"
+    fi
+  fi
   stamp E
   echo "ATOLL-INNER: rebooting uptime=$(cut -d' ' -f1 /proc/uptime)"
   sync
@@ -58,6 +84,22 @@ echo "ATOLL-INNER: modules loaded uptime=$(cut -d' ' -f1 /proc/uptime)"
 if [ -x /extra/run.sh ]; then
   /extra/run.sh 2>&1 | sed 's/^/ATOLL-INNER: extra: /'
 fi
+
+# The NIC (vhost-user-net, an echo backend in L1): the first one is up with
+# the MAC the VMM gave it, and an ARP request it sends comes back.
+nic() {
+  [ -e /sys/class/net/eth0 ] || { echo "ATOLL-INNER: NIC none ($(ls /sys/class/net | tr '\n' ' '))"; return; }
+  mac=$(cat /sys/class/net/eth0/address)
+  ip link set eth0 up
+  ip addr add 192.0.2.1/24 dev eth0
+  arping -c 1 -w 2 -I eth0 192.0.2.2 > /dev/null 2>&1
+  rx=$(cat /sys/class/net/eth0/statistics/rx_packets)
+  tx=$(cat /sys/class/net/eth0/statistics/tx_packets)
+  echo=missing
+  [ "$rx" -gt 0 ] && [ "$tx" -gt 0 ] && echo=ok
+  echo "ATOLL-INNER: NIC eth0 mac=$mac echo=$echo tx=$tx rx=$rx"
+}
+nic
 
 i=0
 while [ ! -b /dev/vda ]; do

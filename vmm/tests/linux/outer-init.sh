@@ -49,6 +49,11 @@ if [ ! -c /dev/kvm ]; then
   finish
 fi
 say "kvm ready uptime=$(up)"
+# Node setting, as an Atoll node sets it: guest RAM is a memfd (shmem), which
+# gets transparent huge pages only when shmem_enabled allows them.
+if [ -n "$SHMEM_THP" ]; then
+  echo "$SHMEM_THP" > /sys/kernel/mm/transparent_hugepage/shmem_enabled || say "WARN cannot set shmem_enabled"
+fi
 
 i=0
 while [ ! -b /dev/vda ]; do
@@ -79,21 +84,54 @@ while [ ! -S /tmp/qsd.sock ]; do
   fi
   sleep 0.1
 done
-say "qsd ready uptime=$(up)"
+say "qsd ready uptime=$(up) thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null) shmem_thp=$(cat /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null)"
 
-# boot N MODE: one inner VM; its console and the vmm's log go to our console.
+# console N EXTRA: copies the vmm's output to our console and /tmp/bootN.out.
+# With atoll.end=button in EXTRA, presses the power button through the vmm's
+# control socket (what `vmm daemon` does for Shutdown) once the guest says it
+# waits for it.
+console() {
+  : > /tmp/boot$1.out
+  while IFS= read -r line; do
+    echo "$line"
+    echo "$line" >> /tmp/boot$1.out
+    case "$2:$line" in
+      *atoll.end=button*:*"waiting for the power button"*)
+        if vmm ctl --state-dir /tmp/vm$1 shutdown > /tmp/ctl$1.out 2>&1; then
+          say "boot$1: pressed the power button"
+        else
+          say "boot$1: vmm ctl shutdown failed: $(cat /tmp/ctl$1.out)"
+        fi
+        ;;
+    esac
+  done
+}
+
+# boot N MODE [EXTRA]: one inner VM; its console and the vmm's log go to our console.
 boot() {
   n=$1
   mode=$2
+  extra=${3:-}
   quiet=
   case " $INNER_QUIET_BOOTS " in *" $n "*) quiet=quiet ;; esac
   cat > /tmp/boot$n.json <<EOF
 {"name":"linux$n","vcpus":$VCPUS,"memory_mib":$MEMORY_MIB,
  "boot":{"kernel":"/inner/vmlinux","initrd":"/inner/initrd.cpio",
-  "cmdline":"console=ttyS0 reboot=k panic=-1 $quiet $INNER_CMDLINE_EXTRA atoll.mode=$mode atoll.text=$TEXT"},
- "acpi":${INNER_ACPI:-false},
- "disks":[{"socket":"/tmp/qsd.sock"}]}
+  "cmdline":"console=ttyS0 reboot=k panic=-1 $quiet $INNER_CMDLINE_EXTRA $extra atoll.mode=$mode atoll.text=$TEXT"},
+ "acpi":${INNER_ACPI:-true},
+ "disks":[{"socket":"/tmp/qsd.sock"}],
+ "nets":[{"socket":"/tmp/net$n.sock","mac":"52:54:00:a7:00:0$n"}]}
 EOF
+  # The NIC's vhost-user-net backend: echoes every frame back to the guest;
+  # one per boot (it serves one frontend).
+  rm -f /tmp/net$n.sock
+  atoll-net-echo /tmp/net$n.sock > /tmp/net-echo$n.log 2>&1 &
+  i=0
+  while [ ! -S /tmp/net$n.sock ]; do
+    i=$((i + 1))
+    [ "$i" -gt 300 ] && { say "INFRA atoll-net-echo did not start: $(cat /tmp/net-echo$n.log)"; break; }
+    sleep 0.1
+  done
   say "boot$n start mode=$mode ${quiet:-verbose} uptime=$(up)"
   # A heartbeat, so that the host's no-output watchdog only fires when L1 itself
   # is frozen, not when the inner guest is silent.
@@ -109,14 +147,14 @@ EOF
   # console as they come, and to a file for the checks.
   {
     timeout -s KILL "$INNER_TIMEOUT" vmm run --config /tmp/boot$n.json \
-      --log-level "$VMM_LOG_LEVEL"
+      --state-dir /tmp/vm$n --log-level "$VMM_LOG_LEVEL"
     rc=$?
     if [ "$rc" = 137 ]; then
       say "boot$n vmm killed after ${INNER_TIMEOUT}s"
     else
       say "boot$n vmm exit status $rc"
     fi
-  } 2>&1 | tee /tmp/boot$n.out
+  } 2>&1 | console $n "$extra"
   kill "$hb" 2>/dev/null
   tr -d '\r' < /tmp/boot$n.out > /tmp/boot$n.txt
   say "boot$n end uptime=$(up)"
@@ -127,17 +165,21 @@ EOF
 
 has() { grep -q "$2" "/tmp/boot$1.txt"; }
 exit_reset() { grep '{"exit"' "/tmp/boot$1.txt" | grep -q '"reason":"reset"'; }
+exit_poweroff() { grep '{"exit"' "/tmp/boot$1.txt" | grep -q '"reason":"poweroff"'; }
 
 boot 1 write
 check boot1-userspace has 1 'ATOLL-INNER: userspace mode=write'
+check boot1-nic has 1 'ATOLL-INNER: NIC eth0 mac=52:54:00:a7:00:01 echo=ok'
 check boot1-file-written has 1 'ATOLL-INNER: WRITE-OK'
 check boot1-exit-reset exit_reset 1
 
-boot 2 read
+boot 2 read "atoll.end=button"
 check boot2-userspace has 2 'ATOLL-INNER: userspace mode=read'
+check boot2-nic has 2 'ATOLL-INNER: NIC eth0 mac=52:54:00:a7:00:02 echo=ok'
 got=$(sed -n 's/.*ATOLL-INNER: READ=//p' /tmp/boot2.txt | tail -n 1)
 if [ "$got" = "$TEXT" ]; then pass boot2-read-back; else failc boot2-read-back "got '$got', want '$TEXT'"; fi
-check boot2-exit-reset exit_reset 2
+check boot2-power-button has 2 'ATOLL-INNER: power button pressed'
+check boot2-exit-poweroff exit_poweroff 2
 
 # Benchmark boots (BENCH_BOOTS > 0): 1 vCPU, quiet, read mode. For each: the
 # boot timer's stamp at /init (µs since the vmm started) and the vmm's own

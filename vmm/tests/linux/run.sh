@@ -21,13 +21,15 @@
 #   L1_SILENCE        seconds without L1 output = hang   [90]
 #   INNER_TIMEOUT     seconds for one inner VM, in L1    [150]
 #   INNER_CMDLINE_EXTRA  more inner kernel parameters    []
-#   INNER_ACPI        "acpi" in the inner VMs' config    [false]
+#   INNER_ACPI        "acpi" in the inner VMs' config    [true]
 #   BENCH_BOOTS       extra quiet 1-vCPU boots, timed   [0]
 #   INNER_QUIET_BOOTS which inner boots get "quiet"      ["2": boot 1 logs
 #                     everything for diagnosis, boot 2 is timed without the
 #                     cost of a serial console byte per VM exit]
 #   INNER_EXTRA_DIR   a directory copied to the inner guest's /extra; its
 #                     run.sh (if any) runs before the disk test (debugging)
+#   SHMEM_THP         L1's transparent_hugepage/shmem_enabled  [advise]
+#                     ("" leaves the kernel default, never)
 #   VMM_LOG_LEVEL     --log-level of the vmm             [info]
 #   VERBOSE=1         stream the whole L1 console (default: only ATOLL- lines)
 set -euo pipefail
@@ -42,16 +44,18 @@ L1_SILENCE=${L1_SILENCE:-90}
 L1_MEMORY_MIB=${L1_MEMORY_MIB:-2048}
 INNER_TIMEOUT=${INNER_TIMEOUT:-150}
 INNER_CMDLINE_EXTRA=${INNER_CMDLINE_EXTRA:-}
-INNER_ACPI=${INNER_ACPI:-false}
+INNER_ACPI=${INNER_ACPI:-true}
 BENCH_BOOTS=${BENCH_BOOTS:-0}
 INNER_QUIET_BOOTS=${INNER_QUIET_BOOTS-2}
 INNER_EXTRA_DIR=${INNER_EXTRA_DIR:-}
+SHMEM_THP=${SHMEM_THP-advise}
 VMM_LOG_LEVEL=${VMM_LOG_LEVEL:-info}
 VERBOSE=${VERBOSE:-0}
 VCPUS=2
 MEMORY_MIB=512
-CHECKS=(boot1-userspace boot1-file-written boot1-exit-reset
-        boot2-userspace boot2-read-back boot2-exit-reset disk-has-text)
+CHECKS=(boot1-userspace boot1-nic boot1-file-written boot1-exit-reset
+        boot2-userspace boot2-nic boot2-read-back boot2-power-button boot2-exit-poweroff
+        disk-has-text)
 
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C
 T_SCRIPT=${EPOCHREALTIME/./}
@@ -121,14 +125,15 @@ if [[ -z $KPKG ]]; then # no package lists at all: use what the cache has
   [[ -n $KPKG ]] || die "cannot resolve the kernel package linux-image-amd64 depends on"
 fi
 KDIR=$CACHE/kernel/$KPKG
-if [[ ! -e $KDIR/.done ]]; then
+# .done-2: the module set grew (ACPI button, input, network drivers).
+if [[ ! -e $KDIR/.done-2 ]]; then
   deb_fetch "$KPKG"
   say "extracting $KPKG"
   rm -rf "$KDIR"
   mkdir -p "$KDIR"
   dpkg-deb --fsys-tarfile "$(deb_file "$KPKG")" |
     tar -x -C "$KDIR" --wildcards './boot/*' \
-      ./lib/modules/'*'/kernel/{arch,crypto,lib,virt,fs,drivers/virtio,drivers/block,drivers/crypto}/'*'
+      ./lib/modules/'*'/kernel/{arch,crypto,lib,virt,fs,net/core,drivers/virtio,drivers/block,drivers/crypto,drivers/acpi,drivers/input,drivers/net}/'*'
   mv "$KDIR"/boot/vmlinuz-* "$KDIR/vmlinuz"
   mv "$KDIR"/boot/config-* "$KDIR/config"
   mv "$KDIR"/lib/modules/*/kernel "$KDIR/modules"
@@ -140,7 +145,7 @@ if [[ ! -e $KDIR/.done ]]; then
   done
   [[ $(head -c 4 "$KDIR/vmlinux" | od -An -c | tr -d ' ') == 177ELF ]] ||
     die "no XZ-compressed ELF found in $KDIR/vmlinuz"
-  touch "$KDIR/.done"
+  touch "$KDIR/.done-2"
 fi
 if ! grep -q '^CONFIG_PVH=y' "$KDIR/config"; then
   say "WARNING: $KPKG has no CONFIG_PVH; the vmm boots its vmlinux as plain ELF"
@@ -188,6 +193,10 @@ if [[ -z ${VMM_BIN_SET:-} ]]; then
   say "building vmm (cargo build --release -p vmm)"
   (cd "$REPO" && cargo build --release -p vmm)
 fi
+# The NIC's backend in L1: an echo device (test equipment; netd's ports later).
+NET_ECHO_BIN=$REPO/target/release/atoll-net-echo
+say "building atoll-net-echo"
+(cd "$REPO" && cargo build --release -p atoll-tests --bin atoll-net-echo)
 say "kernel $KPKG, QEMU $QEMU, vmm $VMM_BIN, qemu-storage-daemon $QSD"
 
 # ---------------------------------------------------------------- images
@@ -237,7 +246,7 @@ mkdir -p "$WORK/inner/bin" "$WORK/inner/dev"
 cp "$BB" "$WORK/inner/bin/busybox"
 install -m 755 "$HERE/inner-init.sh" "$WORK/inner/init"
 mknod -m 600 "$WORK/inner/dev/console" c 5 1
-mods "$WORK/inner/modules" virtio_pci virtio_blk crc32c_generic ext4
+mods "$WORK/inner/modules" virtio_pci virtio_blk crc32c_generic ext4 virtio_net button evdev
 [[ -n $INNER_EXTRA_DIR ]] && cp -a "$INNER_EXTRA_DIR" "$WORK/inner/extra"
 say "inner modules: $(tr '\n' ' ' < "$WORK/inner/modules/order")"
 
@@ -252,6 +261,7 @@ for m in irqbypass ccp kvm kvm-amd; do
   cp "$(find "$KDIR/modules" -name "$m.ko" | head -n 1)" "$O/lib/modules/$m.ko"
 done
 copy_bin "$O" "$VMM_BIN" vmm
+copy_bin "$O" "$NET_ECHO_BIN" atoll-net-echo
 copy_bin "$O" "$QSD" qemu-storage-daemon
 cp "$KDIR/vmlinux" "$O/inner/vmlinux"
 mkcpio "$WORK/inner" "$O/inner/initrd.cpio"
@@ -266,6 +276,7 @@ INNER_ACPI=$INNER_ACPI
 BENCH_BOOTS=$BENCH_BOOTS
 INNER_QUIET_BOOTS='$INNER_QUIET_BOOTS'
 VMM_LOG_LEVEL='$VMM_LOG_LEVEL'
+SHMEM_THP='$SHMEM_THP'
 EOF
 mkcpio "$O" "$WORK/outer.cpio"
 say "outer initramfs $(($(stat -c %s "$WORK/outer.cpio") / 1048576)) MiB, text $TEXT"
