@@ -181,37 +181,62 @@ if [ "$got" = "$TEXT" ]; then pass boot2-read-back; else failc boot2-read-back "
 check boot2-power-button has 2 'ATOLL-INNER: power button pressed'
 check boot2-exit-poweroff exit_poweroff 2
 
-# Benchmark boots (BENCH_BOOTS > 0): 1 vCPU, quiet, read mode. For each: the
-# boot timer's stamp at /init (µs since the vmm started) and the vmm's own
-# memory: Rss of every mapping except guest RAM, sampled at that moment.
+# Benchmark boots (BENCH_BOOTS > 0): each VMM of BENCH_VMMS whose binary is here
+# boots the same kernel, initramfs and command line with 1 vCPU and MEMORY_MIB,
+# no disk, no NIC, serial console only; round robin, BENCH_BOOTS times each.
+# bootstamp times the process from its start to the first userspace line and
+# sums its own Rss (every mapping smaller than guest RAM) at that moment.
+BCMD="console=ttyS0 reboot=k panic=-1 quiet $INNER_CMDLINE_EXTRA atoll.mode=read atoll.text=$TEXT"
+MARK='ATOLL-INNER: userspace'
+cat > /tmp/bench-atoll.json <<EOF
+{"name":"bench","vcpus":1,"memory_mib":$MEMORY_MIB,
+ "boot":{"kernel":"/inner/vmlinux","initrd":"/inner/initrd.cpio","cmdline":"$BCMD"}}
+EOF
+cat > /tmp/bench-fc.json <<EOF
+{"boot-source":{"kernel_image_path":"/inner/vmlinux","initrd_path":"/inner/initrd.cpio",
+  "boot_args":"$BCMD"},
+ "drives":[],
+ "machine-config":{"vcpu_count":1,"mem_size_mib":$MEMORY_MIB}}
+EOF
+bench_one() { # VMM N
+  log=/tmp/bench-$1-$2.log
+  case "$1" in
+    atoll)
+      out=$(bootstamp "$MARK" "$MEMORY_MIB" 150 "$log" -- \
+        vmm run --config /tmp/bench-atoll.json --log-level warn) ;;
+    firecracker)
+      out=$(bootstamp "$MARK" "$MEMORY_MIB" 150 "$log" -- \
+        firecracker --no-api --config-file /tmp/bench-fc.json --level Warning) ;;
+    cloud-hypervisor)
+      out=$(bootstamp "$MARK" "$MEMORY_MIB" 150 "$log" -- \
+        cloud-hypervisor --kernel /inner/vmlinux --initramfs /inner/initrd.cpio \
+        --cmdline "$BCMD" --cpus boot=1 --memory "size=${MEMORY_MIB}M" \
+        --serial tty --console off) ;;
+    qemu)
+      out=$(bootstamp "$MARK" "$MEMORY_MIB" 150 "$log" -- \
+        qemu-system-x86_64 -M microvm -enable-kvm -cpu host -m "$MEMORY_MIB" -smp 1 \
+        -nodefaults -no-user-config -display none -serial stdio -monitor none \
+        -L /usr/share/qemu -kernel /inner/vmlinux -initrd /inner/initrd.cpio \
+        -append "$BCMD") ;;
+  esac
+  case "$out" in
+    *us=*) say "BENCH vmm=$1 boot=$2 ${out#BOOTSTAMP }" ;;
+    *) say "BENCH vmm=$1 boot=$2 failed: $out; log: $(tail -c 600 "$log" | tr '\r\n' '  ')" ;;
+  esac
+}
+vmms=
+for v in ${BENCH_VMMS:-atoll firecracker cloud-hypervisor qemu}; do
+  case "$v" in
+    atoll) bin=vmm ;;
+    qemu) bin=qemu-system-x86_64 ;;
+    *) bin=$v ;;
+  esac
+  if command -v "$bin" > /dev/null; then vmms="$vmms $v"; else say "bench: no $bin in L1, skipping $v"; fi
+done
 i=0
 while [ "$i" -lt "${BENCH_BOOTS:-0}" ]; do
   i=$((i + 1))
-  d=/tmp/bench$i
-  rm -rf "$d"
-  cat > /tmp/bench$i.json <<EOF
-{"name":"bench$i","vcpus":1,"memory_mib":$MEMORY_MIB,
- "boot":{"kernel":"/inner/vmlinux","initrd":"/inner/initrd.cpio",
-  "cmdline":"console=ttyS0 reboot=k panic=-1 quiet $INNER_CMDLINE_EXTRA atoll.mode=read atoll.text=$TEXT"},
- "disks":[{"socket":"/tmp/qsd.sock"}]}
-EOF
-  vmm run --config /tmp/bench$i.json --log-level info > /tmp/bench$i.out 2>&1 &
-  pid=$!
-  us=
-  t=0
-  # Every process started here competes with the guest for L1's one CPU:
-  # look once a second, with a shell builtin loop over the log.
-  while [ -z "$us" ] && kill -0 "$pid" 2>/dev/null && [ "$t" -lt 150 ]; do
-    sleep 1
-    t=$((t + 1))
-    while read -r line; do
-      case "$line" in *"boot timer"*"stage=85 "*) us=${line##*micros=} ;; esac
-    done < /tmp/bench$i.out
-  done
-  rss=$(awk '/^[0-9a-f]+-[0-9a-f]+ / {guest = index($0, "atoll-guest-ram") > 0}
-             /^Rss:/ && !guest {s += $2} END {print s}' "/proc/$pid/smaps" 2>/dev/null)
-  wait "$pid"
-  say "BENCH boot=$i micros=${us:-none} vmm_rss_kib=${rss:-none}"
+  for v in $vmms; do bench_one "$v" "$i"; done
 done
 
 finish

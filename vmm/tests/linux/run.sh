@@ -22,7 +22,12 @@
 #   INNER_TIMEOUT     seconds for one inner VM, in L1    [150]
 #   INNER_CMDLINE_EXTRA  more inner kernel parameters    []
 #   INNER_ACPI        "acpi" in the inner VMs' config    [true]
-#   BENCH_BOOTS       extra quiet 1-vCPU boots, timed   [0]
+#   BENCH_BOOTS       after the checks, N timed 1-vCPU boots per VMM   [0]
+#   BENCH_VMMS        which VMMs those are [atoll firecracker cloud-hypervisor qemu]
+#                     (qemu = the QEMU above with -M microvm; the others
+#                     only when PEERS_DIR has their binaries)
+#   PEERS_DIR         firecracker and cloud-hypervisor binaries built from
+#                     their public sources, for the benchmark  [/var/tmp/peers/bin]
 #   INNER_QUIET_BOOTS which inner boots get "quiet"      ["2": boot 1 logs
 #                     everything for diagnosis, boot 2 is timed without the
 #                     cost of a serial console byte per VM exit]
@@ -39,15 +44,18 @@ REPO=$(cd "$HERE/../../.." && pwd)
 CACHE=${ATOLL_CACHE:-/var/tmp/atoll-linux-cache}
 VMM_BIN_SET=${VMM_BIN:+1}
 VMM_BIN=${VMM_BIN:-$REPO/target/release/vmm}
-L1_TIMEOUT=${L1_TIMEOUT:-480}
+BENCH_BOOTS=${BENCH_BOOTS:-0}
+# Each benchmark round (up to four VMMs) takes about a minute of L1 time.
+L1_TIMEOUT=${L1_TIMEOUT:-$((480 + BENCH_BOOTS * 90))}
 L1_SILENCE=${L1_SILENCE:-90}
 L1_MEMORY_MIB=${L1_MEMORY_MIB:-2048}
 INNER_TIMEOUT=${INNER_TIMEOUT:-150}
 INNER_CMDLINE_EXTRA=${INNER_CMDLINE_EXTRA:-}
 INNER_ACPI=${INNER_ACPI:-true}
-BENCH_BOOTS=${BENCH_BOOTS:-0}
 INNER_QUIET_BOOTS=${INNER_QUIET_BOOTS-2}
 INNER_EXTRA_DIR=${INNER_EXTRA_DIR:-}
+BENCH_VMMS=${BENCH_VMMS:-atoll firecracker cloud-hypervisor qemu}
+PEERS_DIR=${PEERS_DIR:-/var/tmp/peers/bin}
 SHMEM_THP=${SHMEM_THP-advise}
 VMM_LOG_LEVEL=${VMM_LOG_LEVEL:-info}
 VERBOSE=${VERBOSE:-0}
@@ -262,6 +270,18 @@ for m in irqbypass ccp kvm kvm-amd; do
 done
 copy_bin "$O" "$VMM_BIN" vmm
 copy_bin "$O" "$NET_ECHO_BIN" atoll-net-echo
+if ((BENCH_BOOTS > 0)); then
+  gcc -O2 -static -o "$O/bin/bootstamp" "$HERE/bootstamp.c"
+  for v in firecracker cloud-hypervisor; do
+    [[ " $BENCH_VMMS " == *" $v "* && -x $PEERS_DIR/$v ]] && copy_bin "$O" "$PEERS_DIR/$v" "$v"
+  done
+  if [[ " $BENCH_VMMS " == *" qemu "* ]]; then
+    copy_bin "$O" "$QEMU" qemu-system-x86_64
+    mkdir -p "$O/usr/share/qemu"
+    cp "$(dirname "$QEMU")/../share/qemu/bios-microvm.bin" "$O/usr/share/qemu/" 2> /dev/null ||
+      cp /usr/share/qemu/bios-microvm.bin "$O/usr/share/qemu/"
+  fi
+fi
 copy_bin "$O" "$QSD" qemu-storage-daemon
 cp "$KDIR/vmlinux" "$O/inner/vmlinux"
 mkcpio "$WORK/inner" "$O/inner/initrd.cpio"
@@ -274,6 +294,7 @@ INNER_TIMEOUT=$INNER_TIMEOUT
 INNER_CMDLINE_EXTRA='$INNER_CMDLINE_EXTRA'
 INNER_ACPI=$INNER_ACPI
 BENCH_BOOTS=$BENCH_BOOTS
+BENCH_VMMS='$BENCH_VMMS'
 INNER_QUIET_BOOTS='$INNER_QUIET_BOOTS'
 VMM_LOG_LEVEL='$VMM_LOG_LEVEL'
 SHMEM_THP='$SHMEM_THP'
@@ -413,15 +434,19 @@ for n in 1 2; do
     echo "timing boot$n: no userspace marker (vmm started ${t_start:-?}s after QEMU start)"
   fi
 done
-# Benchmark boots: min / median / max.
+# Benchmark boots: min / median / max per VMM.
 if grep -q "ATOLL-L1: BENCH " "$LOG"; then
-  for f in micros vmm_rss_kib; do
-    vals=$(sed -n "s/.*ATOLL-L1: BENCH .*$f=\([0-9]*\).*/\1/p" "$LOG" | sort -n)
-    n=$(echo "$vals" | grep -c .)
-    if ((n > 0)); then
-      echo "bench $f over $n boots: min $(echo "$vals" | head -n 1)" \
-        "median $(echo "$vals" | sed -n "$(((n + 1) / 2))p") max $(echo "$vals" | tail -n 1)"
-    fi
+  for v in $(sed -n 's/.*ATOLL-L1: BENCH vmm=\([^ ]*\) .*/\1/p' "$LOG" | sort -u); do
+    for f in us rss_kib; do
+      vals=$(sed -n "s/.*ATOLL-L1: BENCH vmm=$v .* $f=\([0-9]*\).*/\1/p" "$LOG" | sort -n)
+      n=$(echo "$vals" | grep -c . || true)
+      if ((n > 0)); then
+        echo "bench $v $f over $n boots: min $(echo "$vals" | head -n 1)" \
+          "median $(echo "$vals" | sed -n "$(((n + 1) / 2))p") max $(echo "$vals" | tail -n 1)"
+      fi
+    done
+    fails=$(grep -c "ATOLL-L1: BENCH vmm=$v .* failed" "$LOG" || true)
+    ((fails == 0)) || echo "bench $v: $fails boots failed"
   done
 fi
 if ((failed > 0)); then
