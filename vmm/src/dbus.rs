@@ -4,6 +4,7 @@
 //! `org.freedesktop.DBus.ObjectManager`; one object per VM appears below it at
 //! `/org/atoll/Vmm1/vm/<uuid>` with the interface `org.atoll.Vmm1.Vm`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -152,6 +153,28 @@ impl VmObject {
         })
     }
 
+    /// The VM's devices while it runs: (PCI slot, what it is, state, counters).
+    /// State is "idle" (no driver yet), "starting", "active" or "broken";
+    /// counters include activations, resets and failed_activations, plus the
+    /// device's own (requests and bytes for devices the VMM serves itself;
+    /// vhost-user backends count their I/O themselves). Read from the VM
+    /// process on each Get; empty when it does not run.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn devices(&self) -> Vec<(u32, String, String, HashMap<String, u64>)> {
+        let vm = self.vm.clone();
+        let info = tokio::task::spawn_blocking(move || vm.api("info"))
+            .await
+            .ok()
+            .and_then(Result::ok);
+        info.and_then(|v| {
+            serde_json::from_value::<Vec<crate::pci::DeviceInfo>>(v["devices"].clone()).ok()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| (d.slot, d.kind, d.state, d.counters.into_iter().collect()))
+        .collect()
+    }
+
     /// Starts the VM; returns once its process answers.
     async fn start(
         &self,
@@ -251,6 +274,9 @@ pub trait Vm {
     /// Processes started.
     #[zbus(property)]
     fn boots(&self) -> zbus::Result<u32>;
+    /// Devices with their state and counters.
+    #[zbus(property)]
+    fn devices(&self) -> zbus::Result<Vec<(u32, String, String, HashMap<String, u64>)>>;
     /// Start.
     fn start(&self) -> zbus::Result<()>;
     /// Stop.

@@ -27,3 +27,10 @@ pub use dbus::{VmProxy, Vmm1Proxy, BUS_NAME, OBJECT_PATH};
 
 /// Version of this crate, reported on D-Bus.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Stack of a vCPU thread. Rust's default (2 MiB) is more than device
+/// emulation needs, and on a host with transparent huge pages set to
+/// `always` a 2 MiB-aligned stack becomes one huge page of resident memory.
+pub const VCPU_STACK: usize = 512 << 10;
+/// Stack of the VMM's other threads (device queues, console).
+pub const DEVICE_STACK: usize = 256 << 10;

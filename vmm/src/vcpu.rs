@@ -128,6 +128,7 @@ impl VcpuThread {
     pub fn spawn(fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<Self> {
         install_kick_handler();
         let handle = std::thread::Builder::new()
+            .stack_size(crate::VCPU_STACK)
             .name(format!("vcpu{}", ctx.index))
             .spawn(move || {
                 if !ctx.affinity.is_empty() {

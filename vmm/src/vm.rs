@@ -414,6 +414,7 @@ impl Vm {
                     "uptime_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                     "boot_stamps": self.stamps().iter().map(|s| serde_json::json!({"stage": s.stage, "micros": s.micros})).collect::<Vec<_>>(),
                     "console_dropped_bytes": self.console.dropped(),
+                    "devices": self.pci.devices(),
                 })
             }
             Request::Pause => control.pause(threads),

@@ -344,6 +344,64 @@ fn media_and_rng_survive_hostile_chains() {
     );
 }
 
+#[test]
+fn device_counters_show_what_the_guest_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // Without debug_exit the guest halts at its end and the VM stays up.
+    let cfg = config(
+        dir.path(),
+        "media",
+        serde_json::json!({"media": [{"path": disk(dir.path())}], "rng": true, "debug_exit": false}),
+    );
+    let mut cmd = vmm(&cfg);
+    cmd.arg("--state-dir").arg(&state);
+    let mut child = cmd.spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("rng used") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the guest stopped early"
+        );
+    }
+    let mut api = ApiClient::connect(&state.join("api.sock"));
+    let info = api.call(r#"{"op":"info"}"#);
+    let devices = info["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2, "{info}");
+    let (media, rng) = (&devices[0], &devices[1]);
+    assert_eq!(media["slot"], 1);
+    assert!(
+        media["kind"]
+            .as_str()
+            .unwrap()
+            .starts_with("virtio-blk read-only "),
+        "{media}"
+    );
+    // The guest reset the disk (its driver's first write and once more
+    // before reusing the ring memory for the rng).
+    assert_eq!(media["state"], "idle");
+    let c = &media["counters"];
+    assert_eq!(c["activations"], 1, "{media}");
+    assert_eq!(c["resets"], 2, "{media}");
+    assert_eq!(c["failed_activations"], 0, "{media}");
+    // Every request the guest made was answered, the hostile ones included.
+    assert_eq!(c["requests"], 9, "{media}");
+    assert!(
+        c["bytes_to_guest"].as_u64().unwrap() >= 4097 + 513,
+        "{media}"
+    );
+    assert_eq!(c["broken_queues"], 0, "{media}");
+    assert_eq!(rng["kind"], "virtio-rng");
+    assert_eq!(rng["state"], "active");
+    assert_eq!(rng["counters"]["requests"], 1, "{rng}");
+    assert_eq!(rng["counters"]["bytes_to_guest"], 64, "{rng}");
+    api.call(r#"{"op":"stop"}"#);
+    let status = child.wait().unwrap();
+    assert!(status.success());
+}
+
 struct ApiClient {
     reader: BufReader<UnixStream>,
     stream: UnixStream,

@@ -62,6 +62,7 @@ fn spin_config(name: &str) -> String {
         "vcpus": 1,
         "memory_mib": 32,
         "boot": {"kernel": common::guest("spin")},
+        "rng": true,
     })
     .to_string()
 }
@@ -121,6 +122,14 @@ async fn vm_lifecycle_survives_a_supervisor_restart() {
     let pid = v.pid().await.unwrap();
     assert!(pid > 0 && process_alive(pid));
     assert_eq!(v.boots().await.unwrap(), 1);
+    let devices = v.devices().await.unwrap();
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    let (slot, kind, dev_state, counters) = &devices[0];
+    assert_eq!(
+        (*slot, kind.as_str(), dev_state.as_str()),
+        (1, "virtio-rng", "idle")
+    );
+    assert_eq!(counters.get("activations"), Some(&0), "{counters:?}");
     let again = v.start().await.unwrap_err();
     assert!(again.to_string().contains("InvalidState"), "{again}");
 

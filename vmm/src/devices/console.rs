@@ -128,6 +128,7 @@ impl Console {
         listener.set_nonblocking(true)?;
         let me = self.clone();
         std::thread::Builder::new()
+            .stack_size(crate::DEVICE_STACK)
             .name("console".into())
             .spawn(move || me.serve(&listener, &input))?;
         Ok(())

@@ -64,6 +64,23 @@ pub trait PciDevice: Send {
     fn bar_moved(&mut self, _bar: usize, _addr: u64) {}
     /// The VM is ending: stop backends and threads.
     fn shutdown(&mut self) {}
+    /// What it is, its state and counters (devices beyond the host bridge).
+    fn info(&self) -> Option<DeviceInfo> {
+        None
+    }
+}
+
+/// A device as the control socket and D-Bus show it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DeviceInfo {
+    /// PCI slot on bus 0.
+    pub slot: u32,
+    /// What it is ("virtio-blk vhost-user /run/d.sock").
+    pub kind: String,
+    /// "idle" (no driver yet), "starting", "active" or "broken".
+    pub state: String,
+    /// Counters by name.
+    pub counters: std::collections::BTreeMap<String, u64>,
 }
 
 /// A shared PCI device.
@@ -202,6 +219,25 @@ impl PciRoot {
         st.slots[slot] = Some(dev);
         info!(slot, "PCI device plugged");
         Ok(slot)
+    }
+
+    /// Every device but the host bridge, in slot order.
+    pub fn devices(&self) -> Vec<DeviceInfo> {
+        let slots: Vec<(usize, SharedPci)> = self
+            .state()
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| d.clone().map(|d| (i, d)))
+            .collect();
+        slots
+            .into_iter()
+            .filter_map(|(i, d)| {
+                let mut info = lock(&d).info()?;
+                info.slot = u32::try_from(i).unwrap_or(u32::MAX);
+                Some(info)
+            })
+            .collect()
     }
 
     /// Stops every device.

@@ -11,7 +11,9 @@ use std::path::Path;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::worker::{self, Chain, QueueHandler, Worker};
+use std::sync::Arc;
+
+use super::worker::{self, Chain, QueueHandler, Stats, Worker};
 use super::{features, types, Activation, VirtioDevice, VirtioError};
 
 const QUEUE_SIZE: u16 = 256;
@@ -45,6 +47,8 @@ pub struct Media {
     sectors: u64,
     mem: GuestMemoryMmap,
     worker: Option<Worker>,
+    path: String,
+    stats: Arc<Stats>,
 }
 
 impl Media {
@@ -62,6 +66,8 @@ impl Media {
             sectors: len / SECTOR,
             mem,
             worker: None,
+            path: path.display().to_string(),
+            stats: Arc::default(),
         })
     }
 
@@ -226,6 +232,7 @@ impl VirtioDevice for Media {
             a,
             QUEUE_SIZE,
             server,
+            self.stats.clone(),
         )?);
         Ok(())
     }
@@ -234,5 +241,13 @@ impl VirtioDevice for Media {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
+    }
+
+    fn describe(&self) -> String {
+        format!("virtio-blk read-only {}", self.path)
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.stats.counters()
     }
 }

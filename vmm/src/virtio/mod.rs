@@ -153,6 +153,12 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, a: Activation) -> Result<(), VirtioError>;
     /// Stops it (driver reset or VM end); it may be activated again.
     fn reset(&mut self);
+    /// What it is, for people ("virtio-blk vhost-user /run/disk.sock").
+    fn describe(&self) -> String;
+    /// Counters the device keeps (its backend may keep more).
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// What device constructors need.

@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::{features, status, Activation, CreateContext, Queue, VirtioDevice, VirtioError};
 use crate::pci::config::{Bar, Ids, PciConfig};
 use crate::pci::msix::{Msix, ENTRY_SIZE};
-use crate::pci::{BarAllocator, PciDevice, PciError};
+use crate::pci::{BarAllocator, DeviceInfo, PciDevice, PciError};
 
 /// Size of BAR 0.
 pub const BAR_SIZE: u64 = 0x1_0000;
@@ -65,6 +65,11 @@ pub struct VirtioPci {
     isr: u8,
     /// Ioeventfds registered for the active queues: (address, eventfd).
     kicks: Vec<(u64, EventFd)>,
+    /// Times the driver started the device (DRIVER_OK), reset it, and
+    /// times starting it failed (the device is then marked broken).
+    activations: u64,
+    resets: u64,
+    failed_activations: u64,
 }
 
 impl std::fmt::Debug for VirtioPci {
@@ -160,6 +165,9 @@ impl VirtioPci {
             generation: 0,
             isr: 0,
             kicks: Vec::new(),
+            activations: 0,
+            resets: 0,
+            failed_activations: 0,
         })
     }
 
@@ -300,7 +308,9 @@ impl VirtioPci {
         let starting = new & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0;
         self.status = new;
         if starting {
+            self.activations += 1;
             if let Err(e) = self.activate() {
+                self.failed_activations += 1;
                 warn!("virtio device type {}: {e}", self.device.device_type());
                 self.status |= status::NEEDS_RESET;
                 self.unregister_kicks();
@@ -383,6 +393,7 @@ impl VirtioPci {
     }
 
     fn reset(&mut self) {
+        self.resets += 1;
         if self.status & status::DRIVER_OK != 0 {
             self.device.reset();
         }
@@ -488,5 +499,32 @@ impl PciDevice for VirtioPci {
             self.device.reset();
         }
         self.unregister_kicks();
+    }
+
+    fn info(&self) -> Option<DeviceInfo> {
+        let state = if self.status & status::NEEDS_RESET != 0 {
+            "broken"
+        } else if self.status & status::DRIVER_OK != 0 {
+            "active"
+        } else if self.status == 0 {
+            "idle"
+        } else {
+            "starting"
+        };
+        let mut counters = vec![
+            ("activations", self.activations),
+            ("resets", self.resets),
+            ("failed_activations", self.failed_activations),
+        ];
+        counters.extend(self.device.counters());
+        Some(DeviceInfo {
+            slot: 0,
+            kind: self.device.describe(),
+            state: state.into(),
+            counters: counters
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        })
     }
 }

@@ -6,7 +6,9 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::worker::{self, Chain, QueueHandler, Worker};
+use std::sync::Arc;
+
+use super::worker::{self, Chain, QueueHandler, Stats, Worker};
 use super::{features, types, Activation, VirtioDevice, VirtioError};
 
 /// Most bytes served per request (the guest asks again for more).
@@ -18,6 +20,7 @@ const QUEUE_SIZE: u16 = 256;
 pub struct Rng {
     mem: Option<GuestMemoryMmap>,
     worker: Option<Worker>,
+    stats: Arc<Stats>,
 }
 
 impl Rng {
@@ -26,6 +29,7 @@ impl Rng {
         Self {
             mem: Some(mem),
             worker: None,
+            stats: Arc::default(),
         }
     }
 }
@@ -103,7 +107,14 @@ impl VirtioDevice for Rng {
             .mem
             .clone()
             .ok_or(VirtioError::Unsupported("memory-less rng"))?;
-        self.worker = Some(worker::start("rng", mem, a, QUEUE_SIZE, Filler)?);
+        self.worker = Some(worker::start(
+            "rng",
+            mem,
+            a,
+            QUEUE_SIZE,
+            Filler,
+            self.stats.clone(),
+        )?);
         Ok(())
     }
 
@@ -111,5 +122,13 @@ impl VirtioDevice for Rng {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
+    }
+
+    fn describe(&self) -> String {
+        "virtio-rng".into()
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.stats.counters()
     }
 }

@@ -322,4 +322,17 @@ impl VirtioDevice for VhostUserDevice {
         }
         let _ = self.protocol;
     }
+
+    fn describe(&self) -> String {
+        let kind = match self.device_type {
+            super::types::BLOCK => "virtio-blk",
+            super::types::NET => "virtio-net",
+            _ => "virtio",
+        };
+        format!("{kind} vhost-user {}", self.path.display())
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![("queues_started", self.active.len() as u64)]
+    }
 }

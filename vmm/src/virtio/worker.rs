@@ -11,6 +11,8 @@
 #![allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use tracing::warn;
@@ -28,6 +30,31 @@ pub type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
 pub trait QueueHandler: Send + 'static {
     /// Serves one chain from queue `queue`; returns the bytes written into it.
     fn handle(&mut self, queue: u16, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32;
+}
+
+/// What a worker did, kept across activations (readable any time).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Chains served.
+    pub requests: AtomicU64,
+    /// Bytes written into the guest's buffers.
+    pub bytes_to_guest: AtomicU64,
+    /// Queues stopped because the guest corrupted them.
+    pub broken_queues: AtomicU64,
+}
+
+impl Stats {
+    /// The counters by name.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("requests", self.requests.load(Ordering::Relaxed)),
+            (
+                "bytes_to_guest",
+                self.bytes_to_guest.load(Ordering::Relaxed),
+            ),
+            ("broken_queues", self.broken_queues.load(Ordering::Relaxed)),
+        ]
+    }
 }
 
 /// The running worker of one device.
@@ -51,8 +78,13 @@ pub fn start(
     mem: GuestMemoryMmap,
     a: Activation,
     max_size: u16,
-    mut handler: impl QueueHandler,
+    handler: impl QueueHandler,
+    stats: Arc<Stats>,
 ) -> Result<Worker, VirtioError> {
+    let mut handler = Counted {
+        inner: handler,
+        stats: stats.clone(),
+    };
     let mut live = Vec::new();
     for q in a.queues {
         let bad = |why| VirtioError::BadQueue {
@@ -98,11 +130,12 @@ pub fn start(
             .map_err(setup("cannot watch a queue eventfd"))?;
     }
     let thread = std::thread::Builder::new()
+        .stack_size(crate::DEVICE_STACK)
         .name(format!("virtio-{name}"))
         .spawn(move || {
             // Requests that arrived before activation (no notification yet).
             for l in &mut live {
-                serve(l, &mem, &mut handler);
+                serve(l, &mem, &mut handler, &stats);
             }
             let mut events = vec![EpollEvent::default(); live.len() + 1];
             loop {
@@ -121,7 +154,7 @@ pub fn start(
                     }
                     if let Some(l) = live.get_mut(id as usize) {
                         let _ = l.kick.read();
-                        serve(l, &mem, &mut handler);
+                        serve(l, &mem, &mut handler, &stats);
                     }
                 }
             }
@@ -134,7 +167,7 @@ pub fn start(
 }
 
 /// Drains a queue; a ring the guest corrupted stops that queue only.
-fn serve(l: &mut Live, mem: &GuestMemoryMmap, handler: &mut impl QueueHandler) {
+fn serve(l: &mut Live, mem: &GuestMemoryMmap, handler: &mut impl QueueHandler, stats: &Stats) {
     if l.broken {
         return;
     }
@@ -143,7 +176,27 @@ fn serve(l: &mut Live, mem: &GuestMemoryMmap, handler: &mut impl QueueHandler) {
             let _ = l.call.write(1);
         }
         Ok(false) => {}
-        Err(why) => broken(l, &why),
+        Err(why) => {
+            stats.broken_queues.fetch_add(1, Ordering::Relaxed);
+            broken(l, &why);
+        }
+    }
+}
+
+/// A handler that counts what it serves.
+struct Counted<H> {
+    inner: H,
+    stats: Arc<Stats>,
+}
+
+impl<H: QueueHandler> QueueHandler for Counted<H> {
+    fn handle(&mut self, queue: u16, mem: &GuestMemoryMmap, chain: Chain<'_>) -> u32 {
+        let n = self.inner.handle(queue, mem, chain);
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_to_guest
+            .fetch_add(u64::from(n), Ordering::Relaxed);
+        n
     }
 }
 

@@ -15,6 +15,7 @@
  * measured; everything else is the VMM's own). Then it kills COMMAND. The pipe
  * is read with blocking reads: no polling competes with the guest for L1's CPU.
  * Prints "BOOTSTAMP timeout" or "BOOTSTAMP exited" when the marker never came.
+ * With BOOTSTAMP_SMAPS=FILE in the environment, also copies the smaps there.
  * Built by run.sh with the host's gcc (-static).
  */
 #define _GNU_SOURCE
@@ -52,6 +53,17 @@ static long rss_kib(pid_t pid, unsigned long ram_bytes) {
   }
   fclose(f);
   return total;
+}
+
+static void copy_smaps(pid_t pid, const char *to) {
+  if (!to) return;
+  char path[64], buf[4096];
+  snprintf(path, sizeof path, "/proc/%d/smaps", (int)pid);
+  FILE *in = fopen(path, "r"), *out = fopen(to, "w");
+  size_t n;
+  while (in && out && (n = fread(buf, 1, sizeof buf, in)) > 0) fwrite(buf, 1, n, out);
+  if (in) fclose(in);
+  if (out) fclose(out);
 }
 
 int main(int argc, char **argv) {
@@ -105,6 +117,7 @@ int main(int argc, char **argv) {
           clock_gettime(CLOCK_MONOTONIC, &t1);
           long us = (t1.tv_sec - t0.tv_sec) * 1000000L + (t1.tv_nsec - t0.tv_nsec) / 1000;
           printf("BOOTSTAMP us=%ld rss_kib=%ld\n", us, rss_kib(child, ram));
+          copy_smaps(child, getenv("BOOTSTAMP_SMAPS"));
           found = 1;
         }
         used = 0;

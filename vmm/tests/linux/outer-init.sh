@@ -200,6 +200,7 @@ cat > /tmp/bench-fc.json <<EOF
 EOF
 bench_one() { # VMM N
   log=/tmp/bench-$1-$2.log
+  export BOOTSTAMP_SMAPS=/tmp/bench-$1-$2.smaps
   case "$1" in
     atoll)
       out=$(bootstamp "$MARK" "$MEMORY_MIB" 150 "$log" -- \
@@ -220,7 +221,16 @@ bench_one() { # VMM N
         -append "$BCMD") ;;
   esac
   case "$out" in
-    *us=*) say "BENCH vmm=$1 boot=$2 ${out#BOOTSTAMP }" ;;
+    *us=*)
+      say "BENCH vmm=$1 boot=$2 ${out#BOOTSTAMP }"
+      if [ "$2" = 1 ]; then
+        # Where the VMM's own memory is, largest first (Rss KiB, mapping).
+        awk '/^[0-9a-f]+-[0-9a-f]+ / {m = $1 " " $6 " " $2} /^Rss:/ {r = $2}
+             /^AnonHugePages:/ && r > 100 {print r, m, "thp=" $2}' "$BOOTSTAMP_SMAPS" |
+          sort -rn | head -n 10 |
+          while read -r l; do say "BENCH-SMAPS vmm=$1 $l"; done
+      fi
+      ;;
     *) say "BENCH vmm=$1 boot=$2 failed: $out; log: $(tail -c 600 "$log" | tr '\r\n' '  ')" ;;
   esac
 }

@@ -16,7 +16,8 @@
 # Environment (all optional):
 #   ATOLL_CACHE       downloads and extracted packages  [/var/tmp/atoll-linux-cache]
 #   ATOLL_LINUX_WORK  this run's files and logs           [a new /tmp/atoll-linux.XXXXXX]
-#   VMM_BIN           the vmm binary [target/release/vmm, (re)built by cargo when unset]
+#   VMM_BIN           the vmm binary [target/x86_64-unknown-linux-gnu/vmm-release/vmm,
+#                     (re)built by cargo when unset]
 #   L1_TIMEOUT        seconds for one outer QEMU run     [480]
 #   L1_SILENCE        seconds without L1 output = hang   [90]
 #   INNER_TIMEOUT     seconds for one inner VM, in L1    [150]
@@ -43,7 +44,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../../.." && pwd)
 CACHE=${ATOLL_CACHE:-/var/tmp/atoll-linux-cache}
 VMM_BIN_SET=${VMM_BIN:+1}
-VMM_BIN=${VMM_BIN:-$REPO/target/release/vmm}
+VMM_BIN=${VMM_BIN:-$REPO/target/x86_64-unknown-linux-gnu/vmm-release/vmm}
 BENCH_BOOTS=${BENCH_BOOTS:-0}
 # Each benchmark round (up to four VMMs) takes about a minute of L1 time.
 L1_TIMEOUT=${L1_TIMEOUT:-$((480 + BENCH_BOOTS * 90))}
@@ -198,8 +199,11 @@ fi
 flock -u 9
 
 if [[ -z ${VMM_BIN_SET:-} ]]; then
-  say "building vmm (cargo build --release -p vmm)"
-  (cd "$REPO" && cargo build --release -p vmm)
+  # As a node ships it: the vmm-release profile (LTO, abort on panic, size
+  # optimised), glibc linked statically.
+  say "building vmm (cargo build --profile vmm-release -p vmm, static)"
+  (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --profile vmm-release -p vmm --target x86_64-unknown-linux-gnu)
 fi
 # The NIC's backend in L1: an echo device (test equipment; netd's ports later).
 NET_ECHO_BIN=$REPO/target/release/atoll-net-echo
