@@ -417,8 +417,18 @@ impl Vm {
                     "devices": self.pci.devices(),
                 })
             }
-            Request::Pause => control.pause(threads),
-            Request::Resume => control.resume(),
+            Request::Pause => {
+                if !control.paused() {
+                    control.pause(threads);
+                    self.pci.pause();
+                }
+            }
+            Request::Resume => {
+                if control.paused() {
+                    self.pci.resume();
+                    control.resume();
+                }
+            }
             Request::Stop => self.exit.set(ExitReason::Stopped),
             Request::Reboot => self.exit.set(ExitReason::Reset),
             Request::Shutdown => match &self.power_button {

@@ -64,6 +64,10 @@ pub trait PciDevice: Send {
     fn bar_moved(&mut self, _bar: usize, _addr: u64) {}
     /// The VM is ending: stop backends and threads.
     fn shutdown(&mut self) {}
+    /// The VM pauses: stop touching guest memory (requests in flight end).
+    fn pause(&mut self) {}
+    /// The VM resumes.
+    fn resume(&mut self) {}
     /// What it is, its state and counters (devices beyond the host bridge).
     fn info(&self) -> Option<DeviceInfo> {
         None
@@ -238,6 +242,22 @@ impl PciRoot {
                 Some(info)
             })
             .collect()
+    }
+
+    /// Quiesces every device (the vCPUs are parked).
+    pub fn pause(&self) {
+        let slots: Vec<SharedPci> = self.state().slots.iter().flatten().cloned().collect();
+        for d in slots {
+            lock(&d).pause();
+        }
+    }
+
+    /// Lets every device run again (before the vCPUs do).
+    pub fn resume(&self) {
+        let slots: Vec<SharedPci> = self.state().slots.iter().flatten().cloned().collect();
+        for d in slots {
+            lock(&d).resume();
+        }
     }
 
     /// Stops every device.

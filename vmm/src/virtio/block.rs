@@ -243,6 +243,19 @@ impl VirtioDevice for Media {
         }
     }
 
+    fn pause(&mut self) {
+        if let Some(w) = &self.worker {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), VirtioError> {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!("virtio-blk read-only {}", self.path)
     }

@@ -153,6 +153,13 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, a: Activation) -> Result<(), VirtioError>;
     /// Stops it (driver reset or VM end); it may be activated again.
     fn reset(&mut self);
+    /// Stops touching guest memory until [`VirtioDevice::resume`] (the VM is
+    /// pausing); returns once requests in flight are done.
+    fn pause(&mut self) {}
+    /// Carries on after [`VirtioDevice::pause`].
+    fn resume(&mut self) -> Result<(), VirtioError> {
+        Ok(())
+    }
     /// What it is, for people ("virtio-blk vhost-user /run/disk.sock").
     fn describe(&self) -> String;
     /// Counters the device keeps (its backend may keep more).

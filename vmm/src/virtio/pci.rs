@@ -501,6 +501,30 @@ impl PciDevice for VirtioPci {
         self.unregister_kicks();
     }
 
+    fn pause(&mut self) {
+        if self.status & status::DRIVER_OK != 0 && self.status & status::NEEDS_RESET == 0 {
+            self.device.pause();
+        }
+    }
+
+    fn resume(&mut self) {
+        if self.status & status::DRIVER_OK == 0 || self.status & status::NEEDS_RESET != 0 {
+            return;
+        }
+        if let Err(e) = self.device.resume() {
+            warn!(
+                "virtio device type {} cannot resume: {e}",
+                self.device.device_type()
+            );
+            self.failed_activations += 1;
+            self.status |= status::NEEDS_RESET;
+            self.generation = self.generation.wrapping_add(1);
+            if self.config_vector != NO_VECTOR {
+                self.msix.signal(self.config_vector);
+            }
+        }
+    }
+
     fn info(&self) -> Option<DeviceInfo> {
         let state = if self.status & status::NEEDS_RESET != 0 {
             "broken"

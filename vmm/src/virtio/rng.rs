@@ -124,6 +124,19 @@ impl VirtioDevice for Rng {
         }
     }
 
+    fn pause(&mut self) {
+        if let Some(w) = &self.worker {
+            w.pause();
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), VirtioError> {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         "virtio-rng".into()
     }

@@ -9,6 +9,7 @@ use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{features, host_address, types, Activation, VirtioDevice, VirtioError};
 use crate::config::VhostUserConfig;
@@ -44,6 +45,20 @@ pub struct VhostUserDevice {
     mem: GuestMemoryMmap,
     regions: Vec<VhostUserMemoryRegionInfo>,
     active: Vec<u16>,
+    /// The rings as the driver set them up, to restart them after a pause.
+    rings: Vec<Ring>,
+    paused: bool,
+}
+
+/// One ring's setup: what the backend needs to (re)start it.
+struct Ring {
+    index: u16,
+    size: u16,
+    addrs: (u64, u64, u64),
+    kick: EventFd,
+    call: EventFd,
+    /// Where the backend stopped (GET_VRING_BASE at pause).
+    base: u16,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -212,6 +227,8 @@ impl VhostUserDevice {
             mem: ram.mem.clone(),
             regions,
             active: Vec::new(),
+            rings: Vec::new(),
+            paused: false,
         })
     }
 
@@ -231,6 +248,7 @@ impl VhostUserDevice {
         self.frontend
             .set_mem_table(&self.regions)
             .map_err(step(&path, "SET_MEM_TABLE"))?;
+        self.rings.clear();
         for q in &a.queues {
             let n = u64::from(q.size);
             let bad = |why| VirtioError::BadQueue {
@@ -243,39 +261,78 @@ impl VhostUserDevice {
                 .ok_or(bad("available ring outside guest memory"))?;
             let used = host_address(&self.mem, q.used, 6 + 8 * n)
                 .ok_or(bad("used ring outside guest memory"))?;
-            let i = usize::from(q.index);
+            let dup = |fd: &EventFd| {
+                fd.try_clone().map_err(|source| VirtioError::Setup {
+                    what: "cannot clone a queue eventfd",
+                    source,
+                })
+            };
+            self.rings.push(Ring {
+                index: q.index,
+                size: q.size,
+                addrs: (desc, avail, used),
+                kick: dup(&q.kick)?,
+                call: dup(&q.call)?,
+                base: 0,
+            });
+        }
+        self.start_rings()
+    }
+
+    /// Hands every ring of `self.rings` to the backend, each from its base.
+    fn start_rings(&mut self) -> Result<(), VirtioError> {
+        let path = self.path.clone();
+        for r in &self.rings {
+            let i = usize::from(r.index);
             self.frontend
-                .set_vring_num(i, q.size)
+                .set_vring_num(i, r.size)
                 .map_err(step(&path, "SET_VRING_NUM"))?;
             let addrs = VringConfigData {
                 queue_max_size: self.queue_size,
-                queue_size: q.size,
+                queue_size: r.size,
                 flags: 0,
-                desc_table_addr: desc,
-                used_ring_addr: used,
-                avail_ring_addr: avail,
+                desc_table_addr: r.addrs.0,
+                used_ring_addr: r.addrs.2,
+                avail_ring_addr: r.addrs.1,
                 log_addr: None,
             };
             self.frontend
                 .set_vring_addr(i, &addrs)
                 .map_err(step(&path, "SET_VRING_ADDR"))?;
             self.frontend
-                .set_vring_base(i, 0)
+                .set_vring_base(i, r.base)
                 .map_err(step(&path, "SET_VRING_BASE"))?;
             self.frontend
-                .set_vring_call(i, &q.call)
+                .set_vring_call(i, &r.call)
                 .map_err(step(&path, "SET_VRING_CALL"))?;
             self.frontend
-                .set_vring_kick(i, &q.kick)
+                .set_vring_kick(i, &r.kick)
                 .map_err(step(&path, "SET_VRING_KICK"))?;
             if self.has_protocol {
                 self.frontend
                     .set_vring_enable(i, true)
                     .map_err(step(&path, "SET_VRING_ENABLE"))?;
             }
-            self.active.push(q.index);
+            self.active.push(r.index);
         }
         Ok(())
+    }
+
+    /// Stops every active ring in the backend (it finishes what it took);
+    /// returns where each stopped.
+    fn stop_rings(&mut self) -> Vec<(u16, u16)> {
+        let mut bases = Vec::new();
+        for q in std::mem::take(&mut self.active) {
+            let i = usize::from(q);
+            if self.has_protocol {
+                let _ = self.frontend.set_vring_enable(i, false);
+            }
+            match self.frontend.get_vring_base(i) {
+                Ok(base) => bases.push((q, u16::try_from(base & 0xffff).unwrap_or(0))),
+                Err(e) => warn!(path = %self.path.display(), "stopping queue {q}: {e}"),
+            }
+        }
+        bases
     }
 }
 
@@ -310,17 +367,30 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn reset(&mut self) {
-        for q in std::mem::take(&mut self.active) {
-            let i = usize::from(q);
-            if self.has_protocol {
-                let _ = self.frontend.set_vring_enable(i, false);
-            }
-            // GET_VRING_BASE stops the ring in the backend.
-            if let Err(e) = self.frontend.get_vring_base(i) {
-                warn!(path = %self.path.display(), "stopping queue {q}: {e}");
+        // GET_VRING_BASE stops each ring in the backend.
+        self.stop_rings();
+        self.rings.clear();
+        self.paused = false;
+        let _ = self.protocol;
+    }
+
+    fn pause(&mut self) {
+        if self.paused || self.active.is_empty() {
+            return;
+        }
+        for (q, base) in self.stop_rings() {
+            if let Some(r) = self.rings.iter_mut().find(|r| r.index == q) {
+                r.base = base;
             }
         }
-        let _ = self.protocol;
+        self.paused = true;
+    }
+
+    fn resume(&mut self) -> Result<(), VirtioError> {
+        if !std::mem::take(&mut self.paused) {
+            return Ok(());
+        }
+        self.start_rings()
     }
 
     fn describe(&self) -> String {

@@ -12,7 +12,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use tracing::warn;
@@ -61,6 +61,9 @@ impl Stats {
 #[derive(Debug)]
 pub struct Worker {
     stop: EventFd,
+    wake: EventFd,
+    /// Held while the thread serves a queue; true while the VM is paused.
+    paused: Arc<Mutex<bool>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -112,14 +115,23 @@ pub fn start(
     let setup = |what| move |source| VirtioError::Setup { what, source };
     let stop = EventFd::new(EFD_NONBLOCK).map_err(setup("cannot create an eventfd"))?;
     let epoll = Epoll::new().map_err(setup("cannot create an epoll"))?;
+    let wake = EventFd::new(EFD_NONBLOCK).map_err(setup("cannot create an eventfd"))?;
     let stop_id = live.len() as u64;
-    epoll
-        .ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, stop_id),
-        )
-        .map_err(setup("cannot watch an eventfd"))?;
+    let wake_id = stop_id + 1;
+    for (fd, id) in [(&stop, stop_id), (&wake, wake_id)] {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, id),
+            )
+            .map_err(setup("cannot watch an eventfd"))?;
+    }
+    let paused = Arc::new(Mutex::new(false));
+    let (paused2, wake2) = (
+        paused.clone(),
+        wake.try_clone().map_err(setup("cannot clone an eventfd"))?,
+    );
     for (i, l) in live.iter().enumerate() {
         epoll
             .ctl(
@@ -137,7 +149,7 @@ pub fn start(
             for l in &mut live {
                 serve(l, &mem, &mut handler, &stats);
             }
-            let mut events = vec![EpollEvent::default(); live.len() + 1];
+            let mut events = vec![EpollEvent::default(); live.len() + 2];
             loop {
                 let n = match epoll.wait(-1, &mut events) {
                     Ok(n) => n,
@@ -152,9 +164,22 @@ pub fn start(
                     if id == stop_id {
                         return;
                     }
-                    if let Some(l) = live.get_mut(id as usize) {
+                    // Serving happens with the pause lock held: pause() returns
+                    // only between requests, and nothing is served while paused
+                    // (kicks then wait in the ring until the wake-up).
+                    let p = paused2.lock().unwrap_or_else(PoisonError::into_inner);
+                    if id == wake_id {
+                        let _ = wake2.read();
+                        if !*p {
+                            for l in &mut live {
+                                serve(l, &mem, &mut handler, &stats);
+                            }
+                        }
+                    } else if let Some(l) = live.get_mut(id as usize) {
                         let _ = l.kick.read();
-                        serve(l, &mem, &mut handler, &stats);
+                        if !*p {
+                            serve(l, &mem, &mut handler, &stats);
+                        }
                     }
                 }
             }
@@ -162,6 +187,8 @@ pub fn start(
         .map_err(setup("cannot start the device thread"))?;
     Ok(Worker {
         stop,
+        wake,
+        paused,
         thread: Some(thread),
     })
 }
@@ -241,6 +268,17 @@ fn broken(l: &mut Live, why: &str) {
 }
 
 impl Worker {
+    /// Stops serving; returns once no request is being served.
+    pub fn pause(&self) {
+        *self.paused.lock().unwrap_or_else(PoisonError::into_inner) = true;
+    }
+
+    /// Serves again, starting with whatever the guest queued meanwhile.
+    pub fn resume(&self) {
+        *self.paused.lock().unwrap_or_else(PoisonError::into_inner) = false;
+        let _ = self.wake.write(1);
+    }
+
     /// Stops the thread and waits for it.
     pub fn stop(mut self) {
         let _ = self.stop.write(1);

@@ -51,7 +51,13 @@ finish() {
       echo "ATOLL-INNER: waiting for the power button on $ev"
       # One input_event (24 bytes) arrives when the button is pressed.
       dd if="$ev" of=/dev/null bs=24 count=1 2>/dev/null
-      echo "ATOLL-INNER: power button pressed, powering off"
+      echo "ATOLL-INNER: power button pressed"
+      # L1 paused and resumed the VM before pressing it: the disk's and the
+      # NIC's backends restarted their rings where they stopped.
+      mount -t ext2 -o ro /dev/vda /mnt && echo "ATOLL-INNER: READ-AFTER-RESUME=$(cat /mnt/atoll.txt)"
+      umount /mnt 2>/dev/null
+      nic
+      echo "ATOLL-INNER: powering off"
       sync
       poweroff -f
       sleep 5
@@ -86,17 +92,18 @@ if [ -x /extra/run.sh ]; then
 fi
 
 # The NIC (vhost-user-net, an echo backend in L1): the first one is up with
-# the MAC the VMM gave it, and an ARP request it sends comes back.
+# the MAC the VMM gave it, and an ARP request it sends now comes back.
 nic() {
   [ -e /sys/class/net/eth0 ] || { echo "ATOLL-INNER: NIC none ($(ls /sys/class/net | tr '\n' ' '))"; return; }
   mac=$(cat /sys/class/net/eth0/address)
   ip link set eth0 up
-  ip addr add 192.0.2.1/24 dev eth0
+  ip addr add 192.0.2.1/24 dev eth0 2>/dev/null
+  rx0=$(cat /sys/class/net/eth0/statistics/rx_packets)
   arping -c 1 -w 2 -I eth0 192.0.2.2 > /dev/null 2>&1
   rx=$(cat /sys/class/net/eth0/statistics/rx_packets)
   tx=$(cat /sys/class/net/eth0/statistics/tx_packets)
   echo=missing
-  [ "$rx" -gt 0 ] && [ "$tx" -gt 0 ] && echo=ok
+  [ "$rx" -gt "$rx0" ] && [ "$tx" -gt 0 ] && echo=ok
   echo "ATOLL-INNER: NIC eth0 mac=$mac echo=$echo tx=$tx rx=$rx"
 }
 nic

@@ -97,6 +97,11 @@ console() {
     echo "$line" >> /tmp/boot$1.out
     case "$2:$line" in
       *atoll.end=button*:*"waiting for the power button"*)
+        # Pause (vCPUs parked, backends' rings stopped) and resume first.
+        p=$(vmm ctl --state-dir /tmp/vm$1 pause 2>&1)
+        r=$(vmm ctl --state-dir /tmp/vm$1 resume 2>&1)
+        say "boot$1: pause -> $p; resume -> $r"
+        echo "ATOLL-L1: boot$1: pause -> $p; resume -> $r" >> /tmp/boot$1.out
         if vmm ctl --state-dir /tmp/vm$1 shutdown > /tmp/ctl$1.out 2>&1; then
           say "boot$1: pressed the power button"
         else
@@ -165,6 +170,7 @@ EOF
 
 has() { grep -q "$2" "/tmp/boot$1.txt"; }
 exit_reset() { grep '{"exit"' "/tmp/boot$1.txt" | grep -q '"reason":"reset"'; }
+nic_twice() { [ "$(grep -c 'ATOLL-INNER: NIC eth0 mac=52:54:00:a7:00:0'"$1"' echo=ok' "/tmp/boot$1.txt")" -ge 2 ]; }
 exit_poweroff() { grep '{"exit"' "/tmp/boot$1.txt" | grep -q '"reason":"poweroff"'; }
 
 boot 1 write
@@ -178,7 +184,11 @@ check boot2-userspace has 2 'ATOLL-INNER: userspace mode=read'
 check boot2-nic has 2 'ATOLL-INNER: NIC eth0 mac=52:54:00:a7:00:02 echo=ok'
 got=$(sed -n 's/.*ATOLL-INNER: READ=//p' /tmp/boot2.txt | tail -n 1)
 if [ "$got" = "$TEXT" ]; then pass boot2-read-back; else failc boot2-read-back "got '$got', want '$TEXT'"; fi
+check boot2-paused has 2 'pause -> {"ok":true,"state":"paused"}'
 check boot2-power-button has 2 'ATOLL-INNER: power button pressed'
+got=$(sed -n 's/.*ATOLL-INNER: READ-AFTER-RESUME=//p' /tmp/boot2.txt | tail -n 1)
+if [ "$got" = "$TEXT" ]; then pass boot2-disk-after-resume; else failc boot2-disk-after-resume "got '$got'"; fi
+check boot2-nic-after-resume nic_twice 2
 check boot2-exit-poweroff exit_poweroff 2
 
 # Benchmark boots (BENCH_BOOTS > 0): each VMM of BENCH_VMMS whose binary is here
