@@ -11,9 +11,7 @@ use std::path::Path;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use std::sync::Arc;
-
-use super::worker::{self, Chain, QueueHandler, Stats, Worker};
+use super::worker::{Chain, QueueHandler, Served};
 use super::{features, types, Activation, VirtioDevice, VirtioError};
 
 const QUEUE_SIZE: u16 = 256;
@@ -46,9 +44,8 @@ pub struct Media {
     id: String,
     sectors: u64,
     mem: GuestMemoryMmap,
-    worker: Option<Worker>,
+    served: Served,
     path: String,
-    stats: Arc<Stats>,
 }
 
 impl Media {
@@ -65,9 +62,8 @@ impl Media {
             id: format!("atoll-media{index}"),
             sectors: len / SECTOR,
             mem,
-            worker: None,
+            served: Served::default(),
             path: path.display().to_string(),
-            stats: Arc::default(),
         })
     }
 
@@ -226,33 +222,20 @@ impl VirtioDevice for Media {
                 source,
             })?;
         let server = Server::new(file, self.id.clone(), self.sectors * SECTOR);
-        self.worker = Some(worker::start(
-            "media",
-            self.mem.clone(),
-            a,
-            QUEUE_SIZE,
-            server,
-            self.stats.clone(),
-        )?);
-        Ok(())
+        self.served
+            .start("media", self.mem.clone(), a, QUEUE_SIZE, server)
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        self.served.stop();
     }
 
     fn pause(&mut self) {
-        if let Some(w) = &self.worker {
-            w.pause();
-        }
+        self.served.pause();
     }
 
     fn resume(&mut self) -> Result<(), VirtioError> {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+        self.served.resume();
         Ok(())
     }
 
@@ -261,6 +244,6 @@ impl VirtioDevice for Media {
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        self.stats.counters()
+        self.served.counters()
     }
 }

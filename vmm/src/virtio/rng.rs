@@ -6,9 +6,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use std::sync::Arc;
-
-use super::worker::{self, Chain, QueueHandler, Stats, Worker};
+use super::worker::{Chain, QueueHandler, Served};
 use super::{features, types, Activation, VirtioDevice, VirtioError};
 
 /// Most bytes served per request (the guest asks again for more).
@@ -19,8 +17,7 @@ const QUEUE_SIZE: u16 = 256;
 #[derive(Debug, Default)]
 pub struct Rng {
     mem: Option<GuestMemoryMmap>,
-    worker: Option<Worker>,
-    stats: Arc<Stats>,
+    served: Served,
 }
 
 impl Rng {
@@ -28,8 +25,7 @@ impl Rng {
     pub fn new(mem: GuestMemoryMmap) -> Self {
         Self {
             mem: Some(mem),
-            worker: None,
-            stats: Arc::default(),
+            served: Served::default(),
         }
     }
 }
@@ -107,33 +103,19 @@ impl VirtioDevice for Rng {
             .mem
             .clone()
             .ok_or(VirtioError::Unsupported("memory-less rng"))?;
-        self.worker = Some(worker::start(
-            "rng",
-            mem,
-            a,
-            QUEUE_SIZE,
-            Filler,
-            self.stats.clone(),
-        )?);
-        Ok(())
+        self.served.start("rng", mem, a, QUEUE_SIZE, Filler)
     }
 
     fn reset(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
+        self.served.stop();
     }
 
     fn pause(&mut self) {
-        if let Some(w) = &self.worker {
-            w.pause();
-        }
+        self.served.pause();
     }
 
     fn resume(&mut self) -> Result<(), VirtioError> {
-        if let Some(w) = &self.worker {
-            w.resume();
-        }
+        self.served.resume();
         Ok(())
     }
 
@@ -142,6 +124,6 @@ impl VirtioDevice for Rng {
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        self.stats.counters()
+        self.served.counters()
     }
 }

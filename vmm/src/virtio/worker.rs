@@ -57,6 +57,56 @@ impl Stats {
     }
 }
 
+/// A device's worker slot: the thread while the device runs and the counters
+/// that outlive it.
+#[derive(Debug, Default)]
+pub struct Served {
+    worker: Option<Worker>,
+    stats: Arc<Stats>,
+}
+
+impl Served {
+    /// Starts serving `a` with `handler` (see [`start`]).
+    pub fn start(
+        &mut self,
+        name: &str,
+        mem: GuestMemoryMmap,
+        a: Activation,
+        max_size: u16,
+        handler: impl QueueHandler,
+    ) -> Result<(), VirtioError> {
+        self.stop();
+        self.worker = Some(start(name, mem, a, max_size, handler, self.stats.clone())?);
+        Ok(())
+    }
+
+    /// Stops the thread (device reset).
+    pub fn stop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            w.stop();
+        }
+    }
+
+    /// See [`Worker::pause`].
+    pub fn pause(&self) {
+        if let Some(w) = &self.worker {
+            w.pause();
+        }
+    }
+
+    /// See [`Worker::resume`].
+    pub fn resume(&self) {
+        if let Some(w) = &self.worker {
+            w.resume();
+        }
+    }
+
+    /// The counters by name.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.stats.counters()
+    }
+}
+
 /// The running worker of one device.
 #[derive(Debug)]
 pub struct Worker {
