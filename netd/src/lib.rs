@@ -4,7 +4,9 @@
 
 pub mod daemon;
 pub mod dbus;
+pub mod frame;
 pub mod health;
+pub mod l2;
 
 pub use dbus::{Net1Proxy, BUS_NAME, OBJECT_PATH};
 

@@ -1,0 +1,388 @@
+//! Frames as guests send them: Ethernet (with one optional 802.1Q tag), ARP
+//! and IPv4 headers. Every length and field a guest controls is checked; a
+//! frame that does not parse is an error the switch counts and drops.
+
+use std::net::Ipv4Addr;
+
+/// An Ethernet address.
+pub type Mac = [u8; 6];
+
+/// ff:ff:ff:ff:ff:ff.
+pub const BROADCAST: Mac = [0xff; 6];
+/// Ethernet header without a VLAN tag.
+pub const ETH_HEADER: usize = 14;
+/// The longest frame a port accepts: a 64 KiB GSO payload plus headers.
+pub const MAX_FRAME: usize = 65_550;
+/// EtherType of IPv4.
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+/// EtherType of ARP.
+pub const ETHERTYPE_ARP: u16 = 0x0806;
+/// EtherType of an 802.1Q tag.
+pub const ETHERTYPE_VLAN: u16 = 0x8100;
+
+/// Group (multicast or broadcast) addresses have the lowest bit of the first
+/// byte set; they are never learned as a source.
+pub fn is_group(mac: &Mac) -> bool {
+    mac[0] & 1 != 0
+}
+
+/// Why a frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Shorter than an Ethernet header.
+    #[error("runt frame of {0} bytes")]
+    Runt(usize),
+    /// Longer than [`MAX_FRAME`].
+    #[error("oversized frame of {0} bytes")]
+    Oversized(usize),
+    /// A header runs past the end of the frame.
+    #[error("truncated {what}: {have} bytes where {need} are needed")]
+    Truncated {
+        /// Which header.
+        what: &'static str,
+        /// Bytes there.
+        have: usize,
+        /// Bytes needed.
+        need: usize,
+    },
+    /// A field holds a value the protocol does not allow.
+    #[error("malformed {0}")]
+    Malformed(&'static str),
+}
+
+fn need(what: &'static str, buf: &[u8], n: usize) -> Result<(), FrameError> {
+    if buf.len() < n {
+        return Err(FrameError::Truncated {
+            what,
+            have: buf.len(),
+            need: n,
+        });
+    }
+    Ok(())
+}
+
+fn be16(b: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([b[at], b[at + 1]])
+}
+
+fn mac_at(b: &[u8], at: usize) -> Mac {
+    let mut m = [0u8; 6];
+    m.copy_from_slice(&b[at..at + 6]);
+    m
+}
+
+fn ipv4_at(b: &[u8], at: usize) -> Ipv4Addr {
+    Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3])
+}
+
+/// An Ethernet frame's header and payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ethernet<'a> {
+    /// Destination.
+    pub dst: Mac,
+    /// Source.
+    pub src: Mac,
+    /// VLAN id of an 802.1Q tag, if the frame carries one.
+    pub vlan: Option<u16>,
+    /// EtherType after any tag.
+    pub ethertype: u16,
+    /// What follows the header.
+    pub payload: &'a [u8],
+}
+
+impl<'a> Ethernet<'a> {
+    /// Parses `frame`.
+    pub fn parse(frame: &'a [u8]) -> Result<Self, FrameError> {
+        if frame.len() < ETH_HEADER {
+            return Err(FrameError::Runt(frame.len()));
+        }
+        if frame.len() > MAX_FRAME {
+            return Err(FrameError::Oversized(frame.len()));
+        }
+        let (dst, src) = (mac_at(frame, 0), mac_at(frame, 6));
+        let mut ethertype = be16(frame, 12);
+        let mut at = ETH_HEADER;
+        let mut vlan = None;
+        if ethertype == ETHERTYPE_VLAN {
+            need("802.1Q tag", frame, ETH_HEADER + 4)?;
+            vlan = Some(be16(frame, 14) & 0x0fff);
+            ethertype = be16(frame, 16);
+            at += 4;
+        }
+        Ok(Self {
+            dst,
+            src,
+            vlan,
+            ethertype,
+            payload: &frame[at..],
+        })
+    }
+}
+
+/// An ARP packet for IPv4 over Ethernet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arp {
+    /// 1 request, 2 reply.
+    pub op: u16,
+    /// Sender hardware address.
+    pub sha: Mac,
+    /// Sender protocol address.
+    pub spa: Ipv4Addr,
+    /// Target hardware address.
+    pub tha: Mac,
+    /// Target protocol address.
+    pub tpa: Ipv4Addr,
+}
+
+/// ARP request.
+pub const ARP_REQUEST: u16 = 1;
+/// ARP reply.
+pub const ARP_REPLY: u16 = 2;
+const ARP_LEN: usize = 28;
+
+impl Arp {
+    /// Parses an ARP payload (after the Ethernet header).
+    pub fn parse(b: &[u8]) -> Result<Self, FrameError> {
+        need("ARP packet", b, ARP_LEN)?;
+        if be16(b, 0) != 1 || be16(b, 2) != ETHERTYPE_IPV4 || b[4] != 6 || b[5] != 4 {
+            return Err(FrameError::Malformed("ARP: not IPv4 over Ethernet"));
+        }
+        let op = be16(b, 6);
+        if op != ARP_REQUEST && op != ARP_REPLY {
+            return Err(FrameError::Malformed("ARP: unknown operation"));
+        }
+        Ok(Self {
+            op,
+            sha: mac_at(b, 8),
+            spa: ipv4_at(b, 14),
+            tha: mac_at(b, 18),
+            tpa: ipv4_at(b, 24),
+        })
+    }
+
+    /// The whole Ethernet frame carrying this packet from `self.sha`.
+    pub fn to_frame(&self, dst: Mac) -> Vec<u8> {
+        let mut f = Vec::with_capacity(ETH_HEADER + ARP_LEN);
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&self.sha);
+        f.extend_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+        f.extend_from_slice(&1u16.to_be_bytes());
+        f.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        f.extend_from_slice(&[6, 4]);
+        f.extend_from_slice(&self.op.to_be_bytes());
+        f.extend_from_slice(&self.sha);
+        f.extend_from_slice(&self.spa.octets());
+        f.extend_from_slice(&self.tha);
+        f.extend_from_slice(&self.tpa.octets());
+        f
+    }
+
+    /// The reply `mac` (owner of the asked-for address) gives to this request.
+    pub fn reply_from(&self, mac: Mac) -> Self {
+        Self {
+            op: ARP_REPLY,
+            sha: mac,
+            spa: self.tpa,
+            tha: self.sha,
+            tpa: self.spa,
+        }
+    }
+}
+
+/// An IPv4 header and its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4<'a> {
+    /// Source.
+    pub src: Ipv4Addr,
+    /// Destination.
+    pub dst: Ipv4Addr,
+    /// Protocol number (1 ICMP, 6 TCP, 17 UDP).
+    pub protocol: u8,
+    /// Time to live.
+    pub ttl: u8,
+    /// Header length in bytes.
+    pub header_len: usize,
+    /// Whether this is a fragment other than a whole datagram.
+    pub fragment: bool,
+    /// The payload up to the header's total length (link padding cut off).
+    pub payload: &'a [u8],
+}
+
+impl<'a> Ipv4<'a> {
+    /// Parses an IPv4 payload (after the Ethernet header); the checksum must
+    /// hold.
+    pub fn parse(b: &'a [u8]) -> Result<Self, FrameError> {
+        need("IPv4 header", b, 20)?;
+        if b[0] >> 4 != 4 {
+            return Err(FrameError::Malformed("IPv4: version is not 4"));
+        }
+        let header_len = usize::from(b[0] & 0x0f) * 4;
+        if header_len < 20 {
+            return Err(FrameError::Malformed("IPv4: header length below 20"));
+        }
+        need("IPv4 header", b, header_len)?;
+        let total = usize::from(be16(b, 2));
+        if total < header_len {
+            return Err(FrameError::Malformed("IPv4: total length below header"));
+        }
+        need("IPv4 datagram", b, total)?;
+        if checksum(&b[..header_len]) != 0 {
+            return Err(FrameError::Malformed("IPv4: header checksum"));
+        }
+        let frag = be16(b, 6);
+        Ok(Self {
+            src: ipv4_at(b, 12),
+            dst: ipv4_at(b, 16),
+            protocol: b[9],
+            ttl: b[8],
+            header_len,
+            fragment: frag & 0x3fff != 0,
+            payload: &b[header_len..total],
+        })
+    }
+}
+
+/// The Internet checksum (RFC 1071) of `bytes`: 0 over a header whose
+/// checksum field is right.
+pub fn checksum(bytes: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    let mut chunks = bytes.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u32::from(*last) << 8;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Mac = [0x52, 0x54, 0, 0, 0, 1];
+    const B: Mac = [0x52, 0x54, 0, 0, 0, 2];
+
+    fn ipv4(total_extra: usize, bad_sum: bool) -> Vec<u8> {
+        let mut h = vec![
+            0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
+        let total = (20 + 8 + total_extra) as u16;
+        h[2..4].copy_from_slice(&total.to_be_bytes());
+        let s = checksum(&h);
+        h[10..12].copy_from_slice(&s.to_be_bytes());
+        if bad_sum {
+            h[10] ^= 1;
+        }
+        h.extend_from_slice(&[0; 8]);
+        h
+    }
+
+    #[test]
+    fn runts_and_giants_are_refused() {
+        assert_eq!(Ethernet::parse(&[0; 13]), Err(FrameError::Runt(13)));
+        let big = vec![0u8; MAX_FRAME + 1];
+        assert_eq!(
+            Ethernet::parse(&big),
+            Err(FrameError::Oversized(MAX_FRAME + 1))
+        );
+    }
+
+    #[test]
+    fn a_vlan_tag_is_read_and_a_cut_tag_refused() {
+        let mut f = Vec::new();
+        f.extend_from_slice(&B);
+        f.extend_from_slice(&A);
+        f.extend_from_slice(&[0x81, 0x00, 0x20, 0x0a, 0x08, 0x06, 9]);
+        let e = Ethernet::parse(&f).unwrap();
+        assert_eq!(
+            (e.vlan, e.ethertype, e.payload, e.src, e.dst),
+            (Some(10), ETHERTYPE_ARP, &[9u8][..], A, B)
+        );
+        assert!(matches!(
+            Ethernet::parse(&f[..16]),
+            Err(FrameError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn arp_round_trips_and_lies_are_refused() {
+        let req = Arp {
+            op: ARP_REQUEST,
+            sha: A,
+            spa: Ipv4Addr::new(10, 0, 0, 1),
+            tha: [0; 6],
+            tpa: Ipv4Addr::new(10, 0, 0, 2),
+        };
+        let frame = req.to_frame(BROADCAST);
+        let e = Ethernet::parse(&frame).unwrap();
+        assert_eq!(e.ethertype, ETHERTYPE_ARP);
+        let got = Arp::parse(e.payload).unwrap();
+        assert_eq!(got, req);
+        let reply = got.reply_from(B);
+        assert_eq!(
+            (reply.op, reply.sha, reply.spa, reply.tha, reply.tpa),
+            (ARP_REPLY, B, req.tpa, A, req.spa)
+        );
+        let mut bad = e.payload.to_vec();
+        bad[4] = 8; // hardware address length
+        assert_eq!(
+            Arp::parse(&bad),
+            Err(FrameError::Malformed("ARP: not IPv4 over Ethernet"))
+        );
+        assert!(matches!(
+            Arp::parse(&e.payload[..27]),
+            Err(FrameError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn ipv4_headers_are_checked() {
+        let ok = ipv4(0, false);
+        let p = Ipv4::parse(&ok).unwrap();
+        assert_eq!((p.protocol, p.payload.len(), p.fragment), (17, 8, false));
+        // Link padding after the datagram is not payload.
+        let mut padded = ok.clone();
+        padded.extend_from_slice(&[0; 18]);
+        assert_eq!(Ipv4::parse(&padded).unwrap().payload.len(), 8);
+        assert_eq!(
+            Ipv4::parse(&ipv4(0, true)),
+            Err(FrameError::Malformed("IPv4: header checksum"))
+        );
+        // A total length beyond the frame.
+        let long = ipv4(100, false);
+        assert!(matches!(
+            Ipv4::parse(&long[..28]),
+            Err(FrameError::Truncated { .. })
+        ));
+        let mut short_ihl = ok.clone();
+        short_ihl[0] = 0x44;
+        assert_eq!(
+            Ipv4::parse(&short_ihl),
+            Err(FrameError::Malformed("IPv4: header length below 20"))
+        );
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..2000usize {
+            let buf: Vec<u8> = (0..len % 300)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            if let Ok(e) = Ethernet::parse(&buf) {
+                let _ = Arp::parse(e.payload);
+                let _ = Ipv4::parse(e.payload);
+            }
+            let _ = Ipv4::parse(&buf);
+        }
+    }
+}
