@@ -256,7 +256,8 @@ pub fn checksum(bytes: &[u8]) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    // The folding above leaves at most 16 bits.
+    !u16::try_from(sum).unwrap_or(u16::MAX)
 }
 
 #[cfg(test)]
@@ -270,7 +271,7 @@ mod tests {
         let mut h = vec![
             0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
         ];
-        let total = (20 + 8 + total_extra) as u16;
+        let total = u16::try_from(20 + 8 + total_extra).unwrap();
         h[2..4].copy_from_slice(&total.to_be_bytes());
         let s = checksum(&h);
         h[10..12].copy_from_slice(&s.to_be_bytes());
@@ -375,7 +376,7 @@ mod tests {
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    x as u8
+                    x.to_le_bytes()[0]
                 })
                 .collect();
             if let Ok(e) = Ethernet::parse(&buf) {
