@@ -7,6 +7,8 @@ pub mod dbus;
 pub mod frame;
 pub mod health;
 pub mod l2;
+pub mod port;
+pub mod switch;
 
 pub use dbus::{Net1Proxy, BUS_NAME, OBJECT_PATH};
 

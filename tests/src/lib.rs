@@ -7,6 +7,7 @@ pub mod bins;
 pub mod bus;
 pub mod contract;
 pub mod net_echo;
+pub mod net_frontend;
 pub mod node;
 
 pub use bus::TestBus;

@@ -1,0 +1,123 @@
+//! The switch through real vhost-user-net frontends (virtio-driver over the
+//! ports' sockets, rings in shared memory), as VM NICs use it.
+#![allow(clippy::unwrap_used)]
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use atoll_tests::net_frontend::NetFrontend;
+use netd::frame::{Arp, Mac, ARP_REQUEST, BROADCAST};
+use netd::l2::SegmentId;
+use netd::switch::Switch;
+
+const A: Mac = [0x52, 0x54, 0, 0xa7, 0, 1];
+const B: Mac = [0x52, 0x54, 0, 0xa7, 0, 2];
+const C: Mac = [0x52, 0x54, 0, 0xa7, 0, 3];
+const WAIT: Duration = Duration::from_secs(10);
+
+fn frame(dst: Mac, src: Mac, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&0x88b5u16.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn ports_on_a_segment_talk_and_other_segments_hear_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let sw = Switch::new(dir.path().to_owned());
+    let (p1, p2, p3) = (
+        sw.add_port(SegmentId(1), A).unwrap(),
+        sw.add_port(SegmentId(1), B).unwrap(),
+        sw.add_port(SegmentId(2), C).unwrap(),
+    );
+    let mut a = NetFrontend::connect(&p1.socket).unwrap();
+    let mut b = NetFrontend::connect(&p2.socket).unwrap();
+    let mut c = NetFrontend::connect(&p3.socket).unwrap();
+    assert_eq!({ a.config.mac }, A);
+    assert_eq!({ c.config.mac }, C);
+    assert_eq!({ a.config.status } & 1, 1, "link up");
+
+    // A asks for B's address: the broadcast reaches B.
+    let who_has = Arp {
+        op: ARP_REQUEST,
+        sha: A,
+        spa: Ipv4Addr::new(10, 0, 0, 1),
+        tha: [0; 6],
+        tpa: Ipv4Addr::new(10, 0, 0, 2),
+    };
+    let request = who_has.to_frame(BROADCAST);
+    a.send(&request).unwrap();
+    assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&request[..]));
+
+    // B answers to A's address, which the switch learned from the request.
+    let reply = who_has.reply_from(B).to_frame(A);
+    b.send(&reply).unwrap();
+    assert_eq!(a.recv(WAIT).unwrap().as_deref(), Some(&reply[..]));
+
+    // Unicast from A to B, now known: only B gets it. The switch forwards A's
+    // frames in order, so once B has this one, the broadcast before it has
+    // been handled too, and C (another segment) got neither.
+    let hello = frame(B, A, b"hello b");
+    a.send(&hello).unwrap();
+    assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&hello[..]));
+    assert_eq!(c.try_recv().unwrap(), None);
+
+    // C's broadcast stays on segment 2: nobody else is there.
+    c.send(&frame(BROADCAST, C, b"anyone?")).unwrap();
+    let ping = frame(A, B, b"still here");
+    b.send(&ping).unwrap();
+    assert_eq!(a.recv(WAIT).unwrap().as_deref(), Some(&ping[..]));
+    assert_eq!(a.try_recv().unwrap(), None);
+    assert_eq!(b.try_recv().unwrap(), None);
+
+    assert_eq!(p1.stats.tx_frames.load(Ordering::Relaxed), 2);
+    assert_eq!(p1.stats.rx_frames.load(Ordering::Relaxed), 2);
+    assert_eq!(p2.stats.rx_frames.load(Ordering::Relaxed), 2);
+    assert_eq!(p3.stats.rx_frames.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn runts_are_dropped_and_the_port_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let sw = Switch::new(dir.path().to_owned());
+    let (p1, p2) = (
+        sw.add_port(SegmentId(1), A).unwrap(),
+        sw.add_port(SegmentId(1), B).unwrap(),
+    );
+    let mut a = NetFrontend::connect(&p1.socket).unwrap();
+    let mut b = NetFrontend::connect(&p2.socket).unwrap();
+    a.send(&[0xff; 10]).unwrap();
+    let good = frame(BROADCAST, A, b"after the runt");
+    a.send(&good).unwrap();
+    assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&good[..]));
+    assert_eq!(b.try_recv().unwrap(), None);
+    assert_eq!(p1.stats.tx_dropped.load(Ordering::Relaxed), 1);
+    assert_eq!(p1.stats.tx_frames.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_port_serves_the_next_frontend_after_one_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let sw = Switch::new(dir.path().to_owned());
+    let (p1, p2) = (
+        sw.add_port(SegmentId(1), A).unwrap(),
+        sw.add_port(SegmentId(1), B).unwrap(),
+    );
+    let mut b = NetFrontend::connect(&p2.socket).unwrap();
+    for round in 0..3u8 {
+        // A VM restarting: a new frontend on the same socket.
+        let mut a = NetFrontend::connect(&p1.socket).unwrap();
+        let f = frame(B, A, &[round; 20]);
+        a.send(&f).unwrap();
+        assert_eq!(
+            b.recv(WAIT).unwrap().as_deref(),
+            Some(&f[..]),
+            "round {round}"
+        );
+        drop(a);
+    }
+}
