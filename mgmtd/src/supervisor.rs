@@ -279,6 +279,12 @@ fn specs(opts: &Options, p: &Prepared) -> Result<Vec<Spec>, Error> {
                 args.push(data_dir.join("run/stord").into_os_string());
                 (args, None)
             }
+            "netd" => {
+                let mut args = common(&[]);
+                args.push("--run-dir".into());
+                args.push(data_dir.join("run/netd").into_os_string());
+                (args, None)
+            }
             _ => (common(&[]), None),
         };
         out.push(Spec {

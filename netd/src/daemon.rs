@@ -14,6 +14,8 @@ pub struct Options {
     pub bus: Option<String>,
     /// Identifier of this node.
     pub node_id: String,
+    /// Where port sockets go.
+    pub run_dir: std::path::PathBuf,
 }
 
 /// Why the network daemon stopped with an error.
@@ -47,7 +49,14 @@ async fn connect(opts: &Options) -> zbus::Result<Connection> {
         warn!(detail = %health.detail, "network daemon is degraded");
     }
     let conn = builder
-        .serve_at(OBJECT_PATH, Net1::new(opts.node_id.clone(), health))?
+        .serve_at(
+            OBJECT_PATH,
+            Net1::new(
+                opts.node_id.clone(),
+                health,
+                std::sync::Arc::new(crate::dbus::Fabric::new(opts.run_dir.clone())),
+            ),
+        )?
         .serve_at(OBJECT_PATH, ObjectManager)?
         .build()
         .await?;

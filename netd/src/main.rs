@@ -16,6 +16,9 @@ struct Cli {
     /// Identifier of this node (default: /etc/machine-id).
     #[arg(long)]
     node_id: Option<String>,
+    /// Directory for the ports' vhost-user sockets.
+    #[arg(long, value_name = "DIR", default_value = "/run/atoll/netd")]
+    run_dir: std::path::PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -30,6 +33,7 @@ fn main() -> ExitCode {
     let opts = netd::daemon::Options {
         bus: cli.bus,
         node_id: cli.node_id.unwrap_or_else(machine_id),
+        run_dir: cli.run_dir,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -35,6 +35,7 @@ pub enum SwitchError {
     NoPort(u32),
 }
 
+#[derive(Debug)]
 pub(crate) struct Inner {
     table: Mutex<MacTable>,
     ports: RwLock<BTreeMap<PortId, Arc<Port>>>,
@@ -81,6 +82,7 @@ impl Inner {
 }
 
 /// The node's switch.
+#[derive(Debug)]
 pub struct Switch {
     inner: Arc<Inner>,
     next: Mutex<u32>,
@@ -103,6 +105,19 @@ impl Switch {
     /// Adds a port on `segment` whose NIC gets `mac`; returns it once its
     /// socket accepts connections.
     pub fn add_port(&self, segment: SegmentId, mac: Mac) -> Result<Arc<Port>, SwitchError> {
+        self.add_port_with(segment, |_| mac)
+    }
+
+    /// [`Switch::add_port`] with the MAC chosen from the new port's id.
+    pub fn add_port_with(
+        &self,
+        segment: SegmentId,
+        mac: impl FnOnce(PortId) -> Mac,
+    ) -> Result<Arc<Port>, SwitchError> {
+        std::fs::create_dir_all(&self.dir).map_err(|source| SwitchError::Listen {
+            path: self.dir.clone(),
+            source,
+        })?;
         let id = {
             let mut n = self.next.lock().unwrap_or_else(PoisonError::into_inner);
             let id = PortId(*n);
@@ -110,7 +125,7 @@ impl Switch {
             id
         };
         let path = port::socket_path(&self.dir, id);
-        let port = Arc::new(Port::new(id, segment, mac, path.clone()));
+        let port = Arc::new(Port::new(id, segment, mac(id), path.clone()));
         // Bound here, so that the socket accepts connections when this returns.
         let listener =
             vhost::vhost_user::Listener::new(&path, true).map_err(|e| SwitchError::Listen {

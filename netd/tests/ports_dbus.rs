@@ -1,0 +1,108 @@
+//! Networks and ports through `org.atoll.Net1` on a real (private) bus, and
+//! traffic through the ports a VM NIC would connect to.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use atoll_tests::contract::wait_owner;
+use atoll_tests::net_frontend::NetFrontend;
+use atoll_tests::TestBus;
+use netd::dbus::PortProxy;
+use netd::Net1Proxy;
+use zbus::zvariant::ObjectPath;
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn daemon(bus: &TestBus, run: &Path) -> Daemon {
+    Daemon(
+        Command::new(env!("CARGO_BIN_EXE_netd"))
+            .args(["--node-id", "n1", "--bus", bus.address(), "--run-dir"])
+            .arg(run)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn mac_bytes(s: &str) -> [u8; 6] {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16).unwrap())
+        .collect();
+    v.try_into().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_created_over_dbus_carry_frames_and_count_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = TestBus::start();
+    let _d = daemon(&bus, &dir.path().join("run"));
+    let conn = zbus::connection::Builder::address(bus.address())
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    wait_owner(&conn, netd::BUS_NAME, true).await;
+    let net = Net1Proxy::new(&conn).await.unwrap();
+
+    let lan = net.create_network("lan", "flat").await.unwrap();
+    let err = net.create_network("lan", "flat").await.unwrap_err();
+    assert!(err.to_string().contains("InvalidArgument"), "{err}");
+    let err = net.create_network("v10", "vxlan").await.unwrap_err();
+    assert!(err.to_string().contains("only \"flat\""), "{err}");
+    let err = net
+        .create_port(&lan, "01:00:5e:00:00:01")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("not a unicast"), "{err}");
+    let err = net.create_port(&lan, "52:54").await.unwrap_err();
+    assert!(err.to_string().contains("InvalidArgument"), "{err}");
+    let nowhere = ObjectPath::try_from("/org/atoll/Net1/network/99").unwrap();
+    let err = net.create_port(&nowhere, "").await.unwrap_err();
+    assert!(err.to_string().contains("NotFound"), "{err}");
+
+    let (p1, sock1, mac1) = net.create_port(&lan, "52:54:00:aa:00:01").await.unwrap();
+    let (_p2, sock2, mac2) = net.create_port(&lan, "").await.unwrap();
+    assert_eq!(mac1, "52:54:00:aa:00:01");
+    assert_ne!(mac2, mac1);
+    assert_eq!(mac_bytes(&mac2)[0] & 1, 0, "generated MAC is unicast");
+
+    let (m1, m2) = (mac_bytes(&mac1), mac_bytes(&mac2));
+    let frames = tokio::task::spawn_blocking(move || {
+        let mut a = NetFrontend::connect(Path::new(&sock1)).unwrap();
+        let mut b = NetFrontend::connect(Path::new(&sock2)).unwrap();
+        assert_eq!({ b.config.mac }, m2);
+        let mut f = Vec::new();
+        f.extend_from_slice(&m2);
+        f.extend_from_slice(&m1);
+        f.extend_from_slice(&[0x88, 0xb5]);
+        f.extend_from_slice(b"through netd");
+        a.send(&f).unwrap();
+        let got = b.recv(Duration::from_secs(10)).unwrap();
+        (f, got)
+    })
+    .await
+    .unwrap();
+    assert_eq!(frames.1.as_deref(), Some(&frames.0[..]));
+
+    let port = PortProxy::builder(&conn)
+        .path(p1)
+        .unwrap()
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(port.network().await.unwrap(), lan);
+    let c = port.counters().await.unwrap();
+    assert_eq!(c.get("tx_frames"), Some(&1), "{c:?}");
+    assert_eq!(c.get("tx_bytes"), Some(&(frames.0.len() as u64)), "{c:?}");
+}
