@@ -48,6 +48,61 @@ fn a_frame_round_trips_through_a_vhost_user_net_backend() {
     drop(server);
 }
 
+#[test]
+fn a_vm_nic_talks_to_another_port_through_the_netd_switch() {
+    use netd::l2::SegmentId;
+    use netd::switch::Switch;
+    const VM_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    const PEER_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x99];
+    let dir = tempfile::tempdir().unwrap();
+    let sw = Switch::new(dir.path().join("ports"));
+    let vm_port = sw.add_port(SegmentId(7), VM_MAC).unwrap();
+    let peer_port = sw.add_port(SegmentId(7), PEER_MAC).unwrap();
+    let mut peer = atoll_tests::net_frontend::NetFrontend::connect(&peer_port.socket).unwrap();
+    // The peer answers the VM's broadcast with the same payload, addressed
+    // back to the VM.
+    let answer = std::thread::spawn(move || {
+        let got = peer.recv(Duration::from_secs(60)).unwrap().unwrap();
+        let mut back = got.clone();
+        back[..6].copy_from_slice(&VM_MAC);
+        back[6..12].copy_from_slice(&PEER_MAC);
+        peer.send(&back).unwrap();
+        got
+    });
+    let cfg = serde_json::json!({
+        "memory_mib": 64,
+        "boot": {"kernel": common::guest("net")},
+        "debug_exit": true,
+        "nets": [{"socket": vm_port.socket, "mac": "52:54:00:12:34:56"}],
+    });
+    let path = dir.path().join("net.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let out = run(&path);
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "status 0f mac 52:54:00:12:34:56 link 1",
+            "tx used 0 rx len 36 type 88b5 payload atoll echo",
+            r#"{"exit":{"detail":0,"reason":"guest-exit"},"text":"guest-exit(0)"}"#,
+        ],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = answer.join().unwrap();
+    assert_eq!(&sent[..6], &[0xff; 6], "the VM broadcast");
+    assert_eq!(&sent[6..12], &VM_MAC);
+    assert_eq!(&sent[14..], b"atoll echo");
+    assert_eq!(
+        vm_port
+            .stats
+            .tx_frames
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
 fn run(config: &Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args(["run", "--config"])
