@@ -5,6 +5,7 @@
 pub mod daemon;
 pub mod dbus;
 pub mod frame;
+pub mod fuzzing;
 pub mod health;
 pub mod l2;
 pub mod port;
