@@ -264,6 +264,33 @@ impl Net1 {
             .await?;
         Ok((path, socket, mac))
     }
+
+    /// Deletes a port: its VM's NIC is disconnected and the socket removed.
+    async fn delete_port(
+        &self,
+        port: OwnedObjectPath,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<(), NetError> {
+        let not_found = || NetError::NotFound(format!("no port {}", port.as_str()));
+        let id = Self::port_id(&port).ok_or_else(not_found)?;
+        let fabric = self.fabric.clone();
+        tokio::task::spawn_blocking(move || fabric.switch.remove_port(id))
+            .await
+            .map_err(|e| NetError::Failed(e.to_string()))?
+            .map_err(|_| not_found())?;
+        server.remove::<PortObject, _>(&port).await?;
+        Ok(())
+    }
+}
+
+impl Net1 {
+    fn port_id(path: &ObjectPath<'_>) -> Option<crate::l2::PortId> {
+        path.as_str()
+            .strip_prefix(&format!("{OBJECT_PATH}/port/"))?
+            .parse()
+            .ok()
+            .map(crate::l2::PortId)
+    }
 }
 
 /// A network on the bus.
@@ -360,6 +387,8 @@ pub trait Net1 {
         network: &ObjectPath<'_>,
         mac: &str,
     ) -> zbus::Result<(OwnedObjectPath, String, String)>;
+    /// Deletes a port.
+    fn delete_port(&self, port: &ObjectPath<'_>) -> zbus::Result<()>;
 }
 
 /// Typed client of a port.

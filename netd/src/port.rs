@@ -4,14 +4,15 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -86,6 +87,13 @@ pub struct Port {
     /// Counters.
     pub stats: PortStats,
     rx: Mutex<RxSide>,
+    /// Set when the port is deleted: its thread ends instead of waiting for
+    /// the next frontend.
+    deleted: AtomicBool,
+    /// Disconnects the current frontend, if one is connected.
+    connection: Mutex<Option<ShutdownHandle>>,
+    /// The listening socket's descriptor (shut down to wake its accept).
+    listener_fd: Mutex<Option<RawFd>>,
 }
 
 impl std::fmt::Debug for Port {
@@ -106,7 +114,40 @@ impl Port {
             socket,
             stats: PortStats::default(),
             rx: Mutex::new(RxSide::default()),
+            deleted: AtomicBool::new(false),
+            connection: Mutex::new(None),
+            listener_fd: Mutex::new(None),
         }
+    }
+
+    /// Ends the port: the frontend (if any) is disconnected, the socket stops
+    /// accepting and is removed, and the port's thread ends.
+    pub(crate) fn close(&self) {
+        self.deleted.store(true, Ordering::SeqCst);
+        if let Some(c) = self
+            .connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            c.shutdown();
+        }
+        if let Some(fd) = *self
+            .listener_fd
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            // SAFETY: shutdown(2) on the listening socket the port's thread
+            // owns (it is closed only after that thread sees `deleted`); it
+            // wakes the thread's accept.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+        let _ = std::fs::remove_file(&self.socket);
+        self.detach();
+    }
+
+    fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::SeqCst)
     }
 
     /// Queues `frame` for the guest and hands over what fits.
@@ -346,7 +387,27 @@ pub(crate) fn serve(
         switch,
         exits: Mutex::new(Vec::new()),
     });
+    *port
+        .listener_fd
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = Some(listener.as_raw_fd());
+    let result = serve_loop(&port, &backend, &mut listener);
+    *port
+        .listener_fd
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner) = None;
+    drop(listener);
+    if port.is_deleted() {
+        return Ok(());
+    }
+    result
+}
+
+fn serve_loop(port: &Arc<Port>, backend: &Arc<Backend>, listener: &mut Listener) -> io::Result<()> {
     loop {
+        if port.is_deleted() || backend.switch.upgrade().is_none() {
+            return Ok(());
+        }
         // A daemon per connection: its request handler remembers the owner
         // (SET_OWNER) and refuses a second one.
         let mut daemon = VhostUserDaemon::new(
@@ -355,11 +416,23 @@ pub(crate) fn serve(
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| io::Error::other(e.to_string()))?;
-        daemon
-            .start(&mut listener)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        if let Err(e) = daemon.wait() {
-            debug!(port = port.id.0, "frontend gone: {e}");
+        let started = daemon.start(listener);
+        if let Ok(()) = &started {
+            *port
+                .connection
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = daemon.shutdown_handle();
+            if port.is_deleted() {
+                // Deleted between accept and here: close() found no handle.
+                daemon.request_shutdown();
+            }
+            if let Err(e) = daemon.wait() {
+                debug!(port = port.id.0, "frontend gone: {e}");
+            }
+            *port
+                .connection
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
         }
         port.detach();
         // Its ring threads end on their exit events; then it can go.
@@ -372,8 +445,8 @@ pub(crate) fn serve(
             let _ = e.notify();
         }
         drop(daemon);
-        if backend.switch.upgrade().is_none() {
-            return Ok(());
+        if let Err(e) = started {
+            return Err(io::Error::other(e.to_string()));
         }
     }
 }

@@ -149,6 +149,25 @@ impl Switch {
         Ok(port)
     }
 
+    /// Deletes port `id`: no more frames to or from it, its frontend is
+    /// disconnected and its socket removed.
+    pub fn remove_port(&self, id: PortId) -> Result<(), SwitchError> {
+        let port = self
+            .inner
+            .ports
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id)
+            .ok_or(SwitchError::NoPort(id.0))?;
+        self.inner
+            .table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget_port(id);
+        port.close();
+        Ok(())
+    }
+
     /// The port with `id`.
     pub fn port(&self, id: PortId) -> Result<Arc<Port>, SwitchError> {
         self.inner

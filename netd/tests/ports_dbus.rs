@@ -95,7 +95,7 @@ async fn ports_created_over_dbus_carry_frames_and_count_them() {
     assert_eq!(frames.1.as_deref(), Some(&frames.0[..]));
 
     let port = PortProxy::builder(&conn)
-        .path(p1)
+        .path(p1.clone())
         .unwrap()
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
@@ -105,4 +105,11 @@ async fn ports_created_over_dbus_carry_frames_and_count_them() {
     let c = port.counters().await.unwrap();
     assert_eq!(c.get("tx_frames"), Some(&1), "{c:?}");
     assert_eq!(c.get("tx_bytes"), Some(&(frames.0.len() as u64)), "{c:?}");
+
+    let sock1 = port.socket().await.unwrap();
+    net.delete_port(&p1).await.unwrap();
+    assert!(!Path::new(&sock1).exists(), "the socket is removed");
+    assert!(port.mac().await.is_err(), "the object is gone");
+    let err = net.delete_port(&p1).await.unwrap_err();
+    assert!(err.to_string().contains("NotFound"), "{err}");
 }

@@ -121,3 +121,40 @@ fn a_port_serves_the_next_frontend_after_one_leaves() {
         drop(a);
     }
 }
+
+#[test]
+fn a_deleted_port_is_gone_and_the_others_carry_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let sw = Switch::new(dir.path().to_owned());
+    let (p1, p2) = (
+        sw.add_port(SegmentId(1), A).unwrap(),
+        sw.add_port(SegmentId(1), B).unwrap(),
+    );
+    let mut a = NetFrontend::connect(&p1.socket).unwrap();
+    let mut b = NetFrontend::connect(&p2.socket).unwrap();
+    // B is learned behind p2.
+    b.send(&frame(BROADCAST, B, b"here")).unwrap();
+    assert!(a.recv(WAIT).unwrap().is_some());
+
+    sw.remove_port(p2.id).unwrap();
+    assert!(!p2.socket.exists(), "the socket is removed");
+    assert!(NetFrontend::connect(&p2.socket).is_err());
+    assert!(
+        sw.remove_port(p2.id).is_err(),
+        "a second delete is an error"
+    );
+
+    // A new port on the segment hears A, and A's frames to B go nowhere.
+    let p3 = sw.add_port(SegmentId(1), C).unwrap();
+    let mut c = NetFrontend::connect(&p3.socket).unwrap();
+    a.send(&frame(B, A, b"to the deleted port")).unwrap();
+    let to_c = frame(BROADCAST, A, b"to everyone");
+    a.send(&to_c).unwrap();
+    // B's address was forgotten with its port, so the unicast flooded to C.
+    assert_eq!(
+        c.recv(WAIT).unwrap().as_deref(),
+        Some(&frame(B, A, b"to the deleted port")[..])
+    );
+    assert_eq!(c.recv(WAIT).unwrap().as_deref(), Some(&to_c[..]));
+    assert_eq!(p2.stats.rx_frames.load(Ordering::Relaxed), 0);
+}
