@@ -2,14 +2,29 @@
 //! them. `netd/fuzz` wraps them as cargo-fuzz targets; the unit tests run them
 //! over pseudo-random input.
 
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::time::Instant;
+
+use crate::dhcp::{DhcpConfig, DhcpServer};
 
 use crate::frame::{Arp, Ethernet, Ipv4, ETHERTYPE_ARP, ETHERTYPE_IPV4};
 use crate::l2::{MacTable, PortId, SegmentId};
 
-/// Parses `data` as a frame the way the switch does and feeds its addresses
-/// to a MAC table; must never panic.
+/// Parses `data` as a frame the way the switch does, feeds its addresses to
+/// a MAC table and offers it to a DHCP server; must never panic.
 pub fn frame(data: &[u8]) {
+    let mut dhcp = DhcpServer::new(DhcpConfig {
+        gateway: Ipv4Addr::new(10, 0, 0, 1),
+        gateway_mac: [0x52, 0x54, 0, 0, 0, 0xfe],
+        prefix: 24,
+        pool: (Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new(10, 0, 0, 12)),
+        dns: vec![Ipv4Addr::new(10, 0, 0, 1)],
+        mtu: 1500,
+        lease: std::time::Duration::from_secs(60),
+        reservations: HashMap::new(),
+    });
+    let _ = dhcp.handle(data, Instant::now());
     let Ok(eth) = Ethernet::parse(data) else {
         return;
     };
@@ -45,7 +60,7 @@ mod tests {
         for i in 0..5000usize {
             let len = i % 200;
             let mut buf: Vec<u8> = (0..len).map(|_| next()).collect();
-            // Steer some inputs into the ARP and IPv4 parsers.
+            // Steer some inputs into the ARP, IPv4 and DHCP parsers.
             if len > 14 {
                 let t = match i % 3 {
                     0 => [0x08, 0x06],
@@ -53,6 +68,18 @@ mod tests {
                     _ => [0x81, 0x00],
                 };
                 buf[12..14].copy_from_slice(&t);
+            }
+            if len > 42 && i % 5 == 0 {
+                // IPv4, UDP 68 -> 67, valid header checksum: into DHCP parsing.
+                buf[14] = 0x45;
+                buf[23] = 17;
+                buf[24..26].fill(0);
+                let total = u16::try_from(len - 14).unwrap_or(0);
+                buf[16..18].copy_from_slice(&total.to_be_bytes());
+                let sum = crate::frame::checksum(&buf[14..34]);
+                buf[24..26].copy_from_slice(&sum.to_be_bytes());
+                buf[34..36].copy_from_slice(&68u16.to_be_bytes());
+                buf[36..38].copy_from_slice(&67u16.to_be_bytes());
             }
             super::frame(&buf);
         }

@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod dbus;
+pub mod dhcp;
 pub mod frame;
 pub mod fuzzing;
 pub mod health;

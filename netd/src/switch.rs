@@ -1,7 +1,7 @@
 //! The switch: ports on L2 segments, the MAC table, and the forwarding of
 //! each frame a guest sends (in the sending port's thread, in order).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
+use crate::dhcp::{DhcpConfig, DhcpServer, Outcome};
 use crate::frame::{Ethernet, Mac};
 use crate::l2::{Forward, MacTable, PortId, SegmentId};
 use crate::port::{self, Port};
@@ -39,6 +40,7 @@ pub enum SwitchError {
 pub(crate) struct Inner {
     table: Mutex<MacTable>,
     ports: RwLock<BTreeMap<PortId, Arc<Port>>>,
+    dhcp: Mutex<HashMap<SegmentId, DhcpServer>>,
 }
 
 impl Inner {
@@ -56,6 +58,21 @@ impl Inner {
         from.stats
             .tx_bytes
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        // DHCP requests are the switch's to answer on a segment with a server.
+        let dhcp = self
+            .dhcp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&from.segment)
+            .map(|server| server.handle(frame, Instant::now()));
+        match dhcp {
+            Some(Outcome::Reply(reply)) => {
+                from.deliver(&reply);
+                return;
+            }
+            Some(Outcome::Ignored) => return,
+            Some(Outcome::NotDhcp) | None => {}
+        }
         let decision = self
             .table
             .lock()
@@ -96,6 +113,7 @@ impl Switch {
             inner: Arc::new(Inner {
                 table: Mutex::new(MacTable::new(MAC_AGEING, MAC_TABLE_SIZE)),
                 ports: RwLock::new(BTreeMap::new()),
+                dhcp: Mutex::new(HashMap::new()),
             }),
             next: Mutex::new(1),
             dir,
@@ -147,6 +165,26 @@ impl Switch {
             })
             .map_err(|source| SwitchError::Listen { path, source })?;
         Ok(port)
+    }
+
+    /// Answers DHCP on `segment` with `cfg` (replacing any server there;
+    /// leases start empty).
+    pub fn set_dhcp(&self, segment: SegmentId, cfg: DhcpConfig) {
+        self.inner
+            .dhcp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(segment, DhcpServer::new(cfg));
+    }
+
+    /// The address `mac` holds a DHCP lease for on `segment`.
+    pub fn dhcp_lease(&self, segment: SegmentId, mac: &Mac) -> Option<std::net::Ipv4Addr> {
+        self.inner
+            .dhcp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&segment)
+            .and_then(|s| s.lease_of(mac, Instant::now()))
     }
 
     /// Deletes port `id`: no more frames to or from it, its frontend is
