@@ -90,7 +90,7 @@ impl DhcpServer {
         let Some((mac, req)) = parse_request(frame) else {
             return Outcome::NotDhcp;
         };
-        let Ok(packet) = DhcpPacket::new_checked(req.as_slice()) else {
+        let Ok(packet) = DhcpPacket::new_checked(req) else {
             return Outcome::Ignored;
         };
         let Ok(repr) = DhcpRepr::parse(&packet) else {
@@ -261,19 +261,26 @@ fn heapless_dns(dns: &[Ipv4Address]) -> Option<heapless::Vec<Ipv4Address, 3>> {
     Some(v)
 }
 
-/// (client MAC, DHCP payload) of a client-to-server DHCP frame.
-fn parse_request(frame: &[u8]) -> Option<(Mac, Vec<u8>)> {
+/// Whether `frame` is a DHCP client-to-server message: the switch asks
+/// before taking its servers' lock, so other traffic never waits for it.
+pub fn is_request(frame: &[u8]) -> bool {
+    parse_request(frame).is_some()
+}
+
+/// (client MAC, DHCP payload) of a client-to-server DHCP frame. The header
+/// checksum is verified last, for UDP 68 -> 67 only.
+fn parse_request(frame: &[u8]) -> Option<(Mac, &[u8])> {
     let eth = EthernetFrame::new_checked(frame).ok()?;
     if eth.ethertype() != EthernetProtocol::Ipv4 {
         return None;
     }
     let ip = Ipv4Packet::new_checked(eth.payload()).ok()?;
-    if ip.next_header() != IpProtocol::Udp || !ip.verify_checksum() {
+    if ip.next_header() != IpProtocol::Udp {
         return None;
     }
     let udp = UdpPacket::new_checked(ip.payload()).ok()?;
-    if udp.dst_port() != SERVER_PORT || udp.src_port() != CLIENT_PORT {
+    if udp.dst_port() != SERVER_PORT || udp.src_port() != CLIENT_PORT || !ip.verify_checksum() {
         return None;
     }
-    Some((eth.src_addr().0, udp.payload().to_vec()))
+    Some((eth.src_addr().0, udp.payload()))
 }

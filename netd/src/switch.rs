@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use crate::dhcp::{DhcpConfig, DhcpServer, Outcome};
+use crate::dhcp::{self, DhcpConfig, DhcpServer, Outcome};
 use crate::frame::{Ethernet, Mac};
 use crate::l2::{Forward, MacTable, PortId, SegmentId};
 use crate::port::{self, Port};
@@ -59,12 +59,15 @@ impl Inner {
             .tx_bytes
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
         // DHCP requests are the switch's to answer on a segment with a server.
-        let dhcp = self
-            .dhcp
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get_mut(&from.segment)
-            .map(|server| server.handle(frame, Instant::now()));
+        let dhcp = if dhcp::is_request(frame) {
+            self.dhcp
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_mut(&from.segment)
+                .map(|server| server.handle(frame, Instant::now()))
+        } else {
+            None
+        };
         match dhcp {
             Some(Outcome::Reply(reply)) => {
                 from.deliver(&reply);

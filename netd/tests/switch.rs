@@ -4,11 +4,13 @@
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use atoll_tests::net_frontend::NetFrontend;
 use netd::frame::{Arp, Mac, ARP_REQUEST, BROADCAST};
 use netd::l2::SegmentId;
+use netd::port::Port;
 use netd::switch::Switch;
 
 const A: Mac = [0x52, 0x54, 0, 0xa7, 0, 1];
@@ -23,6 +25,16 @@ fn frame(dst: Mac, src: Mac, payload: &[u8]) -> Vec<u8> {
     f.extend_from_slice(&0x88b5u16.to_be_bytes());
     f.extend_from_slice(payload);
     f
+}
+
+/// A switch with ports for A and B on segment 1 (the directory holds the
+/// sockets).
+fn two_ports() -> (tempfile::TempDir, Switch, Arc<Port>, Arc<Port>) {
+    let dir = tempfile::tempdir().unwrap();
+    let sw = Switch::new(dir.path().to_owned());
+    let p1 = sw.add_port(SegmentId(1), A).unwrap();
+    let p2 = sw.add_port(SegmentId(1), B).unwrap();
+    (dir, sw, p1, p2)
 }
 
 #[test]
@@ -82,12 +94,7 @@ fn ports_on_a_segment_talk_and_other_segments_hear_nothing() {
 
 #[test]
 fn runts_are_dropped_and_the_port_keeps_working() {
-    let dir = tempfile::tempdir().unwrap();
-    let sw = Switch::new(dir.path().to_owned());
-    let (p1, p2) = (
-        sw.add_port(SegmentId(1), A).unwrap(),
-        sw.add_port(SegmentId(1), B).unwrap(),
-    );
+    let (_dir, _sw, p1, p2) = two_ports();
     let mut a = NetFrontend::connect(&p1.socket).unwrap();
     let mut b = NetFrontend::connect(&p2.socket).unwrap();
     a.send(&[0xff; 10]).unwrap();
@@ -101,12 +108,7 @@ fn runts_are_dropped_and_the_port_keeps_working() {
 
 #[test]
 fn a_port_serves_the_next_frontend_after_one_leaves() {
-    let dir = tempfile::tempdir().unwrap();
-    let sw = Switch::new(dir.path().to_owned());
-    let (p1, p2) = (
-        sw.add_port(SegmentId(1), A).unwrap(),
-        sw.add_port(SegmentId(1), B).unwrap(),
-    );
+    let (_dir, _sw, p1, p2) = two_ports();
     let mut b = NetFrontend::connect(&p2.socket).unwrap();
     for round in 0..3u8 {
         // A VM restarting: a new frontend on the same socket.
@@ -124,12 +126,7 @@ fn a_port_serves_the_next_frontend_after_one_leaves() {
 
 #[test]
 fn a_deleted_port_is_gone_and_the_others_carry_on() {
-    let dir = tempfile::tempdir().unwrap();
-    let sw = Switch::new(dir.path().to_owned());
-    let (p1, p2) = (
-        sw.add_port(SegmentId(1), A).unwrap(),
-        sw.add_port(SegmentId(1), B).unwrap(),
-    );
+    let (_dir, sw, p1, p2) = two_ports();
     let mut a = NetFrontend::connect(&p1.socket).unwrap();
     let mut b = NetFrontend::connect(&p2.socket).unwrap();
     // B is learned behind p2.

@@ -22,28 +22,7 @@ fn a_frame_round_trips_through_a_vhost_user_net_backend() {
     atoll_tests::wait_until("the backend socket", Duration::from_secs(10), || {
         sock.exists().then_some(())
     });
-    let cfg = serde_json::json!({
-        "memory_mib": 64,
-        "boot": {"kernel": common::guest("net")},
-        "debug_exit": true,
-        "nets": [{"socket": sock, "mac": "52:54:00:12:34:56"}],
-    });
-    let path = dir.path().join("net.json");
-    std::fs::write(&path, cfg.to_string()).unwrap();
-    let out = run(&path);
-    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(
-        lines,
-        [
-            "status 0f mac 52:54:00:12:34:56 link 1",
-            // 12-byte virtio-net header + 14-byte Ethernet header + 10 bytes.
-            "tx used 0 rx len 36 type 88b5 payload atoll echo",
-            r#"{"exit":{"detail":0,"reason":"guest-exit"},"text":"guest-exit(0)"}"#,
-        ],
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_net_guest(dir.path(), &sock);
     // The backend thread stays behind with its listener; the test process ends it.
     drop(server);
 }
@@ -69,27 +48,7 @@ fn a_vm_nic_talks_to_another_port_through_the_netd_switch() {
         peer.send(&back).unwrap();
         got
     });
-    let cfg = serde_json::json!({
-        "memory_mib": 64,
-        "boot": {"kernel": common::guest("net")},
-        "debug_exit": true,
-        "nets": [{"socket": vm_port.socket, "mac": "52:54:00:12:34:56"}],
-    });
-    let path = dir.path().join("net.json");
-    std::fs::write(&path, cfg.to_string()).unwrap();
-    let out = run(&path);
-    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
-    let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(
-        lines,
-        [
-            "status 0f mac 52:54:00:12:34:56 link 1",
-            "tx used 0 rx len 36 type 88b5 payload atoll echo",
-            r#"{"exit":{"detail":0,"reason":"guest-exit"},"text":"guest-exit(0)"}"#,
-        ],
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_net_guest(dir.path(), &vm_port.socket);
     let sent = answer.join().unwrap();
     assert_eq!(&sent[..6], &[0xff; 6], "the VM broadcast");
     assert_eq!(&sent[6..12], &VM_MAC);
@@ -103,11 +62,35 @@ fn a_vm_nic_talks_to_another_port_through_the_netd_switch() {
     );
 }
 
-fn run(config: &Path) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
+/// Runs the `net` test guest with its NIC on `socket` (MAC 52:54:00:12:34:56)
+/// and checks what it printed: it broadcasts one frame and reports the first
+/// frame it receives.
+fn run_net_guest(dir: &Path, socket: &Path) {
+    let cfg = serde_json::json!({
+        "memory_mib": 64,
+        "boot": {"kernel": common::guest("net")},
+        "debug_exit": true,
+        "nets": [{"socket": socket, "mac": "52:54:00:12:34:56"}],
+    });
+    let path = dir.join("net.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args(["run", "--config"])
-        .arg(config)
+        .arg(&path)
         .stdin(Stdio::null())
         .output()
-        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "status 0f mac 52:54:00:12:34:56 link 1",
+            // 12-byte virtio-net header + 14-byte Ethernet header + 10 bytes.
+            "tx used 0 rx len 36 type 88b5 payload atoll echo",
+            r#"{"exit":{"detail":0,"reason":"guest-exit"},"text":"guest-exit(0)"}"#,
+        ],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
