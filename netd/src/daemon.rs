@@ -48,18 +48,16 @@ async fn connect(opts: &Options) -> zbus::Result<Connection> {
     if health.state != "ok" {
         warn!(detail = %health.detail, "network daemon is degraded");
     }
+    let fabric = std::sync::Arc::new(crate::fabric::Fabric::new(opts.run_dir.clone()));
     let conn = builder
         .serve_at(
             OBJECT_PATH,
-            Net1::new(
-                opts.node_id.clone(),
-                health,
-                std::sync::Arc::new(crate::dbus::Fabric::new(opts.run_dir.clone())),
-            ),
+            Net1::new(opts.node_id.clone(), health, fabric.clone()),
         )?
         .serve_at(OBJECT_PATH, ObjectManager)?
         .build()
         .await?;
+    crate::dbus::serve_defaults(conn.object_server(), &fabric).await?;
     // Refuse to queue behind another owner: a second instance must fail, not wait.
     match conn
         .request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into())

@@ -1,21 +1,24 @@
 //! The D-Bus interface `org.atoll.Net1`.
 //!
-//! Object `/org/atoll/Net1` carries the network daemon's own state and an
-//! `org.freedesktop.DBus.ObjectManager`; networks, subnets and ports will appear below it
-//! (`/org/atoll/Net1/network/<uuid>`, `/org/atoll/Net1/port/<uuid>`).
+//! Object `/org/atoll/Net1` carries the network daemon's own state, the
+//! methods that create things, and an `org.freedesktop.DBus.ObjectManager`;
+//! what they create appears below it as `/org/atoll/Net1/<kind>/<n>` (kinds
+//! `vpc`, `network`, `subnet`, `port`, `security_group`; see
+//! [`crate::objects`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::net::Ipv4Addr;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use zbus::zvariant::{ObjectPath, OwnedObjectPath};
+use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue};
 use zbus::{interface, proxy};
 
+use crate::fabric::{Fabric, FabricError, Kind, SubnetSettings, DEFAULT_GROUP};
 use crate::frame::Mac;
 use crate::health::Health;
-use crate::l2::SegmentId;
-use crate::port::Port;
-use crate::switch::Switch;
+use crate::objects::{GroupObject, NetworkObject, PortObject, SubnetObject, VpcObject};
+use crate::secgroup::GroupId;
 
 /// Errors of `org.atoll.Net1` methods.
 #[derive(Debug, zbus::DBusError)]
@@ -32,34 +35,19 @@ pub enum NetError {
     Failed(String),
 }
 
-/// A network: one L2 segment.
-#[derive(Debug, Clone)]
-struct NetworkEntry {
-    path: OwnedObjectPath,
-    name: String,
-    kind: String,
-    segment: SegmentId,
-}
-
-/// What the switch holds, shared by the D-Bus objects.
-#[derive(Debug)]
-pub struct Fabric {
-    switch: Switch,
-    networks: Mutex<Vec<NetworkEntry>>,
-}
-
-impl Fabric {
-    /// A fabric whose port sockets go to `run_dir`.
-    pub fn new(run_dir: std::path::PathBuf) -> Self {
-        Self {
-            switch: Switch::new(run_dir),
-            networks: Mutex::new(Vec::new()),
+impl From<FabricError> for NetError {
+    fn from(e: FabricError) -> Self {
+        match e {
+            FabricError::Invalid(m) => NetError::InvalidArgument(m),
+            FabricError::NotFound(m) => NetError::NotFound(m),
+            FabricError::Rule(r) => NetError::InvalidArgument(r.to_string()),
+            FabricError::Switch(s) => NetError::Failed(format!("{s:#}")),
         }
     }
 }
 
 /// Parses "52:54:00:12:34:56".
-fn parse_mac(s: &str) -> Option<Mac> {
+pub(crate) fn parse_mac(s: &str) -> Option<Mac> {
     let mut m = [0u8; 6];
     let mut parts = s.split(':');
     for b in &mut m {
@@ -72,19 +60,113 @@ fn parse_mac(s: &str) -> Option<Mac> {
     parts.next().is_none().then_some(m)
 }
 
-fn format_mac(m: &Mac) -> String {
+/// "52:54:00:12:34:56".
+pub(crate) fn format_mac(m: &Mac) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
 }
 
-/// A locally administered unicast MAC (52:54:00 prefix) from the port id and
-/// the clock, unique within this switch.
-fn generated_mac(port: u32) -> Mac {
-    let t = now_us().to_le_bytes();
-    let p = port.to_le_bytes();
-    [0x52, 0x54, 0x00, t[0] ^ p[1], p[0], t[1]]
+fn parse_ip(what: &str, s: &str) -> Result<Ipv4Addr, NetError> {
+    s.parse()
+        .map_err(|_| NetError::InvalidArgument(format!("{what} {s:?}: not an IPv4 address")))
+}
+
+/// `/org/atoll/Net1/<kind>/<id>`.
+pub(crate) fn object_path(kind: &str, id: u32) -> Result<OwnedObjectPath, NetError> {
+    ObjectPath::try_from(format!("{OBJECT_PATH}/{kind}/{id}"))
+        .map(Into::into)
+        .map_err(|e| NetError::Failed(e.to_string()))
+}
+
+/// The number in `/org/atoll/Net1/<kind>/<id>`.
+pub(crate) fn id_in(kind: &str, path: &ObjectPath<'_>) -> Result<u32, NetError> {
+    path.as_str()
+        .strip_prefix(OBJECT_PATH)
+        .and_then(|p| p.strip_prefix('/'))
+        .and_then(|p| p.strip_prefix(kind))
+        .and_then(|p| p.strip_prefix('/'))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| NetError::NotFound(format!("no {kind} {}", path.as_str())))
+}
+
+pub(crate) fn group_ids(paths: &[OwnedObjectPath]) -> Result<Vec<GroupId>, NetError> {
+    paths
+        .iter()
+        .map(|p| id_in("security_group", p).map(GroupId))
+        .collect()
+}
+
+/// A method's `a{sv}` options, taken one by one; what is left over is an
+/// error naming it.
+struct Options(HashMap<String, OwnedValue>);
+
+impl Options {
+    fn take<T>(&mut self, key: &str, want: &str) -> Result<Option<T>, NetError>
+    where
+        T: TryFrom<OwnedValue>,
+    {
+        self.0
+            .remove(key)
+            .map(|v| {
+                T::try_from(v).map_err(|_| {
+                    NetError::InvalidArgument(format!("option {key:?}: want type {want}"))
+                })
+            })
+            .transpose()
+    }
+
+    fn string(&mut self, key: &str) -> Result<Option<String>, NetError> {
+        self.take(key, "s")
+    }
+
+    fn strings(&mut self, key: &str) -> Result<Option<Vec<String>>, NetError> {
+        self.take(key, "as")
+    }
+
+    fn u16(&mut self, key: &str) -> Result<Option<u16>, NetError> {
+        self.take(key, "q")
+    }
+
+    fn u32(&mut self, key: &str) -> Result<Option<u32>, NetError> {
+        self.take(key, "u")
+    }
+
+    fn path(&mut self, key: &str) -> Result<Option<OwnedObjectPath>, NetError> {
+        self.take(key, "o")
+    }
+
+    fn paths(&mut self, key: &str) -> Result<Option<Vec<OwnedObjectPath>>, NetError> {
+        self.take(key, "ao")
+    }
+
+    fn done(self) -> Result<(), NetError> {
+        match self.0.keys().next() {
+            Some(k) => Err(NetError::InvalidArgument(format!("unknown option {k:?}"))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Serves the objects that exist before any request: the default security
+/// group.
+pub async fn serve_defaults(
+    server: &zbus::ObjectServer,
+    fabric: &Arc<Fabric>,
+) -> Result<(), zbus::Error> {
+    let path = object_path("security_group", DEFAULT_GROUP.0)
+        .map_err(|e| zbus::Error::Failure(format!("{e:?}")))?;
+    server
+        .at(
+            &path,
+            GroupObject {
+                fabric: fabric.clone(),
+                id: DEFAULT_GROUP,
+            },
+        )
+        .await?;
+    Ok(())
 }
 
 /// Well-known bus name owned by `netd`.
@@ -160,197 +242,202 @@ impl Net1 {
         self.health.tun_available
     }
 
-    /// Creates a network (one L2 segment). `kind` is "flat" (VLAN and
-    /// overlay networks come with uplinks). Returns its object path.
+    /// Creates a VPC: the subnets of its networks route to each other
+    /// (through the gateway of each, answered on every node) and to no other
+    /// VPC's.
+    async fn create_vpc(
+        &self,
+        name: String,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<OwnedObjectPath, NetError> {
+        let id = self.fabric.create_vpc(&name)?;
+        let path = object_path("vpc", id)?;
+        server.at(&path, VpcObject { name }).await?;
+        Ok(path)
+    }
+
+    /// Creates a network (one L2 segment). `kind` is "flat" or "vlan"
+    /// (option "vlan": q, 1 to 4094); option "vpc": o puts it in a VPC.
     async fn create_network(
         &self,
         name: String,
         kind: String,
+        options: HashMap<String, OwnedValue>,
         #[zbus(object_server)] server: &zbus::ObjectServer,
     ) -> Result<OwnedObjectPath, NetError> {
-        if name.is_empty() || name.len() > 64 {
-            return Err(NetError::InvalidArgument("name: 1 to 64 characters".into()));
-        }
-        if kind != "flat" {
-            return Err(NetError::InvalidArgument(format!(
-                "kind {kind:?}: only \"flat\" networks exist yet"
-            )));
-        }
-        let entry = {
-            let mut nets = self
-                .fabric
-                .networks
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if nets.iter().any(|n| n.name == name) {
+        let mut o = Options(options);
+        let vpc = o.path("vpc")?.map(|p| id_in("vpc", &p)).transpose()?;
+        let kind = match kind.as_str() {
+            "flat" => Kind::Flat,
+            "vlan" => Kind::Vlan(o.u16("vlan")?.ok_or_else(|| {
+                NetError::InvalidArgument("a vlan network needs option \"vlan\"".into())
+            })?),
+            k => {
                 return Err(NetError::InvalidArgument(format!(
-                    "a network named {name:?} exists"
-                )));
+                    "kind {k:?}: want \"flat\" or \"vlan\""
+                )))
             }
-            let id = u32::try_from(nets.len() + 1).unwrap_or(u32::MAX);
-            let path = ObjectPath::try_from(format!("{OBJECT_PATH}/network/{id}"))
-                .map_err(|e| NetError::Failed(e.to_string()))?
-                .into();
-            let entry = NetworkEntry {
-                path,
-                name,
-                kind,
-                segment: SegmentId(id),
-            };
-            nets.push(entry.clone());
-            entry
         };
-        let path = entry.path.clone();
-        server.at(&path, NetworkObject(entry)).await?;
+        o.done()?;
+        let id = self.fabric.create_network(&name, kind, vpc)?;
+        let path = object_path("network", id)?;
+        let vpc = vpc.map(|v| object_path("vpc", v)).transpose()?;
+        server
+            .at(
+                &path,
+                NetworkObject {
+                    fabric: self.fabric.clone(),
+                    id,
+                    vpc,
+                },
+            )
+            .await?;
+        Ok(path)
+    }
+
+    /// Creates the IPv4 subnet `cidr` on `network`. Options: "gateway" s
+    /// (default the first address), "dns" as (servers after the gateway's
+    /// own), "domain" s (of VM names), "mtu" q, "lease_seconds" u.
+    async fn create_subnet(
+        &self,
+        network: OwnedObjectPath,
+        cidr: String,
+        options: HashMap<String, OwnedValue>,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<OwnedObjectPath, NetError> {
+        let net = id_in("network", &network)?;
+        let mut o = Options(options);
+        let mut settings = SubnetSettings::default();
+        if let Some(g) = o.string("gateway")? {
+            settings.gateway = Some(parse_ip("gateway", &g)?);
+        }
+        for d in o.strings("dns")?.unwrap_or_default() {
+            settings.dns.push(parse_ip("dns", &d)?);
+        }
+        settings.domain = o.string("domain")?.unwrap_or_default();
+        settings.mtu = o.u16("mtu")?.unwrap_or(settings.mtu);
+        if let Some(l) = o.u32("lease_seconds")? {
+            if l < 60 {
+                return Err(NetError::InvalidArgument(
+                    "lease_seconds: at least 60".into(),
+                ));
+            }
+            settings.lease = std::time::Duration::from_secs(u64::from(l));
+        }
+        o.done()?;
+        let id = self.fabric.create_subnet(net, &cidr, settings)?;
+        let path = object_path("subnet", id)?;
+        server
+            .at(
+                &path,
+                SubnetObject {
+                    fabric: self.fabric.clone(),
+                    id,
+                    network,
+                },
+            )
+            .await?;
         Ok(path)
     }
 
     /// Creates a port on `network` for one VM NIC; `mac` "" picks one.
-    /// Returns the port's object path, the vhost-user socket the VM's NIC
-    /// connects to, and the MAC.
+    /// Options: "ip" s (on a network with a subnet; default the first free
+    /// address), "name" s (the VM's DNS name), "security_groups" ao (default
+    /// the default group). Returns the port's object path, the vhost-user
+    /// socket the VM's NIC connects to, and the MAC.
     async fn create_port(
         &self,
         network: OwnedObjectPath,
         mac: String,
+        options: HashMap<String, OwnedValue>,
         #[zbus(object_server)] server: &zbus::ObjectServer,
     ) -> Result<(OwnedObjectPath, String, String), NetError> {
-        let net = self
-            .fabric
-            .networks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .find(|n| n.path == network)
-            .cloned()
-            .ok_or_else(|| NetError::NotFound(format!("no network {}", network.as_str())))?;
+        let net = id_in("network", &network)?;
         let mac = if mac.is_empty() {
             None
         } else {
-            let m = parse_mac(&mac).ok_or_else(|| {
+            Some(parse_mac(&mac).ok_or_else(|| {
                 NetError::InvalidArgument(format!(
                     "mac {mac:?}: want six hex bytes, 52:54:00:12:34:56"
                 ))
-            })?;
-            if m[0] & 1 != 0 || m == [0; 6] {
-                return Err(NetError::InvalidArgument(format!(
-                    "mac {mac:?}: not a unicast address"
-                )));
-            }
-            Some(m)
+            })?)
         };
+        let mut o = Options(options);
+        let ip = o.string("ip")?.map(|s| parse_ip("ip", &s)).transpose()?;
+        let name = o.string("name")?.unwrap_or_default();
+        let groups = o
+            .paths("security_groups")?
+            .map(|g| group_ids(&g))
+            .transpose()?;
+        o.done()?;
         let fabric = self.fabric.clone();
-        let port = tokio::task::spawn_blocking(move || {
-            fabric
-                .switch
-                .add_port_with(net.segment, |id| mac.unwrap_or_else(|| generated_mac(id.0)))
-        })
-        .await
-        .map_err(|e| NetError::Failed(e.to_string()))?
-        .map_err(|e| NetError::Failed(format!("{e:#}")))?;
-        let path: OwnedObjectPath =
-            ObjectPath::try_from(format!("{OBJECT_PATH}/port/{}", port.id.0))
-                .map_err(|e| NetError::Failed(e.to_string()))?
-                .into();
-        let socket = port.socket.display().to_string();
-        let mac = format_mac(&port.mac);
+        let entry =
+            tokio::task::spawn_blocking(move || fabric.create_port(net, mac, ip, &name, groups))
+                .await
+                .map_err(|e| NetError::Failed(e.to_string()))??;
+        let path = object_path("port", entry.port.id.0)?;
+        let socket = entry.port.socket.display().to_string();
+        let mac = format_mac(&entry.port.mac);
         server
             .at(
                 &path,
                 PortObject {
-                    port,
-                    network: net.path,
+                    fabric: self.fabric.clone(),
+                    entry,
+                    network,
                 },
             )
             .await?;
         Ok((path, socket, mac))
     }
 
-    /// Deletes a port: its VM's NIC is disconnected and the socket removed.
+    /// Deletes a port: its VM's NIC is disconnected, the socket removed and
+    /// its address freed.
     async fn delete_port(
         &self,
         port: OwnedObjectPath,
         #[zbus(object_server)] server: &zbus::ObjectServer,
     ) -> Result<(), NetError> {
-        let not_found = || NetError::NotFound(format!("no port {}", port.as_str()));
-        let id = Self::port_id(&port).ok_or_else(not_found)?;
+        let id = id_in("port", &port)?;
         let fabric = self.fabric.clone();
-        tokio::task::spawn_blocking(move || fabric.switch.remove_port(id))
+        tokio::task::spawn_blocking(move || fabric.delete_port(id))
             .await
-            .map_err(|e| NetError::Failed(e.to_string()))?
-            .map_err(|_| not_found())?;
+            .map_err(|e| NetError::Failed(e.to_string()))??;
         server.remove::<PortObject, _>(&port).await?;
         Ok(())
     }
-}
 
-impl Net1 {
-    fn port_id(path: &ObjectPath<'_>) -> Option<crate::l2::PortId> {
-        path.as_str()
-            .strip_prefix(&format!("{OBJECT_PATH}/port/"))?
-            .parse()
-            .ok()
-            .map(crate::l2::PortId)
-    }
-}
-
-/// A network on the bus.
-#[derive(Debug)]
-pub struct NetworkObject(NetworkEntry);
-
-/// One L2 segment.
-#[interface(name = "org.atoll.Net1.Network")]
-impl NetworkObject {
-    /// Name, unique on the node.
-    #[zbus(property(emits_changed_signal = "const"))]
-    fn name(&self) -> String {
-        self.0.name.clone()
+    /// Creates a security group: it lets anything out and nothing in until
+    /// rules are added.
+    async fn create_security_group(
+        &self,
+        name: String,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<OwnedObjectPath, NetError> {
+        let id = self.fabric.create_group(&name)?;
+        let path = object_path("security_group", id.0)?;
+        server
+            .at(
+                &path,
+                GroupObject {
+                    fabric: self.fabric.clone(),
+                    id,
+                },
+            )
+            .await?;
+        Ok(path)
     }
 
-    /// "flat".
-    #[zbus(property(emits_changed_signal = "const"))]
-    fn kind(&self) -> String {
-        self.0.kind.clone()
-    }
-}
-
-/// A port on the bus.
-#[derive(Debug)]
-pub struct PortObject {
-    port: Arc<Port>,
-    network: OwnedObjectPath,
-}
-
-/// A switch port: one VM NIC's vhost-user-net socket.
-#[interface(name = "org.atoll.Net1.Port")]
-impl PortObject {
-    /// The network it is on.
-    #[zbus(property(emits_changed_signal = "const"))]
-    fn network(&self) -> OwnedObjectPath {
-        self.network.clone()
-    }
-
-    /// The MAC its NIC gets.
-    #[zbus(property(emits_changed_signal = "const"))]
-    fn mac(&self) -> String {
-        format_mac(&self.port.mac)
-    }
-
-    /// The vhost-user socket the VM connects to.
-    #[zbus(property(emits_changed_signal = "const"))]
-    fn socket(&self) -> String {
-        self.port.socket.display().to_string()
-    }
-
-    /// tx/rx frames and bytes (tx = from the VM), tx_dropped (refused by the
-    /// switch), rx_dropped (no room in the VM). Read on each Get.
-    #[zbus(property(emits_changed_signal = "false"))]
-    fn counters(&self) -> HashMap<String, u64> {
-        self.port
-            .stats
-            .snapshot()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect()
+    /// Deletes a security group no port is in.
+    async fn delete_security_group(
+        &self,
+        group: OwnedObjectPath,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<(), NetError> {
+        let id = GroupId(id_in("security_group", &group)?);
+        self.fabric.delete_group(id)?;
+        server.remove::<GroupObject, _>(&group).await?;
+        Ok(())
     }
 }
 
@@ -379,31 +466,33 @@ pub trait Net1 {
     /// Whether /dev/net/tun can be opened, which TAP uplinks need.
     #[zbus(property)]
     fn tun_available(&self) -> zbus::Result<bool>;
+    /// Creates a VPC.
+    fn create_vpc(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     /// Creates a network.
-    fn create_network(&self, name: &str, kind: &str) -> zbus::Result<OwnedObjectPath>;
+    fn create_network(
+        &self,
+        name: &str,
+        kind: &str,
+        options: HashMap<&str, zbus::zvariant::Value<'_>>,
+    ) -> zbus::Result<OwnedObjectPath>;
+    /// Creates a subnet.
+    fn create_subnet(
+        &self,
+        network: &ObjectPath<'_>,
+        cidr: &str,
+        options: HashMap<&str, zbus::zvariant::Value<'_>>,
+    ) -> zbus::Result<OwnedObjectPath>;
     /// Creates a port: (object, socket, mac).
     fn create_port(
         &self,
         network: &ObjectPath<'_>,
         mac: &str,
+        options: HashMap<&str, zbus::zvariant::Value<'_>>,
     ) -> zbus::Result<(OwnedObjectPath, String, String)>;
     /// Deletes a port.
     fn delete_port(&self, port: &ObjectPath<'_>) -> zbus::Result<()>;
-}
-
-/// Typed client of a port.
-#[proxy(interface = "org.atoll.Net1.Port", default_service = "org.atoll.Net1")]
-pub trait Port {
-    /// Its network.
-    #[zbus(property)]
-    fn network(&self) -> zbus::Result<OwnedObjectPath>;
-    /// MAC.
-    #[zbus(property)]
-    fn mac(&self) -> zbus::Result<String>;
-    /// Socket.
-    #[zbus(property)]
-    fn socket(&self) -> zbus::Result<String>;
-    /// Counters.
-    #[zbus(property)]
-    fn counters(&self) -> zbus::Result<HashMap<String, u64>>;
+    /// Creates a security group.
+    fn create_security_group(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
+    /// Deletes a security group.
+    fn delete_security_group(&self, group: &ObjectPath<'_>) -> zbus::Result<()>;
 }

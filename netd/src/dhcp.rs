@@ -40,6 +40,8 @@ pub struct DhcpConfig {
     pub lease: Duration,
     /// Fixed addresses by MAC (inside or outside the pool).
     pub reservations: HashMap<Mac, Ipv4Addr>,
+    /// DNS domain (option 15; empty: not sent).
+    pub domain: String,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +76,22 @@ impl DhcpServer {
         Self {
             cfg,
             leases: HashMap::new(),
+        }
+    }
+
+    /// Reserves `ip` for `mac` (None: drops its reservation and lease).
+    pub fn reserve(&mut self, mac: Mac, ip: Option<Ipv4Addr>) {
+        match ip {
+            Some(ip) => {
+                self.cfg.reservations.insert(mac, ip);
+                if self.leases.get(&mac).is_some_and(|l| l.ip != ip) {
+                    self.leases.remove(&mac);
+                }
+            }
+            None => {
+                self.cfg.reservations.remove(&mac);
+                self.leases.remove(&mac);
+            }
         }
     }
 
@@ -175,10 +193,17 @@ impl DhcpServer {
             .unwrap_or(0);
         let dns: Vec<Ipv4Address> = self.cfg.dns.iter().take(3).copied().collect();
         let mtu = self.cfg.mtu.to_be_bytes();
-        let extra = [DhcpOption {
+        let domain = self.cfg.domain.as_bytes();
+        let mut extra = vec![DhcpOption {
             kind: 26, // interface MTU
             data: &mtu,
         }];
+        if !domain.is_empty() && domain.len() <= 255 {
+            extra.push(DhcpOption {
+                kind: 15, // domain name
+                data: domain,
+            });
+        }
         let secs = u32::try_from(self.cfg.lease.as_secs()).unwrap_or(u32::MAX);
         let repr = DhcpRepr {
             message_type: kind,

@@ -204,6 +204,9 @@ pub struct Ipv4<'a> {
     pub header_len: usize,
     /// Whether this is a fragment other than a whole datagram.
     pub fragment: bool,
+    /// Whether the fragment offset is 0 (a whole datagram, or the fragment
+    /// carrying the transport header).
+    pub first_fragment: bool,
     /// The payload up to the header's total length (link padding cut off).
     pub payload: &'a [u8],
 }
@@ -237,6 +240,7 @@ impl<'a> Ipv4<'a> {
             ttl: b[8],
             header_len,
             fragment: frag & 0x3fff != 0,
+            first_fragment: frag & 0x1fff == 0,
             payload: &b[header_len..total],
         })
     }

@@ -23,6 +23,7 @@ pub fn frame(data: &[u8]) {
         mtu: 1500,
         lease: std::time::Duration::from_secs(60),
         reservations: HashMap::new(),
+        domain: "lan".into(),
     });
     let _ = dhcp.handle(data, Instant::now());
     let Ok(eth) = Ethernet::parse(data) else {

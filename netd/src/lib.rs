@@ -2,14 +2,21 @@
 //! sockets. This library is the crate's single door: it exports the D-Bus interface
 //! `org.atoll.Net1`, the typed proxy that `mgmtd` uses, and the daemon's entry point.
 
+pub mod conntrack;
 pub mod daemon;
 pub mod dbus;
 pub mod dhcp;
+pub mod dns;
+pub mod fabric;
+pub mod flow;
 pub mod frame;
 pub mod fuzzing;
 pub mod health;
 pub mod l2;
+pub mod objects;
 pub mod port;
+pub mod router;
+pub mod secgroup;
 pub mod switch;
 
 pub use dbus::{Net1Proxy, BUS_NAME, OBJECT_PATH};

@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 
 use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -20,14 +20,18 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::conntrack::Conntrack;
 use crate::frame::{Mac, MAX_FRAME};
 use crate::l2::{PortId, SegmentId};
+use crate::secgroup::PortSecurity;
 use crate::switch::Inner;
 
 /// virtio-net header with VIRTIO_F_VERSION_1.
 pub const NET_HDR: usize = 12;
 /// Frames waiting for the guest's receive buffers, at most; more are dropped.
 const MAX_PENDING: usize = 1024;
+/// Connections tracked per port, at most; new ones past that are refused.
+pub const MAX_CONNECTIONS: usize = 65_536;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 const F_MAC: u64 = 1 << 5;
@@ -49,6 +53,11 @@ pub struct PortStats {
     pub tx_dropped: AtomicU64,
     /// Frames for the guest dropped because it had no room for them.
     pub rx_dropped: AtomicU64,
+    /// Frames from the guest its security refused (spoofed addresses,
+    /// connections no egress rule allows).
+    pub tx_filtered: AtomicU64,
+    /// Frames for the guest no ingress rule allows.
+    pub rx_filtered: AtomicU64,
 }
 
 impl PortStats {
@@ -62,6 +71,8 @@ impl PortStats {
             ("rx_bytes", g(&self.rx_bytes)),
             ("tx_dropped", g(&self.tx_dropped)),
             ("rx_dropped", g(&self.rx_dropped)),
+            ("tx_filtered", g(&self.tx_filtered)),
+            ("rx_filtered", g(&self.rx_filtered)),
         ]
     }
 }
@@ -86,6 +97,10 @@ pub struct Port {
     pub socket: PathBuf,
     /// Counters.
     pub stats: PortStats,
+    /// Its address and security groups.
+    pub(crate) security: RwLock<PortSecurity>,
+    /// Connections its security groups let through.
+    pub(crate) conntrack: Mutex<Conntrack>,
     rx: Mutex<RxSide>,
     /// Set when the port is deleted: its thread ends instead of waiting for
     /// the next frontend.
@@ -106,6 +121,22 @@ impl std::fmt::Debug for Port {
 }
 
 impl Port {
+    /// Its address and security groups.
+    pub fn security(&self) -> PortSecurity {
+        self.security
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Connections its security groups currently let through.
+    pub fn connections(&self) -> usize {
+        self.conntrack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
     pub(crate) fn new(id: PortId, segment: SegmentId, mac: Mac, socket: PathBuf) -> Self {
         Self {
             id,
@@ -113,6 +144,8 @@ impl Port {
             mac,
             socket,
             stats: PortStats::default(),
+            security: RwLock::new(PortSecurity::default()),
+            conntrack: Mutex::new(Conntrack::new(MAX_CONNECTIONS)),
             rx: Mutex::new(RxSide::default()),
             deleted: AtomicBool::new(false),
             connection: Mutex::new(None),

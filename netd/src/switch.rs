@@ -2,17 +2,25 @@
 //! each frame a guest sends (in the sending port's thread, in order).
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use tracing::warn;
+use tracing::{debug, warn};
 
+use crate::conntrack::Direction;
 use crate::dhcp::{self, DhcpConfig, DhcpServer, Outcome};
-use crate::frame::{Ethernet, Mac};
+use crate::dns;
+use crate::flow::{
+    icmp_echo_reply, route_rewrite, udp_frame, Packet, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_UDP,
+};
+use crate::frame::{Arp, Ethernet, Ipv4, Mac, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4};
 use crate::l2::{Forward, MacTable, PortId, SegmentId};
 use crate::port::{self, Port};
+use crate::router::{Host, Subnet, L3};
+use crate::secgroup::{GroupId, Groups, PortSecurity, Rule, SecurityGroup};
 
 /// How long a learned address stays without traffic from it.
 pub const MAC_AGEING: Duration = Duration::from_secs(300);
@@ -34,6 +42,15 @@ pub enum SwitchError {
     /// No such port.
     #[error("no port {0}")]
     NoPort(u32),
+    /// No such security group.
+    #[error("no security group {0}")]
+    NoGroup(u32),
+    /// A group a port is in cannot go.
+    #[error("security group {0} has ports in it")]
+    GroupInUse(u32),
+    /// No such rule.
+    #[error("security group {0} has no rule {1}")]
+    NoRule(u32, u32),
 }
 
 #[derive(Debug)]
@@ -41,6 +58,19 @@ pub(crate) struct Inner {
     table: Mutex<MacTable>,
     ports: RwLock<BTreeMap<PortId, Arc<Port>>>,
     dhcp: Mutex<HashMap<SegmentId, DhcpServer>>,
+    l3: RwLock<L3>,
+    groups: RwLock<Groups>,
+}
+
+/// Why the switch refused a frame (logged at debug level, counted on the port).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+enum Refused {
+    #[error("spoofed {0}")]
+    Spoofed(&'static str),
+    #[error("no egress rule allows the connection")]
+    Egress,
+    #[error("neither IPv4 nor ARP")]
+    NotIp,
 }
 
 impl Inner {
@@ -54,17 +84,47 @@ impl Inner {
                 return;
             }
         };
+        // ARP and IPv4 must parse; other protocols pass as they are on
+        // unfiltered ports.
+        let (arp, ip) = match eth.ethertype {
+            ETHERTYPE_ARP => match Arp::parse(eth.payload) {
+                Ok(a) => (Some(a), None),
+                Err(e) => return self.malformed(from, e),
+            },
+            ETHERTYPE_IPV4 => {
+                match Ipv4::parse(eth.payload).and_then(|ip| Ok((Packet::of(&ip)?, ip))) {
+                    Ok(p) => (None, Some(p)),
+                    Err(e) => return self.malformed(from, e),
+                }
+            }
+            _ => (None, None),
+        };
         from.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
         from.stats
             .tx_bytes
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        let now = Instant::now();
+        let sec = from.security.read().unwrap_or_else(PoisonError::into_inner);
+        if let Err(why) = self.egress(
+            from,
+            &sec,
+            &eth,
+            arp.as_ref(),
+            ip.as_ref().map(|p| &p.0),
+            now,
+        ) {
+            from.stats.tx_filtered.fetch_add(1, Ordering::Relaxed);
+            debug!(port = from.id.0, "refused a frame: {why}");
+            return;
+        }
+        drop(sec);
         // DHCP requests are the switch's to answer on a segment with a server.
-        let dhcp = if dhcp::is_request(frame) {
+        let dhcp = if ip.is_some() && dhcp::is_request(frame) {
             self.dhcp
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get_mut(&from.segment)
-                .map(|server| server.handle(frame, Instant::now()))
+                .map(|server| server.handle(frame, now))
         } else {
             None
         };
@@ -76,16 +136,30 @@ impl Inner {
             Some(Outcome::Ignored) => return,
             Some(Outcome::NotDhcp) | None => {}
         }
+        {
+            let l3 = self.l3.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(subnet) = l3.subnet(from.segment) {
+                if let Some(a) = arp.filter(|a| a.op == ARP_REQUEST && a.tpa == subnet.gateway) {
+                    from.deliver(&a.reply_from(subnet.gateway_mac).to_frame(a.sha));
+                    return;
+                }
+                if let (Some((pkt, ipv4)), true) = (&ip, eth.dst == subnet.gateway_mac) {
+                    self.route(from, &l3, subnet, frame, pkt, ipv4, now);
+                    return;
+                }
+            }
+        }
         let decision = self
             .table
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .forward(from.segment, from.id, eth.src, eth.dst, Instant::now());
+        let pkt = ip.as_ref().map(|p| &p.0);
         let ports = self.ports.read().unwrap_or_else(PoisonError::into_inner);
         match decision {
             Forward::Port(p) => {
                 if let Some(to) = ports.get(&p).filter(|to| to.segment == from.segment) {
-                    to.deliver(frame);
+                    self.deliver_checked(to, frame, pkt, now);
                 }
             }
             Forward::Flood => {
@@ -93,10 +167,175 @@ impl Inner {
                     .values()
                     .filter(|p| p.segment == from.segment && p.id != from.id)
                 {
-                    to.deliver(frame);
+                    self.deliver_checked(to, frame, pkt, now);
                 }
             }
             Forward::Drop => {}
+        }
+    }
+
+    fn malformed(&self, from: &Port, e: crate::frame::FrameError) {
+        from.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+        debug!(port = from.id.0, "dropped a malformed frame: {e}");
+    }
+
+    /// What a filtered port may send: its own MAC and address only, ARP and
+    /// IPv4 only, and IPv4 only on connections its groups allow out.
+    fn egress(
+        &self,
+        from: &Port,
+        sec: &PortSecurity,
+        eth: &Ethernet<'_>,
+        arp: Option<&Arp>,
+        pkt: Option<&Packet>,
+        now: Instant,
+    ) -> Result<(), Refused> {
+        let Some(own) = sec.ip else { return Ok(()) };
+        if eth.src != from.mac || eth.vlan.is_some() {
+            return Err(Refused::Spoofed("source MAC"));
+        }
+        if let Some(a) = arp {
+            if a.sha != from.mac || (a.spa != own && !a.spa.is_unspecified()) {
+                return Err(Refused::Spoofed("ARP sender"));
+            }
+            return Ok(());
+        }
+        let Some(p) = pkt else {
+            return Err(Refused::NotIp);
+        };
+        // DHCP is always let out, from no address yet or from its own.
+        let dhcp = p.flow.proto == PROTO_UDP && p.flow.sport == 68 && p.flow.dport == 67;
+        if p.flow.src != own {
+            return if dhcp && p.flow.src.is_unspecified() {
+                Ok(())
+            } else {
+                Err(Refused::Spoofed("source IP"))
+            };
+        }
+        if dhcp {
+            return Ok(());
+        }
+        if self.admit(from, sec, Direction::Egress, p, now) {
+            Ok(())
+        } else {
+            Err(Refused::Egress)
+        }
+    }
+
+    /// Whether `port`'s tracker or groups let `p` through in `dir`.
+    fn admit(
+        &self,
+        port: &Port,
+        sec: &PortSecurity,
+        dir: Direction,
+        p: &Packet,
+        now: Instant,
+    ) -> bool {
+        let mut ct = port
+            .conntrack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if ct.track(p, now) {
+            return true;
+        }
+        let allowed = self
+            .groups
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .allows(&sec.groups, dir, &p.flow);
+        allowed && ct.commit(p, dir, now)
+    }
+
+    /// Hands `frame` to `to` if its ingress allows it.
+    fn deliver_checked(&self, to: &Port, frame: &[u8], pkt: Option<&Packet>, now: Instant) {
+        let sec = to.security.read().unwrap_or_else(PoisonError::into_inner);
+        if sec.enabled() {
+            let ok = match pkt {
+                Some(p) => self.admit(to, &sec, Direction::Ingress, p, now),
+                // ARP is always let in; anything else is not.
+                None => Ethernet::parse(frame).is_ok_and(|e| e.ethertype == ETHERTYPE_ARP),
+            };
+            if !ok {
+                to.stats.rx_filtered.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        drop(sec);
+        to.deliver(frame);
+    }
+
+    /// An IPv4 packet to the gateway's MAC: for the gateway itself (ping,
+    /// DNS) or routed to another subnet of the VPC.
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &self,
+        from: &Port,
+        l3: &L3,
+        subnet: &Subnet,
+        frame: &[u8],
+        pkt: &Packet,
+        ip: &Ipv4<'_>,
+        now: Instant,
+    ) {
+        if l3.is_gateway(from.segment, ip.dst) {
+            if let Some(reply) = self.gateway_service(from, l3, subnet, frame, pkt, ip) {
+                from.deliver(&reply);
+            }
+            return;
+        }
+        let Some((seg, dst_subnet, host)) = l3.route(from.segment, ip.dst) else {
+            from.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+            debug!(port = from.id.0, dst = %ip.dst, "no route");
+            return;
+        };
+        if ip.ttl <= 1 {
+            from.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let to = self
+            .ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&host.port)
+            .filter(|p| p.segment == seg)
+            .cloned();
+        if let Some(to) = to {
+            let mut out = frame.to_vec();
+            route_rewrite(&mut out, dst_subnet.gateway_mac, host.mac);
+            self.deliver_checked(&to, &out, Some(pkt), now);
+        }
+    }
+
+    /// The gateway's own answers: echo replies and DNS.
+    fn gateway_service(
+        &self,
+        from: &Port,
+        l3: &L3,
+        subnet: &Subnet,
+        frame: &[u8],
+        pkt: &Packet,
+        ip: &Ipv4<'_>,
+    ) -> Option<Vec<u8>> {
+        match (pkt.flow.proto, pkt.icmp_type) {
+            (PROTO_ICMP, Some(ICMP_ECHO_REQUEST)) if !ip.fragment => {
+                Some(icmp_echo_reply(frame, ip, subnet.gateway_mac))
+            }
+            (PROTO_UDP, _) if pkt.flow.dport == dns::PORT && !ip.fragment => {
+                let query = ip.payload.get(8..)?;
+                let answer =
+                    dns::answer(query, &subnet.domain, |name| l3.resolve(from.segment, name))?;
+                let src_mac = subnet.gateway_mac;
+                Some(udp_frame(
+                    src_mac,
+                    from.mac,
+                    ip.dst,
+                    ip.src,
+                    dns::PORT,
+                    pkt.flow.sport,
+                    &answer,
+                ))
+            }
+            _ => None,
         }
     }
 }
@@ -117,6 +356,8 @@ impl Switch {
                 table: Mutex::new(MacTable::new(MAC_AGEING, MAC_TABLE_SIZE)),
                 ports: RwLock::new(BTreeMap::new()),
                 dhcp: Mutex::new(HashMap::new()),
+                l3: RwLock::new(L3::default()),
+                groups: RwLock::new(Groups::default()),
             }),
             next: Mutex::new(1),
             dir,
@@ -190,6 +431,233 @@ impl Switch {
             .and_then(|s| s.lease_of(mac, Instant::now()))
     }
 
+    /// Puts `subnet` on `segment` with a DHCP server answering from its
+    /// gateway (`dhcp` carries DNS servers, MTU and lease time; its pool is
+    /// the range handed to ports without a fixed address). Ports with fixed
+    /// addresses on the segment keep them as DHCP reservations.
+    pub fn set_subnet(&self, segment: SegmentId, subnet: Subnet, mut dhcp: DhcpConfig) {
+        dhcp.gateway = subnet.gateway;
+        dhcp.gateway_mac = subnet.gateway_mac;
+        dhcp.prefix = subnet.prefix;
+        dhcp.domain = subnet.domain.clone();
+        for p in self.ports_on(segment) {
+            if let Some(ip) = p.security().ip {
+                dhcp.reservations.insert(p.mac, ip);
+            }
+        }
+        self.inner
+            .l3
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_subnet(segment, subnet);
+        self.set_dhcp(segment, dhcp);
+    }
+
+    fn ports_on(&self, segment: SegmentId) -> Vec<Arc<Port>> {
+        self.inner
+            .ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|p| p.segment == segment)
+            .cloned()
+            .collect()
+    }
+
+    /// Gives port `id` the fixed address `ip` (None: none; the port is then
+    /// unfiltered) and the DNS name `name`: its DHCP reservation, its host
+    /// route and the only source address it may use.
+    pub fn set_port_address(
+        &self,
+        id: PortId,
+        ip: Option<Ipv4Addr>,
+        name: &str,
+    ) -> Result<(), SwitchError> {
+        let port = self.port(id)?;
+        let mut sec = port
+            .security
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        {
+            let mut l3 = self
+                .inner
+                .l3
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(old) = sec.ip {
+                l3.set_host(port.segment, old, None);
+            }
+            if let Some(new) = ip {
+                l3.set_host(
+                    port.segment,
+                    new,
+                    Some(Host {
+                        port: id,
+                        mac: port.mac,
+                        name: name.to_owned(),
+                    }),
+                );
+            }
+        }
+        {
+            let mut groups = self
+                .inner
+                .groups
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(old) = sec.ip {
+                groups.set_member(old, &sec.groups, &[]);
+            }
+            if let Some(new) = ip {
+                groups.set_member(new, &[], &sec.groups);
+            }
+        }
+        if let Some(server) = self
+            .inner
+            .dhcp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&port.segment)
+        {
+            server.reserve(port.mac, ip);
+        }
+        sec.ip = ip;
+        port.conntrack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        Ok(())
+    }
+
+    /// Puts port `id` in `groups` (replacing its groups); connections the
+    /// new groups do not allow are cut, the others carry on.
+    pub fn set_port_groups(&self, id: PortId, groups: Vec<GroupId>) -> Result<(), SwitchError> {
+        let port = self.port(id)?;
+        let mut sec = port
+            .security
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        {
+            let mut all = self
+                .inner
+                .groups
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(g) = groups.iter().find(|g| !all.groups.contains_key(g)) {
+                return Err(SwitchError::NoGroup(g.0));
+            }
+            if let Some(ip) = sec.ip {
+                all.set_member(ip, &sec.groups, &groups);
+            }
+        }
+        sec.groups = groups;
+        drop(sec);
+        self.revalidate();
+        Ok(())
+    }
+
+    /// Creates an empty security group `id` named `name` (nothing in,
+    /// nothing out until rules say so).
+    pub fn create_group(&self, id: GroupId, name: String) {
+        self.inner
+            .groups
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .groups
+            .insert(id, SecurityGroup::new(name));
+    }
+
+    /// Deletes group `id`; refused while a port is in it.
+    pub fn delete_group(&self, id: GroupId) -> Result<(), SwitchError> {
+        let in_use = self
+            .inner
+            .ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .any(|p| p.security().groups.contains(&id));
+        if in_use {
+            return Err(SwitchError::GroupInUse(id.0));
+        }
+        self.inner
+            .groups
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .groups
+            .remove(&id)
+            .map(|_| ())
+            .ok_or(SwitchError::NoGroup(id.0))
+    }
+
+    /// Adds `rule` to group `id`, online; returns the rule's id.
+    pub fn add_rule(&self, id: GroupId, rule: Rule) -> Result<u32, SwitchError> {
+        let n = self
+            .inner
+            .groups
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .groups
+            .get_mut(&id)
+            .ok_or(SwitchError::NoGroup(id.0))?
+            .add(rule);
+        Ok(n)
+    }
+
+    /// Removes rule `rule` of group `id`, online: connections that no rule
+    /// allows any more are cut; the others carry on.
+    pub fn remove_rule(&self, id: GroupId, rule: u32) -> Result<(), SwitchError> {
+        self.inner
+            .groups
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .groups
+            .get_mut(&id)
+            .ok_or(SwitchError::NoGroup(id.0))?
+            .rules
+            .remove(&rule)
+            .ok_or(SwitchError::NoRule(id.0, rule))?;
+        self.revalidate();
+        Ok(())
+    }
+
+    /// The rules of group `id`, by id.
+    pub fn rules(&self, id: GroupId) -> Result<Vec<(u32, Rule)>, SwitchError> {
+        let groups = self
+            .inner
+            .groups
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let g = groups.groups.get(&id).ok_or(SwitchError::NoGroup(id.0))?;
+        Ok(g.rules.iter().map(|(k, r)| (*k, *r)).collect())
+    }
+
+    /// Re-checks every port's tracked connections against its groups' rules.
+    fn revalidate(&self) {
+        let ports: Vec<Arc<Port>> = self
+            .inner
+            .ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for p in ports {
+            let sec = p.security();
+            if !sec.enabled() {
+                continue;
+            }
+            let groups = self
+                .inner
+                .groups
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            p.conntrack
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .revalidate(|flow, dir| groups.allows(&sec.groups, dir, flow));
+        }
+    }
+
     /// Deletes port `id`: no more frames to or from it, its frontend is
     /// disconnected and its socket removed.
     pub fn remove_port(&self, id: PortId) -> Result<(), SwitchError> {
@@ -205,6 +673,28 @@ impl Switch {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .forget_port(id);
+        let sec = port.security();
+        if let Some(ip) = sec.ip {
+            self.inner
+                .l3
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .set_host(port.segment, ip, None);
+            self.inner
+                .groups
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .set_member(ip, &sec.groups, &[]);
+            if let Some(server) = self
+                .inner
+                .dhcp
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get_mut(&port.segment)
+            {
+                server.reserve(port.mac, None);
+            }
+        }
         port.close();
         Ok(())
     }

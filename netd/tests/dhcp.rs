@@ -134,6 +134,7 @@ fn leases_come_from_the_pool_and_reservations_with_the_subnet_options() {
             mtu: 1450,
             lease: Duration::from_secs(3600),
             reservations: HashMap::from([(C, Ipv4Addr::new(10, 0, 0, 50))]),
+            domain: String::new(),
         },
     );
     let ports = [A, B, C].map(|m| sw.add_port(seg, m).unwrap());

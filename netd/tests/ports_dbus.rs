@@ -2,6 +2,7 @@
 //! traffic through the ports a VM NIC would connect to.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -9,9 +10,9 @@ use std::time::Duration;
 use atoll_tests::contract::wait_owner;
 use atoll_tests::net_frontend::NetFrontend;
 use atoll_tests::TestBus;
-use netd::dbus::PortProxy;
+use netd::objects::PortProxy;
 use netd::Net1Proxy;
-use zbus::zvariant::ObjectPath;
+use zbus::zvariant::{ObjectPath, Value};
 
 struct Daemon(Child);
 
@@ -54,24 +55,48 @@ async fn ports_created_over_dbus_carry_frames_and_count_them() {
     wait_owner(&conn, netd::BUS_NAME, true).await;
     let net = Net1Proxy::new(&conn).await.unwrap();
 
-    let lan = net.create_network("lan", "flat").await.unwrap();
-    let err = net.create_network("lan", "flat").await.unwrap_err();
+    let none = HashMap::new;
+    let lan = net.create_network("lan", "flat", none()).await.unwrap();
+    let err = net.create_network("lan", "flat", none()).await.unwrap_err();
     assert!(err.to_string().contains("InvalidArgument"), "{err}");
-    let err = net.create_network("v10", "vxlan").await.unwrap_err();
-    assert!(err.to_string().contains("only \"flat\""), "{err}");
     let err = net
-        .create_port(&lan, "01:00:5e:00:00:01")
+        .create_network("v10", "vxlan", none())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("want \"flat\" or \"vlan\""),
+        "{err}"
+    );
+    let err = net.create_network("v10", "vlan", none()).await.unwrap_err();
+    assert!(err.to_string().contains("needs option"), "{err}");
+    let bad = HashMap::from([("vlan", Value::from("ten"))]);
+    let err = net.create_network("v10", "vlan", bad).await.unwrap_err();
+    assert!(err.to_string().contains("want type q"), "{err}");
+    let bad = HashMap::from([("colour", Value::from("red"))]);
+    let err = net.create_network("v10", "flat", bad).await.unwrap_err();
+    assert!(
+        err.to_string().contains("unknown option \"colour\""),
+        "{err}"
+    );
+    let err = net
+        .create_port(&lan, "01:00:5e:00:00:01", none())
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not a unicast"), "{err}");
-    let err = net.create_port(&lan, "52:54").await.unwrap_err();
+    let err = net.create_port(&lan, "52:54", none()).await.unwrap_err();
     assert!(err.to_string().contains("InvalidArgument"), "{err}");
     let nowhere = ObjectPath::try_from("/org/atoll/Net1/network/99").unwrap();
-    let err = net.create_port(&nowhere, "").await.unwrap_err();
+    let err = net.create_port(&nowhere, "", none()).await.unwrap_err();
     assert!(err.to_string().contains("NotFound"), "{err}");
+    let ip = HashMap::from([("ip", Value::from("10.0.0.5"))]);
+    let err = net.create_port(&lan, "", ip).await.unwrap_err();
+    assert!(err.to_string().contains("has no subnet"), "{err}");
 
-    let (p1, sock1, mac1) = net.create_port(&lan, "52:54:00:aa:00:01").await.unwrap();
-    let (_p2, sock2, mac2) = net.create_port(&lan, "").await.unwrap();
+    let (p1, sock1, mac1) = net
+        .create_port(&lan, "52:54:00:aa:00:01", none())
+        .await
+        .unwrap();
+    let (_p2, sock2, mac2) = net.create_port(&lan, "", none()).await.unwrap();
     assert_eq!(mac1, "52:54:00:aa:00:01");
     assert_ne!(mac2, mac1);
     assert_eq!(mac_bytes(&mac2)[0] & 1, 0, "generated MAC is unicast");

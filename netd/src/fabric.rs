@@ -1,0 +1,582 @@
+//! What the node's networks are made of, above the switch: VPCs, networks,
+//! subnets with address management, ports and security groups, by number.
+//! The D-Bus objects are views of this; it checks every request before the
+//! switch sees it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use crate::dhcp::DhcpConfig;
+use crate::frame::Mac;
+use crate::l2::{PortId, SegmentId};
+use crate::port::Port;
+use crate::router::{gateway_mac, Subnet, VpcId};
+use crate::secgroup::{mask, parse_cidr, GroupId, Rule, RuleError};
+use crate::switch::{Switch, SwitchError};
+
+/// The security group every port is in unless it names others.
+pub const DEFAULT_GROUP: GroupId = GroupId(1);
+
+/// Why a request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum FabricError {
+    /// A bad argument (the message says which and why).
+    #[error("{0}")]
+    Invalid(String),
+    /// No such object.
+    #[error("{0}")]
+    NotFound(String),
+    /// The switch failed.
+    #[error(transparent)]
+    Switch(#[from] SwitchError),
+    /// A security group rule is bad.
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+}
+
+type Result<T> = std::result::Result<T, FabricError>;
+
+fn invalid(msg: impl Into<String>) -> FabricError {
+    FabricError::Invalid(msg.into())
+}
+
+/// A network's kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Untagged.
+    Flat,
+    /// One 802.1Q VLAN.
+    Vlan(u16),
+}
+
+impl Kind {
+    /// Its name on D-Bus.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Flat => "flat",
+            Kind::Vlan(_) => "vlan",
+        }
+    }
+}
+
+/// A network.
+#[derive(Debug, Clone)]
+pub struct Network {
+    /// Name, unique on the node.
+    pub name: String,
+    /// Kind.
+    pub kind: Kind,
+    /// Its VPC.
+    pub vpc: Option<u32>,
+    /// Its subnet.
+    pub subnet: Option<u32>,
+}
+
+/// A subnet's settings beyond its prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubnetSettings {
+    /// Gateway address (None: the first host address).
+    pub gateway: Option<Ipv4Addr>,
+    /// DNS servers for DHCP after the gateway's own (which answers for VM
+    /// names and refuses others).
+    pub dns: Vec<Ipv4Addr>,
+    /// DNS domain of VM names.
+    pub domain: String,
+    /// MTU for the guests.
+    pub mtu: u16,
+    /// DHCP lease time.
+    pub lease: Duration,
+}
+
+impl Default for SubnetSettings {
+    fn default() -> Self {
+        Self {
+            gateway: None,
+            dns: Vec::new(),
+            domain: String::new(),
+            mtu: 1500,
+            lease: Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// A subnet and the addresses in use.
+#[derive(Debug, Clone)]
+pub struct SubnetEntry {
+    /// Its network.
+    pub network: u32,
+    /// The routing part.
+    pub subnet: Subnet,
+    /// Its settings.
+    pub settings: SubnetSettings,
+    used: BTreeSet<Ipv4Addr>,
+}
+
+/// A port as the fabric knows it.
+#[derive(Debug, Clone)]
+pub struct PortEntry {
+    /// The switch's port.
+    pub port: Arc<Port>,
+    /// Its network.
+    pub network: u32,
+    /// Its VM's name in DNS.
+    pub name: String,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    vpcs: BTreeMap<u32, String>,
+    networks: BTreeMap<u32, Network>,
+    subnets: BTreeMap<u32, SubnetEntry>,
+    ports: BTreeMap<u32, PortEntry>,
+    groups: BTreeMap<GroupId, String>,
+    next: u32,
+}
+
+impl Registry {
+    fn id(&mut self) -> u32 {
+        self.next += 1;
+        self.next
+    }
+}
+
+/// The node's networks.
+#[derive(Debug)]
+pub struct Fabric {
+    /// The switch under it.
+    pub switch: Switch,
+    reg: Mutex<Registry>,
+}
+
+/// A VM name: a DNS label.
+fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+impl Fabric {
+    /// A fabric whose port sockets go to `run_dir`, with the default
+    /// security group: every port in it may reach the others, and anything
+    /// may go out.
+    pub fn new(run_dir: std::path::PathBuf) -> Self {
+        let switch = Switch::new(run_dir);
+        switch.create_group(DEFAULT_GROUP, "default".into());
+        for rule in [
+            Rule::parse("egress", "any", (0, 0), "", None),
+            Rule::parse("ingress", "any", (0, 0), "", Some(DEFAULT_GROUP)),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let _ = switch.add_rule(DEFAULT_GROUP, rule);
+        }
+        let mut reg = Registry {
+            next: DEFAULT_GROUP.0,
+            ..Registry::default()
+        };
+        reg.groups.insert(DEFAULT_GROUP, "default".into());
+        Self {
+            switch,
+            reg: Mutex::new(reg),
+        }
+    }
+
+    fn reg(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.reg.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Creates a VPC: the subnets of its networks route to each other.
+    pub fn create_vpc(&self, name: &str) -> Result<u32> {
+        let mut reg = self.reg();
+        check_name(name)?;
+        if reg.vpcs.values().any(|n| n == name) {
+            return Err(invalid(format!("a VPC named {name:?} exists")));
+        }
+        let id = reg.id();
+        reg.vpcs.insert(id, name.to_owned());
+        Ok(id)
+    }
+
+    /// The VPC's name.
+    pub fn vpc(&self, id: u32) -> Option<String> {
+        self.reg().vpcs.get(&id).cloned()
+    }
+
+    /// Creates a network (one L2 segment) of `kind`, in `vpc` if given.
+    pub fn create_network(&self, name: &str, kind: Kind, vpc: Option<u32>) -> Result<u32> {
+        let mut reg = self.reg();
+        check_name(name)?;
+        if reg.networks.values().any(|n| n.name == name) {
+            return Err(invalid(format!("a network named {name:?} exists")));
+        }
+        if let Kind::Vlan(v) = kind {
+            if !(1..=4094).contains(&v) {
+                return Err(invalid(format!("vlan {v}: want 1 to 4094")));
+            }
+            if reg.networks.values().any(|n| n.kind == kind) {
+                return Err(invalid(format!("VLAN {v} has a network")));
+            }
+        }
+        if let Some(v) = vpc {
+            if !reg.vpcs.contains_key(&v) {
+                return Err(FabricError::NotFound(format!("no VPC {v}")));
+            }
+        }
+        let id = reg.id();
+        reg.networks.insert(
+            id,
+            Network {
+                name: name.to_owned(),
+                kind,
+                vpc,
+                subnet: None,
+            },
+        );
+        Ok(id)
+    }
+
+    /// The network `id`.
+    pub fn network(&self, id: u32) -> Option<Network> {
+        self.reg().networks.get(&id).cloned()
+    }
+
+    /// Creates the IPv4 subnet `cidr` on `network` (one per network): its
+    /// gateway answers ARP, ping, DHCP and DNS and routes within the VPC.
+    pub fn create_subnet(&self, network: u32, cidr: &str, settings: SubnetSettings) -> Result<u32> {
+        let mut reg = self.reg();
+        let (net, prefix) = parse_cidr(cidr).ok_or_else(|| {
+            invalid(format!(
+                "cidr {cidr:?}: want a network prefix like 10.0.0.0/24"
+            ))
+        })?;
+        if !(8..=29).contains(&prefix) {
+            return Err(invalid(format!("cidr {cidr:?}: prefix length 8 to 29")));
+        }
+        let n = reg
+            .networks
+            .get(&network)
+            .cloned()
+            .ok_or_else(|| FabricError::NotFound(format!("no network {network}")))?;
+        if n.subnet.is_some() {
+            return Err(invalid(format!("network {:?} has a subnet", n.name)));
+        }
+        if settings.mtu < 576 || settings.mtu > 9000 {
+            return Err(invalid(format!("mtu {}: 576 to 9000", settings.mtu)));
+        }
+        if !settings.domain.is_empty() && !settings.domain.split('.').all(valid_hostname) {
+            return Err(invalid(format!(
+                "domain {:?}: not a DNS name",
+                settings.domain
+            )));
+        }
+        let broadcast = Ipv4Addr::from(u32::from(net) | !mask(prefix));
+        let gateway = settings
+            .gateway
+            .unwrap_or(Ipv4Addr::from(u32::from(net) + 1));
+        let sub = Subnet {
+            vpc: n.vpc.map(VpcId),
+            net,
+            prefix,
+            gateway,
+            gateway_mac: gateway_mac(SegmentId(network)),
+            domain: settings.domain.clone(),
+        };
+        if !sub.contains(gateway) || gateway == net || gateway == broadcast {
+            return Err(invalid(format!(
+                "gateway {gateway}: not a host address of {cidr}"
+            )));
+        }
+        // Subnets of one VPC route to each other: they may not overlap.
+        if let Some(vpc) = n.vpc {
+            let overlap = reg.subnets.values().any(|s| {
+                s.subnet.vpc == Some(VpcId(vpc))
+                    && (s.subnet.contains(net) || sub.contains(s.subnet.net))
+            });
+            if overlap {
+                return Err(invalid(format!("cidr {cidr} overlaps a subnet of the VPC")));
+            }
+        }
+        let id = reg.id();
+        let mut dns = vec![gateway];
+        dns.extend(settings.dns.iter().copied().filter(|d| *d != gateway));
+        let dhcp = DhcpConfig {
+            gateway,
+            gateway_mac: sub.gateway_mac,
+            prefix,
+            // No dynamic pool: every port has its fixed address.
+            pool: (broadcast, net),
+            dns,
+            mtu: settings.mtu,
+            lease: settings.lease,
+            reservations: Default::default(),
+            domain: settings.domain.clone(),
+        };
+        self.switch
+            .set_subnet(SegmentId(network), sub.clone(), dhcp);
+        reg.subnets.insert(
+            id,
+            SubnetEntry {
+                network,
+                subnet: sub,
+                settings,
+                used: BTreeSet::from([net, gateway, broadcast]),
+            },
+        );
+        if let Some(n) = reg.networks.get_mut(&network) {
+            n.subnet = Some(id);
+        }
+        Ok(id)
+    }
+
+    /// The subnet `id`.
+    pub fn subnet(&self, id: u32) -> Option<SubnetEntry> {
+        self.reg().subnets.get(&id).cloned()
+    }
+
+    /// Creates a port on `network` for a VM NIC. On a network with a subnet
+    /// it gets `ip` (or the first free address) and is filtered by its
+    /// `groups` (None: the default group).
+    pub fn create_port(
+        &self,
+        network: u32,
+        mac: Option<Mac>,
+        ip: Option<Ipv4Addr>,
+        name: &str,
+        groups: Option<Vec<GroupId>>,
+    ) -> Result<PortEntry> {
+        let mut reg = self.reg();
+        let n = reg
+            .networks
+            .get(&network)
+            .cloned()
+            .ok_or_else(|| FabricError::NotFound(format!("no network {network}")))?;
+        if !name.is_empty() && !valid_hostname(name) {
+            return Err(invalid(format!(
+                "name {name:?}: letters, digits and '-', at most 63"
+            )));
+        }
+        let groups = groups.unwrap_or_else(|| vec![DEFAULT_GROUP]);
+        if let Some(g) = groups.iter().find(|g| !reg.groups.contains_key(g)) {
+            return Err(FabricError::NotFound(format!("no security group {}", g.0)));
+        }
+        if let Some(m) = mac {
+            if m[0] & 1 != 0 || m == [0; 6] {
+                return Err(invalid("mac: not a unicast address"));
+            }
+            if reg
+                .ports
+                .values()
+                .any(|p| p.network == network && p.port.mac == m)
+            {
+                return Err(invalid("mac: another port on the network has it"));
+            }
+        }
+        let address = match (n.subnet.and_then(|s| reg.subnets.get(&s)), ip) {
+            (None, None) => None,
+            (None, Some(ip)) => {
+                return Err(invalid(format!(
+                    "ip {ip}: network {:?} has no subnet",
+                    n.name
+                )))
+            }
+            (Some(s), Some(ip)) => {
+                if !s.subnet.contains(ip) {
+                    return Err(invalid(format!("ip {ip}: outside the subnet")));
+                }
+                if s.used.contains(&ip) {
+                    return Err(invalid(format!("ip {ip}: in use")));
+                }
+                Some(ip)
+            }
+            (Some(s), None) => {
+                let first = u32::from(s.subnet.net);
+                let last = first | !mask(s.subnet.prefix);
+                let free = (first..=last)
+                    .map(Ipv4Addr::from)
+                    .find(|ip| !s.used.contains(ip))
+                    .ok_or_else(|| invalid("the subnet has no free address"))?;
+                Some(free)
+            }
+        };
+        if !name.is_empty()
+            && reg
+                .ports
+                .values()
+                .any(|p| p.network == network && p.name == name)
+        {
+            return Err(invalid(format!(
+                "name {name:?}: another port on the network has it"
+            )));
+        }
+        let port = self.switch.add_port_with(SegmentId(network), |id| {
+            mac.unwrap_or_else(|| generated_mac(id.0))
+        })?;
+        let id = port.id;
+        let done = self
+            .switch
+            .set_port_address(id, address, name)
+            .and_then(|()| self.switch.set_port_groups(id, groups));
+        if let Err(e) = done {
+            let _ = self.switch.remove_port(id);
+            return Err(e.into());
+        }
+        if let (Some(ip), Some(s)) = (address, n.subnet.and_then(|s| reg.subnets.get_mut(&s))) {
+            s.used.insert(ip);
+        }
+        let entry = PortEntry {
+            port,
+            network,
+            name: name.to_owned(),
+        };
+        reg.ports.insert(id.0, entry.clone());
+        Ok(entry)
+    }
+
+    /// The port `id`.
+    pub fn port(&self, id: u32) -> Option<PortEntry> {
+        self.reg().ports.get(&id).cloned()
+    }
+
+    /// Deletes port `id`: its VM's NIC is disconnected, its address freed.
+    pub fn delete_port(&self, id: u32) -> Result<()> {
+        let mut reg = self.reg();
+        let entry = reg
+            .ports
+            .remove(&id)
+            .ok_or_else(|| FabricError::NotFound(format!("no port {id}")))?;
+        let ip = entry.port.security().ip;
+        let subnet = reg.networks.get(&entry.network).and_then(|n| n.subnet);
+        if let (Some(ip), Some(s)) = (ip, subnet.and_then(|s| reg.subnets.get_mut(&s))) {
+            s.used.remove(&ip);
+        }
+        self.switch.remove_port(PortId(id))?;
+        Ok(())
+    }
+
+    /// Puts port `id` in `groups`.
+    pub fn set_port_groups(&self, id: u32, groups: Vec<GroupId>) -> Result<()> {
+        let reg = self.reg();
+        if !reg.ports.contains_key(&id) {
+            return Err(FabricError::NotFound(format!("no port {id}")));
+        }
+        if let Some(g) = groups.iter().find(|g| !reg.groups.contains_key(g)) {
+            return Err(FabricError::NotFound(format!("no security group {}", g.0)));
+        }
+        self.switch.set_port_groups(PortId(id), groups)?;
+        Ok(())
+    }
+
+    /// Creates a security group: nothing comes in, anything goes out,
+    /// until its rules change.
+    pub fn create_group(&self, name: &str) -> Result<GroupId> {
+        let mut reg = self.reg();
+        check_name(name)?;
+        if reg.groups.values().any(|n| n == name) {
+            return Err(invalid(format!("a security group named {name:?} exists")));
+        }
+        let id = GroupId(reg.id());
+        self.switch.create_group(id, name.to_owned());
+        self.switch
+            .add_rule(id, Rule::parse("egress", "any", (0, 0), "", None)?)?;
+        reg.groups.insert(id, name.to_owned());
+        Ok(id)
+    }
+
+    /// Deletes a security group no port is in.
+    pub fn delete_group(&self, id: GroupId) -> Result<()> {
+        let mut reg = self.reg();
+        if id == DEFAULT_GROUP {
+            return Err(invalid("the default security group stays"));
+        }
+        if !reg.groups.contains_key(&id) {
+            return Err(FabricError::NotFound(format!("no security group {}", id.0)));
+        }
+        self.switch.delete_group(id)?;
+        reg.groups.remove(&id);
+        Ok(())
+    }
+
+    /// The group's name.
+    pub fn group(&self, id: GroupId) -> Option<String> {
+        self.reg().groups.get(&id).cloned()
+    }
+}
+
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+        return Err(invalid("name: 1 to 64 printable characters"));
+    }
+    Ok(())
+}
+
+/// A locally administered unicast MAC (52:54:00 prefix) from the port id
+/// and the clock, unique within this switch.
+fn generated_mac(port: u32) -> Mac {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_micros())
+        .unwrap_or(0)
+        .to_le_bytes();
+    let p = port.to_le_bytes();
+    [0x52, 0x54, 0x00, t[0] ^ p[1], p[0], t[1]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_handed_out_and_bad_requests_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fabric::new(dir.path().to_owned());
+        let vpc = f.create_vpc("prod").unwrap();
+        let net = f.create_network("web", Kind::Flat, Some(vpc)).unwrap();
+        assert!(f.create_network("web", Kind::Flat, None).is_err());
+        assert!(f.create_network("v0", Kind::Vlan(0), None).is_err());
+        assert!(f
+            .create_subnet(net, "10.0.0.1/24", SubnetSettings::default())
+            .is_err());
+        let s = f
+            .create_subnet(net, "10.0.0.0/29", SubnetSettings::default())
+            .unwrap();
+        assert_eq!(
+            f.subnet(s).unwrap().subnet.gateway,
+            Ipv4Addr::new(10, 0, 0, 1)
+        );
+        assert!(f
+            .create_subnet(net, "10.0.1.0/24", SubnetSettings::default())
+            .is_err());
+        let other = f.create_network("db", Kind::Flat, Some(vpc)).unwrap();
+        assert!(matches!(
+            f.create_subnet(other, "10.0.0.0/24", SubnetSettings::default()),
+            Err(FabricError::Invalid(m)) if m.contains("overlaps")
+        ));
+        // .2 to .6 are the hosts of a /29 after the gateway.
+        let mut got = Vec::new();
+        for i in 0..5 {
+            let p = f
+                .create_port(net, None, None, &format!("vm{i}"), None)
+                .unwrap();
+            got.push(p.port.security().ip.unwrap());
+        }
+        assert_eq!(got.first(), Some(&Ipv4Addr::new(10, 0, 0, 2)));
+        assert_eq!(got.last(), Some(&Ipv4Addr::new(10, 0, 0, 6)));
+        assert!(f.create_port(net, None, None, "", None).is_err(), "full");
+        // The switch numbers ports from 1: the first holds .2.
+        f.delete_port(1).unwrap();
+        let again = f.create_port(net, None, None, "vm0", None).unwrap();
+        assert_eq!(again.port.security().ip, Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert!(f
+            .create_port(net, None, Some(Ipv4Addr::new(10, 0, 1, 9)), "", None)
+            .is_err());
+        assert!(f.create_port(net, None, None, "bad_name", None).is_err());
+        assert!(f
+            .create_port(net, None, None, "", Some(vec![GroupId(99)]))
+            .is_err());
+    }
+}

@@ -1,0 +1,454 @@
+//! The objects below `/org/atoll/Net1`: VPCs, networks, subnets, ports and
+//! security groups, each a view of the [`Fabric`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use zbus::object_server::SignalEmitter;
+use zbus::zvariant::{ObjectPath, OwnedObjectPath};
+use zbus::{interface, proxy};
+
+use crate::conntrack::Direction;
+use crate::dbus::{format_mac, group_ids, id_in, object_path, NetError};
+use crate::fabric::{Fabric, Kind, PortEntry};
+use crate::secgroup::{GroupId, Protocol, Remote, Rule};
+
+/// A VPC on the bus.
+#[derive(Debug)]
+pub struct VpcObject {
+    /// Its name.
+    pub name: String,
+}
+
+/// A VPC: networks whose subnets route to each other.
+#[interface(name = "org.atoll.Net1.Vpc")]
+impl VpcObject {
+    /// Name, unique on the node.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+}
+
+/// A network on the bus.
+#[derive(Debug)]
+pub struct NetworkObject {
+    pub(crate) fabric: Arc<Fabric>,
+    pub(crate) id: u32,
+    pub(crate) vpc: Option<OwnedObjectPath>,
+}
+
+/// One L2 segment.
+#[interface(name = "org.atoll.Net1.Network")]
+impl NetworkObject {
+    /// Name, unique on the node.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn name(&self) -> String {
+        self.fabric
+            .network(self.id)
+            .map(|n| n.name)
+            .unwrap_or_default()
+    }
+
+    /// "flat" or "vlan".
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn kind(&self) -> String {
+        self.fabric
+            .network(self.id)
+            .map(|n| n.kind.name().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// The VLAN id of a "vlan" network; 0 otherwise.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn vlan(&self) -> u16 {
+        match self.fabric.network(self.id).map(|n| n.kind) {
+            Some(Kind::Vlan(v)) => v,
+            _ => 0,
+        }
+    }
+
+    /// Its VPC ("/" if none).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn vpc(&self) -> OwnedObjectPath {
+        self.vpc.clone().unwrap_or_else(root)
+    }
+
+    /// Its subnet ("/" if none).
+    #[zbus(property)]
+    fn subnet(&self) -> OwnedObjectPath {
+        self.fabric
+            .network(self.id)
+            .and_then(|n| n.subnet)
+            .and_then(|s| object_path("subnet", s).ok())
+            .unwrap_or_else(root)
+    }
+}
+
+fn root() -> OwnedObjectPath {
+    ObjectPath::from_static_str_unchecked("/").into()
+}
+
+/// A subnet on the bus.
+#[derive(Debug)]
+pub struct SubnetObject {
+    pub(crate) fabric: Arc<Fabric>,
+    pub(crate) id: u32,
+    pub(crate) network: OwnedObjectPath,
+}
+
+/// An IPv4 subnet: addresses for the ports of its network, and a gateway
+/// that answers DHCP, DNS and ping and routes within the VPC.
+#[interface(name = "org.atoll.Net1.Subnet")]
+impl SubnetObject {
+    /// Its network.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn network(&self) -> OwnedObjectPath {
+        self.network.clone()
+    }
+
+    /// "10.0.0.0/24".
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn cidr(&self) -> String {
+        self.fabric
+            .subnet(self.id)
+            .map(|s| format!("{}/{}", s.subnet.net, s.subnet.prefix))
+            .unwrap_or_default()
+    }
+
+    /// The gateway's address.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn gateway(&self) -> String {
+        self.fabric
+            .subnet(self.id)
+            .map(|s| s.subnet.gateway.to_string())
+            .unwrap_or_default()
+    }
+
+    /// The gateway's MAC.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn gateway_mac(&self) -> String {
+        self.fabric
+            .subnet(self.id)
+            .map(|s| format_mac(&s.subnet.gateway_mac))
+            .unwrap_or_default()
+    }
+
+    /// DNS domain of VM names.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn domain(&self) -> String {
+        self.fabric
+            .subnet(self.id)
+            .map(|s| s.settings.domain)
+            .unwrap_or_default()
+    }
+
+    /// DNS servers DHCP hands out after the gateway.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn dns(&self) -> Vec<String> {
+        self.fabric
+            .subnet(self.id)
+            .map(|s| s.settings.dns.iter().map(ToString::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    /// MTU for the guests.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn mtu(&self) -> u16 {
+        self.fabric
+            .subnet(self.id)
+            .map(|s| s.settings.mtu)
+            .unwrap_or_default()
+    }
+}
+
+/// A port on the bus.
+#[derive(Debug)]
+pub struct PortObject {
+    pub(crate) fabric: Arc<Fabric>,
+    pub(crate) entry: PortEntry,
+    pub(crate) network: OwnedObjectPath,
+}
+
+/// A switch port: one VM NIC's vhost-user-net socket.
+#[interface(name = "org.atoll.Net1.Port")]
+impl PortObject {
+    /// The network it is on.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn network(&self) -> OwnedObjectPath {
+        self.network.clone()
+    }
+
+    /// The MAC its NIC gets.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn mac(&self) -> String {
+        format_mac(&self.entry.port.mac)
+    }
+
+    /// The vhost-user socket the VM connects to.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn socket(&self) -> String {
+        self.entry.port.socket.display().to_string()
+    }
+
+    /// Its fixed address ("" on a network without a subnet: the port is
+    /// then not filtered).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn ip(&self) -> String {
+        self.entry
+            .port
+            .security()
+            .ip
+            .map(|i| i.to_string())
+            .unwrap_or_default()
+    }
+
+    /// Its VM's DNS name.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn name(&self) -> String {
+        self.entry.name.clone()
+    }
+
+    /// The security groups whose rules its traffic meets.
+    #[zbus(property)]
+    fn security_groups(&self) -> Vec<OwnedObjectPath> {
+        self.entry
+            .port
+            .security()
+            .groups
+            .iter()
+            .filter_map(|g| object_path("security_group", g.0).ok())
+            .collect()
+    }
+
+    /// Replaces the port's security groups, online: connections the new
+    /// groups do not allow are cut, the others carry on.
+    async fn set_security_groups(
+        &self,
+        groups: Vec<OwnedObjectPath>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), NetError> {
+        let ids = group_ids(&groups)?;
+        self.fabric.set_port_groups(self.entry.port.id.0, ids)?;
+        self.security_groups_changed(&emitter).await?;
+        Ok(())
+    }
+
+    /// tx/rx frames and bytes (tx = from the VM), tx_dropped (malformed or
+    /// unroutable), rx_dropped (no room in the VM), tx_filtered (spoofed or
+    /// not allowed out), rx_filtered (not allowed in). Read on each Get.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn counters(&self) -> HashMap<String, u64> {
+        self.entry
+            .port
+            .stats
+            .snapshot()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    }
+
+    /// Connections its security groups let through, tracked now.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn connections(&self) -> u32 {
+        u32::try_from(self.entry.port.connections()).unwrap_or(u32::MAX)
+    }
+}
+
+/// A security group on the bus.
+#[derive(Debug)]
+pub struct GroupObject {
+    pub(crate) fabric: Arc<Fabric>,
+    pub(crate) id: GroupId,
+}
+
+/// One rule as D-Bus carries it: (id, direction, protocol, port_min,
+/// port_max, remote_cidr, remote_group).
+pub type RuleTuple = (u32, String, String, u16, u16, String, String);
+
+fn rule_tuple(id: u32, r: &Rule) -> RuleTuple {
+    let dir = match r.direction {
+        Direction::Ingress => "ingress",
+        Direction::Egress => "egress",
+    };
+    let proto = match r.protocol {
+        Protocol::Any => "any",
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Icmp => "icmp",
+    };
+    let (lo, hi) = match r.protocol {
+        Protocol::Tcp | Protocol::Udp => r.ports,
+        _ => (0, 0),
+    };
+    let (cidr, group) = match r.remote {
+        Remote::Any => (String::new(), String::new()),
+        Remote::Cidr(ip, len) => (format!("{ip}/{len}"), String::new()),
+        Remote::Group(g) => (
+            String::new(),
+            object_path("security_group", g.0)
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
+        ),
+    };
+    (id, dir.into(), proto.into(), lo, hi, cidr, group)
+}
+
+/// A security group: allow rules for the ports in it; ingress is denied
+/// and egress allowed unless a rule says otherwise.
+#[interface(name = "org.atoll.Net1.SecurityGroup")]
+impl GroupObject {
+    /// Name, unique on the node.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn name(&self) -> String {
+        self.fabric.group(self.id).unwrap_or_default()
+    }
+
+    /// Its rules: (id, direction "ingress"/"egress", protocol
+    /// "any"/"tcp"/"udp"/"icmp", port_min, port_max, remote_cidr ("" any),
+    /// remote_group (a group's path, or "")).
+    #[zbus(property)]
+    fn rules(&self) -> Vec<RuleTuple> {
+        self.fabric
+            .switch
+            .rules(self.id)
+            .unwrap_or_default()
+            .iter()
+            .map(|(id, r)| rule_tuple(*id, r))
+            .collect()
+    }
+
+    /// Adds a rule, online (ports 0, 0: all; a remote CIDR or a remote
+    /// group, or neither for any address). Returns its id.
+    #[allow(clippy::too_many_arguments)]
+    async fn add_rule(
+        &self,
+        direction: String,
+        protocol: String,
+        port_min: u16,
+        port_max: u16,
+        remote_cidr: String,
+        remote_group: String,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<u32, NetError> {
+        let group = if remote_group.is_empty() {
+            None
+        } else {
+            let path = ObjectPath::try_from(remote_group.as_str()).map_err(|_| {
+                NetError::InvalidArgument(format!("remote_group {remote_group:?}: not a path"))
+            })?;
+            let g = GroupId(id_in("security_group", &path)?);
+            if self.fabric.group(g).is_none() {
+                return Err(NetError::NotFound(format!(
+                    "no security group {remote_group}"
+                )));
+            }
+            Some(g)
+        };
+        let rule = Rule::parse(
+            &direction,
+            &protocol,
+            (port_min, port_max),
+            &remote_cidr,
+            group,
+        )
+        .map_err(|e| NetError::InvalidArgument(e.to_string()))?;
+        let id = self
+            .fabric
+            .switch
+            .add_rule(self.id, rule)
+            .map_err(|e| NetError::Failed(e.to_string()))?;
+        self.rules_changed(&emitter).await?;
+        Ok(id)
+    }
+
+    /// Removes a rule, online: connections no remaining rule allows are
+    /// cut; the others carry on.
+    async fn remove_rule(
+        &self,
+        id: u32,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), NetError> {
+        self.fabric
+            .switch
+            .remove_rule(self.id, id)
+            .map_err(|e| NetError::NotFound(e.to_string()))?;
+        self.rules_changed(&emitter).await?;
+        Ok(())
+    }
+}
+
+/// Typed client of a port.
+#[proxy(interface = "org.atoll.Net1.Port", default_service = "org.atoll.Net1")]
+pub trait Port {
+    /// Its network.
+    #[zbus(property)]
+    fn network(&self) -> zbus::Result<OwnedObjectPath>;
+    /// MAC.
+    #[zbus(property)]
+    fn mac(&self) -> zbus::Result<String>;
+    /// Socket.
+    #[zbus(property)]
+    fn socket(&self) -> zbus::Result<String>;
+    /// Fixed address.
+    #[zbus(property)]
+    fn ip(&self) -> zbus::Result<String>;
+    /// DNS name.
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    /// Security groups.
+    #[zbus(property)]
+    fn security_groups(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    /// Replaces the security groups.
+    fn set_security_groups(&self, groups: &[ObjectPath<'_>]) -> zbus::Result<()>;
+    /// Counters.
+    #[zbus(property)]
+    fn counters(&self) -> zbus::Result<HashMap<String, u64>>;
+    /// Tracked connections.
+    #[zbus(property)]
+    fn connections(&self) -> zbus::Result<u32>;
+}
+
+/// Typed client of a subnet.
+#[proxy(
+    interface = "org.atoll.Net1.Subnet",
+    default_service = "org.atoll.Net1"
+)]
+pub trait Subnet {
+    /// Prefix.
+    #[zbus(property)]
+    fn cidr(&self) -> zbus::Result<String>;
+    /// Gateway address.
+    #[zbus(property)]
+    fn gateway(&self) -> zbus::Result<String>;
+    /// Gateway MAC.
+    #[zbus(property)]
+    fn gateway_mac(&self) -> zbus::Result<String>;
+}
+
+/// Typed client of a security group.
+#[proxy(
+    interface = "org.atoll.Net1.SecurityGroup",
+    default_service = "org.atoll.Net1"
+)]
+pub trait SecurityGroup {
+    /// Name.
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    /// Rules.
+    #[zbus(property)]
+    fn rules(&self) -> zbus::Result<Vec<RuleTuple>>;
+    /// Adds a rule; returns its id.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rule(
+        &self,
+        direction: &str,
+        protocol: &str,
+        port_min: u16,
+        port_max: u16,
+        remote_cidr: &str,
+        remote_group: &str,
+    ) -> zbus::Result<u32>;
+    /// Removes a rule.
+    fn remove_rule(&self, id: u32) -> zbus::Result<()>;
+}

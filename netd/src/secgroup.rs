@@ -1,0 +1,355 @@
+//! Security groups: allow-lists of rules a port's traffic is checked
+//! against (ingress denied and egress allowed unless a rule says
+//! otherwise). Only the first packet of a connection meets the rules; the
+//! port's connection tracker passes the rest and the replies.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
+
+use crate::conntrack::Direction;
+use crate::flow::{Flow, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+
+/// A security group's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId(pub u32);
+
+/// Which packets a rule is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Every IPv4 packet.
+    Any,
+    /// TCP to a destination port in the rule's range.
+    Tcp,
+    /// UDP to a destination port in the rule's range.
+    Udp,
+    /// ICMP.
+    Icmp,
+}
+
+/// The other end a rule admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remote {
+    /// Any address.
+    Any,
+    /// An address in a prefix.
+    Cidr(Ipv4Addr, u8),
+    /// The address of any port in a group.
+    Group(GroupId),
+}
+
+/// One allow rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    /// Which way.
+    pub direction: Direction,
+    /// Which protocol.
+    pub protocol: Protocol,
+    /// Destination ports, inclusive (TCP and UDP only).
+    pub ports: (u16, u16),
+    /// Who is at the other end.
+    pub remote: Remote,
+}
+
+/// Why a rule is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    /// Unknown direction.
+    #[error("direction {0:?}: want \"ingress\" or \"egress\"")]
+    Direction(String),
+    /// Unknown protocol.
+    #[error("protocol {0:?}: want \"any\", \"tcp\", \"udp\" or \"icmp\"")]
+    Protocol(String),
+    /// A port range that is empty or given for a protocol without ports.
+    #[error("ports {0}-{1}: {2}")]
+    Ports(u16, u16, &'static str),
+    /// A CIDR that does not parse.
+    #[error("remote {0:?}: want an IPv4 prefix like 10.0.0.0/24")]
+    Cidr(String),
+    /// No such group.
+    #[error("no security group {0}")]
+    NoGroup(String),
+    /// A CIDR and a group at once.
+    #[error("a rule names a remote CIDR or a remote group, not both")]
+    TwoRemotes,
+}
+
+impl Rule {
+    /// A rule from its parts as D-Bus carries them; `group` resolves a
+    /// remote group's name.
+    pub fn parse(
+        direction: &str,
+        protocol: &str,
+        ports: (u16, u16),
+        cidr: &str,
+        group: Option<GroupId>,
+    ) -> Result<Self, RuleError> {
+        let direction = match direction {
+            "ingress" => Direction::Ingress,
+            "egress" => Direction::Egress,
+            d => return Err(RuleError::Direction(d.into())),
+        };
+        let protocol = match protocol {
+            "any" | "" => Protocol::Any,
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            "icmp" => Protocol::Icmp,
+            p => return Err(RuleError::Protocol(p.into())),
+        };
+        let ports = match (protocol, ports) {
+            (Protocol::Tcp | Protocol::Udp, (0, 0)) => (0, u16::MAX),
+            (Protocol::Tcp | Protocol::Udp, (lo, hi)) if lo <= hi => (lo, hi),
+            (Protocol::Tcp | Protocol::Udp, (lo, hi)) => {
+                return Err(RuleError::Ports(lo, hi, "the first is above the last"))
+            }
+            (_, (0, 0)) => (0, u16::MAX),
+            (_, (lo, hi)) => return Err(RuleError::Ports(lo, hi, "only TCP and UDP have ports")),
+        };
+        let remote = match (cidr, group) {
+            ("", None) => Remote::Any,
+            ("", Some(g)) => Remote::Group(g),
+            (c, None) => {
+                let (ip, len) = parse_cidr(c).ok_or_else(|| RuleError::Cidr(c.into()))?;
+                Remote::Cidr(ip, len)
+            }
+            (_, Some(_)) => return Err(RuleError::TwoRemotes),
+        };
+        Ok(Self {
+            direction,
+            protocol,
+            ports,
+            remote,
+        })
+    }
+}
+
+/// Parses "10.0.0.0/24" (host bits must be zero) or a bare address (/32).
+pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip.parse::<Ipv4Addr>().ok()?, len.parse::<u8>().ok()?),
+        None => (s.parse::<Ipv4Addr>().ok()?, 32),
+    };
+    if len > 32 || u32::from(ip) & !mask(len) != 0 {
+        return None;
+    }
+    Some((ip, len))
+}
+
+/// The netmask of a prefix length.
+pub fn mask(len: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32 - u32::from(len.min(32)))
+        .unwrap_or(0)
+}
+
+/// Whether `ip` is in `net`/`len`.
+pub fn contains(net: Ipv4Addr, len: u8, ip: Ipv4Addr) -> bool {
+    u32::from(ip) & mask(len) == u32::from(net)
+}
+
+/// A group: a name and its rules by id.
+#[derive(Debug, Clone, Default)]
+pub struct SecurityGroup {
+    /// Name.
+    pub name: String,
+    /// Rules by id.
+    pub rules: BTreeMap<u32, Rule>,
+    next_rule: u32,
+}
+
+impl SecurityGroup {
+    /// An empty group.
+    pub fn new(name: String) -> Self {
+        Self {
+            name,
+            rules: BTreeMap::new(),
+            next_rule: 1,
+        }
+    }
+
+    /// Adds `rule`; returns its id.
+    pub fn add(&mut self, rule: Rule) -> u32 {
+        let id = self.next_rule;
+        self.next_rule += 1;
+        self.rules.insert(id, rule);
+        id
+    }
+}
+
+/// What a port's traffic is held to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortSecurity {
+    /// The port's address: its frames must come from it (and from the
+    /// port's MAC); None leaves the port unfiltered (a plain L2 port).
+    pub ip: Option<Ipv4Addr>,
+    /// Its groups' rules decide which connections pass.
+    pub groups: Vec<GroupId>,
+}
+
+impl PortSecurity {
+    /// Whether the port's traffic is checked at all.
+    pub fn enabled(&self) -> bool {
+        self.ip.is_some()
+    }
+}
+
+/// Every group, and which addresses belong to each (for remote-group rules).
+#[derive(Debug, Default)]
+pub struct Groups {
+    /// Groups by id.
+    pub groups: HashMap<GroupId, SecurityGroup>,
+    members: HashMap<GroupId, HashSet<Ipv4Addr>>,
+}
+
+impl Groups {
+    /// Sets the groups the port at `ip` belongs to (replacing `old`).
+    pub fn set_member(&mut self, ip: Ipv4Addr, old: &[GroupId], new: &[GroupId]) {
+        for g in old {
+            if let Some(m) = self.members.get_mut(g) {
+                m.remove(&ip);
+            }
+        }
+        for g in new {
+            self.members.entry(*g).or_default().insert(ip);
+        }
+    }
+
+    /// Whether the rules of `groups` let `flow` through in `dir`.
+    pub fn allows(&self, groups: &[GroupId], dir: Direction, flow: &Flow) -> bool {
+        let remote = match dir {
+            Direction::Ingress => flow.src,
+            Direction::Egress => flow.dst,
+        };
+        groups
+            .iter()
+            .filter_map(|g| self.groups.get(g))
+            .flat_map(|g| g.rules.values())
+            .any(|r| r.direction == dir && self.matches(r, flow, remote))
+    }
+
+    fn matches(&self, r: &Rule, flow: &Flow, remote: Ipv4Addr) -> bool {
+        let proto = match r.protocol {
+            Protocol::Any => true,
+            Protocol::Tcp => flow.proto == PROTO_TCP,
+            Protocol::Udp => flow.proto == PROTO_UDP,
+            Protocol::Icmp => flow.proto == PROTO_ICMP,
+        };
+        let ports = match r.protocol {
+            Protocol::Tcp | Protocol::Udp => (r.ports.0..=r.ports.1).contains(&flow.dport),
+            _ => true,
+        };
+        let who = match r.remote {
+            Remote::Any => true,
+            Remote::Cidr(net, len) => contains(net, len, remote),
+            Remote::Group(g) => self.members.get(&g).is_some_and(|m| m.contains(&remote)),
+        };
+        proto && ports && who
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(proto: u8, src: [u8; 4], dst: [u8; 4], dport: u16) -> Flow {
+        Flow {
+            proto,
+            src: src.into(),
+            dst: dst.into(),
+            sport: 40000,
+            dport,
+        }
+    }
+
+    #[test]
+    fn rules_match_protocol_ports_and_remote() {
+        let mut gs = Groups::default();
+        let web = GroupId(1);
+        let admin = GroupId(2);
+        let mut g = SecurityGroup::new("web".into());
+        g.add(Rule::parse("ingress", "tcp", (80, 443), "", None).unwrap());
+        g.add(Rule::parse("ingress", "tcp", (22, 22), "", Some(admin)).unwrap());
+        g.add(Rule::parse("ingress", "icmp", (0, 0), "192.168.0.0/16", None).unwrap());
+        gs.groups.insert(web, g);
+        gs.groups.insert(admin, SecurityGroup::new("admin".into()));
+        gs.set_member(Ipv4Addr::new(10, 0, 0, 9), &[], &[admin]);
+        let i = Direction::Ingress;
+        assert!(gs.allows(
+            &[web],
+            i,
+            &flow(PROTO_TCP, [1, 2, 3, 4], [10, 0, 0, 5], 443)
+        ));
+        assert!(!gs.allows(
+            &[web],
+            i,
+            &flow(PROTO_TCP, [1, 2, 3, 4], [10, 0, 0, 5], 444)
+        ));
+        assert!(!gs.allows(&[web], i, &flow(PROTO_UDP, [1, 2, 3, 4], [10, 0, 0, 5], 80)));
+        assert!(gs.allows(
+            &[web],
+            i,
+            &flow(PROTO_TCP, [10, 0, 0, 9], [10, 0, 0, 5], 22)
+        ));
+        assert!(!gs.allows(
+            &[web],
+            i,
+            &flow(PROTO_TCP, [10, 0, 0, 8], [10, 0, 0, 5], 22)
+        ));
+        assert!(gs.allows(
+            &[web],
+            i,
+            &flow(PROTO_ICMP, [192, 168, 7, 1], [10, 0, 0, 5], 0)
+        ));
+        assert!(!gs.allows(
+            &[web],
+            i,
+            &flow(PROTO_ICMP, [172, 16, 0, 1], [10, 0, 0, 5], 0)
+        ));
+        // Nothing allows egress; no group allows nothing.
+        assert!(!gs.allows(
+            &[web],
+            Direction::Egress,
+            &flow(PROTO_TCP, [10, 0, 0, 5], [1, 2, 3, 4], 80)
+        ));
+        assert!(!gs.allows(&[], i, &flow(PROTO_TCP, [1, 2, 3, 4], [10, 0, 0, 5], 80)));
+        // Leaving the group takes the address out.
+        gs.set_member(Ipv4Addr::new(10, 0, 0, 9), &[admin], &[]);
+        assert!(!gs.allows(
+            &[web],
+            i,
+            &flow(PROTO_TCP, [10, 0, 0, 9], [10, 0, 0, 5], 22)
+        ));
+    }
+
+    #[test]
+    fn bad_rules_are_refused_with_the_reason() {
+        assert!(matches!(
+            Rule::parse("in", "tcp", (0, 0), "", None),
+            Err(RuleError::Direction(_))
+        ));
+        assert!(matches!(
+            Rule::parse("ingress", "sctp", (0, 0), "", None),
+            Err(RuleError::Protocol(_))
+        ));
+        assert!(matches!(
+            Rule::parse("ingress", "tcp", (90, 80), "", None),
+            Err(RuleError::Ports(..))
+        ));
+        assert!(matches!(
+            Rule::parse("ingress", "icmp", (1, 2), "", None),
+            Err(RuleError::Ports(..))
+        ));
+        assert!(matches!(
+            Rule::parse("ingress", "any", (0, 0), "10.0.0.1/24", None),
+            Err(RuleError::Cidr(_))
+        ));
+        assert!(matches!(
+            Rule::parse("ingress", "any", (0, 0), "10.0.0.0/24", Some(GroupId(1))),
+            Err(RuleError::TwoRemotes)
+        ));
+        assert_eq!(
+            parse_cidr("10.1.0.0/16"),
+            Some((Ipv4Addr::new(10, 1, 0, 0), 16))
+        );
+        assert_eq!(parse_cidr("0.0.0.0/0"), Some((Ipv4Addr::UNSPECIFIED, 0)));
+    }
+}
