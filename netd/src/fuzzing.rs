@@ -1,12 +1,16 @@
 //! Entry points for fuzzing what guests control: frames as a port receives
-//! them. `netd/fuzz` wraps them as cargo-fuzz targets; the unit tests run them
+//! them (Ethernet, ARP, IPv4, transport headers, connection tracking, DHCP,
+//! DNS). `netd/fuzz` wraps them as cargo-fuzz targets; the unit tests run them
 //! over pseudo-random input.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
+use crate::conntrack::{Conntrack, Direction};
 use crate::dhcp::{DhcpConfig, DhcpServer};
+use crate::dns;
+use crate::flow::{Packet, PROTO_UDP};
 
 use crate::frame::{Arp, Ethernet, Ipv4, ETHERTYPE_ARP, ETHERTYPE_IPV4};
 use crate::l2::{MacTable, PortId, SegmentId};
@@ -36,7 +40,21 @@ pub fn frame(data: &[u8]) {
             }
         }
         ETHERTYPE_IPV4 => {
-            let _ = Ipv4::parse(eth.payload);
+            if let Ok(ip) = Ipv4::parse(eth.payload) {
+                if let Ok(p) = Packet::of(&ip) {
+                    let mut ct = Conntrack::new(4);
+                    let now = Instant::now();
+                    if !ct.track(&p, now) {
+                        ct.commit(&p, Direction::Egress, now);
+                    }
+                    let _ = ct.track(&p, now);
+                    if p.flow.proto == PROTO_UDP {
+                        if let Some(q) = ip.payload.get(8..) {
+                            let _ = dns::answer(q, "lan.atoll", |_| Some(Ipv4Addr::LOCALHOST));
+                        }
+                    }
+                }
+            }
         }
         _ => {}
     }

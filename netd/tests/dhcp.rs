@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use atoll_tests::net_frontend::NetFrontend;
 use netd::dhcp::DhcpConfig;
+use netd::fabric::{Fabric, Kind, SubnetSettings};
 use netd::frame::Mac;
 use netd::l2::SegmentId;
 use netd::switch::Switch;
@@ -93,11 +94,16 @@ type Answer = (
 );
 
 fn answer(frame: &[u8]) -> Answer {
+    answer_from(frame, GW_MAC, Ipv4Addr::new(10, 0, 0, 1)).0
+}
+
+/// The answer from the gateway `mac`/`gw`, and its domain option.
+fn answer_from(frame: &[u8], mac: Mac, gw: Ipv4Addr) -> (Answer, Option<String>) {
     let eth = EthernetFrame::new_checked(frame).unwrap();
-    assert_eq!(eth.src_addr(), EthernetAddress(GW_MAC));
+    assert_eq!(eth.src_addr(), EthernetAddress(mac));
     let ip = Ipv4Packet::new_checked(eth.payload()).unwrap();
     assert!(ip.verify_checksum());
-    assert_eq!(ip.src_addr(), Ipv4Addr::new(10, 0, 0, 1));
+    assert_eq!(ip.src_addr(), gw);
     let udp = UdpPacket::new_checked(ip.payload()).unwrap();
     assert_eq!((udp.src_port(), udp.dst_port()), (67, 68));
     let pkt = DhcpPacket::new_checked(udp.payload()).unwrap();
@@ -106,16 +112,75 @@ fn answer(frame: &[u8]) -> Answer {
         .options()
         .find(|o| o.kind == 26)
         .map(|o| u16::from_be_bytes([o.data[0], o.data[1]]));
-    assert_eq!(r.server_identifier, Some(Ipv4Addr::new(10, 0, 0, 1)));
+    let domain = pkt
+        .options()
+        .find(|o| o.kind == 15)
+        .map(|o| String::from_utf8_lossy(o.data).into_owned());
+    assert_eq!(r.server_identifier, Some(gw));
     (
-        r.message_type,
-        r.your_ip,
-        r.router,
-        r.subnet_mask,
-        r.dns_servers.map(|d| d.to_vec()).unwrap_or_default(),
-        mtu,
-        r.lease_duration,
+        (
+            r.message_type,
+            r.your_ip,
+            r.router,
+            r.subnet_mask,
+            r.dns_servers.map(|d| d.to_vec()).unwrap_or_default(),
+            mtu,
+            r.lease_duration,
+        ),
+        domain,
     )
+}
+
+#[test]
+fn a_port_on_a_subnet_gets_its_fixed_address_gateway_dns_and_domain() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fabric::new(dir.path().to_owned());
+    let net = f.create_network("lan", Kind::Flat, None).unwrap();
+    let settings = SubnetSettings {
+        dns: vec![Ipv4Addr::new(9, 9, 9, 9)],
+        domain: "lan.atoll".into(),
+        mtu: 1450,
+        ..SubnetSettings::default()
+    };
+    let s = f.create_subnet(net, "192.168.10.0/24", settings).unwrap();
+    let gw_mac = f.subnet(s).unwrap().subnet.gateway_mac;
+    let gw = Ipv4Addr::new(192, 168, 10, 1);
+    let p = f.create_port(net, Some(A), None, "vm1", None).unwrap();
+    let mut a = NetFrontend::connect(&p.port.socket).unwrap();
+    a.send(&client(A, DhcpMessageType::Discover, 1, None))
+        .unwrap();
+    let (offer, _) = answer_from(&a.recv(WAIT).unwrap().unwrap(), gw_mac, gw);
+    assert_eq!(
+        (offer.0, offer.1),
+        (DhcpMessageType::Offer, Ipv4Addr::new(192, 168, 10, 2))
+    );
+    a.send(&client(A, DhcpMessageType::Request, 2, Some(offer.1)))
+        .unwrap();
+    let (ack, domain) = answer_from(&a.recv(WAIT).unwrap().unwrap(), gw_mac, gw);
+    assert_eq!(
+        ack,
+        (
+            DhcpMessageType::Ack,
+            Ipv4Addr::new(192, 168, 10, 2),
+            Some(gw),
+            Some(Ipv4Addr::new(255, 255, 255, 0)),
+            vec![gw, Ipv4Addr::new(9, 9, 9, 9)],
+            Some(1450),
+            Some(86_400),
+        )
+    );
+    assert_eq!(domain.as_deref(), Some("lan.atoll"));
+    // Another address than the port's own: NAK (its traffic would be
+    // dropped as spoofed anyway).
+    a.send(&client(
+        A,
+        DhcpMessageType::Request,
+        3,
+        Some(Ipv4Addr::new(192, 168, 10, 9)),
+    ))
+    .unwrap();
+    let (nak, _) = answer_from(&a.recv(WAIT).unwrap().unwrap(), gw_mac, gw);
+    assert_eq!(nak.0, DhcpMessageType::Nak);
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::time::Duration;
 use atoll_tests::contract::wait_owner;
 use atoll_tests::net_frontend::NetFrontend;
 use atoll_tests::TestBus;
-use netd::objects::PortProxy;
+use netd::objects::{PortProxy, SecurityGroupProxy, SubnetProxy};
 use netd::Net1Proxy;
 use zbus::zvariant::{ObjectPath, Value};
 
@@ -137,4 +137,142 @@ async fn ports_created_over_dbus_carry_frames_and_count_them() {
     assert!(port.mac().await.is_err(), "the object is gone");
     let err = net.delete_port(&p1).await.unwrap_err();
     assert!(err.to_string().contains("NotFound"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = TestBus::start();
+    let _d = daemon(&bus, &dir.path().join("run"));
+    let conn = zbus::connection::Builder::address(bus.address())
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    wait_owner(&conn, netd::BUS_NAME, true).await;
+    let net = Net1Proxy::new(&conn).await.unwrap();
+
+    let vpc = net.create_vpc("prod").await.unwrap();
+    let web = net
+        .create_network(
+            "web",
+            "flat",
+            HashMap::from([("vpc", Value::from(vpc.as_ref()))]),
+        )
+        .await
+        .unwrap();
+    let err = net
+        .create_subnet(&web, "10.9.0.1/24", HashMap::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("want a network prefix"), "{err}");
+    let err = net
+        .create_subnet(
+            &web,
+            "10.9.0.0/24",
+            HashMap::from([("mtu", Value::from("big"))]),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("want type q"), "{err}");
+    let opts = HashMap::from([
+        ("domain", Value::from("prod.atoll")),
+        ("dns", Value::from(vec!["1.1.1.1"])),
+        ("mtu", Value::from(1400u16)),
+    ]);
+    let subnet = net.create_subnet(&web, "10.9.0.0/24", opts).await.unwrap();
+    let err = net
+        .create_subnet(&web, "10.8.0.0/24", HashMap::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("has a subnet"), "{err}");
+    let s = SubnetProxy::builder(&conn)
+        .path(subnet)
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(s.cidr().await.unwrap(), "10.9.0.0/24");
+    assert_eq!(s.gateway().await.unwrap(), "10.9.0.1");
+
+    let sg = net.create_security_group("www").await.unwrap();
+    let group = SecurityGroupProxy::builder(&conn)
+        .path(sg.clone())
+        .unwrap()
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    let rules = group.rules().await.unwrap();
+    assert_eq!(rules.len(), 1, "a new group lets anything out: {rules:?}");
+    assert_eq!(
+        (rules[0].1.as_str(), rules[0].2.as_str()),
+        ("egress", "any")
+    );
+    let http = group
+        .add_rule("ingress", "tcp", 80, 443, "", "")
+        .await
+        .unwrap();
+    let err = group
+        .add_rule("ingress", "tcp", 90, 80, "", "")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("above the last"), "{err}");
+    let err = group
+        .add_rule(
+            "ingress",
+            "any",
+            0,
+            0,
+            "",
+            "/org/atoll/Net1/security_group/77",
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("NotFound"), "{err}");
+    let ssh = group
+        .add_rule("ingress", "tcp", 22, 22, "192.168.0.0/16", "")
+        .await
+        .unwrap();
+    let rules = group.rules().await.unwrap();
+    assert!(rules.contains(&(
+        ssh,
+        "ingress".into(),
+        "tcp".into(),
+        22,
+        22,
+        "192.168.0.0/16".into(),
+        String::new()
+    )));
+    group.remove_rule(http).await.unwrap();
+    assert!(group.remove_rule(http).await.is_err());
+
+    let opts = HashMap::from([
+        ("ip", Value::from("10.9.0.7")),
+        ("name", Value::from("www1")),
+        ("security_groups", Value::from(vec![sg.as_ref()])),
+    ]);
+    let (p, _, _) = net.create_port(&web, "", opts).await.unwrap();
+    let err = net
+        .create_port(&web, "", HashMap::from([("ip", Value::from("10.9.0.7"))]))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("in use"), "{err}");
+    let port = PortProxy::builder(&conn)
+        .path(p)
+        .unwrap()
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(port.ip().await.unwrap(), "10.9.0.7");
+    assert_eq!(port.name().await.unwrap(), "www1");
+    assert_eq!(port.security_groups().await.unwrap(), vec![sg.clone()]);
+    let err = net.delete_security_group(&sg).await.unwrap_err();
+    assert!(err.to_string().contains("has ports"), "{err}");
+    let default = ObjectPath::try_from("/org/atoll/Net1/security_group/1").unwrap();
+    port.set_security_groups(std::slice::from_ref(&default)).await.unwrap();
+    assert_eq!(port.security_groups().await.unwrap(), vec![default.into()]);
+    net.delete_security_group(&sg).await.unwrap();
+    assert!(group.name().await.is_err(), "the group is gone");
 }

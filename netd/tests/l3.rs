@@ -1,0 +1,424 @@
+//! Subnets, the distributed gateway, routing inside a VPC, isolation
+//! between VPCs, DNS and security groups, through real vhost-user-net
+//! frontends on the ports (as VM NICs). Where a frame must not arrive, a
+//! marker frame sent after it on the same path must arrive first: the switch
+//! handles a port's frames in order, so no waiting on a clock.
+#![allow(clippy::unwrap_used)]
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use atoll_tests::net_frontend::NetFrontend;
+use netd::fabric::{Fabric, Kind, PortEntry, SubnetSettings};
+use netd::flow::{
+    ipv4_header, udp_frame, Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_TCP,
+    TCP_ACK, TCP_SYN,
+};
+use netd::frame::{checksum, Arp, Ethernet, Ipv4, Mac, ARP_REPLY, ARP_REQUEST, BROADCAST};
+use netd::secgroup::{GroupId, Rule};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn eth(dst: Mac, src: Mac, ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn ip(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let mut p = ipv4_header(src, dst, proto, payload.len()).to_vec();
+    p.extend_from_slice(payload);
+    p
+}
+
+fn ping(from: &Vm, dst_mac: Mac, dst: Ipv4Addr, id: u16) -> Vec<u8> {
+    let mut icmp = vec![ICMP_ECHO_REQUEST, 0, 0, 0];
+    icmp.extend_from_slice(&id.to_be_bytes());
+    icmp.extend_from_slice(&[0, 1]);
+    icmp.extend_from_slice(b"atoll ping");
+    let s = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&s.to_be_bytes());
+    eth(
+        dst_mac,
+        from.mac,
+        0x0800,
+        &ip(from.ip, dst, PROTO_ICMP, &icmp),
+    )
+}
+
+fn tcp(from: &Vm, dst_mac: Mac, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    eth(dst_mac, from.mac, 0x0800, &ip(from.ip, dst, PROTO_TCP, &t))
+}
+
+fn arp_request(from: &Vm, target: Ipv4Addr) -> Vec<u8> {
+    Arp {
+        op: ARP_REQUEST,
+        sha: from.mac,
+        spa: from.ip,
+        tha: [0; 6],
+        tpa: target,
+    }
+    .to_frame(BROADCAST)
+}
+
+/// A VM NIC on a port.
+struct Vm {
+    fe: NetFrontend,
+    port: PortEntry,
+    mac: Mac,
+    ip: Ipv4Addr,
+}
+
+impl Vm {
+    fn new(port: PortEntry) -> Self {
+        let fe = NetFrontend::connect(&port.port.socket).unwrap();
+        let mac = port.port.mac;
+        let ip = port.port.security().ip.unwrap();
+        Self { fe, port, mac, ip }
+    }
+
+    fn send(&mut self, f: &[u8]) {
+        self.fe.send(f).unwrap();
+    }
+
+    fn recv(&mut self) -> Vec<u8> {
+        self.fe.recv(WAIT).unwrap().expect("a frame")
+    }
+
+    /// The next IPv4 packet's (source MAC, TTL, transport view).
+    fn recv_ip(&mut self) -> (Mac, u8, Packet) {
+        let f = self.recv();
+        let e = Ethernet::parse(&f).unwrap();
+        assert_eq!(e.dst, self.mac, "addressed to this VM");
+        let i = Ipv4::parse(e.payload).unwrap();
+        (e.src, i.ttl, Packet::of(&i).unwrap())
+    }
+
+    fn counter(&self, name: &str) -> u64 {
+        let s = &self.port.port.stats;
+        match name {
+            "tx_filtered" => s.tx_filtered.load(Ordering::Relaxed),
+            "rx_filtered" => s.rx_filtered.load(Ordering::Relaxed),
+            "tx_dropped" => s.tx_dropped.load(Ordering::Relaxed),
+            _ => panic!("{name}"),
+        }
+    }
+}
+
+/// Sends `frame` from `tx` (which must not reach `rx`), then an ARP request
+/// `rx` must get: it has to be the next frame `rx` sees.
+fn assert_blocked(tx: &mut Vm, rx: &mut Vm, frame: &[u8]) {
+    tx.send(frame);
+    let marker = Arp {
+        op: ARP_REQUEST,
+        sha: tx.mac,
+        spa: tx.ip,
+        tha: [0; 6],
+        tpa: rx.ip,
+    }
+    .to_frame(rx.mac);
+    tx.send(&marker);
+    assert_eq!(
+        rx.recv(),
+        marker,
+        "the blocked frame did not arrive before the marker"
+    );
+}
+
+struct World {
+    _dir: tempfile::TempDir,
+    fabric: Fabric,
+    web: u32,
+    db: u32,
+    other: u32,
+}
+
+/// VPC "prod" with networks web (10.1.0.0/24) and db (10.2.0.0/24); VPC
+/// "lab" with network other (10.2.0.0/24 again).
+fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let fabric = Fabric::new(dir.path().to_owned());
+    let prod = fabric.create_vpc("prod").unwrap();
+    let lab = fabric.create_vpc("lab").unwrap();
+    let web = fabric
+        .create_network("web", Kind::Flat, Some(prod))
+        .unwrap();
+    let db = fabric.create_network("db", Kind::Flat, Some(prod)).unwrap();
+    let other = fabric
+        .create_network("other", Kind::Flat, Some(lab))
+        .unwrap();
+    let domain = |d: &str| SubnetSettings {
+        domain: d.into(),
+        ..SubnetSettings::default()
+    };
+    fabric
+        .create_subnet(web, "10.1.0.0/24", domain("prod.atoll"))
+        .unwrap();
+    fabric
+        .create_subnet(db, "10.2.0.0/24", domain("prod.atoll"))
+        .unwrap();
+    fabric
+        .create_subnet(other, "10.2.0.0/24", domain("lab.atoll"))
+        .unwrap();
+    World {
+        _dir: dir,
+        fabric,
+        web,
+        db,
+        other,
+    }
+}
+
+impl World {
+    fn vm(&self, network: u32, name: &str, groups: Option<Vec<GroupId>>) -> Vm {
+        Vm::new(
+            self.fabric
+                .create_port(network, None, None, name, groups)
+                .unwrap(),
+        )
+    }
+
+    fn gateway_mac(&self, network: u32) -> Mac {
+        let n = self.fabric.network(network).unwrap();
+        self.fabric
+            .subnet(n.subnet.unwrap())
+            .unwrap()
+            .subnet
+            .gateway_mac
+    }
+}
+
+#[test]
+fn two_ports_exchange_arp_and_icmp_and_the_gateway_answers() {
+    let w = world();
+    let mut a = w.vm(w.web, "web1", None);
+    let mut b = w.vm(w.web, "web2", None);
+    assert_eq!(a.ip, Ipv4Addr::new(10, 1, 0, 2));
+    assert_eq!(b.ip, Ipv4Addr::new(10, 1, 0, 3));
+
+    // ARP between the two: the request floods, the reply comes back.
+    a.send(&arp_request(&a, b.ip));
+    let got = b.recv();
+    let req = Arp::parse(&got[14..]).unwrap();
+    assert_eq!((req.op, req.spa, req.tpa), (ARP_REQUEST, a.ip, b.ip));
+    b.send(&req.reply_from(b.mac).to_frame(a.mac));
+    let reply = Arp::parse(&a.recv()[14..]).unwrap();
+    assert_eq!((reply.op, reply.sha, reply.spa), (ARP_REPLY, b.mac, b.ip));
+
+    // Ping and its reply (both in the default group: members reach each other).
+    a.send(&ping(&a, b.mac, b.ip, 7));
+    let (src, _, p) = b.recv_ip();
+    assert_eq!(
+        (src, p.icmp_type, p.flow.src),
+        (a.mac, Some(ICMP_ECHO_REQUEST), a.ip)
+    );
+    let mut echo = vec![ICMP_ECHO_REPLY, 0, 0, 0, 0, 7, 0, 1];
+    let s = checksum(&echo);
+    echo[2..4].copy_from_slice(&s.to_be_bytes());
+    b.send(&eth(
+        a.mac,
+        b.mac,
+        0x0800,
+        &ip(b.ip, a.ip, PROTO_ICMP, &echo),
+    ));
+    let (_, _, p) = a.recv_ip();
+    assert_eq!(p.icmp_type, Some(ICMP_ECHO_REPLY));
+
+    // The gateway answers ARP and ping itself.
+    let gw = Ipv4Addr::new(10, 1, 0, 1);
+    a.send(&arp_request(&a, gw));
+    let r = Arp::parse(&a.recv()[14..]).unwrap();
+    assert_eq!((r.op, r.sha, r.spa), (ARP_REPLY, w.gateway_mac(w.web), gw));
+    a.send(&ping(&a, r.sha, gw, 8));
+    let (src, _, p) = a.recv_ip();
+    assert_eq!(
+        (src, p.flow.src, p.icmp_type),
+        (r.sha, gw, Some(ICMP_ECHO_REPLY))
+    );
+}
+
+#[test]
+fn subnets_of_a_vpc_route_and_other_vpcs_stay_apart() {
+    let w = world();
+    let mut a = w.vm(w.web, "web1", None);
+    let mut c = w.vm(w.db, "db1", None);
+    let mut d = w.vm(w.other, "lab1", None);
+    assert_eq!(c.ip, d.ip, "the two VPCs use the same range");
+
+    // web -> db through the gateway: new MACs, one hop less.
+    a.send(&ping(&a, w.gateway_mac(w.web), c.ip, 1));
+    let (src, ttl, p) = c.recv_ip();
+    assert_eq!((src, ttl, p.flow.src), (w.gateway_mac(w.db), 63, a.ip));
+    let mut echo = vec![ICMP_ECHO_REPLY, 0, 0, 0, 0, 1, 0, 1];
+    let s = checksum(&echo);
+    echo[2..4].copy_from_slice(&s.to_be_bytes());
+    c.send(&eth(
+        w.gateway_mac(w.db),
+        c.mac,
+        0x0800,
+        &ip(c.ip, a.ip, PROTO_ICMP, &echo),
+    ));
+    let (src, _, p) = a.recv_ip();
+    assert_eq!(
+        (src, p.icmp_type, p.flow.src),
+        (w.gateway_mac(w.web), Some(ICMP_ECHO_REPLY), c.ip)
+    );
+
+    // lab's VM cannot reach prod's: no route, counted; then its own
+    // gateway's answer shows the frame was handled.
+    d.send(&ping(&d, w.gateway_mac(w.other), a.ip, 2));
+    d.send(&ping(
+        &d,
+        w.gateway_mac(w.other),
+        Ipv4Addr::new(10, 2, 0, 1),
+        3,
+    ));
+    let (_, _, p) = d.recv_ip();
+    assert_eq!(p.flow.src, Ipv4Addr::new(10, 2, 0, 1));
+    assert_eq!(d.counter("tx_dropped"), 1);
+    assert!(a.fe.try_recv().unwrap().is_none(), "nothing crossed VPCs");
+    // Nor does prod's gateway address answer there.
+    d.send(&ping(
+        &d,
+        w.gateway_mac(w.other),
+        Ipv4Addr::new(10, 1, 0, 1),
+        4,
+    ));
+    d.send(&ping(
+        &d,
+        w.gateway_mac(w.other),
+        Ipv4Addr::new(10, 2, 0, 1),
+        5,
+    ));
+    let (_, _, p) = d.recv_ip();
+    assert_eq!(p.flow.sport, 5);
+}
+
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for l in name.split('.') {
+        m.push(u8::try_from(l.len()).unwrap());
+        m.extend_from_slice(l.as_bytes());
+    }
+    m.extend_from_slice(&[0, 0, 1, 0, 1]);
+    m
+}
+
+#[test]
+fn the_gateway_resolves_vm_names_of_the_vpc() {
+    let w = world();
+    let mut a = w.vm(w.web, "web1", None);
+    let c = w.vm(w.db, "db1", None);
+    let _d = w.vm(w.other, "lab1", None);
+    let gw = Ipv4Addr::new(10, 1, 0, 1);
+    let mut ask = |name: &str| {
+        let q = udp_frame(
+            a.mac,
+            w.gateway_mac(w.web),
+            a.ip,
+            gw,
+            40000,
+            53,
+            &dns_query(9, name),
+        );
+        a.send(&q);
+        let f = a.recv();
+        let e = Ethernet::parse(&f).unwrap();
+        let i = Ipv4::parse(e.payload).unwrap();
+        assert_eq!((i.src, &i.payload[0..2]), (gw, &53u16.to_be_bytes()[..]));
+        i.payload[8..].to_vec()
+    };
+    let r = ask("db1.prod.atoll");
+    assert_eq!((r[3] & 0x0f, &r[r.len() - 4..]), (0, &c.ip.octets()[..]));
+    let r = ask("db1");
+    assert_eq!(&r[r.len() - 4..], &c.ip.octets()[..]);
+    // lab1 lives in another VPC; example.com is not ours to answer.
+    assert_eq!(ask("lab1.prod.atoll")[3] & 0x0f, 3, "NXDOMAIN");
+    assert_eq!(ask("example.com")[3] & 0x0f, 5, "REFUSED");
+}
+
+#[test]
+fn security_groups_allow_what_rules_say_and_return_traffic() {
+    let w = world();
+    let sw = &w.fabric.switch;
+    let web = w.fabric.create_group("web").unwrap();
+    let client = w.fabric.create_group("client").unwrap();
+    let http = sw
+        .add_rule(
+            web,
+            Rule::parse("ingress", "tcp", (80, 80), "", None).unwrap(),
+        )
+        .unwrap();
+    let mut a = w.vm(w.web, "client1", Some(vec![client]));
+    let mut b = w.vm(w.web, "server1", Some(vec![web]));
+
+    // An allowed connection and its return traffic.
+    a.send(&tcp(&a, b.mac, b.ip, 40000, 80, TCP_SYN));
+    let (_, _, p) = b.recv_ip();
+    assert_eq!(p.flow.dport, 80);
+    b.send(&tcp(&b, a.mac, a.ip, 80, 40000, TCP_SYN | TCP_ACK));
+    let (_, _, p) = a.recv_ip();
+    assert_eq!(p.tcp_flags, TCP_SYN | TCP_ACK, "the reply came back in");
+    assert_eq!(a.port.port.connections(), 1);
+
+    // Not allowed: another port, ICMP, and the server opening a connection
+    // to the client (nothing allows ingress to the client).
+    let f = tcp(&a, b.mac, b.ip, 40001, 22, TCP_SYN);
+    assert_blocked(&mut a, &mut b, &f);
+    let f = ping(&a, b.mac, b.ip, 1);
+    assert_blocked(&mut a, &mut b, &f);
+    let f = tcp(&b, a.mac, a.ip, 5000, 6000, TCP_SYN);
+    assert_blocked(&mut b, &mut a, &f);
+    assert_eq!(b.counter("rx_filtered"), 2);
+    assert_eq!(a.counter("rx_filtered"), 1);
+
+    // Spoofed source addresses never leave.
+    let mut spoof = ping(&a, b.mac, b.ip, 2);
+    spoof[26..30].copy_from_slice(&[10, 1, 0, 99]);
+    let sum = {
+        spoof[24] = 0;
+        spoof[25] = 0;
+        checksum(&spoof[14..34])
+    };
+    spoof[24..26].copy_from_slice(&sum.to_be_bytes());
+    assert_blocked(&mut a, &mut b, &spoof);
+    assert_eq!(a.counter("tx_filtered"), 1);
+
+    // Rules change online: ICMP allowed from the client's group...
+    let icmp = sw
+        .add_rule(
+            web,
+            Rule::parse("ingress", "icmp", (0, 0), "", Some(client)).unwrap(),
+        )
+        .unwrap();
+    a.send(&ping(&a, b.mac, b.ip, 3));
+    let (_, _, p) = b.recv_ip();
+    assert_eq!(p.icmp_type, Some(ICMP_ECHO_REQUEST));
+    // ...removing that rule leaves the established HTTP connection alone...
+    sw.remove_rule(web, icmp).unwrap();
+    a.send(&tcp(&a, b.mac, b.ip, 40000, 80, TCP_ACK));
+    let (_, _, p) = b.recv_ip();
+    assert_eq!((p.flow.dport, p.tcp_flags), (80, TCP_ACK));
+    let f = ping(&a, b.mac, b.ip, 3);
+    assert_blocked(&mut a, &mut b, &f);
+    // ...and removing the HTTP rule cuts it.
+    let tracked = b.port.port.connections();
+    sw.remove_rule(web, http).unwrap();
+    let f = tcp(&a, b.mac, b.ip, 40000, 80, TCP_ACK);
+    assert_blocked(&mut a, &mut b, &f);
+    assert_eq!(
+        b.port.port.connections(),
+        tracked - 1,
+        "b's side of it is gone"
+    );
+}
