@@ -66,7 +66,8 @@ impl Conn {
 /// One port's connections.
 #[derive(Debug)]
 pub struct Conntrack {
-    conns: HashMap<Flow, Conn>,
+    /// Randomly keyed, so guests cannot choose colliding flows.
+    conns: HashMap<Flow, Conn, ahash::RandomState>,
     max: usize,
 }
 
@@ -84,7 +85,7 @@ impl Conntrack {
     /// A tracker holding at most `max` connections.
     pub fn new(max: usize) -> Self {
         Self {
-            conns: HashMap::new(),
+            conns: HashMap::default(),
             max,
         }
     }

@@ -37,7 +37,8 @@ struct Entry {
 pub struct MacTable {
     ageing: Duration,
     max_entries: usize,
-    entries: HashMap<(SegmentId, Mac), Entry>,
+    /// Randomly keyed, so guests cannot choose colliding addresses.
+    entries: HashMap<(SegmentId, Mac), Entry, ahash::RandomState>,
 }
 
 impl MacTable {
@@ -48,7 +49,7 @@ impl MacTable {
         Self {
             ageing,
             max_entries,
-            entries: HashMap::new(),
+            entries: HashMap::default(),
         }
     }
 

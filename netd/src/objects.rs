@@ -235,14 +235,14 @@ impl PortObject {
     }
 
     /// tx/rx frames and bytes (tx = from the VM), tx_dropped (malformed or
-    /// unroutable), rx_dropped (no room in the VM), tx_filtered (spoofed or
+    /// unroutable), rx_dropped (no room in the VM), rx_pending (waiting for the VM's
+    /// receive buffers now), tx_filtered (spoofed or
     /// not allowed out), rx_filtered (not allowed in). Read on each Get.
     #[zbus(property(emits_changed_signal = "false"))]
     fn counters(&self) -> HashMap<String, u64> {
         self.entry
             .port
-            .stats
-            .snapshot()
+            .counters()
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect()

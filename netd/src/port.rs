@@ -8,13 +8,17 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -24,7 +28,7 @@ use crate::conntrack::Conntrack;
 use crate::frame::{Mac, MAX_FRAME};
 use crate::l2::{PortId, SegmentId};
 use crate::secgroup::PortSecurity;
-use crate::switch::Inner;
+use crate::switch::{Inner, Kicks};
 
 /// virtio-net header with VIRTIO_F_VERSION_1.
 pub const NET_HDR: usize = 12;
@@ -32,11 +36,17 @@ pub const NET_HDR: usize = 12;
 const MAX_PENDING: usize = 1024;
 /// Connections tracked per port, at most; new ones past that are refused.
 pub const MAX_CONNECTIONS: usize = 65_536;
+/// How long a port's transmit ring is polled after it runs dry, before the
+/// port waits for the guest's kick.
+const TX_POLL: Duration = Duration::from_micros(30);
+/// Frames switched between wake-ups of the receivers during a burst.
+const TX_BATCH: usize = 64;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 const F_MAC: u64 = 1 << 5;
 const F_STATUS: u64 = 1 << 16;
 const F_VERSION_1: u64 = 1 << 32;
+const F_EVENT_IDX: u64 = 1 << 29;
 
 /// Counters of one port, from the switch's side.
 #[derive(Debug, Default)]
@@ -83,6 +93,56 @@ struct RxSide {
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     vrings: Option<Vec<VringRwLock>>,
     pending: VecDeque<Vec<u8>>,
+    /// Used buffers the guest has not been signalled about.
+    unsignalled: bool,
+}
+
+/// What became of a frame offered to the receive ring.
+enum Written {
+    /// In the guest's buffer.
+    Done,
+    /// A buffer was used but could not hold it (counted as dropped).
+    Lost,
+    /// No buffer: the guest has not posted one.
+    NoRoom,
+}
+
+/// Copies guest memory at `addr` into `dst` (one memcpy when the range
+/// lies in one region); false if the guest pointed outside its memory.
+fn read_guest(mem: &GuestMemoryMmap, addr: GuestAddress, dst: &mut [u8]) -> bool {
+    match mem.get_slice(addr, dst.len()) {
+        Ok(s) => s.copy_to(dst) == dst.len(),
+        Err(_) => mem.read_slice(dst, addr).is_ok(),
+    }
+}
+
+/// Copies `src` to guest memory at `addr`; false if outside its memory.
+fn write_guest(mem: &GuestMemoryMmap, addr: GuestAddress, src: &[u8]) -> bool {
+    match mem.get_slice(addr, src.len()) {
+        Ok(s) => {
+            s.copy_from(src);
+            true
+        }
+        Err(_) => mem.write_slice(src, addr).is_ok(),
+    }
+}
+
+/// VRING_AVAIL_F_NO_INTERRUPT: the driver polls and wants no signal.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the driver wants a signal for what was just used: its used-event
+/// index with EVENT_IDX, its NO_INTERRUPT flag without.
+fn needs_signal(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+    let mut state = vring.get_mut();
+    let q = state.get_queue_mut();
+    if q.event_idx_enabled() {
+        return q.needs_notification(mem).unwrap_or(true);
+    }
+    let flags: u16 = mem
+        .read_obj(vm_memory::GuestAddress(q.avail_ring()))
+        .map(u16::from_le)
+        .unwrap_or(0);
+    flags & AVAIL_F_NO_INTERRUPT == 0
 }
 
 /// A port: identity, counters and the receive side.
@@ -121,6 +181,20 @@ impl std::fmt::Debug for Port {
 }
 
 impl Port {
+    /// Counters by name, with `rx_pending`: frames waiting for the guest's
+    /// receive buffers now.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        let mut c = self.stats.snapshot();
+        let pending = self
+            .rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pending
+            .len();
+        c.push(("rx_pending", pending as u64));
+        c
+    }
+
     /// Its address and security groups.
     pub fn security(&self) -> PortSecurity {
         self.security
@@ -183,80 +257,175 @@ impl Port {
         self.deleted.load(Ordering::SeqCst)
     }
 
-    /// Queues `frame` for the guest and hands over what fits.
+    /// Hands `frame` to the guest now (signalled at once): for the
+    /// switch's own answers, off the fast path.
     pub(crate) fn deliver(&self, frame: &[u8]) {
-        let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
-        if rx.pending.len() >= MAX_PENDING {
-            self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
-            return;
+        if self.enqueue(frame) {
+            self.kick();
         }
-        rx.pending.push_back(frame.to_vec());
-        self.flush(&mut rx);
     }
 
-    /// Moves pending frames into the guest's receive buffers.
-    fn flush(&self, rx: &mut RxSide) {
-        let (Some(atomic), Some(vrings)) = (&rx.mem, &rx.vrings) else {
-            return;
-        };
-        let Some(vring) = vrings.get(RXQ) else {
-            return;
-        };
-        let mem = atomic.memory();
-        let mut used_any = false;
-        while let Some(frame) = rx.pending.front() {
-            let next = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            let Some(chain) = next else { break };
-            let head = chain.head_index();
-            let mut data = Vec::with_capacity(NET_HDR + frame.len());
-            data.resize(NET_HDR, 0);
-            data.extend_from_slice(frame);
-            let mut written = 0usize;
-            let mut ok = true;
-            for d in chain.writable() {
-                if written == data.len() {
-                    break;
+    /// Writes `frame` into the guest's next receive buffer, or queues it
+    /// until the guest posts one. True if the guest has something new to be
+    /// told about ([`Port::kick`]).
+    pub(crate) fn enqueue(&self, frame: &[u8]) -> bool {
+        let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
+        if rx.pending.is_empty() {
+            match self.write_one(&rx, frame) {
+                Written::Done => {
+                    rx.unsignalled = true;
+                    return true;
                 }
-                let n = (d.len() as usize).min(data.len() - written);
-                if mem
-                    .write_slice(&data[written..written + n], d.addr())
-                    .is_err()
-                {
-                    ok = false;
-                    break;
+                Written::Lost => {
+                    rx.unsignalled = true;
+                    return true;
                 }
-                written += n;
+                Written::NoRoom => {}
             }
-            let used = u32::try_from(written).unwrap_or(0);
-            if vring.add_used(head, used).is_err() {
-                warn!(port = self.id.0, "receive ring is broken");
-                break;
-            }
-            used_any = true;
-            if ok && written == data.len() {
-                self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .rx_bytes
-                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
-            } else {
-                // A buffer too small or outside memory: the frame is lost.
-                self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            rx.pending.pop_front();
         }
-        if used_any {
+        if rx.pending.len() >= MAX_PENDING {
+            self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        rx.pending.push_back(frame.to_vec());
+        false
+    }
+
+    /// Tells the guest about the frames written since the last kick, unless
+    /// it asked not to be interrupted.
+    pub(crate) fn kick(&self) {
+        let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
+        self.signal(&mut rx);
+    }
+
+    fn signal(&self, rx: &mut RxSide) {
+        if !std::mem::take(&mut rx.unsignalled) {
+            return;
+        }
+        let (Some(atomic), Some(vring)) = (&rx.mem, rx.vrings.as_ref().and_then(|v| v.get(RXQ)))
+        else {
+            return;
+        };
+        if needs_signal(vring, &atomic.memory()) {
             if let Err(e) = vring.signal_used_queue() {
                 debug!(port = self.id.0, "cannot signal the guest: {e}");
             }
         }
     }
 
+    /// Puts `frame` (behind a zeroed virtio-net header) into the next
+    /// receive buffer.
+    fn write_one(&self, rx: &RxSide, frame: &[u8]) -> Written {
+        let (Some(atomic), Some(vring)) = (&rx.mem, rx.vrings.as_ref().and_then(|v| v.get(RXQ)))
+        else {
+            return Written::NoRoom;
+        };
+        let mem = atomic.memory();
+        let mut next = vring
+            .get_mut()
+            .get_queue_mut()
+            .pop_descriptor_chain(mem.clone());
+        if next.is_none() && vring.enable_notification().unwrap_or(false) {
+            // Out of buffers: the guest is asked to kick when it adds one
+            // (with EVENT_IDX, from this index on); it may just have.
+            next = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+        }
+        let Some(chain) = next else {
+            return Written::NoRoom;
+        };
+        let head = chain.head_index();
+        let total = NET_HDR + frame.len();
+        let parts: [&[u8]; 2] = [&[0u8; NET_HDR], frame];
+        let (mut part, mut at, mut written) = (0usize, 0usize, 0usize);
+        let mut ok = true;
+        // The usual case: one buffer holds header and frame, in one region.
+        let first = chain.clone().writable().next();
+        if let Some(s) = first
+            .filter(|d| d.len() as usize >= total)
+            .and_then(|d| mem.get_slice(d.addr(), total).ok())
+        {
+            s.subslice(0, NET_HDR).map(|h| h.copy_from(parts[0])).ok();
+            s.offset(NET_HDR).map(|f| f.copy_from(frame)).ok();
+            (part, written) = (parts.len(), total);
+        }
+        let fast = part == parts.len();
+        'descs: for d in chain.writable().filter(|_| !fast) {
+            let mut room = d.len() as usize;
+            let mut addr = d.addr();
+            while room > 0 {
+                let Some(src) = parts.get(part) else {
+                    break 'descs;
+                };
+                let n = room.min(src.len() - at);
+                if !write_guest(&mem, addr, &src[at..at + n]) {
+                    ok = false;
+                    break 'descs;
+                }
+                written += n;
+                room -= n;
+                at += n;
+                let Some(next) = addr.checked_add(n as u64) else {
+                    ok = false;
+                    break 'descs;
+                };
+                addr = next;
+                if at == src.len() {
+                    part += 1;
+                    at = 0;
+                }
+            }
+        }
+        let done = ok && part == parts.len();
+        let used = u32::try_from(written).unwrap_or(0);
+        if vring.add_used(head, used).is_err() {
+            warn!(port = self.id.0, "receive ring is broken");
+            return Written::NoRoom;
+        }
+        if done {
+            self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .rx_bytes
+                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+            Written::Done
+        } else {
+            // A buffer too small or outside memory: the frame is lost.
+            self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+            Written::Lost
+        }
+    }
+
+    /// Moves pending frames into the guest's receive buffers.
+    fn flush(&self, rx: &mut RxSide) {
+        let waiting = !rx.pending.is_empty();
+        while let Some(frame) = rx.pending.pop_front() {
+            match self.write_one(rx, &frame) {
+                Written::Done | Written::Lost => rx.unsignalled = true,
+                Written::NoRoom => {
+                    rx.pending.push_front(frame);
+                    break;
+                }
+            }
+        }
+        if waiting && rx.pending.is_empty() {
+            // Caught up: no more kicks for receive buffers.
+            if let Some(v) = rx.vrings.as_ref().and_then(|v| v.get(RXQ)) {
+                let _ = v.disable_notification();
+            }
+        }
+        self.signal(rx);
+    }
+
     fn attach(&self, vrings: &[VringRwLock]) {
         let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
         if rx.vrings.is_none() {
+            // The guest need not kick when it adds receive buffers, unless a
+            // frame waits for one (then `write_one` asks for the kick).
+            if let Some(v) = vrings.get(RXQ) {
+                let _ = v.disable_notification();
+            }
             rx.vrings = Some(vrings.to_vec());
         }
         self.flush(&mut rx);
@@ -274,12 +443,15 @@ impl Port {
 pub(crate) struct Backend {
     port: Arc<Port>,
     switch: Weak<Inner>,
+    /// The frame being switched (one transmit thread per port).
+    scratch: Mutex<Vec<u8>>,
     /// Exit events handed to the ring threads of the current daemon.
     exits: Mutex<Vec<EventNotifier>>,
 }
 
 impl Backend {
-    /// Takes every frame the guest queued for transmission and switches it.
+    /// Takes every frame the guest queued for transmission and switches it,
+    /// with the guest's notifications off while there is work.
     fn transmit(&self, vrings: &[VringRwLock]) -> io::Result<()> {
         let Some(vring) = vrings.get(TXQ) else {
             return Ok(());
@@ -294,44 +466,98 @@ impl Backend {
         else {
             return Ok(());
         };
+        let Some(switch) = self.switch.upgrade() else {
+            return Ok(());
+        };
         let mem = atomic.memory();
-        let mut frames = Vec::new();
+        let mut buf = self.scratch.lock().unwrap_or_else(PoisonError::into_inner);
+        if buf.len() < MAX_FRAME {
+            buf.resize(MAX_FRAME, 0);
+        }
+        let mut kicks = Kicks::default();
+        let _ = vring.disable_notification();
+        let mut idle_since: Option<Instant> = None;
         loop {
-            let next = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
+            kicks.now = Instant::now();
+            let n = self.drain(vring, &mem, &switch, &mut buf, &mut kicks)?;
+            if n > 0 {
+                idle_since = None;
+                kicks.flush();
+                if needs_signal(vring, &mem) {
+                    vring.signal_used_queue()?;
+                }
+                continue;
+            }
+            // The ring is empty: poll it a little longer (yielding to the
+            // other ports' threads) before sleeping until the next kick; a
+            // busy guest then never has to kick.
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() < TX_POLL {
+                std::thread::yield_now();
+                continue;
+            }
+            if !vring.enable_notification().unwrap_or(false) {
+                break;
+            }
+            let _ = vring.disable_notification();
+        }
+        Ok(())
+    }
+
+    /// Switches every frame in the transmit ring; returns how many.
+    fn drain(
+        &self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        switch: &Inner,
+        buf: &mut [u8],
+        kicks: &mut Kicks,
+    ) -> io::Result<usize> {
+        let mut batch = 0usize;
+        loop {
+            let next = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
             let Some(chain) = next else { break };
             let head = chain.head_index();
-            let mut data = Vec::new();
-            let mut ok = true;
-            for d in chain.clone().readable() {
-                let len = d.len() as usize;
-                if data.len() + len > NET_HDR + MAX_FRAME {
+            // Past the virtio-net header; a chain longer than a frame, or
+            // pointing outside memory, is dropped whole.
+            let (mut skip, mut len, mut ok) = (NET_HDR, 0usize, true);
+            for d in chain.readable() {
+                let mut n = d.len() as usize;
+                let mut addr = d.addr();
+                let s = skip.min(n);
+                skip -= s;
+                n -= s;
+                let Some(a) = addr.checked_add(s as u64) else {
+                    ok = false;
+                    break;
+                };
+                addr = a;
+                if n == 0 {
+                    continue;
+                }
+                let Some(dst) = buf.get_mut(len..len + n) else {
+                    ok = false;
+                    break;
+                };
+                if !read_guest(mem, addr, dst) {
                     ok = false;
                     break;
                 }
-                let start = data.len();
-                data.resize(start + len, 0);
-                if mem.read_slice(&mut data[start..], d.addr()).is_err() {
-                    ok = false;
-                    break;
-                }
+                len += n;
             }
             vring.add_used(head, 0).map_err(io::Error::other)?;
-            if ok && data.len() > NET_HDR {
-                frames.push(data.split_off(NET_HDR));
+            if ok && len > 0 {
+                switch.switch_frame(&self.port, &buf[..len], kicks);
             } else {
                 self.port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
             }
-        }
-        vring.signal_used_queue()?;
-        if let Some(switch) = self.switch.upgrade() {
-            for f in &frames {
-                switch.switch_frame(&self.port, f);
+            batch += 1;
+            if batch % TX_BATCH == 0 {
+                // Keep receivers fed during a long burst.
+                kicks.flush();
             }
         }
-        Ok(())
+        Ok(batch)
     }
 }
 
@@ -348,7 +574,11 @@ impl VhostUserBackend for Backend {
     }
 
     fn features(&self) -> u64 {
-        F_VERSION_1 | F_MAC | F_STATUS | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        F_VERSION_1
+            | F_MAC
+            | F_STATUS
+            | F_EVENT_IDX
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -418,6 +648,7 @@ pub(crate) fn serve(
     let backend = Arc::new(Backend {
         port: port.clone(),
         switch,
+        scratch: Mutex::new(Vec::new()),
         exits: Mutex::new(Vec::new()),
     });
     *port

@@ -52,8 +52,8 @@ pub struct Host {
 /// Subnets by segment and the addressed ports in them.
 #[derive(Debug, Default)]
 pub struct L3 {
-    subnets: HashMap<SegmentId, Subnet>,
-    hosts: HashMap<(SegmentId, Ipv4Addr), Host>,
+    subnets: HashMap<SegmentId, Subnet, ahash::RandomState>,
+    hosts: HashMap<(SegmentId, Ipv4Addr), Host, ahash::RandomState>,
 }
 
 impl L3 {

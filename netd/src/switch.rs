@@ -62,6 +62,40 @@ pub(crate) struct Inner {
     groups: RwLock<Groups>,
 }
 
+/// A batch of frames from one port: its clock reading (one per batch, for
+/// ageing and connection tracking) and the ports with frames written during
+/// it, signalled once at its end.
+pub(crate) struct Kicks {
+    ports: Vec<Arc<Port>>,
+    /// When the batch started.
+    pub(crate) now: Instant,
+}
+
+impl Default for Kicks {
+    fn default() -> Self {
+        Self {
+            ports: Vec::new(),
+            now: Instant::now(),
+        }
+    }
+}
+
+impl Kicks {
+    /// Remembers to signal `port`.
+    pub(crate) fn add(&mut self, port: &Arc<Port>) {
+        if !self.ports.iter().any(|p| p.id == port.id) {
+            self.ports.push(port.clone());
+        }
+    }
+
+    /// Signals every port remembered.
+    pub(crate) fn flush(&mut self) {
+        for p in self.ports.drain(..) {
+            p.kick();
+        }
+    }
+}
+
 /// Why the switch refused a frame (logged at debug level, counted on the port).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 enum Refused {
@@ -75,7 +109,7 @@ enum Refused {
 
 impl Inner {
     /// Forwards one frame `from` sent.
-    pub(crate) fn switch_frame(&self, from: &Port, frame: &[u8]) {
+    pub(crate) fn switch_frame(&self, from: &Port, frame: &[u8], kicks: &mut Kicks) {
         let eth = match Ethernet::parse(frame) {
             Ok(e) => e,
             Err(e) => {
@@ -103,7 +137,7 @@ impl Inner {
         from.stats
             .tx_bytes
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
-        let now = Instant::now();
+        let now = kicks.now;
         let sec = from.security.read().unwrap_or_else(PoisonError::into_inner);
         if let Err(why) = self.egress(
             from,
@@ -119,7 +153,10 @@ impl Inner {
         }
         drop(sec);
         // DHCP requests are the switch's to answer on a segment with a server.
-        let dhcp = if ip.is_some() && dhcp::is_request(frame) {
+        let dhcp_port = |p: &(Packet, Ipv4<'_>)| {
+            p.0.flow.proto == PROTO_UDP && p.0.flow.sport == 68 && p.0.flow.dport == 67
+        };
+        let dhcp = if ip.as_ref().is_some_and(dhcp_port) && dhcp::is_request(frame) {
             self.dhcp
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -144,7 +181,7 @@ impl Inner {
                     return;
                 }
                 if let (Some((pkt, ipv4)), true) = (&ip, eth.dst == subnet.gateway_mac) {
-                    self.route(from, &l3, subnet, frame, pkt, ipv4, now);
+                    self.route(from, &l3, subnet, frame, pkt, ipv4, now, kicks);
                     return;
                 }
             }
@@ -153,13 +190,13 @@ impl Inner {
             .table
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .forward(from.segment, from.id, eth.src, eth.dst, Instant::now());
+            .forward(from.segment, from.id, eth.src, eth.dst, now);
         let pkt = ip.as_ref().map(|p| &p.0);
         let ports = self.ports.read().unwrap_or_else(PoisonError::into_inner);
         match decision {
             Forward::Port(p) => {
                 if let Some(to) = ports.get(&p).filter(|to| to.segment == from.segment) {
-                    self.deliver_checked(to, frame, pkt, now);
+                    self.deliver_checked(to, frame, pkt, now, kicks);
                 }
             }
             Forward::Flood => {
@@ -167,7 +204,7 @@ impl Inner {
                     .values()
                     .filter(|p| p.segment == from.segment && p.id != from.id)
                 {
-                    self.deliver_checked(to, frame, pkt, now);
+                    self.deliver_checked(to, frame, pkt, now, kicks);
                 }
             }
             Forward::Drop => {}
@@ -247,7 +284,14 @@ impl Inner {
     }
 
     /// Hands `frame` to `to` if its ingress allows it.
-    fn deliver_checked(&self, to: &Port, frame: &[u8], pkt: Option<&Packet>, now: Instant) {
+    fn deliver_checked(
+        &self,
+        to: &Arc<Port>,
+        frame: &[u8],
+        pkt: Option<&Packet>,
+        now: Instant,
+        kicks: &mut Kicks,
+    ) {
         let sec = to.security.read().unwrap_or_else(PoisonError::into_inner);
         if sec.enabled() {
             let ok = match pkt {
@@ -261,7 +305,9 @@ impl Inner {
             }
         }
         drop(sec);
-        to.deliver(frame);
+        if to.enqueue(frame) {
+            kicks.add(to);
+        }
     }
 
     /// An IPv4 packet to the gateway's MAC: for the gateway itself (ping,
@@ -276,6 +322,7 @@ impl Inner {
         pkt: &Packet,
         ip: &Ipv4<'_>,
         now: Instant,
+        kicks: &mut Kicks,
     ) {
         if l3.is_gateway(from.segment, ip.dst) {
             if let Some(reply) = self.gateway_service(from, l3, subnet, frame, pkt, ip) {
@@ -302,7 +349,7 @@ impl Inner {
         if let Some(to) = to {
             let mut out = frame.to_vec();
             route_rewrite(&mut out, dst_subnet.gateway_mac, host.mac);
-            self.deliver_checked(&to, &out, Some(pkt), now);
+            self.deliver_checked(&to, &out, Some(pkt), now, kicks);
         }
     }
 

@@ -271,7 +271,9 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     let err = net.delete_security_group(&sg).await.unwrap_err();
     assert!(err.to_string().contains("has ports"), "{err}");
     let default = ObjectPath::try_from("/org/atoll/Net1/security_group/1").unwrap();
-    port.set_security_groups(std::slice::from_ref(&default)).await.unwrap();
+    port.set_security_groups(std::slice::from_ref(&default))
+        .await
+        .unwrap();
     assert_eq!(port.security_groups().await.unwrap(), vec![default.into()]);
     net.delete_security_group(&sg).await.unwrap();
     assert!(group.name().await.is_err(), "the group is gone");
