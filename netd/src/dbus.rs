@@ -242,6 +242,48 @@ impl Net1 {
         self.health.tun_available
     }
 
+    /// Opens this node's VXLAN tunnel endpoint on `address` (an address of
+    /// the node) and UDP `port` (0: 4789), which overlay networks use.
+    /// Returns "address:port".
+    async fn set_tunnel_endpoint(&self, address: String, port: u16) -> Result<String, NetError> {
+        let ip = parse_ip("address", &address)?;
+        let port = if port == 0 {
+            crate::overlay::VXLAN_PORT
+        } else {
+            port
+        };
+        let fabric = self.fabric.clone();
+        let bound = tokio::task::spawn_blocking(move || {
+            fabric
+                .switch
+                .set_tunnel(std::net::SocketAddrV4::new(ip, port))
+        })
+        .await
+        .map_err(|e| NetError::Failed(e.to_string()))?
+        .map_err(|e| {
+            NetError::Failed(format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ))
+        })?;
+        Ok(bound.to_string())
+    }
+
+    /// Datagrams the tunnel endpoint sent ("tx"), received ("rx") and
+    /// refused or failed to send ("dropped"); empty without an endpoint.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn tunnel_counters(&self) -> HashMap<String, u64> {
+        self.fabric
+            .switch
+            .tunnel_stats()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect()
+    }
+
     /// Creates a VPC: the subnets of its networks route to each other
     /// (through the gateway of each, answered on every node) and to no other
     /// VPC's.
@@ -256,8 +298,10 @@ impl Net1 {
         Ok(path)
     }
 
-    /// Creates a network (one L2 segment). `kind` is "flat" or "vlan"
-    /// (option "vlan": q, 1 to 4094); option "vpc": o puts it in a VPC.
+    /// Creates a network (one L2 segment). `kind` is "flat", "vlan" (option
+    /// "vlan": q, 1 to 4094) or "overlay" (option "vni": u, VXLAN across
+    /// nodes; see SetTunnelEndpoint and the network's SetRemotes); option
+    /// "vpc": o puts it in a VPC.
     async fn create_network(
         &self,
         name: String,
@@ -272,9 +316,12 @@ impl Net1 {
             "vlan" => Kind::Vlan(o.u16("vlan")?.ok_or_else(|| {
                 NetError::InvalidArgument("a vlan network needs option \"vlan\"".into())
             })?),
+            "overlay" => Kind::Overlay(o.u32("vni")?.ok_or_else(|| {
+                NetError::InvalidArgument("an overlay network needs option \"vni\"".into())
+            })?),
             k => {
                 return Err(NetError::InvalidArgument(format!(
-                    "kind {k:?}: want \"flat\" or \"vlan\""
+                    "kind {k:?}: want \"flat\", \"vlan\" or \"overlay\""
                 )))
             }
         };
@@ -466,6 +513,11 @@ pub trait Net1 {
     /// Whether /dev/net/tun can be opened, which TAP uplinks need.
     #[zbus(property)]
     fn tun_available(&self) -> zbus::Result<bool>;
+    /// Opens the tunnel endpoint.
+    fn set_tunnel_endpoint(&self, address: &str, port: u16) -> zbus::Result<String>;
+    /// Tunnel counters.
+    #[zbus(property)]
+    fn tunnel_counters(&self) -> zbus::Result<HashMap<String, u64>>;
     /// Creates a VPC.
     fn create_vpc(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     /// Creates a network.

@@ -49,6 +49,8 @@ pub enum Kind {
     Flat,
     /// One 802.1Q VLAN.
     Vlan(u16),
+    /// A VXLAN overlay across nodes.
+    Overlay(u32),
 }
 
 impl Kind {
@@ -57,6 +59,7 @@ impl Kind {
         match self {
             Kind::Flat => "flat",
             Kind::Vlan(_) => "vlan",
+            Kind::Overlay(_) => "overlay",
         }
     }
 }
@@ -72,6 +75,8 @@ pub struct Network {
     pub vpc: Option<u32>,
     /// Its subnet.
     pub subnet: Option<u32>,
+    /// Tunnel endpoints of the other nodes (overlay networks).
+    pub remotes: Vec<Ipv4Addr>,
 }
 
 /// A subnet's settings beyond its prefix.
@@ -222,12 +227,26 @@ impl Fabric {
                 return Err(invalid(format!("VLAN {v} has a network")));
             }
         }
+        if let Kind::Overlay(v) = kind {
+            if !(1..=crate::overlay::MAX_VNI).contains(&v) {
+                return Err(invalid(format!(
+                    "vni {v}: want 1 to {}",
+                    crate::overlay::MAX_VNI
+                )));
+            }
+            if reg.networks.values().any(|n| n.kind == kind) {
+                return Err(invalid(format!("VNI {v} has a network")));
+            }
+        }
         if let Some(v) = vpc {
             if !reg.vpcs.contains_key(&v) {
                 return Err(FabricError::NotFound(format!("no VPC {v}")));
             }
         }
         let id = reg.id();
+        if let Kind::Overlay(vni) = kind {
+            self.switch.set_overlay(SegmentId(id), vni);
+        }
         reg.networks.insert(
             id,
             Network {
@@ -235,9 +254,32 @@ impl Fabric {
                 kind,
                 vpc,
                 subnet: None,
+                remotes: Vec::new(),
             },
         );
         Ok(id)
+    }
+
+    /// The tunnel endpoints of the other nodes with ports on overlay
+    /// network `id`.
+    pub fn set_remotes(&self, id: u32, remotes: Vec<Ipv4Addr>) -> Result<()> {
+        let mut reg = self.reg();
+        let n = reg
+            .networks
+            .get_mut(&id)
+            .ok_or_else(|| FabricError::NotFound(format!("no network {id}")))?;
+        if !matches!(n.kind, Kind::Overlay(_)) {
+            return Err(invalid(format!("network {:?} is not an overlay", n.name)));
+        }
+        if let Some(r) = remotes
+            .iter()
+            .find(|r| r.is_unspecified() || r.is_multicast() || r.is_broadcast())
+        {
+            return Err(invalid(format!("remote {r}: not a unicast address")));
+        }
+        n.remotes.clone_from(&remotes);
+        self.switch.set_remotes(SegmentId(id), remotes);
+        Ok(())
     }
 
     /// The network `id`.

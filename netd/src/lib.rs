@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod health;
 pub mod l2;
 pub mod objects;
+pub mod overlay;
 pub mod port;
 pub mod router;
 pub mod secgroup;

@@ -50,7 +50,7 @@ impl NetworkObject {
             .unwrap_or_default()
     }
 
-    /// "flat" or "vlan".
+    /// "flat", "vlan" or "overlay".
     #[zbus(property(emits_changed_signal = "const"))]
     fn kind(&self) -> String {
         self.fabric
@@ -66,6 +66,45 @@ impl NetworkObject {
             Some(Kind::Vlan(v)) => v,
             _ => 0,
         }
+    }
+
+    /// The VNI of an "overlay" network; 0 otherwise.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn vni(&self) -> u32 {
+        match self.fabric.network(self.id).map(|n| n.kind) {
+            Some(Kind::Overlay(v)) => v,
+            _ => 0,
+        }
+    }
+
+    /// Tunnel endpoints of the other nodes with ports on this overlay
+    /// network.
+    #[zbus(property)]
+    fn remotes(&self) -> Vec<String> {
+        self.fabric
+            .network(self.id)
+            .map(|n| n.remotes.iter().map(ToString::to_string).collect())
+            .unwrap_or_default()
+    }
+
+    /// Replaces the tunnel endpoints of the other nodes with ports on this
+    /// overlay network (mgmtd keeps it current as ports come and go).
+    async fn set_remotes(
+        &self,
+        remotes: Vec<String>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), NetError> {
+        let ips = remotes
+            .iter()
+            .map(|r| {
+                r.parse().map_err(|_| {
+                    NetError::InvalidArgument(format!("remote {r:?}: not an IPv4 address"))
+                })
+            })
+            .collect::<Result<Vec<std::net::Ipv4Addr>, NetError>>()?;
+        self.fabric.set_remotes(self.id, ips)?;
+        self.remotes_changed(&emitter).await?;
+        Ok(())
     }
 
     /// Its VPC ("/" if none).
@@ -376,6 +415,25 @@ impl GroupObject {
         self.rules_changed(&emitter).await?;
         Ok(())
     }
+}
+
+/// Typed client of a network.
+#[proxy(
+    interface = "org.atoll.Net1.Network",
+    default_service = "org.atoll.Net1"
+)]
+pub trait Network {
+    /// Name.
+    #[zbus(property)]
+    fn name(&self) -> zbus::Result<String>;
+    /// VNI.
+    #[zbus(property)]
+    fn vni(&self) -> zbus::Result<u32>;
+    /// Remote endpoints.
+    #[zbus(property)]
+    fn remotes(&self) -> zbus::Result<Vec<String>>;
+    /// Replaces the remote endpoints.
+    fn set_remotes(&self, remotes: &[&str]) -> zbus::Result<()>;
 }
 
 /// Typed client of a port.

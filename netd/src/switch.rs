@@ -2,10 +2,11 @@
 //! each frame a guest sends (in the sending port's thread, in order).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -18,6 +19,7 @@ use crate::flow::{
 };
 use crate::frame::{Arp, Ethernet, Ipv4, Mac, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4};
 use crate::l2::{Forward, MacTable, PortId, SegmentId};
+use crate::overlay::{self, Overlay};
 use crate::port::{self, Port};
 use crate::router::{Host, Subnet, L3};
 use crate::secgroup::{GroupId, Groups, PortSecurity, Rule, SecurityGroup};
@@ -48,6 +50,15 @@ pub enum SwitchError {
     /// A group a port is in cannot go.
     #[error("security group {0} has ports in it")]
     GroupInUse(u32),
+    /// The tunnel endpoint could not be opened.
+    #[error("cannot open the tunnel endpoint {addr}")]
+    Tunnel {
+        /// The address.
+        addr: SocketAddrV4,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// No such rule.
     #[error("security group {0} has no rule {1}")]
     NoRule(u32, u32),
@@ -60,6 +71,69 @@ pub(crate) struct Inner {
     dhcp: Mutex<HashMap<SegmentId, DhcpServer>>,
     l3: RwLock<L3>,
     groups: RwLock<Groups>,
+    overlay: RwLock<Overlay>,
+    tunnel: RwLock<Option<Arc<Tunnel>>>,
+}
+
+/// Tunnel counters.
+#[derive(Debug, Default)]
+pub struct TunnelStats {
+    /// Datagrams sent.
+    pub tx: AtomicU64,
+    /// Datagrams received and switched.
+    pub rx: AtomicU64,
+    /// Datagrams refused (not VXLAN, unknown endpoint or VNI, malformed
+    /// inner frame) or not sent.
+    pub dropped: AtomicU64,
+}
+
+/// The node's tunnel endpoint.
+#[derive(Debug)]
+pub struct Tunnel {
+    socket: UdpSocket,
+    /// The UDP port of every endpoint.
+    port: u16,
+    /// Counters.
+    pub stats: TunnelStats,
+}
+
+/// Receives tunnel datagrams until the switch goes or the endpoint is
+/// replaced.
+fn tunnel_loop(switch: &Weak<Inner>, tunnel: &Arc<Tunnel>, socket: &UdpSocket) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let Some(inner) = switch.upgrade() else {
+            return;
+        };
+        let current = inner
+            .tunnel
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, tunnel));
+        if !current {
+            return;
+        }
+        match socket.recv_from(&mut buf) {
+            Ok((n, std::net::SocketAddr::V4(from))) => {
+                let mut kicks = Kicks::default();
+                inner.tunnel_datagram(tunnel, *from.ip(), &buf[..n], &mut kicks);
+                kicks.flush();
+            }
+            Ok(_) => {
+                tunnel.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => {
+                warn!("tunnel endpoint failed: {e}");
+                return;
+            }
+        }
+    }
 }
 
 /// A batch of frames from one port: its clock reading (one per batch, for
@@ -192,23 +266,128 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
             .forward(from.segment, from.id, eth.src, eth.dst, now);
         let pkt = ip.as_ref().map(|p| &p.0);
+        self.forward_local(from.segment, from.id, decision, frame, pkt, kicks);
+        match decision {
+            Forward::Port(p) if p.0 >= overlay::REMOTE_PORTS => {
+                let remote = self
+                    .overlay
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remote_of(p);
+                if let Some(r) = remote {
+                    self.to_tunnel(from.segment, &[r], frame);
+                }
+            }
+            Forward::Flood => {
+                let remotes = self
+                    .overlay
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remotes(from.segment)
+                    .map(|(_, r)| r.to_vec());
+                if let Some(r) = remotes.filter(|r| !r.is_empty()) {
+                    self.to_tunnel(from.segment, &r, frame);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Hands a frame on `segment` that came in on `in_port` to the local
+    /// ports `decision` names.
+    fn forward_local(
+        &self,
+        segment: SegmentId,
+        in_port: PortId,
+        decision: Forward,
+        frame: &[u8],
+        pkt: Option<&Packet>,
+        kicks: &mut Kicks,
+    ) {
         let ports = self.ports.read().unwrap_or_else(PoisonError::into_inner);
         match decision {
             Forward::Port(p) => {
-                if let Some(to) = ports.get(&p).filter(|to| to.segment == from.segment) {
-                    self.deliver_checked(to, frame, pkt, now, kicks);
+                if let Some(to) = ports.get(&p).filter(|to| to.segment == segment) {
+                    self.deliver_checked(to, frame, pkt, kicks.now, kicks);
                 }
             }
             Forward::Flood => {
                 for to in ports
                     .values()
-                    .filter(|p| p.segment == from.segment && p.id != from.id)
+                    .filter(|p| p.segment == segment && p.id != in_port)
                 {
-                    self.deliver_checked(to, frame, pkt, now, kicks);
+                    self.deliver_checked(to, frame, pkt, kicks.now, kicks);
                 }
             }
             Forward::Drop => {}
         }
+    }
+
+    /// Sends `frame` of overlay `segment` to the endpoints `remotes`.
+    fn to_tunnel(&self, segment: SegmentId, remotes: &[Ipv4Addr], frame: &[u8]) {
+        let tunnel = self
+            .tunnel
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let vni = self
+            .overlay
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remotes(segment)
+            .map(|(v, _)| v);
+        let (Some(t), Some(vni)) = (tunnel, vni) else {
+            return;
+        };
+        let datagram = overlay::encap(vni, frame);
+        for r in remotes {
+            match t.socket.send_to(&datagram, SocketAddrV4::new(*r, t.port)) {
+                Ok(_) => t.stats.tx.fetch_add(1, Ordering::Relaxed),
+                Err(e) => {
+                    debug!(remote = %r, "tunnel send failed: {e}");
+                    t.stats.dropped.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+        }
+    }
+
+    /// A datagram from the tunnel endpoint `from`.
+    fn tunnel_datagram(&self, t: &Tunnel, from: Ipv4Addr, datagram: &[u8], kicks: &mut Kicks) {
+        let accepted = overlay::decap(datagram).and_then(|(vni, inner)| {
+            let (seg, pseudo) = self
+                .overlay
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .accept(vni, from)?;
+            Some((seg, pseudo, inner))
+        });
+        let Some((seg, pseudo, inner)) = accepted else {
+            t.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            debug!(%from, "dropped a datagram from no endpoint of its network");
+            return;
+        };
+        let Ok(eth) = Ethernet::parse(inner) else {
+            t.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let ip = match eth.ethertype {
+            ETHERTYPE_IPV4 => match Ipv4::parse(eth.payload).and_then(|ip| Packet::of(&ip)) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    t.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            },
+            _ => None,
+        };
+        t.stats.rx.fetch_add(1, Ordering::Relaxed);
+        let decision = self
+            .table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forward(seg, pseudo, eth.src, eth.dst, kicks.now);
+        // Split horizon: what came from the tunnel never goes back into it.
+        self.forward_local(seg, pseudo, decision, inner, ip.as_ref(), kicks);
     }
 
     fn malformed(&self, from: &Port, e: crate::frame::FrameError) {
@@ -405,6 +584,8 @@ impl Switch {
                 dhcp: Mutex::new(HashMap::new()),
                 l3: RwLock::new(L3::default()),
                 groups: RwLock::new(Groups::default()),
+                overlay: RwLock::new(Overlay::default()),
+                tunnel: RwLock::new(None),
             }),
             next: Mutex::new(1),
             dir,
@@ -703,6 +884,77 @@ impl Switch {
                 .unwrap_or_else(PoisonError::into_inner)
                 .revalidate(|flow, dir| groups.allows(&sec.groups, dir, flow));
         }
+    }
+
+    /// Makes `segment` the overlay network `vni`.
+    pub fn set_overlay(&self, segment: SegmentId, vni: u32) {
+        self.inner
+            .overlay
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(segment, vni);
+    }
+
+    /// The tunnel endpoints of the other nodes with ports on overlay
+    /// `segment` (replacing the list).
+    pub fn set_remotes(&self, segment: SegmentId, remotes: Vec<Ipv4Addr>) {
+        self.inner
+            .overlay
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_remotes(segment, remotes);
+    }
+
+    /// Opens this node's tunnel endpoint on `local` (UDP; every endpoint
+    /// uses the same port); returns the address bound.
+    pub fn set_tunnel(&self, local: SocketAddrV4) -> Result<SocketAddrV4, SwitchError> {
+        let fail = |source| SwitchError::Tunnel {
+            addr: local,
+            source,
+        };
+        let socket = UdpSocket::bind(local).map_err(fail)?;
+        socket
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .map_err(fail)?;
+        let bound = match socket.local_addr().map_err(fail)? {
+            std::net::SocketAddr::V4(a) => a,
+            std::net::SocketAddr::V6(_) => local,
+        };
+        let reader = socket.try_clone().map_err(fail)?;
+        let tunnel = Arc::new(Tunnel {
+            socket,
+            port: bound.port(),
+            stats: TunnelStats::default(),
+        });
+        let old = self
+            .inner
+            .tunnel
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(tunnel.clone());
+        drop(old);
+        let weak = Arc::downgrade(&self.inner);
+        std::thread::Builder::new()
+            .name("tunnel".into())
+            .spawn(move || tunnel_loop(&weak, &tunnel, &reader))
+            .map_err(fail)?;
+        Ok(bound)
+    }
+
+    /// The tunnel endpoint's counters (None without one).
+    pub fn tunnel_stats(&self) -> Option<Vec<(&'static str, u64)>> {
+        let t = self
+            .inner
+            .tunnel
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Some(vec![
+            ("tx", g(&t.stats.tx)),
+            ("rx", g(&t.stats.rx)),
+            ("dropped", g(&t.stats.dropped)),
+        ])
     }
 
     /// Deletes port `id`: no more frames to or from it, its frontend is

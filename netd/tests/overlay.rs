@@ -1,0 +1,252 @@
+//! An overlay network across two nodes: two netd daemons, each in its own
+//! network namespace joined by a veth pair, each on its own private bus,
+//! carry frames between their ports in VXLAN. Needs root (namespaces).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use atoll_tests::contract::wait_owner;
+use atoll_tests::net_frontend::NetFrontend;
+use atoll_tests::TestBus;
+use netd::frame::{Arp, Mac, ARP_REPLY, ARP_REQUEST, BROADCAST};
+use netd::objects::NetworkProxy;
+use netd::Net1Proxy;
+use zbus::zvariant::Value;
+
+const WAIT: Duration = Duration::from_secs(10);
+const A: Mac = [0x52, 0x54, 0, 0x0e, 0, 1];
+const B: Mac = [0x52, 0x54, 0, 0x0e, 0, 2];
+const C: Mac = [0x52, 0x54, 0, 0x0e, 0, 3];
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two namespaces joined by a veth pair, 10.99.<n>.1 and .2; removed on drop.
+struct Namespaces(String, String);
+
+impl Namespaces {
+    fn new(n: u32) -> Self {
+        let (a, b) = (format!("atoll-ov{n}a"), format!("atoll-ov{n}b"));
+        let _ = Command::new("ip").args(["netns", "del", &a]).output();
+        let _ = Command::new("ip").args(["netns", "del", &b]).output();
+        ip(&["netns", "add", &a]);
+        ip(&["netns", "add", &b]);
+        let (va, vb) = (format!("ov{n}a"), format!("ov{n}b"));
+        ip(&[
+            "link", "add", &va, "netns", &a, "type", "veth", "peer", &vb, "netns", &b,
+        ]);
+        for (ns, dev, addr) in [(&a, &va, 1), (&b, &vb, 2)] {
+            let cidr = format!("10.99.{n}.{addr}/24");
+            ip(&["-n", ns, "addr", "add", &cidr, "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        Self(a, b)
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.1]).output();
+    }
+}
+
+/// A netd in namespace `ns` on its own bus.
+struct Node {
+    child: Child,
+    bus: TestBus,
+    _run: PathBuf,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node(ns: &str, run: &Path) -> Node {
+    let bus = TestBus::start();
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_netd")])
+        .args(["--node-id", ns, "--bus", bus.address(), "--run-dir"])
+        .arg(run)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    Node {
+        child,
+        bus,
+        _run: run.to_owned(),
+    }
+}
+
+/// Sets up the overlay network `vni` on a node: endpoint `local`, remote
+/// `remote`, one port with `mac`; returns the port's socket.
+async fn overlay_port(
+    n: &Node,
+    vni: u32,
+    local: &str,
+    remote: &str,
+    mac: &str,
+) -> (String, zbus::Connection, zbus::zvariant::OwnedObjectPath) {
+    let conn = zbus::connection::Builder::address(n.bus.address())
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    wait_owner(&conn, netd::BUS_NAME, true).await;
+    let net = Net1Proxy::new(&conn).await.unwrap();
+    let bound = net.set_tunnel_endpoint(local, 0).await.unwrap();
+    assert_eq!(bound, format!("{local}:4789"));
+    let opts = HashMap::from([("vni", Value::from(vni))]);
+    let path = net.create_network("ov", "overlay", opts).await.unwrap();
+    let network = NetworkProxy::builder(&conn)
+        .path(path.clone())
+        .unwrap()
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    assert!(network.set_remotes(&["10.0.0.300"]).await.is_err());
+    network.set_remotes(&[remote]).await.unwrap();
+    assert_eq!(network.remotes().await.unwrap(), vec![remote.to_owned()]);
+    assert_eq!(network.vni().await.unwrap(), vni);
+    let (_, socket, _) = net.create_port(&path, mac, HashMap::new()).await.unwrap();
+    (socket, conn, path)
+}
+
+fn arp(op: u16, sha: Mac, spa: [u8; 4], tha: Mac, tpa: [u8; 4], dst: Mac) -> Vec<u8> {
+    Arp {
+        op,
+        sha,
+        spa: spa.into(),
+        tha,
+        tpa: tpa.into(),
+    }
+    .to_frame(dst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_carry_an_overlay_network_in_vxlan() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Namespaces::new(1);
+    let na = node(&ns.0, &dir.path().join("a"));
+    let nb = node(&ns.1, &dir.path().join("b"));
+    let (sock_a, conn_a, _) =
+        overlay_port(&na, 5001, "10.99.1.1", "10.99.1.2", "52:54:00:0e:00:01").await;
+    let (sock_b, conn_b, ov_b) =
+        overlay_port(&nb, 5001, "10.99.1.2", "10.99.1.1", "52:54:00:0e:00:02").await;
+    // A port of another overlay network on node B must hear nothing.
+    let net_b = Net1Proxy::new(&conn_b).await.unwrap();
+    let other = net_b
+        .create_network(
+            "ov2",
+            "overlay",
+            HashMap::from([("vni", Value::from(5002u32))]),
+        )
+        .await
+        .unwrap();
+    NetworkProxy::builder(&conn_b)
+        .path(other.clone())
+        .unwrap()
+        .build()
+        .await
+        .unwrap()
+        .set_remotes(&["10.99.1.1"])
+        .await
+        .unwrap();
+    let (_, sock_c, _) = net_b
+        .create_port(&other, "52:54:00:0e:00:03", HashMap::new())
+        .await
+        .unwrap();
+
+    let (a, b) = tokio::task::spawn_blocking(move || {
+        let mut a = NetFrontend::connect(Path::new(&sock_a)).unwrap();
+        let mut b = NetFrontend::connect(Path::new(&sock_b)).unwrap();
+        let mut c = NetFrontend::connect(Path::new(&sock_c)).unwrap();
+        // A broadcast crosses to the other node...
+        let who_has = arp(
+            ARP_REQUEST,
+            A,
+            [192, 168, 5, 1],
+            [0; 6],
+            [192, 168, 5, 2],
+            BROADCAST,
+        );
+        a.send(&who_has).unwrap();
+        assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&who_has[..]));
+        // ...the unicast answer comes back to the learned address...
+        let is_at = arp(ARP_REPLY, B, [192, 168, 5, 2], A, [192, 168, 5, 1], A);
+        b.send(&is_at).unwrap();
+        assert_eq!(a.recv(WAIT).unwrap().as_deref(), Some(&is_at[..]));
+        // ...and unicast goes straight to it; big frames too.
+        let mut big = arp(ARP_REQUEST, A, [192, 168, 5, 1], B, [192, 168, 5, 2], B);
+        big.resize(1400, 0xab);
+        a.send(&big).unwrap();
+        assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&big[..]));
+        // Another VNI on node B heard none of it.
+        assert_eq!(c.try_recv().unwrap(), None);
+        let _ = C;
+        (a, b)
+    })
+    .await
+    .unwrap();
+
+    // Node B no longer lists node A for the network: A's datagrams are
+    // refused there, counted, and nothing reaches B's port.
+    let net_b = Net1Proxy::builder(&conn_b)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    NetworkProxy::builder(&conn_b)
+        .path(ov_b)
+        .unwrap()
+        .build()
+        .await
+        .unwrap()
+        .set_remotes(&["10.99.1.9"])
+        .await
+        .unwrap();
+    let dropped = |c: HashMap<String, u64>| c.get("dropped").copied().unwrap_or(0);
+    let before = dropped(net_b.tunnel_counters().await.unwrap());
+    let (mut a, mut b) = (a, b);
+    let frame = arp(
+        ARP_REQUEST,
+        A,
+        [192, 168, 5, 1],
+        [0; 6],
+        [192, 168, 5, 2],
+        BROADCAST,
+    );
+    a.send(&frame).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while dropped(net_b.tunnel_counters().await.unwrap()) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the datagram was not refused"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(b.try_recv().unwrap(), None);
+    let counters = Net1Proxy::new(&conn_a)
+        .await
+        .unwrap()
+        .tunnel_counters()
+        .await
+        .unwrap();
+    assert_eq!(counters.get("tx"), Some(&3), "{counters:?}");
+    assert_eq!(counters.get("rx"), Some(&1), "{counters:?}");
+}
