@@ -63,8 +63,9 @@ async fn ports_created_over_dbus_carry_frames_and_count_them() {
         .create_network("v10", "vxlan", none())
         .await
         .unwrap_err();
-    assert!(err.to_string().contains("want \"flat\", \"vlan\" or \"overlay\""), "{err}");
-        err.to_string().contains("want \"flat\" or \"vlan\""),
+    assert!(
+        err.to_string()
+            .contains("want \"flat\", \"vlan\" or \"overlay\""),
         "{err}"
     );
     let err = net.create_network("v10", "vlan", none()).await.unwrap_err();
