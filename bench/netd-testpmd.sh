@@ -5,25 +5,30 @@
 #   bash bench/netd-testpmd.sh     # RUNS=3 SECS=5 WARM=2 SIZES="64 1518" (wire sizes, CRC included)
 #
 # Driver: dpdk-testpmd (Debian's dpdk-dev) with two net_virtio_user ports
-# (--no-huge), forwarding lcore on CPU 1, 5tswap forwarding: every frame a
-# port receives goes back out of it with MACs, IPs and UDP ports swapped, so
-# each one crosses the switch again and each is a valid reply for connection
-# tracking. 16 bursts of 32 frames are injected (`start tx_first 16`); after
-# WARM seconds the counters are cleared, and the rate is RX-packets over the
-# next SECS seconds, per direction.
+# (--no-huge), forwarding lcore on CPU 1, mac forwarding with --eth-peer:
+# what port 0 receives goes out of port 1 addressed to port 0's MAC and the
+# other way round, so every frame crosses the switch again. 16 bursts of 32
+# frames are injected per port (`start tx_first 16`); after WARM seconds the
+# counters are cleared, and the rate is RX-packets over the next SECS
+# seconds, per direction. The frames keep testpmd's UDP 198.18.0.1:9 ->
+# 198.18.0.2:9 both ways.
 #
 # Backends, each on CPU 0:
 #   peer    testpmd --vdev net_vhost0 --vdev net_vhost1, io forwarding
 #   l2      netd: a flat network, two ports (MAC learning, no filtering)
-#   sg      netd: a subnet, two ports with addresses (anti-spoofing) in a
-#           security group of 100 rules (the last one allows UDP 9), stateful
+#   overlay two netd daemons in two network namespaces joined by a veth
+#           pair, one port each on a VXLAN network between them (kernel UDP
+#           sockets; both daemons on CPU 0)
+#   sg      netd: a subnet, two ports with addresses (anti-spoofing; port 2
+#           may also send from .1, as the frames do) in a security group of
+#           100 rules (the last one allows UDP 9), connection tracking
 set -euo pipefail
 
 RUNS=${RUNS:-3}
 SECS=${SECS:-5}
 WARM=${WARM:-2}
 SIZES=${SIZES:-64 1518}
-BACKENDS=${BACKENDS:-peer l2 sg}
+BACKENDS=${BACKENDS:-peer l2 sg overlay}
 cd "$(dirname "$0")/.."
 root=$PWD
 
@@ -35,6 +40,7 @@ work=$(mktemp -d /tmp/netd-bench.XXXXXX)
 pids=()
 cleanup() {
     for p in "${pids[@]}" ${backend_pid:-} ${drv_pid:-}; do kill "$p" 2>/dev/null || true; done
+    netns_down
     wait 2>/dev/null || true
     [ -n "${KEEP:-}" ] || rm -rf "$work"
 }
@@ -45,19 +51,40 @@ dbus-daemon --session --address="$bus" --nofork --nopidfile &
 pids+=($!)
 for _ in $(seq 100); do [ -S "$work/bus" ] && break; sleep 0.05; done
 
-call() { busctl --address="$bus" call org.atoll.Net1 "$@"; }
+call() { busctl --address="${BUS:-$bus}" call org.atoll.Net1 "$@"; }
 # The n-th quoted field of busctl's reply.
 field() { awk -v n="$1" -F'"' '{print $(2*n)}'; }
 
+# Starts netd on bus $1 with sockets in $2, in namespace $3 if given.
 start_netd() {
-    rm -rf "$work/run"
-    RUST_LOG=${RUST_LOG:-info} taskset -c 0 "$netd" --node-id bench --bus "$bus" --run-dir "$work/run" >"$work/netd.log" 2>&1 &
+    local b=${1:-$bus} run=${2:-$work/run} ns=${3:-}
+    rm -rf "$run"
+    local wrap=()
+    [ -n "$ns" ] && wrap=(ip netns exec "$ns")
+    "${wrap[@]}" taskset -c 0 "$netd" --node-id bench --bus "$b" --run-dir "$run" >>"$work/netd.log" 2>&1 &
     netd_pid=$!
     for _ in $(seq 200); do
-        busctl --address="$bus" status org.atoll.Net1 >/dev/null 2>&1 && return
+        busctl --address="$b" status org.atoll.Net1 >/dev/null 2>&1 && return
         sleep 0.05
     done
     echo "netd did not start" >&2; cat "$work/netd.log" >&2; exit 1
+}
+
+bus2=unix:path=$work/bus2
+netns_up() {
+    ip netns del atoll-bench-a 2>/dev/null || true
+    ip netns del atoll-bench-b 2>/dev/null || true
+    ip netns add atoll-bench-a
+    ip netns add atoll-bench-b
+    ip link add bench-a netns atoll-bench-a type veth peer bench-b netns atoll-bench-b
+    ip -n atoll-bench-a addr add 10.98.0.1/24 dev bench-a
+    ip -n atoll-bench-b addr add 10.98.0.2/24 dev bench-b
+    ip -n atoll-bench-a link set bench-a up
+    ip -n atoll-bench-b link set bench-b up
+}
+netns_down() {
+    ip netns del atoll-bench-a 2>/dev/null || true
+    ip netns del atoll-bench-b 2>/dev/null || true
 }
 
 # Sets up the backend $1; prints the two socket paths and the testpmd
@@ -93,8 +120,30 @@ setup() {
         done
         call "$sg" org.atoll.Net1.SecurityGroup AddRule ssqqss ingress udp 9 9 "" "" >/dev/null
         a=$(call /org/atoll/Net1 org.atoll.Net1 CreatePort osa{sv} "$net" 02:00:00:00:00:01 2 ip s 198.18.0.1 security_groups ao 1 "$sg" | field 2)
-        b=$(call /org/atoll/Net1 org.atoll.Net1 CreatePort osa{sv} "$net" 02:00:00:00:00:02 2 ip s 198.18.0.2 security_groups ao 1 "$sg" | field 2)
+        b=$(call /org/atoll/Net1 org.atoll.Net1 CreatePort osa{sv} "$net" 02:00:00:00:00:02 3 ip s 198.18.0.2 security_groups ao 1 "$sg" allowed_addresses as 1 198.18.0.1 | field 2)
         echo "$a $b"
+        ;;
+    overlay)
+        [ -S "$work/bus2" ] || {
+            dbus-daemon --session --address="$bus2" --nofork --nopidfile 2>/dev/null &
+            pids+=($!)
+            for _ in $(seq 100); do [ -S "$work/bus2" ] && break; sleep 0.05; done
+        }
+        netns_up
+        start_netd "$bus" "$work/run" atoll-bench-a
+        local p1=$netd_pid
+        start_netd "$bus2" "$work/run2" atoll-bench-b
+        backend_pid="$p1 $netd_pid"
+        local socks=() me peer n
+        for n in 1 2; do
+            if [ $n = 1 ]; then export BUS=$bus me=10.98.0.1 peer=10.98.0.2; else export BUS=$bus2 me=10.98.0.2 peer=10.98.0.1; fi
+            call /org/atoll/Net1 org.atoll.Net1 SetTunnelEndpoint sq "$me" 0 >/dev/null
+            net=$(call /org/atoll/Net1 org.atoll.Net1 CreateNetwork ssa{sv} bench overlay 1 vni u 5001 | field 1)
+            call "$net" org.atoll.Net1.Network SetRemotes as 1 "$peer" >/dev/null
+            socks+=("$(call /org/atoll/Net1 org.atoll.Net1 CreatePort osa{sv} "$net" 02:00:00:00:00:0$n 0 | field 2)")
+        done
+        unset BUS
+        echo "${socks[0]} ${socks[1]}"
         ;;
     esac
 }
@@ -107,7 +156,7 @@ drive() {
     dpdk-testpmd --lcores=0@0,1@1 --no-huge -m 512 --no-pci --file-prefix=drv \
         --vdev "net_virtio_user0,path=$1,queues=1,mac=02:00:00:00:00:01" \
         --vdev "net_virtio_user1,path=$2,queues=1,mac=02:00:00:00:00:02" \
-        -- -i --forward-mode=5tswap --port-topology=loop --total-num-mbufs=32768 --txpkts="$(( $3 - 4 ))" \
+        -- -i --forward-mode=mac --total-num-mbufs=32768 --txpkts="$(( $3 - 4 ))" \
         --eth-peer=0,02:00:00:00:00:02 --eth-peer=1,02:00:00:00:00:01 \
         <"$fifo" >"$work/drv.log" 2>&1 &
     local drv=$!
@@ -142,8 +191,11 @@ for size in $SIZES; do
             socks=$(cat "$work/socks")
             # shellcheck disable=SC2086
             r=$(drive $socks "$size")
-            kill "$backend_pid" 2>/dev/null || true
-            wait "$backend_pid" 2>/dev/null || true
+            # shellcheck disable=SC2086
+            kill $backend_pid 2>/dev/null || true
+            # shellcheck disable=SC2086
+            wait $backend_pid 2>/dev/null || true
+            [ "$be" = overlay ] && netns_down
             echo "size=$size run=$run backend=$be pps=$r"
             results[$be,$size]+="$(echo "$r" | awk '{print ($1 + $2) / 2}') "
         done
@@ -151,17 +203,18 @@ for size in $SIZES; do
 done
 
 echo
-echo "| backend | frame | per-direction pps min / median / max | vs peer (median) |"
-echo "| --- | --- | --- | --- |"
+echo "| backend | frame | per-direction pps min / median / max | vs peer (median) | vs l2 (median) |"
+echo "| --- | --- | --- | --- | --- |"
+median() { echo "${results[$1,$2]:-}" | tr ' ' '\n' | grep . | sort -n | awk '{v[NR]=$1} END {if (NR) printf "%.0f", v[int((NR+1)/2)]}'; }
 for size in $SIZES; do
-    peer_med=
+    peer_med=$(median peer "$size")
+    l2_med=$(median l2 "$size")
     for be in $BACKENDS; do
         stats=$(echo "${results[$be,$size]}" | tr ' ' '\n' | grep . | sort -n | awk '{v[NR]=$1} END {printf "%.0f %.0f %.0f", v[1], v[int((NR+1)/2)], v[NR]}')
         read -r mn md mx <<<"$stats"
-        [ "$be" = peer ] && peer_med=$md
-        ratio=$(awk -v a="$md" -v b="${peer_med:-$md}" 'BEGIN {printf "%.2fx", a / b}')
-        printf '| %s | %s B | %.2f / %.2f / %.2f Mpps | %s |\n' "$be" "$size" \
+        ratio() { [ -n "$1" ] && awk -v a="$md" -v b="$1" 'BEGIN {if (b > 0) printf "%.2fx", a / b; else print "-"}' || echo -; }
+        printf '| %s | %s B | %.2f / %.2f / %.2f Mpps | %s | %s |\n' "$be" "$size" \
             "$(awk -v x="$mn" 'BEGIN{print x/1e6}')" "$(awk -v x="$md" 'BEGIN{print x/1e6}')" \
-            "$(awk -v x="$mx" 'BEGIN{print x/1e6}')" "$ratio"
+            "$(awk -v x="$mx" 'BEGIN{print x/1e6}')" "$(ratio "$peer_med")" "$(ratio "$l2_med")"
     done
 done

@@ -390,7 +390,8 @@ impl Net1 {
     /// Creates a port on `network` for one VM NIC; `mac` "" picks one.
     /// Options: "ip" s (on a network with a subnet; default the first free
     /// address), "name" s (the VM's DNS name), "security_groups" ao (default
-    /// the default group). Returns the port's object path, the vhost-user
+    /// the default group), "allowed_addresses" as (other source addresses or
+    /// prefixes the VM may use, e.g. a virtual IP). Returns the port's object path, the vhost-user
     /// socket the VM's NIC connects to, and the MAC.
     async fn create_port(
         &self,
@@ -416,12 +417,21 @@ impl Net1 {
             .paths("security_groups")?
             .map(|g| group_ids(&g))
             .transpose()?;
+        let allowed = o.strings("allowed_addresses")?;
         o.done()?;
         let fabric = self.fabric.clone();
-        let entry =
-            tokio::task::spawn_blocking(move || fabric.create_port(net, mac, ip, &name, groups))
-                .await
-                .map_err(|e| NetError::Failed(e.to_string()))??;
+        let entry = tokio::task::spawn_blocking(move || {
+            let entry = fabric.create_port(net, mac, ip, &name, groups)?;
+            if let Some(a) = allowed {
+                if let Err(e) = fabric.set_allowed_addresses(entry.port.id.0, &a) {
+                    let _ = fabric.delete_port(entry.port.id.0);
+                    return Err(e);
+                }
+            }
+            Ok::<_, FabricError>(entry)
+        })
+        .await
+        .map_err(|e| NetError::Failed(e.to_string()))??;
         let path = object_path("port", entry.port.id.0)?;
         let socket = entry.port.socket.display().to_string();
         let mac = format_mac(&entry.port.mac);

@@ -500,6 +500,27 @@ impl Fabric {
         Ok(())
     }
 
+    /// Lets port `id` also send from `allowed` ("10.0.0.5" or
+    /// "10.0.0.0/29"; replacing the list).
+    pub fn set_allowed_addresses(&self, id: u32, allowed: &[String]) -> Result<()> {
+        let reg = self.reg();
+        if !reg.ports.contains_key(&id) {
+            return Err(FabricError::NotFound(format!("no port {id}")));
+        }
+        let prefixes = allowed
+            .iter()
+            .map(|a| {
+                parse_cidr(a).ok_or_else(|| {
+                    invalid(format!(
+                        "allowed address {a:?}: want 10.0.0.5 or 10.0.0.0/29"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.switch.set_port_allowed(PortId(id), prefixes)?;
+        Ok(())
+    }
+
     /// Puts port `id` in `groups`.
     pub fn set_port_groups(&self, id: u32, groups: Vec<GroupId>) -> Result<()> {
         let reg = self.reg();

@@ -242,6 +242,18 @@ impl PortObject {
             .unwrap_or_default()
     }
 
+    /// Other source prefixes the VM may use besides Ip.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn allowed_addresses(&self) -> Vec<String> {
+        self.entry
+            .port
+            .security()
+            .allowed
+            .iter()
+            .map(|(ip, len)| format!("{ip}/{len}"))
+            .collect()
+    }
+
     /// Its VM's DNS name.
     #[zbus(property(emits_changed_signal = "const"))]
     fn name(&self) -> String {

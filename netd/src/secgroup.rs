@@ -183,12 +183,19 @@ pub struct PortSecurity {
     pub ip: Option<Ipv4Addr>,
     /// Its groups' rules decide which connections pass.
     pub groups: Vec<GroupId>,
+    /// Other source prefixes it may use (a virtual IP, say).
+    pub allowed: Vec<(Ipv4Addr, u8)>,
 }
 
 impl PortSecurity {
     /// Whether the port's traffic is checked at all.
     pub fn enabled(&self) -> bool {
         self.ip.is_some()
+    }
+
+    /// Whether the port may send from `ip`.
+    pub fn may_use(&self, ip: Ipv4Addr) -> bool {
+        self.ip == Some(ip) || self.allowed.iter().any(|(n, l)| contains(*n, *l, ip))
     }
 }
 

@@ -406,12 +406,14 @@ impl Inner {
         pkt: Option<&Packet>,
         now: Instant,
     ) -> Result<(), Refused> {
-        let Some(own) = sec.ip else { return Ok(()) };
+        if !sec.enabled() {
+            return Ok(());
+        }
         if eth.src != from.mac || eth.vlan.is_some() {
             return Err(Refused::Spoofed("source MAC"));
         }
         if let Some(a) = arp {
-            if a.sha != from.mac || (a.spa != own && !a.spa.is_unspecified()) {
+            if a.sha != from.mac || !(sec.may_use(a.spa) || a.spa.is_unspecified()) {
                 return Err(Refused::Spoofed("ARP sender"));
             }
             return Ok(());
@@ -421,7 +423,7 @@ impl Inner {
         };
         // DHCP is always let out, from no address yet or from its own.
         let dhcp = p.flow.proto == PROTO_UDP && p.flow.sport == 68 && p.flow.dport == 67;
-        if p.flow.src != own {
+        if !sec.may_use(p.flow.src) {
             return if dhcp && p.flow.src.is_unspecified() {
                 Ok(())
             } else {
@@ -754,6 +756,21 @@ impl Switch {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+        Ok(())
+    }
+
+    /// Lets port `id` also send from `allowed` (prefixes; a virtual IP
+    /// that moves between VMs, say), besides its own address.
+    pub fn set_port_allowed(
+        &self,
+        id: PortId,
+        allowed: Vec<(Ipv4Addr, u8)>,
+    ) -> Result<(), SwitchError> {
+        let port = self.port(id)?;
+        port.security
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .allowed = allowed;
         Ok(())
     }
 

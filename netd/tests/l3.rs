@@ -371,6 +371,19 @@ fn security_groups_allow_what_rules_say_and_return_traffic() {
     assert_eq!(p.tcp_flags, TCP_SYN | TCP_ACK, "the reply came back in");
     assert_eq!(a.port.port.connections(), 1);
 
+    // A virtual address the client may send from as well.
+    w.fabric
+        .set_allowed_addresses(a.port.port.id.0, &["10.1.0.100".into()])
+        .unwrap();
+    let mut vip = tcp(&a, b.mac, b.ip, 40002, 80, TCP_SYN);
+    vip[26..30].copy_from_slice(&[10, 1, 0, 100]);
+    vip[24..26].fill(0);
+    let sum = checksum(&vip[14..34]);
+    vip[24..26].copy_from_slice(&sum.to_be_bytes());
+    a.send(&vip);
+    let (_, _, p) = b.recv_ip();
+    assert_eq!(p.flow.src, Ipv4Addr::new(10, 1, 0, 100));
+
     // Not allowed: another port, ICMP, and the server opening a connection
     // to the client (nothing allows ingress to the client).
     let f = tcp(&a, b.mac, b.ip, 40001, 22, TCP_SYN);
