@@ -431,7 +431,7 @@ fn security_groups_allow_what_rules_say_and_return_traffic() {
     assert_blocked(&mut a, &mut b, &f);
     assert_eq!(
         b.port.port.connections(),
-        tracked - 1,
-        "b's side of it is gone"
+        tracked - 2,
+        "b's side of both HTTP connections (from .2 and from .100) is gone"
     );
 }
