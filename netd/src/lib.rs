@@ -16,6 +16,7 @@ pub mod l2;
 pub mod objects;
 pub mod overlay;
 pub mod port;
+pub mod qos;
 pub mod router;
 pub mod secgroup;
 pub mod switch;

@@ -11,6 +11,7 @@ use zbus::{interface, proxy};
 use crate::conntrack::Direction;
 use crate::dbus::{format_mac, group_ids, id_in, object_path, NetError};
 use crate::fabric::{Fabric, Kind, PortEntry};
+use crate::qos::Limit;
 use crate::secgroup::{GroupId, Protocol, Remote, Rule};
 
 /// A VPC on the bus.
@@ -285,10 +286,51 @@ impl PortObject {
         Ok(())
     }
 
+    /// Rate limits: (ingress kbit/s, ingress burst KiB, egress kbit/s,
+    /// egress burst KiB); 0 kbit/s is no limit. Ingress (to the VM) is
+    /// policed, egress (from the VM) shaped.
+    #[zbus(property)]
+    fn qos(&self) -> (u32, u32, u32, u32) {
+        let (i, e) = self.entry.port.qos();
+        (i.kbps, i.burst_kib, e.kbps, e.burst_kib)
+    }
+
+    /// Sets the rate limits (see Qos), online.
+    async fn set_qos(
+        &self,
+        ingress_kbps: u32,
+        ingress_burst_kib: u32,
+        egress_kbps: u32,
+        egress_burst_kib: u32,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), NetError> {
+        for (what, kbps) in [("ingress", ingress_kbps), ("egress", egress_kbps)] {
+            if kbps != 0 && kbps < 64 {
+                return Err(NetError::InvalidArgument(format!(
+                    "{what}_kbps {kbps}: 0 (no limit) or at least 64"
+                )));
+            }
+        }
+        self.entry.port.set_qos(
+            Limit {
+                kbps: ingress_kbps,
+                burst_kib: ingress_burst_kib,
+            },
+            Limit {
+                kbps: egress_kbps,
+                burst_kib: egress_burst_kib,
+            },
+        );
+        self.qos_changed(&emitter).await?;
+        Ok(())
+    }
+
     /// tx/rx frames and bytes (tx = from the VM), tx_dropped (malformed or
     /// unroutable), rx_dropped (no room in the VM), rx_pending (waiting for the VM's
     /// receive buffers now), tx_filtered (spoofed or
-    /// not allowed out), rx_filtered (not allowed in). Read on each Get.
+    /// not allowed out), rx_filtered (not allowed in), rx_policed (over the
+    /// ingress rate).
+    /// Read on each Get.
     #[zbus(property(emits_changed_signal = "false"))]
     fn counters(&self) -> HashMap<String, u64> {
         self.entry
@@ -477,6 +519,17 @@ pub trait Port {
     /// Tracked connections.
     #[zbus(property)]
     fn connections(&self) -> zbus::Result<u32>;
+    /// Rate limits.
+    #[zbus(property)]
+    fn qos(&self) -> zbus::Result<(u32, u32, u32, u32)>;
+    /// Sets the rate limits.
+    fn set_qos(
+        &self,
+        ingress_kbps: u32,
+        ingress_burst_kib: u32,
+        egress_kbps: u32,
+        egress_burst_kib: u32,
+    ) -> zbus::Result<()>;
 }
 
 /// Typed client of a subnet.

@@ -27,6 +27,7 @@ use vmm_sys_util::event::{
 use crate::conntrack::Conntrack;
 use crate::frame::{Mac, MAX_FRAME};
 use crate::l2::{PortId, SegmentId};
+use crate::qos::{Limit, Qos};
 use crate::secgroup::PortSecurity;
 use crate::switch::{Inner, Kicks};
 
@@ -39,6 +40,8 @@ pub const MAX_CONNECTIONS: usize = 65_536;
 /// How long a port's transmit ring is polled after it runs dry, before the
 /// port waits for the guest's kick.
 const TX_POLL: Duration = Duration::from_micros(30);
+/// The longest rest a shaped transmit ring takes at once.
+const MAX_SHAPING_SLEEP: Duration = Duration::from_millis(10);
 /// Frames switched between wake-ups of the receivers during a burst.
 const TX_BATCH: usize = 64;
 const RXQ: usize = 0;
@@ -68,6 +71,8 @@ pub struct PortStats {
     pub tx_filtered: AtomicU64,
     /// Frames for the guest no ingress rule allows.
     pub rx_filtered: AtomicU64,
+    /// Frames for the guest over its ingress rate (QoS).
+    pub rx_policed: AtomicU64,
 }
 
 impl PortStats {
@@ -83,6 +88,7 @@ impl PortStats {
             ("rx_dropped", g(&self.rx_dropped)),
             ("tx_filtered", g(&self.tx_filtered)),
             ("rx_filtered", g(&self.rx_filtered)),
+            ("rx_policed", g(&self.rx_policed)),
         ]
     }
 }
@@ -161,6 +167,9 @@ pub struct Port {
     pub(crate) security: RwLock<PortSecurity>,
     /// Connections its security groups let through.
     pub(crate) conntrack: Mutex<Conntrack>,
+    /// Rate limits, if any (`qos_on` says whether to look).
+    qos: Mutex<Qos>,
+    qos_on: AtomicBool,
     rx: Mutex<RxSide>,
     /// Set when the port is deleted: its thread ends instead of waiting for
     /// the next frontend.
@@ -181,6 +190,58 @@ impl std::fmt::Debug for Port {
 }
 
 impl Port {
+    /// Limits what the VM receives (`ingress`, policed) and sends
+    /// (`egress`, shaped); a 0 kbit/s rate is no limit.
+    pub fn set_qos(&self, ingress: Limit, egress: Limit) {
+        let q = Qos::new(ingress, egress, Instant::now());
+        let on = q.ingress.is_some() || q.egress.is_some();
+        *self.qos.lock().unwrap_or_else(PoisonError::into_inner) = q;
+        self.qos_on.store(on, Ordering::Release);
+    }
+
+    /// The (ingress, egress) limits.
+    pub fn qos(&self) -> (Limit, Limit) {
+        self.qos
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .limits
+    }
+
+    /// Whether a frame of `len` bytes for the VM fits its ingress rate.
+    pub(crate) fn ingress_admit(&self, len: usize, now: Instant) -> bool {
+        if !self.qos_on.load(Ordering::Acquire) {
+            return true;
+        }
+        let mut q = self.qos.lock().unwrap_or_else(PoisonError::into_inner);
+        let ok = q.ingress.as_mut().is_none_or(|b| b.admit(len, now));
+        if !ok {
+            self.stats.rx_policed.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// How long the VM's transmit ring must rest (egress rate).
+    fn egress_wait(&self) -> Duration {
+        if !self.qos_on.load(Ordering::Acquire) {
+            return Duration::ZERO;
+        }
+        let mut q = self.qos.lock().unwrap_or_else(PoisonError::into_inner);
+        q.egress
+            .as_mut()
+            .map_or(Duration::ZERO, |b| b.wait(Instant::now()))
+    }
+
+    /// Charges a frame the VM sent to its egress rate.
+    fn egress_debit(&self, len: usize) {
+        if !self.qos_on.load(Ordering::Acquire) {
+            return;
+        }
+        let mut q = self.qos.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(b) = q.egress.as_mut() {
+            b.debit(len, Instant::now());
+        }
+    }
+
     /// Counters by name, with `rx_pending`: frames waiting for the guest's
     /// receive buffers now.
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
@@ -220,6 +281,8 @@ impl Port {
             stats: PortStats::default(),
             security: RwLock::new(PortSecurity::default()),
             conntrack: Mutex::new(Conntrack::new(MAX_CONNECTIONS)),
+            qos: Mutex::new(Qos::default()),
+            qos_on: AtomicBool::new(false),
             rx: Mutex::new(RxSide::default()),
             deleted: AtomicBool::new(false),
             connection: Mutex::new(None),
@@ -515,6 +578,16 @@ impl Backend {
     ) -> io::Result<usize> {
         let mut batch = 0usize;
         loop {
+            let wait = self.port.egress_wait();
+            if !wait.is_zero() {
+                // Over its egress rate: the guest's frames wait in its ring.
+                kicks.flush();
+                if needs_signal(vring, mem) {
+                    vring.signal_used_queue()?;
+                }
+                std::thread::sleep(wait.min(MAX_SHAPING_SLEEP));
+                continue;
+            }
             let next = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
             let Some(chain) = next else { break };
             let head = chain.head_index();
@@ -547,6 +620,7 @@ impl Backend {
             }
             vring.add_used(head, 0).map_err(io::Error::other)?;
             if ok && len > 0 {
+                self.port.egress_debit(len);
                 switch.switch_frame(&self.port, &buf[..len], kicks);
             } else {
                 self.port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);

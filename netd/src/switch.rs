@@ -486,6 +486,9 @@ impl Inner {
             }
         }
         drop(sec);
+        if !to.ingress_admit(frame.len(), now) {
+            return;
+        }
         if to.enqueue(frame) {
             kicks.add(to);
         }
