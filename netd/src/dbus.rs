@@ -17,7 +17,9 @@ use zbus::{interface, proxy};
 use crate::fabric::{Fabric, FabricError, Kind, SubnetSettings, DEFAULT_GROUP};
 use crate::frame::Mac;
 use crate::health::Health;
-use crate::objects::{GroupObject, NetworkObject, PortObject, SubnetObject, VpcObject};
+use crate::objects::{
+    FloatingIpObject, GroupObject, NetworkObject, PortObject, SubnetObject, VpcObject,
+};
 use crate::secgroup::GroupId;
 
 /// Errors of `org.atoll.Net1` methods.
@@ -133,6 +135,10 @@ impl Options {
         self.take(key, "u")
     }
 
+    fn bool(&mut self, key: &str) -> Result<Option<bool>, NetError> {
+        self.take(key, "b")
+    }
+
     fn path(&mut self, key: &str) -> Result<Option<OwnedObjectPath>, NetError> {
         self.take(key, "o")
     }
@@ -242,6 +248,66 @@ impl Net1 {
         self.health.tun_available
     }
 
+    /// Opens (creating if need be) the TAP interface `interface` as this
+    /// node's uplink: networks created with option "uplink" meet the host's
+    /// network there (flat untagged, vlan with its 802.1Q tag).
+    async fn set_uplink(&self, interface: String) -> Result<(), NetError> {
+        let fabric = self.fabric.clone();
+        tokio::task::spawn_blocking(move || fabric.switch.set_uplink(&interface))
+            .await
+            .map_err(|e| NetError::Failed(e.to_string()))?
+            .map_err(|e| {
+                NetError::Failed(format!(
+                    "{e}: {}",
+                    std::error::Error::source(&e)
+                        .map(ToString::to_string)
+                        .unwrap_or_default()
+                ))
+            })
+    }
+
+    /// Frames the uplink sent ("tx"), received ("rx") and dropped (no
+    /// network for their tag, malformed, not sent).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn uplink_counters(&self) -> HashMap<String, u64> {
+        self.fabric
+            .switch
+            .uplink_stats()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect()
+    }
+
+    /// Takes a floating IP (`ip`, or "" for the first free one) on a
+    /// network with an external subnet; bind it with its Associate.
+    /// Returns its object and address.
+    async fn create_floating_ip(
+        &self,
+        network: OwnedObjectPath,
+        ip: String,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<(OwnedObjectPath, String), NetError> {
+        let net = id_in("network", &network)?;
+        let want = if ip.is_empty() {
+            None
+        } else {
+            Some(parse_ip("ip", &ip)?)
+        };
+        let (id, ip) = self.fabric.create_floating_ip(net, want)?;
+        let path = object_path("floating_ip", id)?;
+        server
+            .at(
+                &path,
+                FloatingIpObject {
+                    fabric: self.fabric.clone(),
+                    id,
+                    network,
+                },
+            )
+            .await?;
+        Ok((path, ip.to_string()))
+    }
+
     /// Opens this node's VXLAN tunnel endpoint on `address` (an address of
     /// the node) and UDP `port` (0: 4789), which overlay networks use.
     /// Returns "address:port".
@@ -294,14 +360,24 @@ impl Net1 {
     ) -> Result<OwnedObjectPath, NetError> {
         let id = self.fabric.create_vpc(&name)?;
         let path = object_path("vpc", id)?;
-        server.at(&path, VpcObject { name }).await?;
+        server
+            .at(
+                &path,
+                VpcObject {
+                    fabric: self.fabric.clone(),
+                    id,
+                    name,
+                },
+            )
+            .await?;
         Ok(path)
     }
 
     /// Creates a network (one L2 segment). `kind` is "flat", "vlan" (option
     /// "vlan": q, 1 to 4094) or "overlay" (option "vni": u, VXLAN across
     /// nodes; see SetTunnelEndpoint and the network's SetRemotes); option
-    /// "vpc": o puts it in a VPC.
+    /// "vpc": o puts it in a VPC, "uplink": b bridges it to the node's
+    /// uplink.
     async fn create_network(
         &self,
         name: String,
@@ -325,8 +401,9 @@ impl Net1 {
                 )))
             }
         };
+        let uplink = o.bool("uplink")?.unwrap_or(false);
         o.done()?;
-        let id = self.fabric.create_network(&name, kind, vpc)?;
+        let id = self.fabric.create_network(&name, kind, vpc, uplink)?;
         let path = object_path("network", id)?;
         let vpc = vpc.map(|v| object_path("vpc", v)).transpose()?;
         server
@@ -344,7 +421,9 @@ impl Net1 {
 
     /// Creates the IPv4 subnet `cidr` on `network`. Options: "gateway" s
     /// (default the first address), "dns" as (servers after the gateway's
-    /// own), "domain" s (of VM names), "mtu" q, "lease_seconds" u.
+    /// own), "domain" s (of VM names), "mtu" q, "lease_seconds" u,
+    /// "external" b (the gateway is a router outside: VPC gateways and
+    /// floating IPs take their addresses here).
     async fn create_subnet(
         &self,
         network: OwnedObjectPath,
@@ -362,6 +441,7 @@ impl Net1 {
             settings.dns.push(parse_ip("dns", &d)?);
         }
         settings.domain = o.string("domain")?.unwrap_or_default();
+        settings.external = o.bool("external")?.unwrap_or(false);
         settings.mtu = o.u16("mtu")?.unwrap_or(settings.mtu);
         if let Some(l) = o.u32("lease_seconds")? {
             if l < 60 {
@@ -523,6 +603,17 @@ pub trait Net1 {
     /// Whether /dev/net/tun can be opened, which TAP uplinks need.
     #[zbus(property)]
     fn tun_available(&self) -> zbus::Result<bool>;
+    /// Opens the uplink.
+    fn set_uplink(&self, interface: &str) -> zbus::Result<()>;
+    /// Uplink counters.
+    #[zbus(property)]
+    fn uplink_counters(&self) -> zbus::Result<HashMap<String, u64>>;
+    /// Takes a floating IP: (object, address).
+    fn create_floating_ip(
+        &self,
+        network: &ObjectPath<'_>,
+        ip: &str,
+    ) -> zbus::Result<(OwnedObjectPath, String)>;
     /// Opens the tunnel endpoint.
     fn set_tunnel_endpoint(&self, address: &str, port: u16) -> zbus::Result<String>;
     /// Tunnel counters.

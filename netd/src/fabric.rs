@@ -11,6 +11,7 @@ use std::time::Duration;
 use crate::dhcp::DhcpConfig;
 use crate::frame::Mac;
 use crate::l2::{PortId, SegmentId};
+use crate::nat::{Floating, Gateway};
 use crate::port::Port;
 use crate::router::{gateway_mac, Subnet, VpcId};
 use crate::secgroup::{mask, parse_cidr, GroupId, Rule, RuleError};
@@ -77,6 +78,8 @@ pub struct Network {
     pub subnet: Option<u32>,
     /// Tunnel endpoints of the other nodes (overlay networks).
     pub remotes: Vec<Ipv4Addr>,
+    /// Whether it is bridged to the node's uplink.
+    pub uplink: bool,
 }
 
 /// A subnet's settings beyond its prefix.
@@ -93,11 +96,16 @@ pub struct SubnetSettings {
     pub mtu: u16,
     /// DHCP lease time.
     pub lease: Duration,
+    /// An external network's subnet: its gateway is a router outside
+    /// (the VPC gateways' next hop); the switch neither answers for it nor
+    /// serves DHCP there.
+    pub external: bool,
 }
 
 impl Default for SubnetSettings {
     fn default() -> Self {
         Self {
+            external: false,
             gateway: None,
             dns: Vec::new(),
             domain: String::new(),
@@ -137,7 +145,21 @@ struct Registry {
     subnets: BTreeMap<u32, SubnetEntry>,
     ports: BTreeMap<u32, PortEntry>,
     groups: BTreeMap<GroupId, String>,
+    /// VPC -> (external network, gateway address).
+    gateways: BTreeMap<u32, (u32, Ipv4Addr)>,
+    floating: BTreeMap<u32, FloatingEntry>,
     next: u32,
+}
+
+/// A floating IP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FloatingEntry {
+    /// Its external network.
+    pub network: u32,
+    /// The address.
+    pub ip: Ipv4Addr,
+    /// The port it is bound to.
+    pub port: Option<u32>,
 }
 
 impl Registry {
@@ -213,8 +235,26 @@ impl Fabric {
     }
 
     /// Creates a network (one L2 segment) of `kind`, in `vpc` if given.
-    pub fn create_network(&self, name: &str, kind: Kind, vpc: Option<u32>) -> Result<u32> {
+    pub fn create_network(
+        &self,
+        name: &str,
+        kind: Kind,
+        vpc: Option<u32>,
+        uplink: bool,
+    ) -> Result<u32> {
         let mut reg = self.reg();
+        if uplink && matches!(kind, Kind::Overlay(_)) {
+            return Err(invalid("an overlay network has no uplink"));
+        }
+        if uplink
+            && kind == Kind::Flat
+            && reg
+                .networks
+                .values()
+                .any(|n| n.uplink && n.kind == Kind::Flat)
+        {
+            return Err(invalid("another flat network has the uplink untagged"));
+        }
         check_name(name)?;
         if reg.networks.values().any(|n| n.name == name) {
             return Err(invalid(format!("a network named {name:?} exists")));
@@ -247,6 +287,13 @@ impl Fabric {
         if let Kind::Overlay(vni) = kind {
             self.switch.set_overlay(SegmentId(id), vni);
         }
+        if uplink {
+            let tag = match kind {
+                Kind::Vlan(v) => Some(v),
+                _ => None,
+            };
+            self.switch.set_uplinked(SegmentId(id), Some(tag));
+        }
         reg.networks.insert(
             id,
             Network {
@@ -255,6 +302,7 @@ impl Fabric {
                 vpc,
                 subnet: None,
                 remotes: Vec::new(),
+                uplink,
             },
         );
         Ok(id)
@@ -358,8 +406,10 @@ impl Fabric {
             reservations: Default::default(),
             domain: settings.domain.clone(),
         };
-        self.switch
-            .set_subnet(SegmentId(network), sub.clone(), dhcp);
+        if !settings.external {
+            self.switch
+                .set_subnet(SegmentId(network), sub.clone(), dhcp);
+        }
         reg.subnets.insert(
             id,
             SubnetEntry {
@@ -477,6 +527,174 @@ impl Fabric {
         };
         reg.ports.insert(id.0, entry.clone());
         Ok(entry)
+    }
+
+    /// Takes `ip` (or the first free address) in `network`'s subnet.
+    fn take_address(reg: &mut Registry, network: u32, ip: Option<Ipv4Addr>) -> Result<Ipv4Addr> {
+        let n = reg
+            .networks
+            .get(&network)
+            .ok_or_else(|| FabricError::NotFound(format!("no network {network}")))?;
+        let name = n.name.clone();
+        let s = n
+            .subnet
+            .and_then(|s| reg.subnets.get_mut(&s))
+            .ok_or_else(|| invalid(format!("network {name:?} has no subnet")))?;
+        let ip = match ip {
+            Some(ip) if !s.subnet.contains(ip) => {
+                return Err(invalid(format!("ip {ip}: outside the subnet")))
+            }
+            Some(ip) if s.used.contains(&ip) => return Err(invalid(format!("ip {ip}: in use"))),
+            Some(ip) => ip,
+            None => {
+                let first = u32::from(s.subnet.net);
+                let last = first | !mask(s.subnet.prefix);
+                (first..=last)
+                    .map(Ipv4Addr::from)
+                    .find(|ip| !s.used.contains(ip))
+                    .ok_or_else(|| invalid("the subnet has no free address"))?
+            }
+        };
+        s.used.insert(ip);
+        Ok(ip)
+    }
+
+    /// Gives VPC `vpc` its way out: a router address (`ip`, or the first
+    /// free one) on external network `network`, whose subnet's gateway is
+    /// the next hop. Its VMs reach the outside through SNAT.
+    pub fn set_vpc_gateway(
+        &self,
+        vpc: u32,
+        network: u32,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr> {
+        let mut reg = self.reg();
+        if !reg.vpcs.contains_key(&vpc) {
+            return Err(FabricError::NotFound(format!("no VPC {vpc}")));
+        }
+        if reg.gateways.contains_key(&vpc) {
+            return Err(invalid("the VPC has a gateway"));
+        }
+        let n = reg
+            .networks
+            .get(&network)
+            .cloned()
+            .ok_or_else(|| FabricError::NotFound(format!("no network {network}")))?;
+        let sub = n
+            .subnet
+            .and_then(|s| reg.subnets.get(&s))
+            .filter(|s| s.settings.external)
+            .cloned()
+            .ok_or_else(|| invalid(format!("network {:?} has no external subnet", n.name)))?;
+        let ip = Self::take_address(&mut reg, network, ip)?;
+        let v = vpc.to_be_bytes();
+        self.switch.set_gateway(
+            VpcId(vpc),
+            Some(Gateway {
+                segment: SegmentId(network),
+                ip,
+                mac: [0x02, 0xa7, 0xfe, v[1], v[2], v[3]],
+                net: sub.subnet.net,
+                prefix: sub.subnet.prefix,
+                next_hop: sub.subnet.gateway,
+            }),
+        );
+        reg.gateways.insert(vpc, (network, ip));
+        Ok(ip)
+    }
+
+    /// VPC `vpc`'s gateway: (external network, address).
+    pub fn vpc_gateway(&self, vpc: u32) -> Option<(u32, Ipv4Addr)> {
+        self.reg().gateways.get(&vpc).copied()
+    }
+
+    /// Takes floating IP `ip` (or the first free one) on external network
+    /// `network`.
+    pub fn create_floating_ip(
+        &self,
+        network: u32,
+        ip: Option<Ipv4Addr>,
+    ) -> Result<(u32, Ipv4Addr)> {
+        let mut reg = self.reg();
+        let external = reg
+            .networks
+            .get(&network)
+            .and_then(|n| n.subnet)
+            .and_then(|s| reg.subnets.get(&s))
+            .is_some_and(|s| s.settings.external);
+        if !external {
+            return Err(invalid(
+                "floating IPs come from a network with an external subnet",
+            ));
+        }
+        let ip = Self::take_address(&mut reg, network, ip)?;
+        let id = reg.id();
+        reg.floating.insert(
+            id,
+            FloatingEntry {
+                network,
+                ip,
+                port: None,
+            },
+        );
+        Ok((id, ip))
+    }
+
+    /// Floating IP `id`.
+    pub fn floating_ip(&self, id: u32) -> Option<FloatingEntry> {
+        self.reg().floating.get(&id).cloned()
+    }
+
+    /// Binds floating IP `id` to port `port` (None: unbinds it). The port
+    /// must have an address in a VPC whose gateway is on the floating IP's
+    /// network.
+    pub fn associate_floating_ip(&self, id: u32, port: Option<u32>) -> Result<()> {
+        let mut reg = self.reg();
+        let f = reg
+            .floating
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| FabricError::NotFound(format!("no floating IP {id}")))?;
+        let binding = match port {
+            None => None,
+            Some(p) => {
+                let entry = reg
+                    .ports
+                    .get(&p)
+                    .ok_or_else(|| FabricError::NotFound(format!("no port {p}")))?;
+                let fixed = entry
+                    .port
+                    .security()
+                    .ip
+                    .ok_or_else(|| invalid("the port has no address"))?;
+                let vpc = reg
+                    .networks
+                    .get(&entry.network)
+                    .and_then(|n| n.vpc)
+                    .ok_or_else(|| invalid("the port is in no VPC"))?;
+                if reg.gateways.get(&vpc).map(|g| g.0) != Some(f.network) {
+                    return Err(invalid(
+                        "the port's VPC has no gateway on the floating IP's network",
+                    ));
+                }
+                if reg
+                    .floating
+                    .values()
+                    .any(|o| o.port == Some(p) && o.ip != f.ip)
+                {
+                    return Err(invalid("the port has a floating IP"));
+                }
+                Some(Floating {
+                    vpc: VpcId(vpc),
+                    fixed,
+                })
+            }
+        };
+        self.switch.set_floating(f.ip, binding);
+        if let Some(e) = reg.floating.get_mut(&id) {
+            e.port = port;
+        }
+        Ok(())
     }
 
     /// The port `id`.
@@ -598,9 +816,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = Fabric::new(dir.path().to_owned());
         let vpc = f.create_vpc("prod").unwrap();
-        let net = f.create_network("web", Kind::Flat, Some(vpc)).unwrap();
-        assert!(f.create_network("web", Kind::Flat, None).is_err());
-        assert!(f.create_network("v0", Kind::Vlan(0), None).is_err());
+        let net = f
+            .create_network("web", Kind::Flat, Some(vpc), false)
+            .unwrap();
+        assert!(f.create_network("web", Kind::Flat, None, false).is_err());
+        assert!(f.create_network("v0", Kind::Vlan(0), None, false).is_err());
         assert!(f
             .create_subnet(net, "10.0.0.1/24", SubnetSettings::default())
             .is_err());
@@ -614,7 +834,9 @@ mod tests {
         assert!(f
             .create_subnet(net, "10.0.1.0/24", SubnetSettings::default())
             .is_err());
-        let other = f.create_network("db", Kind::Flat, Some(vpc)).unwrap();
+        let other = f
+            .create_network("db", Kind::Flat, Some(vpc), false)
+            .unwrap();
         assert!(matches!(
             f.create_subnet(other, "10.0.0.0/24", SubnetSettings::default()),
             Err(FabricError::Invalid(m)) if m.contains("overlaps")

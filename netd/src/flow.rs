@@ -148,6 +148,88 @@ pub fn route_rewrite(frame: &mut [u8], src: [u8; 6], dst: [u8; 6]) {
     h[10..12].copy_from_slice(&sum.to_be_bytes());
 }
 
+/// Which side of a packet a NAT rewrite changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The source (SNAT).
+    Source,
+    /// The destination (DNAT).
+    Destination,
+}
+
+/// RFC 1624: the checksum `sum` after the 16-bit words `old` became `new`.
+fn csum_update(sum: u16, old: &[u8], new: &[u8]) -> u16 {
+    let mut acc = u32::from(!sum);
+    for (o, n) in old.chunks_exact(2).zip(new.chunks_exact(2)) {
+        acc += u32::from(!u16::from_be_bytes([o[0], o[1]]));
+        acc += u32::from(u16::from_be_bytes([n[0], n[1]]));
+    }
+    while acc > 0xffff {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !u16::try_from(acc).unwrap_or(u16::MAX)
+}
+
+/// Rewrites one side's address (and, given, its TCP/UDP port or ICMP echo
+/// identifier) of the IPv4 packet in `frame`, keeping the IP and transport
+/// checksums right. The packet has been parsed: its headers are whole.
+pub fn nat_rewrite(frame: &mut [u8], side: Side, ip: Ipv4Addr, port: Option<u16>) {
+    let at = ip_offset(frame);
+    let Some(h) = frame.get_mut(at..) else { return };
+    if h.len() < 20 {
+        return;
+    }
+    let hl = usize::from(h[0] & 0x0f) * 4;
+    let proto = h[9];
+    let first = be16(h, 6) & 0x1fff == 0;
+    let a = if side == Side::Source { 12 } else { 16 };
+    let old_ip: [u8; 4] = [h[a], h[a + 1], h[a + 2], h[a + 3]];
+    let new_ip = ip.octets();
+    h[a..a + 4].copy_from_slice(&new_ip);
+    h[10] = 0;
+    h[11] = 0;
+    let sum = checksum(&h[..hl.min(h.len())]);
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
+    if !first {
+        return;
+    }
+    let Some(l4) = h.get_mut(hl..) else { return };
+    let port_at = if side == Side::Source { 0 } else { 2 };
+    match proto {
+        PROTO_TCP | PROTO_UDP => {
+            let c = if proto == PROTO_TCP { 16 } else { 6 };
+            if l4.len() < c + 2 {
+                return;
+            }
+            let mut sum = be16(l4, c);
+            let udp_off = proto == PROTO_UDP && sum == 0;
+            sum = csum_update(sum, &old_ip, &new_ip);
+            if let Some(p) = port {
+                let old = [l4[port_at], l4[port_at + 1]];
+                l4[port_at..port_at + 2].copy_from_slice(&p.to_be_bytes());
+                sum = csum_update(sum, &old, &p.to_be_bytes());
+            }
+            if !udp_off {
+                let sum = if proto == PROTO_UDP && sum == 0 {
+                    0xffff
+                } else {
+                    sum
+                };
+                l4[c..c + 2].copy_from_slice(&sum.to_be_bytes());
+            }
+        }
+        PROTO_ICMP => {
+            if let (Some(id), true) = (port, l4.len() >= 8) {
+                let old = [l4[4], l4[5]];
+                l4[4..6].copy_from_slice(&id.to_be_bytes());
+                let sum = csum_update(be16(l4, 2), &old, &id.to_be_bytes());
+                l4[2..4].copy_from_slice(&sum.to_be_bytes());
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The echo reply to an ICMP echo request frame `req` (already parsed as
 /// `ip`), sent from `mac`/`ip.dst` back to the requester.
 pub fn icmp_echo_reply(req: &[u8], ip: &Ipv4<'_>, mac: [u8; 6]) -> Vec<u8> {
@@ -255,6 +337,47 @@ mod tests {
         assert_eq!(r.payload[0], ICMP_ECHO_REPLY);
         assert_eq!(checksum(r.payload), 0);
         assert_eq!(&r.payload[8..], b"hi");
+    }
+
+    #[test]
+    fn nat_keeps_every_checksum_right() {
+        // A UDP datagram with its checksum, then SNAT with a new port.
+        let (src, dst) = (Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(192, 0, 2, 1));
+        let mut f = udp_frame([2; 6], [4; 6], src, dst, 40000, 53, b"query");
+        nat_rewrite(
+            &mut f,
+            Side::Source,
+            Ipv4Addr::new(192, 0, 2, 10),
+            Some(61000),
+        );
+        let fresh = udp_frame(
+            [2; 6],
+            [4; 6],
+            Ipv4Addr::new(192, 0, 2, 10),
+            dst,
+            61000,
+            53,
+            b"query",
+        );
+        assert_eq!(f, fresh, "the same bytes as a datagram built that way");
+        // An echo request's identifier.
+        let mut icmp = vec![ICMP_ECHO_REQUEST, 0, 0, 0, 0x12, 0x34, 0, 1];
+        let s = checksum(&icmp);
+        icmp[2..4].copy_from_slice(&s.to_be_bytes());
+        let mut e = vec![0u8; 12];
+        e.extend_from_slice(&0x0800u16.to_be_bytes());
+        e.extend_from_slice(&ipv4_header(src, dst, PROTO_ICMP, icmp.len()));
+        e.extend_from_slice(&icmp);
+        nat_rewrite(
+            &mut e,
+            Side::Destination,
+            Ipv4Addr::new(10, 0, 0, 9),
+            Some(7),
+        );
+        let ip = Ipv4::parse(&e[14..]).unwrap();
+        assert_eq!(ip.dst, Ipv4Addr::new(10, 0, 0, 9));
+        assert_eq!(checksum(ip.payload), 0);
+        assert_eq!(&ip.payload[4..6], &7u16.to_be_bytes());
     }
 
     #[test]

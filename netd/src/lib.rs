@@ -13,6 +13,7 @@ pub mod frame;
 pub mod fuzzing;
 pub mod health;
 pub mod l2;
+pub mod nat;
 pub mod objects;
 pub mod overlay;
 pub mod port;
@@ -20,6 +21,7 @@ pub mod qos;
 pub mod router;
 pub mod secgroup;
 pub mod switch;
+pub mod uplink;
 
 pub use dbus::{Net1Proxy, BUS_NAME, OBJECT_PATH};
 

@@ -17,17 +17,110 @@ use crate::secgroup::{GroupId, Protocol, Remote, Rule};
 /// A VPC on the bus.
 #[derive(Debug)]
 pub struct VpcObject {
-    /// Its name.
-    pub name: String,
+    pub(crate) fabric: Arc<Fabric>,
+    pub(crate) id: u32,
+    pub(crate) name: String,
 }
 
-/// A VPC: networks whose subnets route to each other.
+/// A VPC: networks whose subnets route to each other, and a gateway out.
 #[interface(name = "org.atoll.Net1.Vpc")]
 impl VpcObject {
     /// Name, unique on the node.
     #[zbus(property(emits_changed_signal = "const"))]
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    /// The router's address on its external network ("" without one).
+    #[zbus(property)]
+    fn gateway_address(&self) -> String {
+        self.fabric
+            .vpc_gateway(self.id)
+            .map(|(_, ip)| ip.to_string())
+            .unwrap_or_default()
+    }
+
+    /// Gives the VPC a way out on `network` (one with an external subnet):
+    /// the router takes `address` there ("" for the first free one) and
+    /// its VMs reach the outside with SNAT to it. Returns the address.
+    async fn set_gateway(
+        &self,
+        network: OwnedObjectPath,
+        address: String,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<String, NetError> {
+        let net = id_in("network", &network)?;
+        let want = if address.is_empty() {
+            None
+        } else {
+            Some(address.parse().map_err(|_| {
+                NetError::InvalidArgument(format!("address {address:?}: not an IPv4 address"))
+            })?)
+        };
+        let ip = self.fabric.set_vpc_gateway(self.id, net, want)?;
+        self.gateway_address_changed(&emitter).await?;
+        Ok(ip.to_string())
+    }
+}
+
+/// A floating IP on the bus.
+#[derive(Debug)]
+pub struct FloatingIpObject {
+    pub(crate) fabric: Arc<Fabric>,
+    pub(crate) id: u32,
+    pub(crate) network: OwnedObjectPath,
+}
+
+/// An address on an external network that stands for one VM's port
+/// (DNAT in, SNAT out).
+#[interface(name = "org.atoll.Net1.FloatingIp")]
+impl FloatingIpObject {
+    /// The address.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn ip(&self) -> String {
+        self.fabric
+            .floating_ip(self.id)
+            .map(|f| f.ip.to_string())
+            .unwrap_or_default()
+    }
+
+    /// Its external network.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn network(&self) -> OwnedObjectPath {
+        self.network.clone()
+    }
+
+    /// The port it stands for ("/" if none).
+    #[zbus(property)]
+    fn port(&self) -> OwnedObjectPath {
+        self.fabric
+            .floating_ip(self.id)
+            .and_then(|f| f.port)
+            .and_then(|p| object_path("port", p).ok())
+            .unwrap_or_else(root)
+    }
+
+    /// Binds it to `port` (one with an address in a VPC whose gateway is on
+    /// this network).
+    async fn associate(
+        &self,
+        port: OwnedObjectPath,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), NetError> {
+        let p = id_in("port", &port)?;
+        self.fabric.associate_floating_ip(self.id, Some(p))?;
+        self.port_changed(&emitter).await?;
+        Ok(())
+    }
+
+    /// Unbinds it.
+    async fn disassociate(
+        &self,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), NetError> {
+        self.fabric.associate_floating_ip(self.id, None)?;
+        self.port_changed(&emitter).await?;
+        Ok(())
     }
 }
 
@@ -469,6 +562,34 @@ impl GroupObject {
         self.rules_changed(&emitter).await?;
         Ok(())
     }
+}
+
+/// Typed client of a VPC.
+#[proxy(interface = "org.atoll.Net1.Vpc", default_service = "org.atoll.Net1")]
+pub trait Vpc {
+    /// The gateway's address.
+    #[zbus(property)]
+    fn gateway_address(&self) -> zbus::Result<String>;
+    /// Gives the VPC a way out.
+    fn set_gateway(&self, network: &ObjectPath<'_>, address: &str) -> zbus::Result<String>;
+}
+
+/// Typed client of a floating IP.
+#[proxy(
+    interface = "org.atoll.Net1.FloatingIp",
+    default_service = "org.atoll.Net1"
+)]
+pub trait FloatingIp {
+    /// The address.
+    #[zbus(property)]
+    fn ip(&self) -> zbus::Result<String>;
+    /// The port.
+    #[zbus(property)]
+    fn port(&self) -> zbus::Result<OwnedObjectPath>;
+    /// Binds it.
+    fn associate(&self, port: &ObjectPath<'_>) -> zbus::Result<()>;
+    /// Unbinds it.
+    fn disassociate(&self) -> zbus::Result<()>;
 }
 
 /// Typed client of a network.

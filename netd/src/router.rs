@@ -102,6 +102,22 @@ impl L3 {
         Some((seg, subnet, self.hosts.get(&(seg, dst))?))
     }
 
+    /// Whether `ip` is in a subnet of `vpc`.
+    pub fn vpc_contains(&self, vpc: VpcId, ip: Ipv4Addr) -> bool {
+        self.subnets
+            .values()
+            .any(|s| s.vpc == Some(vpc) && s.contains(ip))
+    }
+
+    /// The segment, subnet and port of `dst` among the subnets of `vpc`.
+    pub fn route_in_vpc(&self, vpc: VpcId, dst: Ipv4Addr) -> Option<(SegmentId, &Subnet, &Host)> {
+        let (seg, subnet) = self
+            .subnets
+            .iter()
+            .find(|(_, s)| s.vpc == Some(vpc) && s.contains(dst))?;
+        Some((*seg, subnet, self.hosts.get(&(*seg, dst))?))
+    }
+
     /// The address of the VM named `name` that a port on `segment` can
     /// reach (its own network first).
     pub fn resolve(&self, segment: SegmentId, name: &str) -> Option<Ipv4Addr> {

@@ -19,10 +19,13 @@ use crate::flow::{
 };
 use crate::frame::{Arp, Ethernet, Ipv4, Mac, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4};
 use crate::l2::{Forward, MacTable, PortId, SegmentId};
+use crate::nat::{Floating, Gateway, Nat};
 use crate::overlay::{self, Overlay};
 use crate::port::{self, Port};
+use crate::router::VpcId;
 use crate::router::{Host, Subnet, L3};
 use crate::secgroup::{GroupId, Groups, PortSecurity, Rule, SecurityGroup};
+use crate::uplink::{Tap, UplinkError, UPLINK_PORT};
 
 /// How long a learned address stays without traffic from it.
 pub const MAC_AGEING: Duration = Duration::from_secs(300);
@@ -50,6 +53,9 @@ pub enum SwitchError {
     /// A group a port is in cannot go.
     #[error("security group {0} has ports in it")]
     GroupInUse(u32),
+    /// The uplink could not be opened.
+    #[error(transparent)]
+    Uplink(#[from] UplinkError),
     /// The tunnel endpoint could not be opened.
     #[error("cannot open the tunnel endpoint {addr}")]
     Tunnel {
@@ -66,24 +72,31 @@ pub enum SwitchError {
 
 #[derive(Debug)]
 pub(crate) struct Inner {
-    table: Mutex<MacTable>,
-    ports: RwLock<BTreeMap<PortId, Arc<Port>>>,
+    pub(crate) table: Mutex<MacTable>,
+    pub(crate) ports: RwLock<BTreeMap<PortId, Arc<Port>>>,
     dhcp: Mutex<HashMap<SegmentId, DhcpServer>>,
-    l3: RwLock<L3>,
+    pub(crate) l3: RwLock<L3>,
     groups: RwLock<Groups>,
     overlay: RwLock<Overlay>,
     tunnel: RwLock<Option<Arc<Tunnel>>>,
+    pub(crate) nat: Mutex<Nat>,
+    pub(crate) uplink: RwLock<Option<Arc<Tap>>>,
+    /// Segments bridged to the uplink, with their 802.1Q tag.
+    pub(crate) uplinked: RwLock<HashMap<SegmentId, Option<u16>>>,
+    pub(crate) uplink_stats: TunnelStats,
+    /// Whether any VPC has a gateway (else no frame needs the NAT lock).
+    pub(crate) nat_on: std::sync::atomic::AtomicBool,
 }
 
-/// Tunnel counters.
+/// Tunnel (and uplink) counters.
 #[derive(Debug, Default)]
 pub struct TunnelStats {
-    /// Datagrams sent.
+    /// Datagrams (frames) sent.
     pub tx: AtomicU64,
-    /// Datagrams received and switched.
+    /// Datagrams (frames) received and switched.
     pub rx: AtomicU64,
-    /// Datagrams refused (not VXLAN, unknown endpoint or VNI, malformed
-    /// inner frame) or not sent.
+    /// Datagrams (frames) refused (not VXLAN, unknown endpoint or VNI, no
+    /// network for the tag, malformed inner frame) or not sent.
     pub dropped: AtomicU64,
 }
 
@@ -95,6 +108,36 @@ pub struct Tunnel {
     port: u16,
     /// Counters.
     pub stats: TunnelStats,
+}
+
+/// Reads frames from the uplink until the switch goes or it is replaced.
+fn uplink_loop(switch: &Weak<Inner>, tap: &Arc<Tap>, reader: &Tap) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                warn!(uplink = %tap.name, "uplink failed: {e}");
+                return;
+            }
+        };
+        let Some(inner) = switch.upgrade() else {
+            return;
+        };
+        let current = inner
+            .uplink
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(t, tap));
+        if !current {
+            return;
+        }
+        let mut kicks = Kicks::default();
+        inner.uplink_frame(&buf[..n], &mut kicks);
+        kicks.flush();
+    }
 }
 
 /// Receives tunnel datagrams until the switch goes or the endpoint is
@@ -265,6 +308,9 @@ impl Inner {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .forward(from.segment, from.id, eth.src, eth.dst, now);
+        if self.external_frame(from.segment, frame, &eth, arp.as_ref(), ip.as_ref(), kicks) {
+            return;
+        }
         let pkt = ip.as_ref().map(|p| &p.0);
         self.forward_local(from.segment, from.id, decision, frame, pkt, kicks);
         match decision {
@@ -295,7 +341,7 @@ impl Inner {
 
     /// Hands a frame on `segment` that came in on `in_port` to the local
     /// ports `decision` names.
-    fn forward_local(
+    pub(crate) fn forward_local(
         &self,
         segment: SegmentId,
         in_port: PortId,
@@ -306,6 +352,10 @@ impl Inner {
     ) {
         let ports = self.ports.read().unwrap_or_else(PoisonError::into_inner);
         match decision {
+            Forward::Port(UPLINK_PORT) => {
+                drop(ports);
+                self.to_uplink(segment, frame);
+            }
             Forward::Port(p) => {
                 if let Some(to) = ports.get(&p).filter(|to| to.segment == segment) {
                     self.deliver_checked(to, frame, pkt, kicks.now, kicks);
@@ -317,6 +367,10 @@ impl Inner {
                     .filter(|p| p.segment == segment && p.id != in_port)
                 {
                     self.deliver_checked(to, frame, pkt, kicks.now, kicks);
+                }
+                drop(ports);
+                if in_port != UPLINK_PORT {
+                    self.to_uplink(segment, frame);
                 }
             }
             Forward::Drop => {}
@@ -465,7 +519,7 @@ impl Inner {
     }
 
     /// Hands `frame` to `to` if its ingress allows it.
-    fn deliver_checked(
+    pub(crate) fn deliver_checked(
         &self,
         to: &Arc<Port>,
         frame: &[u8],
@@ -515,6 +569,12 @@ impl Inner {
             return;
         }
         let Some((seg, dst_subnet, host)) = l3.route(from.segment, ip.dst) else {
+            let out = subnet.vpc.is_some_and(|vpc| {
+                !l3.vpc_contains(vpc, ip.dst) && self.route_external(vpc, frame, pkt, ip, kicks)
+            });
+            if out {
+                return;
+            }
             from.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
             debug!(port = from.id.0, dst = %ip.dst, "no route");
             return;
@@ -591,6 +651,11 @@ impl Switch {
                 groups: RwLock::new(Groups::default()),
                 overlay: RwLock::new(Overlay::default()),
                 tunnel: RwLock::new(None),
+                nat: Mutex::new(Nat::default()),
+                uplink: RwLock::new(None),
+                uplinked: RwLock::new(HashMap::new()),
+                uplink_stats: TunnelStats::default(),
+                nat_on: std::sync::atomic::AtomicBool::new(false),
             }),
             next: Mutex::new(1),
             dir,
@@ -904,6 +969,84 @@ impl Switch {
                 .unwrap_or_else(PoisonError::into_inner)
                 .revalidate(|flow, dir| groups.allows(&sec.groups, dir, flow));
         }
+    }
+
+    /// Opens (creating if need be) the TAP interface `name` as the node's
+    /// uplink, replacing any other.
+    pub fn set_uplink(&self, name: &str) -> Result<(), SwitchError> {
+        let tap = Arc::new(Tap::open(name)?);
+        let reader = tap.try_clone().map_err(|source| {
+            SwitchError::Uplink(UplinkError::Open {
+                name: name.to_owned(),
+                source,
+            })
+        })?;
+        *self
+            .inner
+            .uplink
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(tap.clone());
+        let weak = Arc::downgrade(&self.inner);
+        std::thread::Builder::new()
+            .name("uplink".into())
+            .spawn(move || uplink_loop(&weak, &tap, &reader))
+            .map_err(|source| {
+                SwitchError::Uplink(UplinkError::Open {
+                    name: name.to_owned(),
+                    source,
+                })
+            })?;
+        Ok(())
+    }
+
+    /// Bridges `segment` to the uplink (untagged, or with `vlan`'s tag);
+    /// None for `tag` takes it off.
+    pub fn set_uplinked(&self, segment: SegmentId, tag: Option<Option<u16>>) {
+        let mut u = self
+            .inner
+            .uplinked
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        match tag {
+            Some(t) => u.insert(segment, t),
+            None => u.remove(&segment),
+        };
+    }
+
+    /// The uplink's counters (frames sent, received, dropped).
+    pub fn uplink_stats(&self) -> Vec<(&'static str, u64)> {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let s = &self.inner.uplink_stats;
+        vec![
+            ("tx", g(&s.tx)),
+            ("rx", g(&s.rx)),
+            ("dropped", g(&s.dropped)),
+        ]
+    }
+
+    /// Sets (or removes) the external gateway of `vpc`.
+    pub fn set_gateway(&self, vpc: VpcId, gw: Option<Gateway>) {
+        self.inner
+            .nat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_gateway(vpc, gw);
+        let any = self
+            .inner
+            .nat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .has_gateways();
+        self.inner.nat_on.store(any, Ordering::Release);
+    }
+
+    /// Binds (or frees) floating IP `ip`.
+    pub fn set_floating(&self, ip: Ipv4Addr, f: Option<Floating>) {
+        self.inner
+            .nat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_floating(ip, f);
     }
 
     /// Makes `segment` the overlay network `vni`.

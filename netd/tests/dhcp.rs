@@ -135,7 +135,7 @@ fn answer_from(frame: &[u8], mac: Mac, gw: Ipv4Addr) -> (Answer, Option<String>)
 fn a_port_on_a_subnet_gets_its_fixed_address_gateway_dns_and_domain() {
     let dir = tempfile::tempdir().unwrap();
     let f = Fabric::new(dir.path().to_owned());
-    let net = f.create_network("lan", Kind::Flat, None).unwrap();
+    let net = f.create_network("lan", Kind::Flat, None, false).unwrap();
     let settings = SubnetSettings {
         dns: vec![Ipv4Addr::new(9, 9, 9, 9)],
         domain: "lan.atoll".into(),

@@ -150,11 +150,13 @@ fn world() -> World {
     let prod = fabric.create_vpc("prod").unwrap();
     let lab = fabric.create_vpc("lab").unwrap();
     let web = fabric
-        .create_network("web", Kind::Flat, Some(prod))
+        .create_network("web", Kind::Flat, Some(prod), false)
         .unwrap();
-    let db = fabric.create_network("db", Kind::Flat, Some(prod)).unwrap();
+    let db = fabric
+        .create_network("db", Kind::Flat, Some(prod), false)
+        .unwrap();
     let other = fabric
-        .create_network("other", Kind::Flat, Some(lab))
+        .create_network("other", Kind::Flat, Some(lab), false)
         .unwrap();
     let domain = |d: &str| SubnetSettings {
         domain: d.into(),

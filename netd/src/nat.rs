@@ -1,0 +1,490 @@
+//! The way out of a VPC: its router's gateway on an external network (one
+//! bridged to the uplink), SNAT for every VM (many to one, with port
+//! translation) and 1:1 floating IPs (DNAT in, SNAT out). The router answers
+//! ARP for its external address and the floating IPs, finds next hops on the
+//! external network by ARP itself, and holds a few packets while it asks.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+use std::sync::PoisonError;
+use std::time::{Duration, Instant};
+
+use tracing::debug;
+
+use crate::flow::{
+    icmp_echo_reply, nat_rewrite, route_rewrite, Packet, Side, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+    PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+};
+use crate::frame::{Arp, Ethernet, Ipv4, Mac, ARP_REQUEST, BROADCAST};
+use crate::l2::SegmentId;
+use crate::router::VpcId;
+use crate::secgroup::contains;
+use crate::switch::{Inner, Kicks};
+use crate::uplink::{self, UPLINK_PORT};
+
+/// Packets held per next hop while the router asks for its MAC.
+const MAX_WAITING: usize = 8;
+/// Translations at most per gateway address.
+const MAX_NAPT: usize = 28_000;
+/// A translation unused this long may be reused.
+const NAPT_IDLE: Duration = Duration::from_secs(300);
+const NAPT_PORTS: (u16, u16) = (32_768, 60_999);
+
+/// A VPC router's leg on an external network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gateway {
+    /// The external network's segment.
+    pub segment: SegmentId,
+    /// The router's address there (the SNAT address).
+    pub ip: Ipv4Addr,
+    /// The router's MAC there.
+    pub mac: Mac,
+    /// The external subnet.
+    pub net: Ipv4Addr,
+    /// Its prefix length.
+    pub prefix: u8,
+    /// Where everything off that subnet goes (the external subnet's
+    /// gateway).
+    pub next_hop: Ipv4Addr,
+}
+
+/// A floating IP bound to a VM's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Floating {
+    /// The VM's VPC.
+    pub vpc: VpcId,
+    /// The VM's fixed address.
+    pub fixed: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Napt {
+    vpc: VpcId,
+    inner: Ipv4Addr,
+    port: u16,
+    used: Instant,
+}
+
+/// Gateways, floating IPs, translations and the external neighbours.
+#[derive(Debug, Default)]
+pub struct Nat {
+    gateways: HashMap<VpcId, Gateway>,
+    floating: HashMap<Ipv4Addr, Floating>,
+    by_fixed: HashMap<(VpcId, Ipv4Addr), Ipv4Addr>,
+    /// (gateway address, protocol, external port) -> inside.
+    inbound: HashMap<(Ipv4Addr, u8, u16), Napt>,
+    /// (VPC, protocol, inside address, inside port) -> external port.
+    outbound: HashMap<(VpcId, u8, Ipv4Addr, u16), u16>,
+    next_port: u16,
+    neighbours: HashMap<(SegmentId, Ipv4Addr), Mac>,
+    waiting: HashMap<(SegmentId, Ipv4Addr), Vec<Vec<u8>>>,
+}
+
+impl Nat {
+    /// Sets (or with None removes) `vpc`'s gateway.
+    pub fn set_gateway(&mut self, vpc: VpcId, gw: Option<Gateway>) {
+        match gw {
+            Some(g) => self.gateways.insert(vpc, g),
+            None => self.gateways.remove(&vpc),
+        };
+    }
+
+    /// Whether any VPC has a gateway.
+    pub fn has_gateways(&self) -> bool {
+        !self.gateways.is_empty()
+    }
+
+    /// Binds (or with None frees) floating IP `ip`.
+    pub fn set_floating(&mut self, ip: Ipv4Addr, f: Option<Floating>) {
+        if let Some(old) = self.floating.remove(&ip) {
+            self.by_fixed.remove(&(old.vpc, old.fixed));
+        }
+        if let Some(f) = f {
+            self.by_fixed.insert((f.vpc, f.fixed), ip);
+            self.floating.insert(ip, f);
+        }
+    }
+
+    /// The router MAC answering for `ip` on `segment` (a gateway address
+    /// or a floating IP of a VPC whose gateway is there).
+    fn owner(&self, segment: SegmentId, ip: Ipv4Addr) -> Option<&Gateway> {
+        if let Some(g) = self
+            .gateways
+            .values()
+            .find(|g| g.segment == segment && g.ip == ip)
+        {
+            return Some(g);
+        }
+        let f = self.floating.get(&ip)?;
+        self.gateways.get(&f.vpc).filter(|g| g.segment == segment)
+    }
+
+    /// The external port for (vpc, proto, inner, port) on `gw`, made if
+    /// need be.
+    fn napt_out(
+        &mut self,
+        vpc: VpcId,
+        gw: Ipv4Addr,
+        proto: u8,
+        inner: Ipv4Addr,
+        port: u16,
+        now: Instant,
+    ) -> Option<u16> {
+        if let Some(p) = self.outbound.get(&(vpc, proto, inner, port)).copied() {
+            if let Some(n) = self.inbound.get_mut(&(gw, proto, p)) {
+                n.used = now;
+            }
+            return Some(p);
+        }
+        if self.inbound.len() >= MAX_NAPT {
+            let stale: Vec<_> = self
+                .inbound
+                .iter()
+                .filter(|(_, n)| now.saturating_duration_since(n.used) > NAPT_IDLE)
+                .map(|(k, n)| (*k, *n))
+                .collect();
+            for (k, n) in stale {
+                self.inbound.remove(&k);
+                self.outbound.remove(&(n.vpc, k.1, n.inner, n.port));
+            }
+            if self.inbound.len() >= MAX_NAPT {
+                return None;
+            }
+        }
+        let span = u32::from(NAPT_PORTS.1 - NAPT_PORTS.0) + 1;
+        for _ in 0..span {
+            if !(NAPT_PORTS.0..=NAPT_PORTS.1).contains(&self.next_port) {
+                self.next_port = NAPT_PORTS.0;
+            }
+            let p = self.next_port;
+            self.next_port = self.next_port.wrapping_add(1);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.inbound.entry((gw, proto, p))
+            {
+                e.insert(Napt {
+                    vpc,
+                    inner,
+                    port,
+                    used: now,
+                });
+                self.outbound.insert((vpc, proto, inner, port), p);
+                return Some(p);
+            }
+        }
+        None
+    }
+}
+
+/// The port (or ICMP echo identifier) NAPT translates, if the packet has one.
+fn napt_port(p: &Packet, outbound: bool) -> Option<u16> {
+    match p.flow.proto {
+        PROTO_TCP | PROTO_UDP => Some(if outbound { p.flow.sport } else { p.flow.dport }),
+        PROTO_ICMP
+            if p.icmp_type
+                == Some(if outbound {
+                    ICMP_ECHO_REQUEST
+                } else {
+                    ICMP_ECHO_REPLY
+                }) =>
+        {
+            Some(p.flow.sport)
+        }
+        _ => None,
+    }
+}
+
+impl Inner {
+    /// A packet from a VM of `vpc` to an address outside the VPC: SNAT
+    /// (the VM's floating IP, else the gateway address with a translated
+    /// port) and on to the next hop on the external network. False if the
+    /// VPC has no way out.
+    pub(crate) fn route_external(
+        &self,
+        vpc: VpcId,
+        frame: &[u8],
+        pkt: &Packet,
+        ip: &Ipv4<'_>,
+        kicks: &mut Kicks,
+    ) -> bool {
+        let mut nat = self.nat.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(gw) = nat.gateways.get(&vpc).cloned() else {
+            return false;
+        };
+        if ip.ttl <= 1 {
+            return true;
+        }
+        let mut out = frame.to_vec();
+        match nat.by_fixed.get(&(vpc, ip.src)).copied() {
+            Some(floating) => nat_rewrite(&mut out, Side::Source, floating, None),
+            None => {
+                let Some(port) = napt_port(pkt, true) else {
+                    debug!(src = %ip.src, "no translation for this protocol");
+                    return true;
+                };
+                let Some(ext) = nat.napt_out(vpc, gw.ip, pkt.flow.proto, ip.src, port, kicks.now)
+                else {
+                    debug!(gateway = %gw.ip, "out of translations");
+                    return true;
+                };
+                nat_rewrite(&mut out, Side::Source, gw.ip, Some(ext));
+            }
+        }
+        let hop = if contains(gw.net, gw.prefix, ip.dst) {
+            ip.dst
+        } else {
+            gw.next_hop
+        };
+        match nat.neighbours.get(&(gw.segment, hop)).copied() {
+            Some(mac) => {
+                drop(nat);
+                route_rewrite(&mut out, gw.mac, mac);
+                self.emit(gw.segment, &out, kicks);
+            }
+            None => {
+                let q = nat.waiting.entry((gw.segment, hop)).or_default();
+                if q.len() < MAX_WAITING {
+                    q.push(out);
+                }
+                drop(nat);
+                let ask = Arp {
+                    op: ARP_REQUEST,
+                    sha: gw.mac,
+                    spa: gw.ip,
+                    tha: [0; 6],
+                    tpa: hop,
+                };
+                self.emit(gw.segment, &ask.to_frame(BROADCAST), kicks);
+            }
+        }
+        true
+    }
+
+    /// A frame on external segment `seg` (from the uplink or a local port):
+    /// the router's part of it. True if it was the router's (ARP for its
+    /// addresses, traffic to its MAC).
+    pub(crate) fn external_frame(
+        &self,
+        seg: SegmentId,
+        frame: &[u8],
+        eth: &Ethernet<'_>,
+        arp: Option<&Arp>,
+        ip: Option<&(Packet, Ipv4<'_>)>,
+        kicks: &mut Kicks,
+    ) -> bool {
+        if !self.nat_on.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut nat = self.nat.lock().unwrap_or_else(PoisonError::into_inner);
+        if !nat.gateways.values().any(|g| g.segment == seg) {
+            return false;
+        }
+        if let Some(a) = arp {
+            let ours = nat.owner(seg, a.tpa).cloned();
+            if ours.is_some() || nat.waiting.contains_key(&(seg, a.spa)) {
+                // A neighbour speaking to the router: remember it, and send
+                // what waited for it.
+                nat.neighbours.insert((seg, a.spa), a.sha);
+                let held = nat.waiting.remove(&(seg, a.spa)).unwrap_or_default();
+                let gw_mac = ours.as_ref().map(|g| g.mac);
+                drop(nat);
+                for mut f in held {
+                    let src = gw_mac.unwrap_or([f[6], f[7], f[8], f[9], f[10], f[11]]);
+                    route_rewrite(&mut f, src, a.sha);
+                    self.emit(seg, &f, kicks);
+                }
+                if let (Some(g), ARP_REQUEST) = (ours, a.op) {
+                    self.emit(seg, &a.reply_from(g.mac).to_frame(a.sha), kicks);
+                }
+                return true;
+            }
+            return false;
+        }
+        let Some((pkt, ipv4)) = ip else { return false };
+        let Some(gw) = nat
+            .gateways
+            .values()
+            .find(|g| g.segment == seg && g.mac == eth.dst)
+            .cloned()
+        else {
+            return false;
+        };
+        // To a floating IP: DNAT to its VM.
+        if let Some(f) = nat.floating.get(&ipv4.dst).copied() {
+            drop(nat);
+            let mut out = frame.to_vec();
+            nat_rewrite(&mut out, Side::Destination, f.fixed, None);
+            self.route_into(f.vpc, f.fixed, out, kicks);
+            return true;
+        }
+        if ipv4.dst != gw.ip {
+            return true;
+        }
+        // To the gateway address: a reply to a translated connection, or a
+        // ping of the router itself.
+        if pkt.icmp_type == Some(ICMP_ECHO_REQUEST) {
+            drop(nat);
+            self.emit(seg, &icmp_echo_reply(frame, ipv4, gw.mac), kicks);
+            return true;
+        }
+        let Some(port) = napt_port(pkt, false) else {
+            return true;
+        };
+        let Some(n) = nat.inbound.get_mut(&(gw.ip, pkt.flow.proto, port)) else {
+            return true;
+        };
+        n.used = kicks.now;
+        let n = *n;
+        drop(nat);
+        let mut out = frame.to_vec();
+        nat_rewrite(&mut out, Side::Destination, n.inner, Some(n.port));
+        self.route_into(n.vpc, n.inner, out, kicks);
+        true
+    }
+
+    /// Routes a translated packet to the VM at `fixed` in `vpc` (its
+    /// ingress rules apply).
+    fn route_into(&self, vpc: VpcId, fixed: Ipv4Addr, mut out: Vec<u8>, kicks: &mut Kicks) {
+        let target = {
+            let l3 = self.l3.read().unwrap_or_else(PoisonError::into_inner);
+            l3.route_in_vpc(vpc, fixed)
+                .map(|(seg, sub, host)| (seg, sub.gateway_mac, host.port, host.mac))
+        };
+        let Some((seg, gw_mac, port, mac)) = target else {
+            return;
+        };
+        route_rewrite(&mut out, gw_mac, mac);
+        let to = self
+            .ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&port)
+            .filter(|p| p.segment == seg)
+            .cloned();
+        let Some(to) = to else { return };
+        let at = crate::flow::ip_offset(&out);
+        let Some(pkt) = out
+            .get(at..)
+            .and_then(|b| Ipv4::parse(b).ok())
+            .and_then(|ip| Packet::of(&ip).ok())
+        else {
+            return;
+        };
+        self.deliver_checked(&to, &out, Some(&pkt), kicks.now, kicks);
+    }
+
+    /// Puts `frame` on segment `seg` from the router: to the port its
+    /// destination was learned on (or the uplink), else to all of them.
+    pub(crate) fn emit(&self, seg: SegmentId, frame: &[u8], kicks: &mut Kicks) {
+        let Ok(eth) = Ethernet::parse(frame) else {
+            return;
+        };
+        let to = self
+            .table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .lookup(seg, eth.dst, kicks.now);
+        let decision = match to {
+            Some(p) if !crate::frame::is_group(&eth.dst) => crate::l2::Forward::Port(p),
+            _ => crate::l2::Forward::Flood,
+        };
+        let pkt = Ipv4::parse(eth.payload)
+            .ok()
+            .and_then(|ip| Packet::of(&ip).ok());
+        self.forward_local(
+            seg,
+            crate::l2::PortId(0),
+            decision,
+            frame,
+            pkt.as_ref(),
+            kicks,
+        );
+    }
+
+    /// Sends `frame` of segment `seg` out of the uplink, tagged as the
+    /// segment's network is.
+    pub(crate) fn to_uplink(&self, seg: SegmentId, frame: &[u8]) {
+        let tag = self
+            .uplinked
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&seg)
+            .copied();
+        let Some(tag) = tag else { return };
+        let Some(tap) = self
+            .uplink
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        else {
+            return;
+        };
+        let sent = match tag {
+            Some(v) => tap.write(&uplink::tag(frame, v)),
+            None => tap.write(frame),
+        };
+        if let Err(e) = sent {
+            debug!(uplink = %tap.name, "cannot send: {e}");
+            self.uplink_stats.dropped.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.uplink_stats.tx.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A frame from the uplink: onto the network its tag (or its lack of
+    /// one) names, the router's part first.
+    pub(crate) fn uplink_frame(&self, frame: &[u8], kicks: &mut Kicks) {
+        let Ok(eth) = Ethernet::parse(frame) else {
+            self.uplink_stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let seg = self
+            .uplinked
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .find(|(_, tag)| **tag == eth.vlan)
+            .map(|(s, _)| *s);
+        let Some(seg) = seg else {
+            self.uplink_stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let inner = if eth.vlan.is_some() {
+            uplink::untag(frame)
+        } else {
+            frame.to_vec()
+        };
+        let Ok(eth) = Ethernet::parse(&inner) else {
+            return;
+        };
+        let (arp, ip) = match eth.ethertype {
+            crate::frame::ETHERTYPE_ARP => match Arp::parse(eth.payload) {
+                Ok(a) => (Some(a), None),
+                Err(_) => {
+                    self.uplink_stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            },
+            crate::frame::ETHERTYPE_IPV4 => {
+                match Ipv4::parse(eth.payload).and_then(|ip| Ok((Packet::of(&ip)?, ip))) {
+                    Ok(p) => (None, Some(p)),
+                    Err(_) => {
+                        self.uplink_stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
+            _ => (None, None),
+        };
+        self.uplink_stats.rx.fetch_add(1, Ordering::Relaxed);
+        let decision = self
+            .table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forward(seg, UPLINK_PORT, eth.src, eth.dst, kicks.now);
+        if self.external_frame(seg, &inner, &eth, arp.as_ref(), ip.as_ref(), kicks) {
+            return;
+        }
+        let pkt = ip.as_ref().map(|p| &p.0);
+        self.forward_local(seg, UPLINK_PORT, decision, &inner, pkt, kicks);
+    }
+}

@@ -1,0 +1,417 @@
+//! The uplink, VLANs, SNAT and floating IPs against a real outside world:
+//! the switch's TAP uplink is moved into a network namespace whose kernel
+//! plays the physical network (a router at 192.0.2.1 on the untagged
+//! external network, hosts on VLANs 10 and 20), and pings cross it. VMs are
+//! test frontends that answer ARP and ping. Needs root (namespaces, TAP).
+#![allow(clippy::unwrap_used)]
+
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use atoll_tests::net_frontend::NetFrontend;
+use netd::fabric::{Fabric, Kind, PortEntry, SubnetSettings};
+use netd::flow::{
+    icmp_echo_reply, ipv4_header, Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP,
+};
+use netd::frame::{checksum, Arp, Ethernet, Ipv4, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4};
+use netd::secgroup::Rule;
+
+const NS: &str = "atoll-uplink1";
+const TAP: &str = "atlup1";
+
+fn run(cmd: &[&str]) -> std::process::Output {
+    Command::new(cmd[0]).args(&cmd[1..]).output().unwrap()
+}
+
+fn ok(cmd: &[&str]) {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        cmd.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn in_ns(cmd: &[&str]) -> std::process::Output {
+    let mut full = vec!["ip", "netns", "exec", NS];
+    full.extend_from_slice(cmd);
+    run(&full)
+}
+
+struct Outside;
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = run(&["ip", "netns", "del", NS]);
+    }
+}
+
+/// The namespace with the TAP moved in: 192.0.2.1/24 untagged, no IPv6
+/// chatter. (This kernel has no 802.1Q devices: tagged frames are sent and
+/// read through a packet socket, [`Raw`].)
+fn outside() -> Outside {
+    let _ = run(&["ip", "netns", "del", NS]);
+    ok(&["ip", "netns", "add", NS]);
+    let guard = Outside;
+    for k in ["all", "default"] {
+        let key = format!("net.ipv6.conf.{k}.disable_ipv6=1");
+        let out = in_ns(&["sysctl", "-qw", &key]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ok(&["ip", "link", "set", TAP, "netns", NS]);
+    let n = |args: &[&str]| {
+        let mut full = vec!["ip", "-n", NS];
+        full.extend_from_slice(args);
+        ok(&full);
+    };
+    n(&["addr", "add", "192.0.2.1/24", "dev", TAP]);
+    n(&["link", "set", TAP, "up"]);
+    guard
+}
+
+/// A packet socket on the TAP inside the namespace: raw frames, tagged or
+/// not, as a host on a trunk port would send and see them.
+struct Raw(OwnedFd);
+
+impl Raw {
+    fn open() -> Self {
+        std::thread::spawn(|| {
+            let ns = std::fs::File::open(format!("/var/run/netns/{NS}")).unwrap();
+            // SAFETY: this thread alone enters the namespace, to open the
+            // socket there; it ends right after.
+            let entered = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0);
+            let proto = u16::try_from(libc::ETH_P_ALL).unwrap().to_be();
+            // SAFETY: plain socket calls on a descriptor we own; the
+            // structures passed are initialised and sized as the kernel
+            // expects.
+            unsafe {
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto));
+                assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+                let name = std::ffi::CString::new(TAP).unwrap();
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                sll.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
+                sll.sll_protocol = proto;
+                sll.sll_ifindex = i32::try_from(libc::if_nametoindex(name.as_ptr())).unwrap();
+                let len = u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap();
+                assert_eq!(libc::bind(fd, (&raw const sll).cast(), len), 0);
+                let one: libc::c_int = 1;
+                let ilen = u32::try_from(std::mem::size_of::<libc::c_int>()).unwrap();
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_PACKET,
+                    libc::PACKET_AUXDATA,
+                    (&raw const one).cast(),
+                    ilen,
+                );
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 100_000,
+                };
+                let tlen = u32::try_from(std::mem::size_of::<libc::timeval>()).unwrap();
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const tv).cast(),
+                    tlen,
+                );
+                Raw(OwnedFd::from_raw_fd(fd))
+            }
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn send(&self, frame: &[u8]) {
+        // SAFETY: sending from a live buffer on our bound socket.
+        let n = unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(usize::try_from(n).unwrap(), frame.len());
+    }
+
+    /// The next frame within 10 s that `want` accepts, with its VLAN (from
+    /// the tag, or from the kernel's note when it took the tag off).
+    fn recv(&self, want: impl Fn(&[u8], Option<u16>) -> bool) -> (Vec<u8>, Option<u16>) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut buf = vec![0u8; 2048];
+        let mut ctl = [0u64; 16];
+        while std::time::Instant::now() < deadline {
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
+            // SAFETY: msghdr over our buffers; the kernel writes at most
+            // their lengths.
+            let (n, vlan) = unsafe {
+                let mut msg: libc::msghdr = std::mem::zeroed();
+                msg.msg_iov = &raw mut iov;
+                msg.msg_iovlen = 1;
+                msg.msg_control = ctl.as_mut_ptr().cast();
+                msg.msg_controllen = std::mem::size_of_val(&ctl);
+                let n = libc::recvmsg(self.0.as_raw_fd(), &raw mut msg, 0);
+                let mut vlan = None;
+                let mut c = libc::CMSG_FIRSTHDR(&raw const msg);
+                while !c.is_null() {
+                    if (*c).cmsg_level == libc::SOL_PACKET && (*c).cmsg_type == libc::PACKET_AUXDATA
+                    {
+                        let aux = libc::CMSG_DATA(c)
+                            .cast::<libc::tpacket_auxdata>()
+                            .read_unaligned();
+                        if aux.tp_status & libc::TP_STATUS_VLAN_VALID != 0 {
+                            vlan = Some(aux.tp_vlan_tci & 0x0fff);
+                        }
+                    }
+                    c = libc::CMSG_NXTHDR(&raw const msg, c);
+                }
+                (n, vlan)
+            };
+            let Ok(n) = usize::try_from(n) else { continue };
+            let frame = &buf[..n];
+            let vlan = vlan.or_else(|| Ethernet::parse(frame).ok().and_then(|e| e.vlan));
+            if want(frame, vlan) {
+                return (frame.to_vec(), vlan);
+            }
+        }
+        panic!("no such frame within 10 s");
+    }
+}
+
+/// A VM that answers ARP for its address and pings to it, counting every
+/// frame it gets, until told to stop.
+struct Responder {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<usize>,
+}
+
+impl Responder {
+    fn start(port: &PortEntry) -> Self {
+        let mut fe = NetFrontend::connect(&port.port.socket).unwrap();
+        let (mac, ip) = (port.port.mac, port.port.security().ip.unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut seen = 0;
+            while !flag.load(Ordering::Relaxed) {
+                let Some(f) = fe.recv(Duration::from_millis(50)).unwrap() else {
+                    continue;
+                };
+                seen += 1;
+                let e = Ethernet::parse(&f).unwrap();
+                match e.ethertype {
+                    ETHERTYPE_ARP => {
+                        let a = Arp::parse(e.payload).unwrap();
+                        if a.op == ARP_REQUEST && a.tpa == ip {
+                            fe.send(&a.reply_from(mac).to_frame(a.sha)).unwrap();
+                        }
+                    }
+                    ETHERTYPE_IPV4 => {
+                        let i = Ipv4::parse(e.payload).unwrap();
+                        let p = Packet::of(&i).unwrap();
+                        if i.dst == ip && p.icmp_type == Some(ICMP_ECHO_REQUEST) {
+                            fe.send(&icmp_echo_reply(&f, &i, mac)).unwrap();
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            seen
+        });
+        Self { stop, thread }
+    }
+
+    /// Stops it; the frames it got.
+    fn stop(self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+fn ping_from_outside(args: &[&str]) -> bool {
+    let mut cmd = vec!["ping", "-c", "2", "-i", "0.2", "-W", "5"];
+    cmd.extend_from_slice(args);
+    let out = in_ns(&cmd);
+    eprintln!(
+        "{}: {}{}",
+        cmd.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.status.success()
+}
+
+#[test]
+fn floating_ips_snat_and_vlans_meet_the_outside_world() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = Fabric::new(dir.path().to_owned());
+    f.switch.set_uplink(TAP).unwrap();
+    let _outside = outside();
+
+    // The external network: untagged on the uplink, 192.0.2.1 is the
+    // router outside.
+    let ext = f.create_network("ext", Kind::Flat, None, true).unwrap();
+    let external = SubnetSettings {
+        external: true,
+        ..SubnetSettings::default()
+    };
+    f.create_subnet(ext, "192.0.2.0/24", external).unwrap();
+    let vpc = f.create_vpc("prod").unwrap();
+    let web = f
+        .create_network("web", Kind::Flat, Some(vpc), false)
+        .unwrap();
+    f.create_subnet(web, "10.1.0.0/24", SubnetSettings::default())
+        .unwrap();
+    let gw = f.set_vpc_gateway(vpc, ext, None).unwrap();
+    assert_eq!(gw, Ipv4Addr::new(192, 0, 2, 2));
+    let open = f.create_group("open").unwrap();
+    f.switch
+        .add_rule(
+            open,
+            Rule::parse("ingress", "icmp", (0, 0), "", None).unwrap(),
+        )
+        .unwrap();
+
+    // A VM with a floating IP answers pings from outside.
+    let vm = f
+        .create_port(web, None, None, "vm1", Some(vec![open]))
+        .unwrap();
+    let (fip, fip_ip) = f.create_floating_ip(ext, None).unwrap();
+    assert_eq!(fip_ip, Ipv4Addr::new(192, 0, 2, 3));
+    f.associate_floating_ip(fip, Some(vm.port.id.0)).unwrap();
+    let responder = Responder::start(&vm);
+    assert!(ping_from_outside(&["192.0.2.3"]), "the floating IP answers");
+    // The router's own address answers too; a free address does not.
+    assert!(ping_from_outside(&["192.0.2.2"]));
+    assert!(!ping_from_outside(&["-c", "1", "-W", "1", "192.0.2.9"]));
+    responder.stop();
+
+    // A VM without one reaches outside through SNAT, and the reply comes
+    // back to it.
+    let vm2 = f.create_port(web, None, None, "vm2", None).unwrap();
+    let mut fe = NetFrontend::connect(&vm2.port.socket).unwrap();
+    let gw_mac = f
+        .subnet(f.network(web).unwrap().subnet.unwrap())
+        .unwrap()
+        .subnet
+        .gateway_mac;
+    let mut icmp = vec![ICMP_ECHO_REQUEST, 0, 0, 0, 0x44, 0x44, 0, 1];
+    let s = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&s.to_be_bytes());
+    let src = vm2.port.security().ip.unwrap();
+    let mut frame = gw_mac.to_vec();
+    frame.extend_from_slice(&vm2.port.mac);
+    frame.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+    frame.extend_from_slice(&ipv4_header(
+        src,
+        Ipv4Addr::new(192, 0, 2, 1),
+        PROTO_ICMP,
+        8,
+    ));
+    frame.extend_from_slice(&icmp);
+    fe.send(&frame).unwrap();
+    let reply = fe
+        .recv(Duration::from_secs(10))
+        .unwrap()
+        .expect("the echo reply");
+    let e = Ethernet::parse(&reply).unwrap();
+    let i = Ipv4::parse(e.payload).unwrap();
+    let p = Packet::of(&i).unwrap();
+    assert_eq!(
+        (e.src, i.src, i.dst, p.icmp_type, p.flow.sport),
+        (
+            gw_mac,
+            Ipv4Addr::new(192, 0, 2, 1),
+            src,
+            Some(ICMP_ECHO_REPLY),
+            0x4444
+        )
+    );
+
+    // VLANs: a host on the trunk asks each VLAN for its VM; each answers
+    // with its own tag, and neither hears the other VLAN.
+    let mut vms = Vec::new();
+    for (name, vlan, cidr, addr) in [
+        ("v10", 10, "10.10.0.0/24", "10.10.0.5"),
+        ("v20", 20, "10.20.0.0/24", "10.20.0.5"),
+    ] {
+        let net = f
+            .create_network(name, Kind::Vlan(vlan), None, true)
+            .unwrap();
+        let settings = SubnetSettings {
+            gateway: Some(Ipv4Addr::new(10, u8::try_from(vlan).unwrap(), 0, 254)),
+            ..SubnetSettings::default()
+        };
+        f.create_subnet(net, cidr, settings).unwrap();
+        let ip = addr.parse().unwrap();
+        vms.push(
+            f.create_port(net, None, Some(ip), name, Some(vec![open]))
+                .unwrap(),
+        );
+    }
+    let responders: Vec<Responder> = vms.iter().map(Responder::start).collect();
+    let raw = Raw::open();
+    const HOST: [u8; 6] = [0x02, 0x99, 0, 0, 0, 1];
+    for (vm, vlan) in vms.iter().zip([10u16, 20]) {
+        let vm_ip = vm.port.security().ip.unwrap();
+        let ask = Arp {
+            op: ARP_REQUEST,
+            sha: HOST,
+            spa: Ipv4Addr::new(10, u8::try_from(vlan).unwrap(), 0, 1),
+            tha: [0; 6],
+            tpa: vm_ip,
+        }
+        .to_frame([0xff; 6]);
+        raw.send(&netd::uplink::tag(&ask, vlan));
+        let mac = vm.port.mac;
+        let (reply, tag) =
+            raw.recv(|f, _| Ethernet::parse(f).is_ok_and(|e| e.src == mac && e.dst == HOST));
+        assert_eq!(tag, Some(vlan), "the answer carries the VM's VLAN");
+        let e = Ethernet::parse(&reply).unwrap();
+        let a = Arp::parse(e.payload).unwrap();
+        assert_eq!((a.sha, a.spa), (mac, vm_ip));
+    }
+    // An untagged frame for a VLAN's VM goes to the external network, not
+    // to the VLAN.
+    let stray = Arp {
+        op: ARP_REQUEST,
+        sha: HOST,
+        spa: Ipv4Addr::new(10, 10, 0, 1),
+        tha: [0; 6],
+        tpa: Ipv4Addr::new(10, 10, 0, 5),
+    }
+    .to_frame([0xff; 6]);
+    raw.send(&stray);
+    // Then one more tagged question, whose answer shows the stray was
+    // handled before it.
+    let ask = Arp {
+        op: ARP_REQUEST,
+        sha: HOST,
+        spa: Ipv4Addr::new(10, 10, 0, 1),
+        tha: [0; 6],
+        tpa: Ipv4Addr::new(10, 10, 0, 5),
+    }
+    .to_frame([0xff; 6]);
+    raw.send(&netd::uplink::tag(&ask, 10));
+    let mac = vms[0].port.mac;
+    raw.recv(|f, _| Ethernet::parse(f).is_ok_and(|e| e.src == mac && e.dst == HOST));
+    let heard: Vec<usize> = responders.into_iter().map(Responder::stop).collect();
+    assert_eq!(
+        heard,
+        vec![2, 1],
+        "each VM heard its own VLAN's questions only"
+    );
+    let counters = f.switch.uplink_stats();
+    assert!(
+        counters.iter().any(|(k, v)| *k == "rx" && *v > 0),
+        "{counters:?}"
+    );
+}
