@@ -13,6 +13,7 @@ pub mod frame;
 pub mod fuzzing;
 pub mod health;
 pub mod l2;
+pub mod metadata;
 pub mod nat;
 pub mod objects;
 pub mod overlay;

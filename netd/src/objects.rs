@@ -379,6 +379,42 @@ impl PortObject {
         Ok(())
     }
 
+    /// Sets what the metadata service (http://169.254.169.254/) tells the
+    /// VM: its user-data (at most 64 KiB) and SSH public keys (at most 32).
+    async fn set_metadata(
+        &self,
+        user_data: Vec<u8>,
+        ssh_keys: Vec<String>,
+    ) -> Result<(), NetError> {
+        if user_data.len() > crate::metadata::MAX_USER_DATA {
+            return Err(NetError::InvalidArgument(format!(
+                "user_data: {} bytes, at most {}",
+                user_data.len(),
+                crate::metadata::MAX_USER_DATA
+            )));
+        }
+        if ssh_keys.len() > 32 {
+            return Err(NetError::InvalidArgument("ssh_keys: at most 32".into()));
+        }
+        if let Some(k) = ssh_keys
+            .iter()
+            .find(|k| k.is_empty() || k.len() > 16_384 || k.contains(['\n', '\r']))
+        {
+            return Err(NetError::InvalidArgument(format!(
+                "ssh key {:?}: one line of at most 16 KiB",
+                k.chars().take(32).collect::<String>()
+            )));
+        }
+        self.entry.port.set_metadata(user_data, ssh_keys, None);
+        Ok(())
+    }
+
+    /// The SSH keys the metadata service hands out.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn ssh_keys(&self) -> Vec<String> {
+        self.entry.port.metadata().ssh_keys
+    }
+
     /// Rate limits: (ingress kbit/s, ingress burst KiB, egress kbit/s,
     /// egress burst KiB); 0 kbit/s is no limit. Ingress (to the VM) is
     /// policed, egress (from the VM) shaped.
@@ -643,6 +679,11 @@ pub trait Port {
     /// Rate limits.
     #[zbus(property)]
     fn qos(&self) -> zbus::Result<(u32, u32, u32, u32)>;
+    /// Sets the metadata.
+    fn set_metadata(&self, user_data: &[u8], ssh_keys: &[&str]) -> zbus::Result<()>;
+    /// SSH keys handed out.
+    #[zbus(property)]
+    fn ssh_keys(&self) -> zbus::Result<Vec<String>>;
     /// Sets the rate limits.
     fn set_qos(
         &self,

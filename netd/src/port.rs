@@ -27,6 +27,7 @@ use vmm_sys_util::event::{
 use crate::conntrack::Conntrack;
 use crate::frame::{Mac, MAX_FRAME};
 use crate::l2::{PortId, SegmentId};
+use crate::metadata::Metadata;
 use crate::qos::{Limit, Qos};
 use crate::secgroup::PortSecurity;
 use crate::switch::{Inner, Kicks};
@@ -167,6 +168,8 @@ pub struct Port {
     pub(crate) security: RwLock<PortSecurity>,
     /// Connections its security groups let through.
     pub(crate) conntrack: Mutex<Conntrack>,
+    /// What the metadata service tells its VM.
+    pub(crate) metadata: Mutex<Metadata>,
     /// Rate limits, if any (`qos_on` says whether to look).
     qos: Mutex<Qos>,
     qos_on: AtomicBool,
@@ -190,6 +193,30 @@ impl std::fmt::Debug for Port {
 }
 
 impl Port {
+    /// Sets what the metadata service tells the VM (user-data, SSH keys,
+    /// host name).
+    pub fn set_metadata(
+        &self,
+        user_data: Vec<u8>,
+        ssh_keys: Vec<String>,
+        hostname: Option<String>,
+    ) {
+        let mut m = self.metadata.lock().unwrap_or_else(PoisonError::into_inner);
+        m.user_data = user_data;
+        m.ssh_keys = ssh_keys;
+        if let Some(h) = hostname {
+            m.hostname = h;
+        }
+    }
+
+    /// What the metadata service tells the VM.
+    pub fn metadata(&self) -> Metadata {
+        self.metadata
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Limits what the VM receives (`ingress`, policed) and sends
     /// (`egress`, shaped); a 0 kbit/s rate is no limit.
     pub fn set_qos(&self, ingress: Limit, egress: Limit) {
@@ -281,6 +308,10 @@ impl Port {
             stats: PortStats::default(),
             security: RwLock::new(PortSecurity::default()),
             conntrack: Mutex::new(Conntrack::new(MAX_CONNECTIONS)),
+            metadata: Mutex::new(Metadata {
+                instance_id: format!("atoll-port-{}", id.0),
+                ..Metadata::default()
+            }),
             qos: Mutex::new(Qos::default()),
             qos_on: AtomicBool::new(false),
             rx: Mutex::new(RxSide::default()),

@@ -19,6 +19,7 @@ use crate::flow::{
 };
 use crate::frame::{Arp, Ethernet, Ipv4, Mac, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4};
 use crate::l2::{Forward, MacTable, PortId, SegmentId};
+use crate::metadata::{self, Endpoint};
 use crate::nat::{Floating, Gateway, Nat};
 use crate::overlay::{self, Overlay};
 use crate::port::{self, Port};
@@ -29,6 +30,8 @@ use crate::uplink::{Tap, UplinkError, UPLINK_PORT};
 
 /// How long a learned address stays without traffic from it.
 pub const MAC_AGEING: Duration = Duration::from_secs(300);
+/// How often the metadata endpoints' timers run.
+const METADATA_TICK: Duration = Duration::from_millis(50);
 /// Addresses the switch learns at most (all segments).
 pub const MAC_TABLE_SIZE: usize = 65_536;
 
@@ -84,6 +87,10 @@ pub(crate) struct Inner {
     /// Segments bridged to the uplink, with their 802.1Q tag.
     pub(crate) uplinked: RwLock<HashMap<SegmentId, Option<u16>>>,
     pub(crate) uplink_stats: TunnelStats,
+    /// Each port's metadata endpoint and the gateway MAC it answers from.
+    metadata: Mutex<HashMap<PortId, (Endpoint, Mac)>>,
+    /// The clock the metadata endpoints count from.
+    started: Instant,
     /// Whether any VPC has a gateway (else no frame needs the NAT lock).
     pub(crate) nat_on: std::sync::atomic::AtomicBool,
 }
@@ -293,9 +300,20 @@ impl Inner {
         {
             let l3 = self.l3.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(subnet) = l3.subnet(from.segment) {
-                if let Some(a) = arp.filter(|a| a.op == ARP_REQUEST && a.tpa == subnet.gateway) {
+                if let Some(a) = arp.filter(|a| {
+                    a.op == ARP_REQUEST && (a.tpa == subnet.gateway || a.tpa == metadata::ADDRESS)
+                }) {
                     from.deliver(&a.reply_from(subnet.gateway_mac).to_frame(a.sha));
                     return;
+                }
+                if let (Some((_, ipv4)), true) = (&ip, eth.dst == subnet.gateway_mac) {
+                    if ipv4.dst == metadata::ADDRESS {
+                        let len = ipv4.header_len + ipv4.payload.len();
+                        if let Some(packet) = eth.payload.get(..len) {
+                            self.metadata_packet(from, subnet.gateway_mac, Some(packet));
+                        }
+                        return;
+                    }
                 }
                 if let (Some((pkt, ipv4)), true) = (&ip, eth.dst == subnet.gateway_mac) {
                     self.route(from, &l3, subnet, frame, pkt, ipv4, now, kicks);
@@ -442,6 +460,58 @@ impl Inner {
             .forward(seg, pseudo, eth.src, eth.dst, kicks.now);
         // Split horizon: what came from the tunnel never goes back into it.
         self.forward_local(seg, pseudo, decision, inner, ip.as_ref(), kicks);
+    }
+
+    /// Feeds a packet (or, with None, only the timers) to `from`'s
+    /// metadata endpoint and hands its answers to the VM.
+    fn metadata_packet(&self, from: &Port, gateway_mac: Mac, packet: Option<&[u8]>) {
+        let md = from.metadata.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = self.started.elapsed();
+        let out = {
+            let mut eps = self.metadata.lock().unwrap_or_else(PoisonError::into_inner);
+            let ep = eps
+                .entry(from.id)
+                .or_insert_with(|| (Endpoint::new(now), gateway_mac));
+            ep.1 = gateway_mac;
+            ep.0.poll(packet, now, &md)
+        };
+        drop(md);
+        for p in out {
+            let mut f = Vec::with_capacity(14 + p.len());
+            f.extend_from_slice(&from.mac);
+            f.extend_from_slice(&gateway_mac);
+            f.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+            f.extend_from_slice(&p);
+            from.deliver(&f);
+        }
+    }
+
+    /// Runs the metadata endpoints' timers (retransmissions, closing).
+    fn metadata_timers(&self) {
+        let ids: Vec<(PortId, Mac)> = self
+            .metadata
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(id, (_, mac))| (*id, *mac))
+            .collect();
+        for (id, mac) in ids {
+            let port = self
+                .ports
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&id)
+                .cloned();
+            match port {
+                Some(p) => self.metadata_packet(&p, mac, None),
+                None => {
+                    self.metadata
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&id);
+                }
+            }
+        }
     }
 
     fn malformed(&self, from: &Port, e: crate::frame::FrameError) {
@@ -642,21 +712,37 @@ pub struct Switch {
 impl Switch {
     /// A switch whose port sockets live in `dir`.
     pub fn new(dir: PathBuf) -> Self {
+        let inner = Arc::new(Inner {
+            table: Mutex::new(MacTable::new(MAC_AGEING, MAC_TABLE_SIZE)),
+            ports: RwLock::new(BTreeMap::new()),
+            dhcp: Mutex::new(HashMap::new()),
+            l3: RwLock::new(L3::default()),
+            groups: RwLock::new(Groups::default()),
+            overlay: RwLock::new(Overlay::default()),
+            tunnel: RwLock::new(None),
+            nat: Mutex::new(Nat::default()),
+            uplink: RwLock::new(None),
+            uplinked: RwLock::new(HashMap::new()),
+            uplink_stats: TunnelStats::default(),
+            nat_on: std::sync::atomic::AtomicBool::new(false),
+            metadata: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+        });
+        let weak = Arc::downgrade(&inner);
+        let timers = std::thread::Builder::new()
+            .name("metadata".into())
+            .spawn(move || {
+                while let Some(inner) = weak.upgrade() {
+                    inner.metadata_timers();
+                    drop(inner);
+                    std::thread::sleep(METADATA_TICK);
+                }
+            });
+        if let Err(e) = timers {
+            warn!("no metadata timer thread: {e}");
+        }
         Self {
-            inner: Arc::new(Inner {
-                table: Mutex::new(MacTable::new(MAC_AGEING, MAC_TABLE_SIZE)),
-                ports: RwLock::new(BTreeMap::new()),
-                dhcp: Mutex::new(HashMap::new()),
-                l3: RwLock::new(L3::default()),
-                groups: RwLock::new(Groups::default()),
-                overlay: RwLock::new(Overlay::default()),
-                tunnel: RwLock::new(None),
-                nat: Mutex::new(Nat::default()),
-                uplink: RwLock::new(None),
-                uplinked: RwLock::new(HashMap::new()),
-                uplink_stats: TunnelStats::default(),
-                nat_on: std::sync::atomic::AtomicBool::new(false),
-            }),
+            inner,
             next: Mutex::new(1),
             dir,
         }
@@ -820,6 +906,11 @@ impl Switch {
             server.reserve(port.mac, ip);
         }
         sec.ip = ip;
+        {
+            let mut md = port.metadata.lock().unwrap_or_else(PoisonError::into_inner);
+            md.ip = ip;
+            md.hostname = name.to_owned();
+        }
         port.conntrack
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
