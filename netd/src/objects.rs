@@ -409,6 +409,37 @@ impl PortObject {
         Ok(())
     }
 
+    /// The port that gets a copy of every frame this one sends or receives
+    /// ("/" if none).
+    #[zbus(property)]
+    fn mirror(&self) -> OwnedObjectPath {
+        self.entry
+            .port
+            .mirror_target()
+            .and_then(|p| object_path("port", p.0).ok())
+            .unwrap_or_else(root)
+    }
+
+    /// Mirrors this port's traffic to `target` (another port, say a
+    /// capture VM's); "/" stops it.
+    async fn set_mirror(
+        &self,
+        target: OwnedObjectPath,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), NetError> {
+        let t = if target.as_str() == "/" {
+            None
+        } else {
+            Some(crate::l2::PortId(id_in("port", &target)?))
+        };
+        self.fabric
+            .switch
+            .set_mirror(self.entry.port.id, t)
+            .map_err(|e| NetError::InvalidArgument(format!("mirror target: {e}")))?;
+        self.mirror_changed(&emitter).await?;
+        Ok(())
+    }
+
     /// The SSH keys the metadata service hands out.
     #[zbus(property(emits_changed_signal = "false"))]
     fn ssh_keys(&self) -> Vec<String> {
@@ -684,6 +715,11 @@ pub trait Port {
     /// SSH keys handed out.
     #[zbus(property)]
     fn ssh_keys(&self) -> zbus::Result<Vec<String>>;
+    /// The mirror target.
+    #[zbus(property)]
+    fn mirror(&self) -> zbus::Result<OwnedObjectPath>;
+    /// Mirrors the port's traffic.
+    fn set_mirror(&self, target: &ObjectPath<'_>) -> zbus::Result<()>;
     /// Sets the rate limits.
     fn set_qos(
         &self,

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -170,6 +170,8 @@ pub struct Port {
     pub(crate) conntrack: Mutex<Conntrack>,
     /// What the metadata service tells its VM.
     pub(crate) metadata: Mutex<Metadata>,
+    /// The port its traffic is mirrored to (0: none).
+    mirror: AtomicU32,
     /// Rate limits, if any (`qos_on` says whether to look).
     qos: Mutex<Qos>,
     qos_on: AtomicBool,
@@ -193,6 +195,19 @@ impl std::fmt::Debug for Port {
 }
 
 impl Port {
+    /// The port this one's traffic is mirrored to.
+    pub fn mirror_target(&self) -> Option<PortId> {
+        match self.mirror.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(PortId(n)),
+        }
+    }
+
+    pub(crate) fn set_mirror_target(&self, target: Option<PortId>) {
+        self.mirror
+            .store(target.map_or(0, |t| t.0), Ordering::Relaxed);
+    }
+
     /// Sets what the metadata service tells the VM (user-data, SSH keys,
     /// host name).
     pub fn set_metadata(
@@ -312,6 +327,7 @@ impl Port {
                 instance_id: format!("atoll-port-{}", id.0),
                 ..Metadata::default()
             }),
+            mirror: AtomicU32::new(0),
             qos: Mutex::new(Qos::default()),
             qos_on: AtomicBool::new(false),
             rx: Mutex::new(RxSide::default()),

@@ -261,6 +261,7 @@ impl Inner {
         from.stats
             .tx_bytes
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        self.mirror(from, frame, kicks);
         let now = kicks.now;
         let sec = from.security.read().unwrap_or_else(PoisonError::into_inner);
         if let Err(why) = self.egress(
@@ -613,8 +614,28 @@ impl Inner {
         if !to.ingress_admit(frame.len(), now) {
             return;
         }
+        self.mirror(to, frame, kicks);
         if to.enqueue(frame) {
             kicks.add(to);
+        }
+    }
+
+    /// A copy of `frame` (sent or received by `port`) for the port it is
+    /// mirrored to, if any.
+    fn mirror(&self, port: &Port, frame: &[u8], kicks: &mut Kicks) {
+        let Some(target) = port.mirror_target() else {
+            return;
+        };
+        let to = self
+            .ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&target)
+            .cloned();
+        if let Some(to) = to.filter(|t| t.id != port.id) {
+            if to.enqueue(frame) {
+                kicks.add(&to);
+            }
         }
     }
 
@@ -1209,6 +1230,20 @@ impl Switch {
             ("rx", g(&t.stats.rx)),
             ("dropped", g(&t.stats.dropped)),
         ])
+    }
+
+    /// Mirrors everything port `id` sends and receives to port `target`
+    /// (None: stops).
+    pub fn set_mirror(&self, id: PortId, target: Option<PortId>) -> Result<(), SwitchError> {
+        let port = self.port(id)?;
+        if let Some(t) = target {
+            self.port(t)?;
+            if t == id {
+                return Err(SwitchError::NoPort(t.0));
+            }
+        }
+        port.set_mirror_target(target);
+        Ok(())
     }
 
     /// Deletes port `id`: no more frames to or from it, its frontend is

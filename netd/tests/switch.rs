@@ -155,3 +155,47 @@ fn a_deleted_port_is_gone_and_the_others_carry_on() {
     assert_eq!(c.recv(WAIT).unwrap().as_deref(), Some(&to_c[..]));
     assert_eq!(p2.stats.rx_frames.load(Ordering::Relaxed), 0);
 }
+
+#[test]
+fn descriptors_that_lie_about_lengths_are_dropped_and_the_port_goes_on() {
+    let (_dir, _sw, p1, p2) = two_ports();
+    let mut a = NetFrontend::connect(&p1.socket).unwrap();
+    let mut b = NetFrontend::connect(&p2.socket).unwrap();
+    // Longer than any frame, shorter than the header, empty.
+    for len in [100_000, 5, 0] {
+        a.send_descriptor(len).unwrap();
+    }
+    assert_eq!(p1.stats.tx_dropped.load(Ordering::Relaxed), 3);
+    let f = frame(B, A, b"still here");
+    a.send(&f).unwrap();
+    assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&f[..]));
+}
+
+#[test]
+fn a_mirrored_port_copies_what_it_sends_and_receives_to_its_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let sw = Switch::new(dir.path().to_owned());
+    let (p1, p2) = (
+        sw.add_port(SegmentId(1), A).unwrap(),
+        sw.add_port(SegmentId(1), B).unwrap(),
+    );
+    // The capture port sits on a segment of its own.
+    let p3 = sw.add_port(SegmentId(9), C).unwrap();
+    sw.set_mirror(p1.id, Some(p3.id)).unwrap();
+    assert!(sw.set_mirror(p1.id, Some(p1.id)).is_err());
+    let mut a = NetFrontend::connect(&p1.socket).unwrap();
+    let mut b = NetFrontend::connect(&p2.socket).unwrap();
+    let mut c = NetFrontend::connect(&p3.socket).unwrap();
+    let out = frame(B, A, b"out");
+    a.send(&out).unwrap();
+    assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&out[..]));
+    let back = frame(A, B, b"back");
+    b.send(&back).unwrap();
+    assert_eq!(a.recv(WAIT).unwrap().as_deref(), Some(&back[..]));
+    assert_eq!(c.recv(WAIT).unwrap().as_deref(), Some(&out[..]));
+    assert_eq!(c.recv(WAIT).unwrap().as_deref(), Some(&back[..]));
+    sw.set_mirror(p1.id, None).unwrap();
+    a.send(&out).unwrap();
+    assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&out[..]));
+    assert_eq!(c.try_recv().unwrap(), None);
+}

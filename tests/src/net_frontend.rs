@@ -184,6 +184,39 @@ impl NetFrontend {
         }
     }
 
+    /// Submits one transmit descriptor claiming `len` bytes from the start
+    /// of the transmit buffers, whatever is there (at most the buffers'
+    /// mapping): a guest lying about a frame's length. Waits until the port
+    /// has taken it.
+    pub fn send_descriptor(&mut self, len: usize) -> Result<(), Error> {
+        let slot = usize::from(QUEUE_SIZE);
+        let base = self.slot_ptr(slot);
+        let len = len.min(usize::from(QUEUE_SIZE) * BUF);
+        self.tx.add_request(|req, add| {
+            *req = 0;
+            add(
+                libc::iovec {
+                    iov_base: base.cast(),
+                    iov_len: len,
+                },
+                false,
+            )
+        })?;
+        self.transport.get_submission_notifier(TX).notify()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.tx.completions().next().is_some() {
+                return Ok(());
+            }
+            if !wait(&self.tx_call, deadline)? {
+                return Err(Error::new(
+                    ErrorKind::TimedOut,
+                    "the port did not take the descriptor",
+                ));
+            }
+        }
+    }
+
     /// The next received frame, or `None` when none arrives within `timeout`.
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>, Error> {
         let deadline = Instant::now() + timeout;
