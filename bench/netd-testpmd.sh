@@ -174,6 +174,11 @@ drive() {
         echo "clear port stats all"
         sleep "$SECS"
         echo "show port stats all"
+        if [ -n "${KEEP:-}" ]; then
+            for b in "$bus" "$bus2"; do
+                busctl --address="$b" get-property org.atoll.Net1 /org/atoll/Net1 org.atoll.Net1 TunnelCounters >>"$work/counters" 2>&1 || true
+            done
+        fi
         echo "stop"
         echo "quit"
     } >&"$cmd"
@@ -205,7 +210,7 @@ done
 echo
 echo "| backend | frame | per-direction pps min / median / max | vs peer (median) | vs l2 (median) |"
 echo "| --- | --- | --- | --- | --- |"
-median() { echo "${results[$1,$2]:-}" | tr ' ' '\n' | grep . | sort -n | awk '{v[NR]=$1} END {if (NR) printf "%.0f", v[int((NR+1)/2)]}'; }
+median() { echo "${results[$1,$2]:-}" | tr ' ' '\n' | { grep . || true; } | sort -n | awk '{v[NR]=$1} END {if (NR) printf "%.0f", v[int((NR+1)/2)]}'; }
 for size in $SIZES; do
     peer_med=$(median peer "$size")
     l2_med=$(median l2 "$size")

@@ -430,6 +430,10 @@ impl Port {
         else {
             return Written::NoRoom;
         };
+        if !vring.get_ref().get_queue().ready() {
+            // The frontend is resetting or gone.
+            return Written::NoRoom;
+        }
         let mem = atomic.memory();
         let mut next = vring
             .get_mut()

@@ -117,6 +117,75 @@ pub struct Tunnel {
     pub stats: TunnelStats,
 }
 
+/// Datagrams sent with one system call, at most.
+const TUNNEL_BATCH: usize = 64;
+/// Datagrams read with one system call, at most, and the room for each
+/// (a jumbo frame and its VXLAN header; longer ones are dropped).
+const TUNNEL_RX_BATCH: usize = 32;
+const TUNNEL_RX_BUF: usize = 9216;
+
+fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap_or(2),
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+impl Tunnel {
+    /// Sends `batch` with as few system calls as it takes.
+    fn send_batch(&self, batch: &[(SocketAddrV4, Vec<u8>)]) {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.socket);
+        for chunk in batch.chunks(TUNNEL_BATCH) {
+            let mut addrs: Vec<libc::sockaddr_in> =
+                chunk.iter().map(|(a, _)| sockaddr(*a)).collect();
+            let mut iovs: Vec<libc::iovec> = chunk
+                .iter()
+                .map(|(_, d)| libc::iovec {
+                    iov_base: d.as_ptr().cast_mut().cast(),
+                    iov_len: d.len(),
+                })
+                .collect();
+            let name_len = u32::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap_or(16);
+            let mut msgs: Vec<libc::mmsghdr> = addrs
+                .iter_mut()
+                .zip(iovs.iter_mut())
+                .map(|(a, iov)| {
+                    // SAFETY: an all-zero mmsghdr is a valid empty one.
+                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    m.msg_hdr.msg_name = std::ptr::from_mut(a).cast();
+                    m.msg_hdr.msg_namelen = name_len;
+                    m.msg_hdr.msg_iov = std::ptr::from_mut(iov);
+                    m.msg_hdr.msg_iovlen = 1;
+                    m
+                })
+                .collect();
+            let mut sent = 0usize;
+            while sent < msgs.len() {
+                let rest = &mut msgs[sent..];
+                let count = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+                // SAFETY: the headers point at addresses, iovecs and
+                // datagrams that live until this call returns.
+                let n = unsafe { libc::sendmmsg(fd, rest.as_mut_ptr(), count, 0) };
+                match usize::try_from(n) {
+                    Ok(n) if n > 0 => sent += n,
+                    _ => {
+                        debug!("tunnel send failed: {}", std::io::Error::last_os_error());
+                        break;
+                    }
+                }
+            }
+            self.stats.tx.fetch_add(sent as u64, Ordering::Relaxed);
+            self.stats
+                .dropped
+                .fetch_add((msgs.len() - sent) as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Reads frames from the uplink until the switch goes or it is replaced.
 fn uplink_loop(switch: &Weak<Inner>, tap: &Arc<Tap>, reader: &Tap) {
     let mut buf = vec![0u8; 65_536];
@@ -147,10 +216,15 @@ fn uplink_loop(switch: &Weak<Inner>, tap: &Arc<Tap>, reader: &Tap) {
     }
 }
 
-/// Receives tunnel datagrams until the switch goes or the endpoint is
-/// replaced.
+/// Receives tunnel datagrams (a batch per system call) until the switch
+/// goes or the endpoint is replaced.
 fn tunnel_loop(switch: &Weak<Inner>, tunnel: &Arc<Tunnel>, socket: &UdpSocket) {
-    let mut buf = vec![0u8; 65_536];
+    let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
+    let mut bufs = vec![0u8; TUNNEL_RX_BATCH * TUNNEL_RX_BUF];
+    // SAFETY: all-zero sockaddr_in values are valid (and overwritten).
+    let mut addrs: Vec<libc::sockaddr_in> = (0..TUNNEL_RX_BATCH)
+        .map(|_| unsafe { std::mem::zeroed() })
+        .collect();
     loop {
         let Some(inner) = switch.upgrade() else {
             return;
@@ -164,25 +238,66 @@ fn tunnel_loop(switch: &Weak<Inner>, tunnel: &Arc<Tunnel>, socket: &UdpSocket) {
         if !current {
             return;
         }
-        match socket.recv_from(&mut buf) {
-            Ok((n, std::net::SocketAddr::V4(from))) => {
-                let mut kicks = Kicks::default();
-                inner.tunnel_datagram(tunnel, *from.ip(), &buf[..n], &mut kicks);
-                kicks.flush();
+        let mut iovs: Vec<libc::iovec> = bufs
+            .chunks_exact_mut(TUNNEL_RX_BUF)
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let name_len = u32::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap_or(16);
+        let mut msgs: Vec<libc::mmsghdr> = addrs
+            .iter_mut()
+            .zip(iovs.iter_mut())
+            .map(|(a, iov)| {
+                // SAFETY: an all-zero mmsghdr is a valid empty one.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_name = std::ptr::from_mut(a).cast();
+                m.msg_hdr.msg_namelen = name_len;
+                m.msg_hdr.msg_iov = std::ptr::from_mut(iov);
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        let count = u32::try_from(msgs.len()).unwrap_or(1);
+        // SAFETY: every header points at a buffer, an iovec and an address
+        // of ours that outlive the call; the socket has a receive timeout.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                msgs.as_mut_ptr(),
+                count,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        let Ok(n) = usize::try_from(n) else {
+            let e = std::io::Error::last_os_error();
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::Interrupted
+            ) {
+                continue;
             }
-            Ok(_) => {
+            warn!("tunnel endpoint failed: {e}");
+            return;
+        };
+        let mut kicks = Kicks::default();
+        for (i, m) in msgs.iter().take(n).enumerate() {
+            let len = m.msg_len as usize;
+            if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
                 tunnel.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) => {
-                warn!("tunnel endpoint failed: {e}");
-                return;
+            let from = Ipv4Addr::from(u32::from_be(addrs[i].sin_addr.s_addr));
+            let start = i * TUNNEL_RX_BUF;
+            if let Some(d) = bufs.get(start..start + len.min(TUNNEL_RX_BUF)) {
+                inner.tunnel_datagram(tunnel, from, d, &mut kicks);
             }
         }
+        kicks.flush();
     }
 }
 
@@ -193,6 +308,9 @@ pub(crate) struct Kicks {
     ports: Vec<Arc<Port>>,
     /// When the batch started.
     pub(crate) now: Instant,
+    /// Tunnel datagrams to send together, and the endpoint.
+    tunnel_out: Vec<(SocketAddrV4, Vec<u8>)>,
+    tunnel: Option<Arc<Tunnel>>,
 }
 
 impl Default for Kicks {
@@ -200,6 +318,8 @@ impl Default for Kicks {
         Self {
             ports: Vec::new(),
             now: Instant::now(),
+            tunnel_out: Vec::new(),
+            tunnel: None,
         }
     }
 }
@@ -212,10 +332,14 @@ impl Kicks {
         }
     }
 
-    /// Signals every port remembered.
+    /// Signals every port remembered and sends the tunnel datagrams.
     pub(crate) fn flush(&mut self) {
         for p in self.ports.drain(..) {
             p.kick();
+        }
+        if let (Some(t), false) = (&self.tunnel, self.tunnel_out.is_empty()) {
+            t.send_batch(&self.tunnel_out);
+            self.tunnel_out.clear();
         }
     }
 }
@@ -340,7 +464,7 @@ impl Inner {
                     .unwrap_or_else(PoisonError::into_inner)
                     .remote_of(p);
                 if let Some(r) = remote {
-                    self.to_tunnel(from.segment, &[r], frame);
+                    self.to_tunnel(from.segment, &[r], frame, kicks);
                 }
             }
             Forward::Flood => {
@@ -351,7 +475,7 @@ impl Inner {
                     .remotes(from.segment)
                     .map(|(_, r)| r.to_vec());
                 if let Some(r) = remotes.filter(|r| !r.is_empty()) {
-                    self.to_tunnel(from.segment, &r, frame);
+                    self.to_tunnel(from.segment, &r, frame, kicks);
                 }
             }
             _ => {}
@@ -397,7 +521,7 @@ impl Inner {
     }
 
     /// Sends `frame` of overlay `segment` to the endpoints `remotes`.
-    fn to_tunnel(&self, segment: SegmentId, remotes: &[Ipv4Addr], frame: &[u8]) {
+    fn to_tunnel(&self, segment: SegmentId, remotes: &[Ipv4Addr], frame: &[u8], kicks: &mut Kicks) {
         let tunnel = self
             .tunnel
             .read()
@@ -413,14 +537,17 @@ impl Inner {
             return;
         };
         let datagram = overlay::encap(vni, frame);
+        if kicks.tunnel.as_ref().is_some_and(|k| !Arc::ptr_eq(k, &t)) {
+            kicks.flush();
+        }
         for r in remotes {
-            match t.socket.send_to(&datagram, SocketAddrV4::new(*r, t.port)) {
-                Ok(_) => t.stats.tx.fetch_add(1, Ordering::Relaxed),
-                Err(e) => {
-                    debug!(remote = %r, "tunnel send failed: {e}");
-                    t.stats.dropped.fetch_add(1, Ordering::Relaxed)
-                }
-            };
+            kicks
+                .tunnel_out
+                .push((SocketAddrV4::new(*r, t.port), datagram.clone()));
+        }
+        kicks.tunnel = Some(t);
+        if kicks.tunnel_out.len() >= TUNNEL_BATCH {
+            kicks.flush();
         }
     }
 
