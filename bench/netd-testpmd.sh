@@ -202,7 +202,7 @@ for size in $SIZES; do
             wait $backend_pid 2>/dev/null || true
             [ "$be" = overlay ] && netns_down
             echo "size=$size run=$run backend=$be pps=$r"
-            results[$be,$size]+="$(echo "$r" | awk '{print ($1 + $2) / 2}') "
+            results[$be,$size]+="$(echo "$r" | awk '{printf "%d", ($1 + $2) / 2}') "
         done
     done
 done
