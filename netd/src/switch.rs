@@ -135,6 +135,25 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
     }
 }
 
+/// One message header per (address, iovec) pair, pointing at them: they
+/// must outlive the headers' use.
+fn mmsghdrs(addrs: &mut [libc::sockaddr_in], iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
+    let name_len = u32::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap_or(16);
+    addrs
+        .iter_mut()
+        .zip(iovs.iter_mut())
+        .map(|(a, iov)| {
+            // SAFETY: an all-zero mmsghdr is a valid empty one.
+            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            m.msg_hdr.msg_name = std::ptr::from_mut(a).cast();
+            m.msg_hdr.msg_namelen = name_len;
+            m.msg_hdr.msg_iov = std::ptr::from_mut(iov);
+            m.msg_hdr.msg_iovlen = 1;
+            m
+        })
+        .collect()
+}
+
 impl Tunnel {
     /// Sends `batch` with as few system calls as it takes.
     fn send_batch(&self, batch: &[(SocketAddrV4, Vec<u8>)]) {
@@ -149,20 +168,7 @@ impl Tunnel {
                     iov_len: d.len(),
                 })
                 .collect();
-            let name_len = u32::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap_or(16);
-            let mut msgs: Vec<libc::mmsghdr> = addrs
-                .iter_mut()
-                .zip(iovs.iter_mut())
-                .map(|(a, iov)| {
-                    // SAFETY: an all-zero mmsghdr is a valid empty one.
-                    let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                    m.msg_hdr.msg_name = std::ptr::from_mut(a).cast();
-                    m.msg_hdr.msg_namelen = name_len;
-                    m.msg_hdr.msg_iov = std::ptr::from_mut(iov);
-                    m.msg_hdr.msg_iovlen = 1;
-                    m
-                })
-                .collect();
+            let mut msgs = mmsghdrs(&mut addrs, &mut iovs);
             let mut sent = 0usize;
             while sent < msgs.len() {
                 let rest = &mut msgs[sent..];
@@ -245,20 +251,7 @@ fn tunnel_loop(switch: &Weak<Inner>, tunnel: &Arc<Tunnel>, socket: &UdpSocket) {
                 iov_len: b.len(),
             })
             .collect();
-        let name_len = u32::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap_or(16);
-        let mut msgs: Vec<libc::mmsghdr> = addrs
-            .iter_mut()
-            .zip(iovs.iter_mut())
-            .map(|(a, iov)| {
-                // SAFETY: an all-zero mmsghdr is a valid empty one.
-                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                m.msg_hdr.msg_name = std::ptr::from_mut(a).cast();
-                m.msg_hdr.msg_namelen = name_len;
-                m.msg_hdr.msg_iov = std::ptr::from_mut(iov);
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
+        let mut msgs = mmsghdrs(&mut addrs, &mut iovs);
         let count = u32::try_from(msgs.len()).unwrap_or(1);
         // SAFETY: every header points at a buffer, an iovec and an address
         // of ours that outlive the call; the socket has a receive timeout.

@@ -158,30 +158,7 @@ impl NetFrontend {
         let buf = unsafe { std::slice::from_raw_parts_mut(base, BUF) };
         buf[..NET_HDR].fill(0);
         buf[NET_HDR..NET_HDR + frame.len()].copy_from_slice(frame);
-        let len = NET_HDR + frame.len();
-        self.tx.add_request(|req, add| {
-            *req = 0;
-            add(
-                libc::iovec {
-                    iov_base: base.cast(),
-                    iov_len: len,
-                },
-                false,
-            )
-        })?;
-        self.transport.get_submission_notifier(TX).notify()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if self.tx.completions().next().is_some() {
-                return Ok(());
-            }
-            if !wait(&self.tx_call, deadline)? {
-                return Err(Error::new(
-                    ErrorKind::TimedOut,
-                    "the port did not take the frame",
-                ));
-            }
-        }
+        self.submit_tx(base, NET_HDR + frame.len())
     }
 
     /// Submits one transmit descriptor claiming `len` bytes from the start
@@ -191,7 +168,12 @@ impl NetFrontend {
     pub fn send_descriptor(&mut self, len: usize) -> Result<(), Error> {
         let slot = usize::from(QUEUE_SIZE);
         let base = self.slot_ptr(slot);
-        let len = len.min(usize::from(QUEUE_SIZE) * BUF);
+        self.submit_tx(base, len.min(usize::from(QUEUE_SIZE) * BUF))
+    }
+
+    /// Puts one descriptor of `len` bytes at `base` on the transmit queue
+    /// and waits until the port has taken it.
+    fn submit_tx(&mut self, base: *mut u8, len: usize) -> Result<(), Error> {
         self.tx.add_request(|req, add| {
             *req = 0;
             add(
