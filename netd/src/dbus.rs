@@ -528,6 +528,24 @@ impl Net1 {
         Ok((path, socket, mac))
     }
 
+    /// Deletes a network and its subnet (refused while ports, a VPC gateway
+    /// or floating IPs use it).
+    async fn delete_network(
+        &self,
+        network: OwnedObjectPath,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<(), NetError> {
+        let id = id_in("network", &network)?;
+        let subnet = self.fabric.delete_network(id)?;
+        server.remove::<NetworkObject, _>(&network).await?;
+        if let Some(s) = subnet {
+            server
+                .remove::<SubnetObject, _>(&object_path("subnet", s)?)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Deletes a port: its VM's NIC is disconnected, the socket removed and
     /// its address freed.
     async fn delete_port(
@@ -644,6 +662,8 @@ pub trait Net1 {
     ) -> zbus::Result<(OwnedObjectPath, String, String)>;
     /// Deletes a port.
     fn delete_port(&self, port: &ObjectPath<'_>) -> zbus::Result<()>;
+    /// Deletes a network.
+    fn delete_network(&self, network: &ObjectPath<'_>) -> zbus::Result<()>;
     /// Creates a security group.
     fn create_security_group(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     /// Deletes a security group.

@@ -330,6 +330,32 @@ impl Fabric {
         Ok(())
     }
 
+    /// Deletes network `id` and its subnet; refused while ports, a VPC
+    /// gateway or floating IPs use it.
+    pub fn delete_network(&self, id: u32) -> Result<Option<u32>> {
+        let mut reg = self.reg();
+        let n = reg
+            .networks
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| FabricError::NotFound(format!("no network {id}")))?;
+        if reg.ports.values().any(|p| p.network == id) {
+            return Err(invalid(format!("network {:?} has ports", n.name)));
+        }
+        if reg.gateways.values().any(|(net, _)| *net == id) {
+            return Err(invalid(format!("network {:?} holds a VPC gateway", n.name)));
+        }
+        if reg.floating.values().any(|f| f.network == id) {
+            return Err(invalid(format!("network {:?} holds floating IPs", n.name)));
+        }
+        self.switch.remove_segment(SegmentId(id));
+        if let Some(s) = n.subnet {
+            reg.subnets.remove(&s);
+        }
+        reg.networks.remove(&id);
+        Ok(n.subnet)
+    }
+
     /// The network `id`.
     pub fn network(&self, id: u32) -> Option<Network> {
         self.reg().networks.get(&id).cloned()

@@ -108,6 +108,11 @@ impl MacTable {
             .retain(|_, e| now.saturating_duration_since(e.seen) < ageing);
     }
 
+    /// Forgets every address learned on `segment` (the network went away).
+    pub fn forget_segment(&mut self, segment: SegmentId) {
+        self.entries.retain(|(s, _), _| *s != segment);
+    }
+
     /// Forgets every address behind `port` (the port went away).
     pub fn forget_port(&mut self, port: PortId) {
         self.entries.retain(|_, e| e.port != port);

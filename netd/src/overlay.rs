@@ -53,6 +53,13 @@ impl Overlay {
         );
     }
 
+    /// Forgets overlay `segment`.
+    pub fn remove(&mut self, segment: SegmentId) {
+        if let Some(s) = self.segs.remove(&segment) {
+            self.by_vni.remove(&s.vni);
+        }
+    }
+
     /// The endpoints of the other nodes with ports on `segment`.
     pub fn set_remotes(&mut self, segment: SegmentId, remotes: Vec<Ipv4Addr>) {
         for r in &remotes {

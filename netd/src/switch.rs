@@ -936,6 +936,32 @@ impl Switch {
         Ok(port)
     }
 
+    /// Forgets everything about `segment` (its network was deleted): its
+    /// subnet, DHCP server, learned addresses, overlay and uplink binding.
+    pub fn remove_segment(&self, segment: SegmentId) {
+        self.inner
+            .l3
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove_segment(segment);
+        self.inner
+            .dhcp
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&segment);
+        self.inner
+            .table
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget_segment(segment);
+        self.inner
+            .overlay
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(segment);
+        self.set_uplinked(segment, None);
+    }
+
     /// Answers DHCP on `segment` with `cfg` (replacing any server there;
     /// leases start empty).
     pub fn set_dhcp(&self, segment: SegmentId, cfg: DhcpConfig) {

@@ -190,6 +190,7 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     let s = SubnetProxy::builder(&conn)
         .path(subnet)
         .unwrap()
+        .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await
         .unwrap();
@@ -278,4 +279,27 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     assert_eq!(port.security_groups().await.unwrap(), vec![default.into()]);
     net.delete_security_group(&sg).await.unwrap();
     assert!(group.name().await.is_err(), "the group is gone");
+
+    // A network goes only once its ports have; its subnet goes with it, and
+    // its name and range can be used again.
+    let err = net.delete_network(&web).await.unwrap_err();
+    assert!(err.to_string().contains("has ports"), "{err}");
+    net.delete_port(&port.inner().path().to_owned())
+        .await
+        .unwrap();
+    net.delete_network(&web).await.unwrap();
+    assert!(s.cidr().await.is_err(), "the subnet object is gone");
+    let err = net.delete_network(&web).await.unwrap_err();
+    assert!(err.to_string().contains("NotFound"), "{err}");
+    let again = net
+        .create_network(
+            "web",
+            "flat",
+            HashMap::from([("vpc", Value::from(vpc.as_ref()))]),
+        )
+        .await
+        .unwrap();
+    net.create_subnet(&again, "10.9.0.0/24", HashMap::new())
+        .await
+        .unwrap();
 }
