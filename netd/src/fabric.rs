@@ -494,33 +494,6 @@ impl Fabric {
                 return Err(invalid("mac: another port on the network has it"));
             }
         }
-        let address = match (n.subnet.and_then(|s| reg.subnets.get(&s)), ip) {
-            (None, None) => None,
-            (None, Some(ip)) => {
-                return Err(invalid(format!(
-                    "ip {ip}: network {:?} has no subnet",
-                    n.name
-                )))
-            }
-            (Some(s), Some(ip)) => {
-                if !s.subnet.contains(ip) {
-                    return Err(invalid(format!("ip {ip}: outside the subnet")));
-                }
-                if s.used.contains(&ip) {
-                    return Err(invalid(format!("ip {ip}: in use")));
-                }
-                Some(ip)
-            }
-            (Some(s), None) => {
-                let first = u32::from(s.subnet.net);
-                let last = first | !mask(s.subnet.prefix);
-                let free = (first..=last)
-                    .map(Ipv4Addr::from)
-                    .find(|ip| !s.used.contains(ip))
-                    .ok_or_else(|| invalid("the subnet has no free address"))?;
-                Some(free)
-            }
-        };
         if !name.is_empty()
             && reg
                 .ports
@@ -531,9 +504,25 @@ impl Fabric {
                 "name {name:?}: another port on the network has it"
             )));
         }
-        let port = self.switch.add_port_with(SegmentId(network), |id| {
+        let address = match (n.subnet, ip) {
+            (None, None) => None,
+            (None, Some(ip)) => {
+                return Err(invalid(format!(
+                    "ip {ip}: network {:?} has no subnet",
+                    n.name
+                )))
+            }
+            (Some(_), want) => Some(Self::take_address(&mut reg, network, want)?),
+        };
+        let port = match self.switch.add_port_with(SegmentId(network), |id| {
             mac.unwrap_or_else(|| generated_mac(id.0))
-        })?;
+        }) {
+            Ok(p) => p,
+            Err(e) => {
+                Self::release_address(&mut reg, network, address);
+                return Err(e.into());
+            }
+        };
         let id = port.id;
         let done = self
             .switch
@@ -541,10 +530,8 @@ impl Fabric {
             .and_then(|()| self.switch.set_port_groups(id, groups));
         if let Err(e) = done {
             let _ = self.switch.remove_port(id);
+            Self::release_address(&mut reg, network, address);
             return Err(e.into());
-        }
-        if let (Some(ip), Some(s)) = (address, n.subnet.and_then(|s| reg.subnets.get_mut(&s))) {
-            s.used.insert(ip);
         }
         let entry = PortEntry {
             port,
@@ -553,6 +540,14 @@ impl Fabric {
         };
         reg.ports.insert(id.0, entry.clone());
         Ok(entry)
+    }
+
+    /// Gives `ip` back to `network`'s subnet.
+    fn release_address(reg: &mut Registry, network: u32, ip: Option<Ipv4Addr>) {
+        let subnet = reg.networks.get(&network).and_then(|n| n.subnet);
+        if let (Some(ip), Some(s)) = (ip, subnet.and_then(|s| reg.subnets.get_mut(&s))) {
+            s.used.remove(&ip);
+        }
     }
 
     /// Takes `ip` (or the first free address) in `network`'s subnet.
@@ -735,11 +730,7 @@ impl Fabric {
             .ports
             .remove(&id)
             .ok_or_else(|| FabricError::NotFound(format!("no port {id}")))?;
-        let ip = entry.port.security().ip;
-        let subnet = reg.networks.get(&entry.network).and_then(|n| n.subnet);
-        if let (Some(ip), Some(s)) = (ip, subnet.and_then(|s| reg.subnets.get_mut(&s))) {
-            s.used.remove(&ip);
-        }
+        Self::release_address(&mut reg, entry.network, entry.port.security().ip);
         self.switch.remove_port(PortId(id))?;
         Ok(())
     }

@@ -4,6 +4,7 @@
 //! ARP for its external address and the floating IPs, finds next hops on the
 //! external network by ARP itself, and holds a few packets while it asks.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
@@ -20,7 +21,7 @@ use crate::frame::{Arp, Ethernet, Ipv4, Mac, ARP_REQUEST, BROADCAST};
 use crate::l2::SegmentId;
 use crate::router::VpcId;
 use crate::secgroup::contains;
-use crate::switch::{Inner, Kicks};
+use crate::switch::{parse_l3, Inner, Kicks};
 use crate::uplink::{self, UPLINK_PORT};
 
 /// Packets held per next hop while the router asks for its MAC.
@@ -448,32 +449,18 @@ impl Inner {
             self.uplink_stats.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let inner = if eth.vlan.is_some() {
-            uplink::untag(frame)
+        // Untagged frames are switched as they are; tagged ones lose the tag.
+        let inner: Cow<'_, [u8]> = if eth.vlan.is_some() {
+            Cow::Owned(uplink::untag(frame))
         } else {
-            frame.to_vec()
+            Cow::Borrowed(frame)
         };
-        let Ok(eth) = Ethernet::parse(&inner) else {
+        let Some((eth, (arp, ip))) = Ethernet::parse(&inner)
+            .ok()
+            .and_then(|e| Some((e, parse_l3(&e).ok()?)))
+        else {
+            self.uplink_stats.dropped.fetch_add(1, Ordering::Relaxed);
             return;
-        };
-        let (arp, ip) = match eth.ethertype {
-            crate::frame::ETHERTYPE_ARP => match Arp::parse(eth.payload) {
-                Ok(a) => (Some(a), None),
-                Err(_) => {
-                    self.uplink_stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-            },
-            crate::frame::ETHERTYPE_IPV4 => {
-                match Ipv4::parse(eth.payload).and_then(|ip| Ok((Packet::of(&ip)?, ip))) {
-                    Ok(p) => (None, Some(p)),
-                    Err(_) => {
-                        self.uplink_stats.dropped.fetch_add(1, Ordering::Relaxed);
-                        return;
-                    }
-                }
-            }
-            _ => (None, None),
         };
         self.uplink_stats.rx.fetch_add(1, Ordering::Relaxed);
         let decision = self

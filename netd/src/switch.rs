@@ -337,6 +337,23 @@ impl Kicks {
     }
 }
 
+/// A frame's ARP packet or IPv4 packet (with its transport view), parsed
+/// once for everything that follows; either must be well formed. Other
+/// protocols give neither.
+pub(crate) type Parsed<'a> = (Option<Arp>, Option<(Packet, Ipv4<'a>)>);
+
+/// Parses what follows `eth`'s header (see [`Parsed`]).
+pub(crate) fn parse_l3<'a>(eth: &Ethernet<'a>) -> Result<Parsed<'a>, crate::frame::FrameError> {
+    Ok(match eth.ethertype {
+        ETHERTYPE_ARP => (Some(Arp::parse(eth.payload)?), None),
+        ETHERTYPE_IPV4 => {
+            let ip = Ipv4::parse(eth.payload)?;
+            (None, Some((Packet::of(&ip)?, ip)))
+        }
+        _ => (None, None),
+    })
+}
+
 /// Why the switch refused a frame (logged at debug level, counted on the port).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 enum Refused {
@@ -361,18 +378,9 @@ impl Inner {
         };
         // ARP and IPv4 must parse; other protocols pass as they are on
         // unfiltered ports.
-        let (arp, ip) = match eth.ethertype {
-            ETHERTYPE_ARP => match Arp::parse(eth.payload) {
-                Ok(a) => (Some(a), None),
-                Err(e) => return self.malformed(from, e),
-            },
-            ETHERTYPE_IPV4 => {
-                match Ipv4::parse(eth.payload).and_then(|ip| Ok((Packet::of(&ip)?, ip))) {
-                    Ok(p) => (None, Some(p)),
-                    Err(e) => return self.malformed(from, e),
-                }
-            }
-            _ => (None, None),
+        let (arp, ip) = match parse_l3(&eth) {
+            Ok(l3) => l3,
+            Err(e) => return self.malformed(from, e),
         };
         from.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
         from.stats
@@ -559,20 +567,14 @@ impl Inner {
             debug!(%from, "dropped a datagram from no endpoint of its network");
             return;
         };
-        let Ok(eth) = Ethernet::parse(inner) else {
+        let Some((eth, (_, ip))) = Ethernet::parse(inner)
+            .ok()
+            .and_then(|e| Some((e, parse_l3(&e).ok()?)))
+        else {
             t.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let ip = match eth.ethertype {
-            ETHERTYPE_IPV4 => match Ipv4::parse(eth.payload).and_then(|ip| Packet::of(&ip)) {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    t.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-            },
-            _ => None,
-        };
+        let ip = ip.map(|(p, _)| p);
         t.stats.rx.fetch_add(1, Ordering::Relaxed);
         let decision = self
             .table
