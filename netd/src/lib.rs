@@ -16,6 +16,7 @@ pub mod l2;
 pub mod metadata;
 pub mod nat;
 pub mod objects;
+pub mod offload;
 pub mod overlay;
 pub mod port;
 pub mod qos;

@@ -4,6 +4,7 @@
 //! ARP for its external address and the floating IPs, finds next hops on the
 //! external network by ARP itself, and holds a few packets while it asks.
 
+use crate::offload::NetHdr;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -370,7 +371,7 @@ impl Inner {
         else {
             return;
         };
-        self.deliver_checked(&to, &out, Some(&pkt), kicks.now, kicks);
+        self.deliver_checked(&to, (&out, &NetHdr::PLAIN), Some(&pkt), kicks.now, kicks);
     }
 
     /// Puts `frame` on segment `seg` from the router: to the port its
@@ -395,7 +396,7 @@ impl Inner {
             seg,
             crate::l2::PortId(0),
             decision,
-            frame,
+            (frame, &NetHdr::PLAIN),
             pkt.as_ref(),
             kicks,
         );
@@ -472,6 +473,7 @@ impl Inner {
             return;
         }
         let pkt = ip.as_ref().map(|p| &p.0);
-        self.forward_local(seg, UPLINK_PORT, decision, &inner, pkt, kicks);
+        let plain = (&inner[..], &NetHdr::PLAIN);
+        self.forward_local(seg, UPLINK_PORT, decision, plain, pkt, kicks);
     }
 }

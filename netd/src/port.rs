@@ -28,12 +28,12 @@ use crate::conntrack::Conntrack;
 use crate::frame::{Mac, MAX_FRAME};
 use crate::l2::{PortId, SegmentId};
 use crate::metadata::Metadata;
+use crate::offload::{self, NetHdr, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_HOST_TSO4, F_MRG_RXBUF};
 use crate::qos::{Limit, Qos};
 use crate::secgroup::PortSecurity;
 use crate::switch::{Inner, Kicks};
 
-/// virtio-net header with VIRTIO_F_VERSION_1.
-pub const NET_HDR: usize = 12;
+pub use crate::offload::NET_HDR;
 /// Frames waiting for the guest's receive buffers, at most; more are dropped.
 const MAX_PENDING: usize = 1024;
 /// Connections tracked per port, at most; new ones past that are refused.
@@ -99,9 +99,12 @@ impl PortStats {
 struct RxSide {
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     vrings: Option<Vec<VringRwLock>>,
-    pending: VecDeque<Vec<u8>>,
+    pending: VecDeque<(NetHdr, Vec<u8>)>,
     /// Used buffers the guest has not been signalled about.
     unsignalled: bool,
+    /// Used entries were published in a way the ring's notification
+    /// suppression did not count: signal without asking it.
+    force_signal: bool,
 }
 
 /// What became of a frame offered to the receive ring.
@@ -172,6 +175,8 @@ pub struct Port {
     pub(crate) metadata: Mutex<Metadata>,
     /// The port its traffic is mirrored to (0: none).
     mirror: AtomicU32,
+    /// The virtio features the current frontend's driver acked.
+    features: AtomicU64,
     /// Rate limits, if any (`qos_on` says whether to look).
     qos: Mutex<Qos>,
     qos_on: AtomicBool,
@@ -328,6 +333,7 @@ impl Port {
                 ..Metadata::default()
             }),
             mirror: AtomicU32::new(0),
+            features: AtomicU64::new(0),
             qos: Mutex::new(Qos::default()),
             qos_on: AtomicBool::new(false),
             rx: Mutex::new(RxSide::default()),
@@ -367,26 +373,40 @@ impl Port {
         self.deleted.load(Ordering::SeqCst)
     }
 
+    /// The virtio features the connected driver acked (0 when none is).
+    pub fn features(&self) -> u64 {
+        self.features.load(Ordering::Relaxed)
+    }
+
     /// Hands `frame` to the guest now (signalled at once): for the
     /// switch's own answers, off the fast path.
     pub(crate) fn deliver(&self, frame: &[u8]) {
-        if self.enqueue(frame) {
+        if self.enqueue(frame, &NetHdr::PLAIN) {
             self.kick();
         }
     }
 
-    /// Writes `frame` into the guest's next receive buffer, or queues it
-    /// until the guest posts one. True if the guest has something new to be
-    /// told about ([`Port::kick`]).
-    pub(crate) fn enqueue(&self, frame: &[u8]) -> bool {
+    /// Writes `frame` into the guest's next receive buffers, or queues it
+    /// until the guest posts some. An offloaded frame (`hdr`) goes as it is
+    /// if the driver accepts the offload, or is finished here first. True
+    /// if the guest has something new to be told about ([`Port::kick`]).
+    pub(crate) fn enqueue(&self, frame: &[u8], hdr: &NetHdr) -> bool {
+        let wanted = hdr.needs_features();
+        if wanted & !self.features() != 0 {
+            let mut new = false;
+            let done = offload::finish(frame, hdr, |seg| {
+                new |= self.enqueue(seg, &NetHdr::PLAIN);
+            });
+            if let Err(e) = done {
+                self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                debug!(port = self.id.0, "cannot finish an offloaded frame: {e}");
+            }
+            return new;
+        }
         let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
         if rx.pending.is_empty() {
-            match self.write_one(&rx, frame) {
-                Written::Done => {
-                    rx.unsignalled = true;
-                    return true;
-                }
-                Written::Lost => {
+            match self.write_one(&mut rx, hdr, frame) {
+                Written::Done | Written::Lost => {
                     rx.unsignalled = true;
                     return true;
                 }
@@ -397,7 +417,7 @@ impl Port {
             self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        rx.pending.push_back(frame.to_vec());
+        rx.pending.push_back((*hdr, frame.to_vec()));
         false
     }
 
@@ -412,21 +432,29 @@ impl Port {
         if !std::mem::take(&mut rx.unsignalled) {
             return;
         }
+        let forced = std::mem::take(&mut rx.force_signal);
         let (Some(atomic), Some(vring)) = (&rx.mem, rx.vrings.as_ref().and_then(|v| v.get(RXQ)))
         else {
             return;
         };
-        if needs_signal(vring, &atomic.memory()) {
+        if needs_signal(vring, &atomic.memory()) || forced {
             if let Err(e) = vring.signal_used_queue() {
                 debug!(port = self.id.0, "cannot signal the guest: {e}");
             }
         }
     }
 
-    /// Puts `frame` (behind a zeroed virtio-net header) into the next
-    /// receive buffer.
-    fn write_one(&self, rx: &RxSide, frame: &[u8]) -> Written {
-        let (Some(atomic), Some(vring)) = (&rx.mem, rx.vrings.as_ref().and_then(|v| v.get(RXQ)))
+    /// Puts `frame` behind its virtio-net header into the next receive
+    /// buffer, or (with MRG_RXBUF) as many buffers as it takes.
+    fn write_one(&self, rx: &mut RxSide, hdr: &NetHdr, frame: &[u8]) -> Written {
+        let RxSide {
+            mem: atomic,
+            vrings,
+            force_signal,
+            ..
+        } = rx;
+        let (Some(atomic), Some(vring)) =
+            (atomic.as_ref(), vrings.as_ref().and_then(|v| v.get(RXQ)))
         else {
             return Written::NoRoom;
         };
@@ -435,66 +463,146 @@ impl Port {
             return Written::NoRoom;
         }
         let mem = atomic.memory();
-        let mut next = vring
-            .get_mut()
-            .get_queue_mut()
-            .pop_descriptor_chain(mem.clone());
-        if next.is_none() && vring.enable_notification().unwrap_or(false) {
-            // Out of buffers: the guest is asked to kick when it adds one
-            // (with EVENT_IDX, from this index on); it may just have.
-            next = vring
+        let total = NET_HDR + frame.len();
+        let mut h = *hdr;
+        h.num_buffers = 1;
+        let start = vring.get_ref().get_queue().next_avail();
+        let mut asked = false;
+        let mut pop = || loop {
+            let next = vring
                 .get_mut()
                 .get_queue_mut()
                 .pop_descriptor_chain(mem.clone());
-        }
-        let Some(chain) = next else {
+            if next.is_some() || asked {
+                return next;
+            }
+            // Out of buffers: the guest is asked to kick when it adds one
+            // (with EVENT_IDX, from this index on); it may just have.
+            asked = true;
+            if !vring.enable_notification().unwrap_or(false) {
+                return None;
+            }
+        };
+        let Some(first) = pop() else {
             return Written::NoRoom;
         };
-        let head = chain.head_index();
-        let total = NET_HDR + frame.len();
-        let parts: [&[u8]; 2] = [&[0u8; NET_HDR], frame];
-        let (mut part, mut at, mut written) = (0usize, 0usize, 0usize);
-        let mut ok = true;
         // The usual case: one buffer holds header and frame, in one region.
-        let first = chain.clone().writable().next();
         if let Some(s) = first
+            .clone()
+            .writable()
+            .next()
             .filter(|d| d.len() as usize >= total)
             .and_then(|d| mem.get_slice(d.addr(), total).ok())
         {
-            s.subslice(0, NET_HDR).map(|h| h.copy_from(parts[0])).ok();
+            s.subslice(0, NET_HDR)
+                .map(|b| b.copy_from(&h.to_bytes()))
+                .ok();
             s.offset(NET_HDR).map(|f| f.copy_from(frame)).ok();
-            (part, written) = (parts.len(), total);
+            return self.publish(
+                force_signal,
+                vring,
+                &mem,
+                &[(first.head_index(), total)],
+                true,
+                frame,
+            );
         }
-        let fast = part == parts.len();
-        'descs: for d in chain.writable().filter(|_| !fast) {
-            let mut room = d.len() as usize;
-            let mut addr = d.addr();
-            while room > 0 {
-                let Some(src) = parts.get(part) else {
-                    break 'descs;
-                };
-                let n = room.min(src.len() - at);
-                if !write_guest(&mem, addr, &src[at..at + n]) {
-                    ok = false;
-                    break 'descs;
-                }
-                written += n;
-                room -= n;
-                at += n;
-                let Some(next) = addr.checked_add(n as u64) else {
-                    ok = false;
-                    break 'descs;
-                };
-                addr = next;
-                if at == src.len() {
-                    part += 1;
-                    at = 0;
+        let room = |c: &virtio_queue::DescriptorChain<_>| {
+            c.clone()
+                .writable()
+                .fold(0usize, |n, d| n.saturating_add(d.len() as usize))
+        };
+        let mut have = room(&first);
+        let mut chains = vec![first];
+        let mergeable = self.features() & F_MRG_RXBUF != 0;
+        while mergeable && have < total {
+            let Some(c) = pop() else {
+                // Not enough buffers yet: they go back for later.
+                vring.get_mut().get_queue_mut().set_next_avail(start);
+                return Written::NoRoom;
+            };
+            have = have.saturating_add(room(&c));
+            chains.push(c);
+        }
+        h.num_buffers = u16::try_from(chains.len()).unwrap_or(u16::MAX);
+        let head = h.to_bytes();
+        let parts: [&[u8]; 2] = [&head, frame];
+        let (mut part, mut at) = (0usize, 0usize);
+        let mut ok = true;
+        let mut used = Vec::with_capacity(chains.len());
+        for chain in chains {
+            let mut written = 0usize;
+            'descs: for d in chain.clone().writable() {
+                let mut room = d.len() as usize;
+                let mut addr = d.addr();
+                while room > 0 && ok {
+                    let Some(src) = parts.get(part) else {
+                        break 'descs;
+                    };
+                    let n = room.min(src.len() - at);
+                    if !write_guest(&mem, addr, &src[at..at + n]) {
+                        ok = false;
+                        break 'descs;
+                    }
+                    written += n;
+                    room -= n;
+                    at += n;
+                    let Some(next) = addr.checked_add(n as u64) else {
+                        ok = false;
+                        break 'descs;
+                    };
+                    addr = next;
+                    if at == src.len() {
+                        part += 1;
+                        at = 0;
+                    }
                 }
             }
+            used.push((chain.head_index(), written));
         }
         let done = ok && part == parts.len();
-        let used = u32::try_from(written).unwrap_or(0);
-        if vring.add_used(head, used).is_err() {
+        self.publish(force_signal, vring, &mem, &used, done, frame)
+    }
+
+    /// Returns the receive buffers `used` (head, bytes written) to the
+    /// guest in one step: the used index moves once, so a driver never
+    /// sees part of a frame spanning several buffers.
+    fn publish(
+        &self,
+        force_signal: &mut bool,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        used: &[(u16, usize)],
+        done: bool,
+        frame: &[u8],
+    ) -> Written {
+        let Some(((last, last_len), rest)) = used.split_last() else {
+            return Written::NoRoom;
+        };
+        let published = {
+            let mut state = vring.get_mut();
+            let q = state.get_queue_mut();
+            let mut ok = true;
+            if !rest.is_empty() {
+                let base = q.next_used();
+                let size = q.size();
+                for (i, (id, len)) in rest.iter().enumerate() {
+                    let slot = base.wrapping_add(u16::try_from(i).unwrap_or(0)) % size.max(1);
+                    let at = q.used_ring() + 4 + u64::from(slot) * 8;
+                    let len = u32::try_from(*len).unwrap_or(0);
+                    ok &= mem
+                        .write_obj(u32::from(*id).to_le(), GuestAddress(at))
+                        .and_then(|()| mem.write_obj(len.to_le(), GuestAddress(at + 4)))
+                        .is_ok();
+                }
+                q.set_next_used(base.wrapping_add(u16::try_from(rest.len()).unwrap_or(0)));
+                *force_signal = true;
+            }
+            ok && q
+                .add_used(mem, *last, u32::try_from(*last_len).unwrap_or(0))
+                .is_ok()
+        };
+        if !published {
             warn!(port = self.id.0, "receive ring is broken");
             return Written::NoRoom;
         }
@@ -505,7 +613,7 @@ impl Port {
                 .fetch_add(frame.len() as u64, Ordering::Relaxed);
             Written::Done
         } else {
-            // A buffer too small or outside memory: the frame is lost.
+            // Buffers too small or outside memory: the frame is lost.
             self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
             Written::Lost
         }
@@ -514,11 +622,11 @@ impl Port {
     /// Moves pending frames into the guest's receive buffers.
     fn flush(&self, rx: &mut RxSide) {
         let waiting = !rx.pending.is_empty();
-        while let Some(frame) = rx.pending.pop_front() {
-            match self.write_one(rx, &frame) {
+        while let Some((hdr, frame)) = rx.pending.pop_front() {
+            match self.write_one(rx, &hdr, &frame) {
                 Written::Done | Written::Lost => rx.unsignalled = true,
                 Written::NoRoom => {
-                    rx.pending.push_front(frame);
+                    rx.pending.push_front((hdr, frame));
                     break;
                 }
             }
@@ -550,6 +658,7 @@ impl Port {
         rx.vrings = None;
         rx.mem = None;
         rx.pending.clear();
+        self.features.store(0, Ordering::Relaxed);
     }
 }
 
@@ -642,14 +751,19 @@ impl Backend {
             let next = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
             let Some(chain) = next else { break };
             let head = chain.head_index();
-            // Past the virtio-net header; a chain longer than a frame, or
-            // pointing outside memory, is dropped whole.
-            let (mut skip, mut len, mut ok) = (NET_HDR, 0usize, true);
+            // The virtio-net header, then the frame; a chain longer than a
+            // frame, or pointing outside memory, is dropped whole.
+            let mut hdr = [0u8; NET_HDR];
+            let (mut got, mut len, mut ok) = (0usize, 0usize, true);
             for d in chain.readable() {
                 let mut n = d.len() as usize;
                 let mut addr = d.addr();
-                let s = skip.min(n);
-                skip -= s;
+                let s = (NET_HDR - got).min(n);
+                if s > 0 && !read_guest(mem, addr, &mut hdr[got..got + s]) {
+                    ok = false;
+                    break;
+                }
+                got += s;
                 n -= s;
                 let Some(a) = addr.checked_add(s as u64) else {
                     ok = false;
@@ -670,9 +784,14 @@ impl Backend {
                 len += n;
             }
             vring.add_used(head, 0).map_err(io::Error::other)?;
-            if ok && len > 0 {
+            let hdr = NetHdr::parse(&hdr);
+            let valid = hdr.validate(self.port.features(), len);
+            if let (true, true, Err(e)) = (ok, len > 0, &valid) {
+                debug!(port = self.port.id.0, "refused a frame's header: {e}");
+            }
+            if ok && len > 0 && valid.is_ok() {
                 self.port.egress_debit(len);
-                switch.switch_frame(&self.port, &buf[..len], kicks);
+                switch.switch_frame(&self.port, &buf[..len], &hdr, kicks);
             } else {
                 self.port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -700,6 +819,11 @@ impl VhostUserBackend for Backend {
 
     fn features(&self) -> u64 {
         F_VERSION_1
+            | F_CSUM
+            | F_GUEST_CSUM
+            | F_GUEST_TSO4
+            | F_HOST_TSO4
+            | F_MRG_RXBUF
             | F_MAC
             | F_STATUS
             | F_EVENT_IDX
@@ -711,6 +835,10 @@ impl VhostUserBackend for Backend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.port.features.store(features, Ordering::Relaxed);
     }
 
     fn set_event_idx(&self, _enabled: bool) {}

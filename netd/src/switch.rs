@@ -21,6 +21,7 @@ use crate::frame::{Arp, Ethernet, Ipv4, Mac, ARP_REQUEST, ETHERTYPE_ARP, ETHERTY
 use crate::l2::{Forward, MacTable, PortId, SegmentId};
 use crate::metadata::{self, Endpoint};
 use crate::nat::{Floating, Gateway, Nat};
+use crate::offload::{self, NetHdr};
 use crate::overlay::{self, Overlay};
 use crate::port::{self, Port};
 use crate::router::VpcId;
@@ -367,7 +368,7 @@ enum Refused {
 
 impl Inner {
     /// Forwards one frame `from` sent.
-    pub(crate) fn switch_frame(&self, from: &Port, frame: &[u8], kicks: &mut Kicks) {
+    pub(crate) fn switch_frame(&self, from: &Port, frame: &[u8], hdr: &NetHdr, kicks: &mut Kicks) {
         let eth = match Ethernet::parse(frame) {
             Ok(e) => e,
             Err(e) => {
@@ -376,6 +377,17 @@ impl Inner {
                 return;
             }
         };
+        if hdr.offloaded() && !self.offload_stays(from, &eth, kicks.now) {
+            // Not for one local port: finished here, then switched as the
+            // frames the guest could have sent.
+            let done = offload::finish(frame, hdr, |f| {
+                self.switch_frame(from, f, &NetHdr::PLAIN, kicks);
+            });
+            if let Err(e) = done {
+                self.malformed(from, e);
+            }
+            return;
+        }
         // ARP and IPv4 must parse; other protocols pass as they are on
         // unfiltered ports.
         let (arp, ip) = match parse_l3(&eth) {
@@ -386,7 +398,7 @@ impl Inner {
         from.stats
             .tx_bytes
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
-        self.mirror(from, frame, kicks);
+        self.mirror(from, frame, hdr, kicks);
         let now = kicks.now;
         let sec = from.security.read().unwrap_or_else(PoisonError::into_inner);
         if let Err(why) = self.egress(
@@ -442,7 +454,7 @@ impl Inner {
                     }
                 }
                 if let (Some((pkt, ipv4)), true) = (&ip, eth.dst == subnet.gateway_mac) {
-                    self.route(from, &l3, subnet, frame, pkt, ipv4, now, kicks);
+                    self.route(from, &l3, subnet, (frame, hdr), pkt, ipv4, now, kicks);
                     return;
                 }
             }
@@ -456,7 +468,7 @@ impl Inner {
             return;
         }
         let pkt = ip.as_ref().map(|p| &p.0);
-        self.forward_local(from.segment, from.id, decision, frame, pkt, kicks);
+        self.forward_local(from.segment, from.id, decision, (frame, hdr), pkt, kicks);
         match decision {
             Forward::Port(p) if p.0 >= overlay::REMOTE_PORTS => {
                 let remote = self
@@ -484,16 +496,32 @@ impl Inner {
     }
 
     /// Hands a frame on `segment` that came in on `in_port` to the local
-    /// ports `decision` names.
+    /// ports `decision` names; an offloaded frame going anywhere but one
+    /// port is finished first.
     pub(crate) fn forward_local(
         &self,
         segment: SegmentId,
         in_port: PortId,
         decision: Forward,
-        frame: &[u8],
+        (frame, hdr): (&[u8], &NetHdr),
         pkt: Option<&Packet>,
         kicks: &mut Kicks,
     ) {
+        let one_port = matches!(decision, Forward::Port(p) if p != UPLINK_PORT);
+        if hdr.offloaded() && !one_port {
+            let done = offload::finish(frame, hdr, |f| {
+                let ip = Ethernet::parse(f)
+                    .ok()
+                    .and_then(|e| parse_l3(&e).ok())
+                    .and_then(|(_, ip)| ip.map(|(p, _)| p));
+                let plain = (f, &NetHdr::PLAIN);
+                self.forward_local(segment, in_port, decision, plain, ip.as_ref(), kicks);
+            });
+            if let Err(e) = done {
+                debug!(segment = segment.0, "dropped an offloaded frame: {e}");
+            }
+            return;
+        }
         let ports = self.ports.read().unwrap_or_else(PoisonError::into_inner);
         match decision {
             Forward::Port(UPLINK_PORT) => {
@@ -502,7 +530,7 @@ impl Inner {
             }
             Forward::Port(p) => {
                 if let Some(to) = ports.get(&p).filter(|to| to.segment == segment) {
-                    self.deliver_checked(to, frame, pkt, kicks.now, kicks);
+                    self.deliver_checked(to, (frame, hdr), pkt, kicks.now, kicks);
                 }
             }
             Forward::Flood => {
@@ -510,7 +538,7 @@ impl Inner {
                     .values()
                     .filter(|p| p.segment == segment && p.id != in_port)
                 {
-                    self.deliver_checked(to, frame, pkt, kicks.now, kicks);
+                    self.deliver_checked(to, (frame, hdr), pkt, kicks.now, kicks);
                 }
                 drop(ports);
                 if in_port != UPLINK_PORT {
@@ -519,6 +547,51 @@ impl Inner {
             }
             Forward::Drop => {}
         }
+    }
+
+    /// Whether an offloaded frame from `from` goes to one local port (by
+    /// MAC, or routed to a VM of the VPC), so it may keep its offload.
+    fn offload_stays(&self, from: &Port, eth: &Ethernet<'_>, now: Instant) -> bool {
+        if crate::frame::is_group(&eth.dst) {
+            return false;
+        }
+        let to = {
+            let l3 = self.l3.read().unwrap_or_else(PoisonError::into_inner);
+            match l3.subnet(from.segment) {
+                Some(subnet) if subnet.gateway_mac == eth.dst => {
+                    let Some(ip) = crate::frame::Ipv4::parse(eth.payload).ok() else {
+                        return false;
+                    };
+                    if l3.is_gateway(from.segment, ip.dst) {
+                        return false;
+                    }
+                    match l3.route(from.segment, ip.dst) {
+                        Some((seg, _, host)) => Some((seg, host.port)),
+                        None => return false,
+                    }
+                }
+                _ => None,
+            }
+        };
+        let (segment, port) = match to {
+            Some(t) => t,
+            None => {
+                let found = self
+                    .table
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .lookup(from.segment, eth.dst, now);
+                match found {
+                    Some(p) if p != UPLINK_PORT && p.0 < overlay::REMOTE_PORTS => (from.segment, p),
+                    _ => return false,
+                }
+            }
+        };
+        self.ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&port)
+            .is_some_and(|p| p.segment == segment)
     }
 
     /// Sends `frame` of overlay `segment` to the endpoints `remotes`.
@@ -582,7 +655,8 @@ impl Inner {
             .unwrap_or_else(PoisonError::into_inner)
             .forward(seg, pseudo, eth.src, eth.dst, kicks.now);
         // Split horizon: what came from the tunnel never goes back into it.
-        self.forward_local(seg, pseudo, decision, inner, ip.as_ref(), kicks);
+        let plain = (inner, &NetHdr::PLAIN);
+        self.forward_local(seg, pseudo, decision, plain, ip.as_ref(), kicks);
     }
 
     /// Feeds a packet (or, with None, only the timers) to `from`'s
@@ -715,7 +789,7 @@ impl Inner {
     pub(crate) fn deliver_checked(
         &self,
         to: &Arc<Port>,
-        frame: &[u8],
+        (frame, hdr): (&[u8], &NetHdr),
         pkt: Option<&Packet>,
         now: Instant,
         kicks: &mut Kicks,
@@ -736,15 +810,15 @@ impl Inner {
         if !to.ingress_admit(frame.len(), now) {
             return;
         }
-        self.mirror(to, frame, kicks);
-        if to.enqueue(frame) {
+        self.mirror(to, frame, hdr, kicks);
+        if to.enqueue(frame, hdr) {
             kicks.add(to);
         }
     }
 
     /// A copy of `frame` (sent or received by `port`) for the port it is
     /// mirrored to, if any.
-    fn mirror(&self, port: &Port, frame: &[u8], kicks: &mut Kicks) {
+    fn mirror(&self, port: &Port, frame: &[u8], hdr: &NetHdr, kicks: &mut Kicks) {
         let Some(target) = port.mirror_target() else {
             return;
         };
@@ -755,7 +829,7 @@ impl Inner {
             .get(&target)
             .cloned();
         if let Some(to) = to.filter(|t| t.id != port.id) {
-            if to.enqueue(frame) {
+            if to.enqueue(frame, hdr) {
                 kicks.add(&to);
             }
         }
@@ -769,7 +843,7 @@ impl Inner {
         from: &Port,
         l3: &L3,
         subnet: &Subnet,
-        frame: &[u8],
+        (frame, hdr): (&[u8], &NetHdr),
         pkt: &Packet,
         ip: &Ipv4<'_>,
         now: Instant,
@@ -782,9 +856,12 @@ impl Inner {
             return;
         }
         let Some((seg, dst_subnet, host)) = l3.route(from.segment, ip.dst) else {
-            let out = subnet.vpc.is_some_and(|vpc| {
-                !l3.vpc_contains(vpc, ip.dst) && self.route_external(vpc, frame, pkt, ip, kicks)
-            });
+            // A frame still carrying an offload was meant for a VM (the
+            // route went away since): NAT wants it finished.
+            let out = !hdr.offloaded()
+                && subnet.vpc.is_some_and(|vpc| {
+                    !l3.vpc_contains(vpc, ip.dst) && self.route_external(vpc, frame, pkt, ip, kicks)
+                });
             if out {
                 return;
             }
@@ -806,7 +883,7 @@ impl Inner {
         if let Some(to) = to {
             let mut out = frame.to_vec();
             route_rewrite(&mut out, dst_subnet.gateway_mac, host.mac);
-            self.deliver_checked(&to, &out, Some(pkt), now, kicks);
+            self.deliver_checked(&to, (&out, hdr), Some(pkt), now, kicks);
         }
     }
 
