@@ -3,7 +3,9 @@
 //! buffers in shared memory) and sends and receives raw Ethernet frames.
 //!
 //! Frames go out behind a 12-byte virtio-net header (VERSION_1) and come back
-//! behind one; the header is added and removed here.
+//! behind one; the header is added and removed here, or given and returned
+//! as it is (`send_with_header`, `recv_with_header`) for offload tests. With
+//! MRG_RXBUF a received frame is gathered from the buffers it spans.
 
 use std::fs::File;
 use std::io::{Error, ErrorKind};
@@ -21,6 +23,8 @@ const QUEUE_SIZE: u16 = 64;
 const BUF: usize = 2048;
 const RX: usize = 0;
 const TX: usize = 1;
+/// VIRTIO_NET_F_MRG_RXBUF.
+pub const F_MRG_RXBUF: u64 = 1 << 15;
 
 /// `struct virtio_net_config` up to the MTU.
 #[derive(Clone, Copy, Default, Debug)]
@@ -41,6 +45,9 @@ unsafe impl ByteValued for NetConfig {}
 
 type Transport = VhostUser<NetConfig, u16>;
 
+/// A received frame with the virtio-net header it came behind.
+pub type Received = ([u8; NET_HDR], Vec<u8>);
+
 /// One connected NIC.
 pub struct NetFrontend {
     // Field order is drop order: the queues point into memory the transport
@@ -50,6 +57,7 @@ pub struct NetFrontend {
     rx_call: Arc<EventFd>,
     tx_call: Arc<EventFd>,
     rx_used_seen: u16,
+    features: u64,
     data: memmap2::MmapMut,
     _data_file: File,
     transport: Box<Transport>,
@@ -65,11 +73,18 @@ impl NetFrontend {
     /// Connects to the vhost-user-net socket at `path` and fills the receive
     /// queue.
     pub fn connect(path: &Path) -> Result<Self, Error> {
+        Self::connect_with(path, 0)
+    }
+
+    /// Connects asking for the virtio-net features `extra` too (offloads,
+    /// MRG_RXBUF); [`NetFrontend::features`] tells what the port granted.
+    pub fn connect_with(path: &Path, extra: u64) -> Result<Self, Error> {
         let path_str = path
             .to_str()
             .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "socket path is not UTF-8"))?;
-        let features = VirtioFeatureFlags::VERSION_1.bits() | (1 << 5); // NET_F_MAC
+        let features = VirtioFeatureFlags::VERSION_1.bits() | (1 << 5) | extra; // NET_F_MAC
         let mut transport = Box::new(Transport::new(path_str, features)?);
+        let features = transport.get_features();
         let config = transport.get_config()?;
         let flags = VirtioFeatureFlags::VERSION_1;
         let layout = VirtqueueLayout::new::<u16>(2, usize::from(QUEUE_SIZE), flags)?;
@@ -114,6 +129,7 @@ impl NetFrontend {
             rx_call,
             tx_call,
             rx_used_seen: 0,
+            features,
             data,
             _data_file: data_file,
             transport,
@@ -146,17 +162,33 @@ impl NetFrontend {
         Ok(())
     }
 
+    /// The features negotiated with the port.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
     /// Sends one frame and waits until the port has taken it.
     pub fn send(&mut self, frame: &[u8]) -> Result<(), Error> {
         if frame.len() + NET_HDR > BUF {
             return Err(Error::new(ErrorKind::InvalidInput, "frame too long"));
         }
+        self.send_with_header([0; NET_HDR], frame)
+    }
+
+    /// Sends one frame behind the virtio-net header `hdr` as given (a
+    /// checksum or segmentation left to the device), in one descriptor of
+    /// up to all the transmit buffers; waits until the port has taken it.
+    pub fn send_with_header(&mut self, hdr: [u8; NET_HDR], frame: &[u8]) -> Result<(), Error> {
+        let room = usize::from(QUEUE_SIZE) * BUF;
+        if frame.len() + NET_HDR > room {
+            return Err(Error::new(ErrorKind::InvalidInput, "frame too long"));
+        }
         let slot = usize::from(QUEUE_SIZE);
         let base = self.slot_ptr(slot);
-        // SAFETY: the slot is BUF bytes inside our mapping; nothing else
-        // writes it while the previous send has completed.
-        let buf = unsafe { std::slice::from_raw_parts_mut(base, BUF) };
-        buf[..NET_HDR].fill(0);
+        // SAFETY: the transmit buffers are `room` bytes inside our mapping;
+        // nothing else writes them while the previous send has completed.
+        let buf = unsafe { std::slice::from_raw_parts_mut(base, room) };
+        buf[..NET_HDR].copy_from_slice(&hdr);
         buf[NET_HDR..NET_HDR + frame.len()].copy_from_slice(frame);
         self.submit_tx(base, NET_HDR + frame.len())
     }
@@ -201,23 +233,68 @@ impl NetFrontend {
 
     /// The next received frame, or `None` when none arrives within `timeout`.
     pub fn recv(&mut self, timeout: Duration) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.recv_with_header(timeout)?.map(|(_, f)| f))
+    }
+
+    /// The next received frame with its virtio-net header, or `None` when
+    /// none arrives within `timeout`.
+    pub fn recv_with_header(&mut self, timeout: Duration) -> Result<Option<Received>, Error> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(frame) = self.take_rx()? {
-                return Ok(Some(frame));
+            if let Some(got) = self.take_frame(deadline)? {
+                return Ok(Some(got));
             }
             if !wait(&self.rx_call, deadline)? {
-                return self.take_rx();
+                return self.take_frame(deadline);
             }
         }
     }
 
     /// A frame already received, if any (no waiting).
     pub fn try_recv(&mut self) -> Result<Option<Vec<u8>>, Error> {
-        self.take_rx()
+        let soon = Instant::now() + Duration::from_secs(1);
+        Ok(self.take_frame(soon)?.map(|(_, f)| f))
     }
 
-    fn take_rx(&mut self) -> Result<Option<Vec<u8>>, Error> {
+    /// A received frame: its first buffer, and with MRG_RXBUF the further
+    /// buffers its header counts (waited for until `deadline`).
+    fn take_frame(&mut self, deadline: Instant) -> Result<Option<Received>, Error> {
+        let Some(first) = self.take_used()? else {
+            return Ok(None);
+        };
+        if first.len() < NET_HDR {
+            return Err(Error::other(format!(
+                "received {} bytes, less than a header",
+                first.len()
+            )));
+        }
+        let mut hdr = [0u8; NET_HDR];
+        hdr.copy_from_slice(&first[..NET_HDR]);
+        let mut frame = first[NET_HDR..].to_vec();
+        let buffers = if self.features & F_MRG_RXBUF != 0 {
+            u16::from_le_bytes([hdr[10], hdr[11]])
+        } else {
+            1
+        };
+        if buffers == 0 {
+            return Err(Error::other("num_buffers is 0"));
+        }
+        for i in 1..buffers {
+            let more = loop {
+                if let Some(b) = self.take_used()? {
+                    break b;
+                }
+                if !wait(&self.rx_call, deadline)? {
+                    return Err(Error::other(format!("buffer {i} of {buffers} never came")));
+                }
+            };
+            frame.extend_from_slice(&more);
+        }
+        Ok(Some((hdr, frame)))
+    }
+
+    /// The next used receive buffer's contents (the buffer is posted again).
+    fn take_used(&mut self) -> Result<Option<Vec<u8>>, Error> {
         // The used ring: flags u16, idx u16, then {id u32, len u32} entries.
         // virtio-driver hands back ids but not lengths, so the length is read
         // from the ring here, in the same order the iterator yields them.
@@ -238,19 +315,13 @@ impl NetFrontend {
         };
         let slot = done.req;
         let len = (len as usize).min(BUF);
-        if len < NET_HDR {
-            return Err(Error::other(format!(
-                "received {len} bytes, less than a header"
-            )));
-        }
         let base = self.slot_ptr(usize::from(slot));
         // SAFETY: the slot is BUF bytes inside our mapping and the device is
         // done with it (it is in the used ring).
-        let frame =
-            unsafe { std::slice::from_raw_parts(base.add(NET_HDR), len - NET_HDR) }.to_vec();
+        let data = unsafe { std::slice::from_raw_parts(base, len) }.to_vec();
         self.post_rx(slot)?;
         self.transport.get_submission_notifier(RX).notify()?;
-        Ok(Some(frame))
+        Ok(Some(data))
     }
 }
 
