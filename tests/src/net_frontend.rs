@@ -21,7 +21,6 @@ use virtio_driver::{ByteValued, EventFd, VhostUser, VirtioFeatureFlags, VirtioTr
 pub const NET_HDR: usize = 12;
 const QUEUE_SIZE: u16 = 64;
 const BUF: usize = 2048;
-const RX: usize = 0;
 const TX: usize = 1;
 /// VIRTIO_NET_F_MRG_RXBUF.
 pub const F_MRG_RXBUF: u64 = 1 << 15;
@@ -52,11 +51,10 @@ pub type Received = ([u8; NET_HDR], Vec<u8>);
 pub struct NetFrontend {
     // Field order is drop order: the queues point into memory the transport
     // and `data` own.
-    rx: Virtqueue<'static, u16>,
-    tx: Virtqueue<'static, u16>,
-    rx_call: Arc<EventFd>,
-    tx_call: Arc<EventFd>,
-    rx_used_seen: u16,
+    /// Receive queue of pair p at 2p, its transmit queue at 2p + 1.
+    queues: Vec<Virtqueue<'static, u16>>,
+    calls: Vec<Arc<EventFd>>,
+    rx_used_seen: Vec<u16>,
     features: u64,
     data: memmap2::MmapMut,
     _data_file: File,
@@ -69,6 +67,9 @@ fn other(what: &str, e: impl std::fmt::Display) -> Error {
     Error::other(format!("{what}: {e}"))
 }
 
+/// Bytes of buffers per queue.
+const QUEUE_BYTES: usize = QUEUE_SIZE as usize * BUF;
+
 impl NetFrontend {
     /// Connects to the vhost-user-net socket at `path` and fills the receive
     /// queue.
@@ -79,6 +80,12 @@ impl NetFrontend {
     /// Connects asking for the virtio-net features `extra` too (offloads,
     /// MRG_RXBUF); [`NetFrontend::features`] tells what the port granted.
     pub fn connect_with(path: &Path, extra: u64) -> Result<Self, Error> {
+        Self::connect_pairs(path, extra, 1)
+    }
+
+    /// Connects with `pairs` receive/transmit queue pairs (more than one
+    /// needs the device's MQ feature), each receive queue filled.
+    pub fn connect_pairs(path: &Path, extra: u64, pairs: usize) -> Result<Self, Error> {
         let path_str = path
             .to_str()
             .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "socket path is not UTF-8"))?;
@@ -86,25 +93,30 @@ impl NetFrontend {
         let mut transport = Box::new(Transport::new(path_str, features)?);
         let features = transport.get_features();
         let config = transport.get_config()?;
+        let n = 2 * pairs.max(1);
+        if transport.max_queues().unwrap_or(2) < n {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("the device has fewer than {n} queues"),
+            ));
+        }
         let flags = VirtioFeatureFlags::VERSION_1;
-        let layout = VirtqueueLayout::new::<u16>(2, usize::from(QUEUE_SIZE), flags)?;
-        let translators = [transport.iova_translator(), transport.iova_translator()];
+        let layout = VirtqueueLayout::new::<u16>(n, usize::from(QUEUE_SIZE), flags)?;
+        let translators: Vec<_> = (0..n).map(|_| transport.iova_translator()).collect();
         let mem = transport.alloc_queue_mem(&layout)?;
         let base = mem.as_mut_ptr();
-        let [t0, t1] = translators;
-        // SAFETY: the two halves of the queue memory do not overlap, and the
-        // mapping lives in the boxed transport, which outlives the queues
-        // (field order above).
-        let (q0, q1) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(base, layout.end_offset),
-                std::slice::from_raw_parts_mut(base.add(layout.end_offset), layout.end_offset),
-            )
-        };
-        let rx = Virtqueue::new(t0, q0, QUEUE_SIZE, flags)?;
-        let tx = Virtqueue::new(t1, q1, QUEUE_SIZE, flags)?;
-        // Buffers: QUEUE_SIZE receive slots, then QUEUE_SIZE transmit slots.
-        let len = 2 * usize::from(QUEUE_SIZE) * BUF;
+        let mut queues = Vec::with_capacity(n);
+        for (i, t) in translators.into_iter().enumerate() {
+            // SAFETY: the n parts of the queue memory do not overlap, and
+            // the mapping lives in the boxed transport, which outlives the
+            // queues (field order above).
+            let q = unsafe {
+                std::slice::from_raw_parts_mut(base.add(i * layout.end_offset), layout.end_offset)
+            };
+            queues.push(Virtqueue::new(t, q, QUEUE_SIZE, flags)?);
+        }
+        // Buffers: per queue, QUEUE_SIZE slots.
+        let len = n * QUEUE_BYTES;
         // SAFETY: memfd_create with a valid name; the fd is checked.
         let fd = unsafe { libc::memfd_create(c"net-frontend".as_ptr(), libc::MFD_CLOEXEC) };
         if fd < 0 {
@@ -116,40 +128,40 @@ impl NetFrontend {
         // SAFETY: a shared mapping of our own memfd.
         let data = unsafe { memmap2::MmapMut::map_mut(&data_file) }?;
         transport.map_mem_region(data.as_ptr() as usize, len, data_file.as_raw_fd(), 0)?;
-        let mut queues = vec![rx, tx];
         transport.setup_queues(&queues)?;
-        let (Some(tx), Some(rx)) = (queues.pop(), queues.pop()) else {
-            return Err(Error::other("queue setup lost a queue"));
-        };
-        let rx_call = transport.get_completion_fd(RX);
-        let tx_call = transport.get_completion_fd(TX);
+        let calls = (0..n).map(|q| transport.get_completion_fd(q)).collect();
         let mut me = Self {
-            rx,
-            tx,
-            rx_call,
-            tx_call,
-            rx_used_seen: 0,
+            queues,
+            calls,
+            rx_used_seen: vec![0; pairs.max(1)],
             features,
             data,
             _data_file: data_file,
             transport,
             config,
         };
-        for slot in 0..QUEUE_SIZE {
-            me.post_rx(slot)?;
+        for pair in 0..pairs.max(1) {
+            for slot in 0..QUEUE_SIZE {
+                me.post_rx(pair, slot)?;
+            }
+            me.transport.get_submission_notifier(2 * pair).notify()?;
         }
-        me.transport.get_submission_notifier(RX).notify()?;
         Ok(me)
     }
 
-    fn slot_ptr(&mut self, slot: usize) -> *mut u8 {
-        // SAFETY: slot < 2 * QUEUE_SIZE: inside the mapping.
-        unsafe { self.data.as_mut_ptr().add(slot * BUF) }
+    /// Start of buffer `slot` of queue `queue`.
+    fn slot_ptr(&mut self, queue: usize, slot: usize) -> *mut u8 {
+        // SAFETY: queue < 2 * pairs and slot < QUEUE_SIZE: inside the mapping.
+        unsafe {
+            self.data
+                .as_mut_ptr()
+                .add(queue * QUEUE_BYTES + slot * BUF)
+        }
     }
 
-    fn post_rx(&mut self, slot: u16) -> Result<(), Error> {
-        let base = self.slot_ptr(usize::from(slot));
-        self.rx.add_request(|req, add| {
+    fn post_rx(&mut self, pair: usize, slot: u16) -> Result<(), Error> {
+        let base = self.slot_ptr(2 * pair, usize::from(slot));
+        self.queues[2 * pair].add_request(|req, add| {
             *req = slot;
             add(
                 libc::iovec {
@@ -179,18 +191,24 @@ impl NetFrontend {
     /// checksum or segmentation left to the device), in one descriptor of
     /// up to all the transmit buffers; waits until the port has taken it.
     pub fn send_with_header(&mut self, hdr: [u8; NET_HDR], frame: &[u8]) -> Result<(), Error> {
-        let room = usize::from(QUEUE_SIZE) * BUF;
-        if frame.len() + NET_HDR > room {
+        self.send_on(0, hdr, frame)
+    }
+
+    /// Like [`NetFrontend::send_with_header`], on queue pair `pair`.
+    pub fn send_on(&mut self, pair: usize, hdr: [u8; NET_HDR], frame: &[u8]) -> Result<(), Error> {
+        if pair >= self.rx_used_seen.len() {
+            return Err(Error::new(ErrorKind::InvalidInput, "no such queue pair"));
+        }
+        if frame.len() + NET_HDR > QUEUE_BYTES {
             return Err(Error::new(ErrorKind::InvalidInput, "frame too long"));
         }
-        let slot = usize::from(QUEUE_SIZE);
-        let base = self.slot_ptr(slot);
-        // SAFETY: the transmit buffers are `room` bytes inside our mapping;
+        let base = self.slot_ptr(2 * pair + 1, 0);
+        // SAFETY: the transmit buffers are QUEUE_BYTES inside our mapping;
         // nothing else writes them while the previous send has completed.
-        let buf = unsafe { std::slice::from_raw_parts_mut(base, room) };
+        let buf = unsafe { std::slice::from_raw_parts_mut(base, QUEUE_BYTES) };
         buf[..NET_HDR].copy_from_slice(&hdr);
         buf[NET_HDR..NET_HDR + frame.len()].copy_from_slice(frame);
-        self.submit_tx(base, NET_HDR + frame.len())
+        self.submit_tx(2 * pair + 1, base, NET_HDR + frame.len())
     }
 
     /// Submits one transmit descriptor claiming `len` bytes from the start
@@ -198,15 +216,14 @@ impl NetFrontend {
     /// mapping): a guest lying about a frame's length. Waits until the port
     /// has taken it.
     pub fn send_descriptor(&mut self, len: usize) -> Result<(), Error> {
-        let slot = usize::from(QUEUE_SIZE);
-        let base = self.slot_ptr(slot);
-        self.submit_tx(base, len.min(usize::from(QUEUE_SIZE) * BUF))
+        let base = self.slot_ptr(TX, 0);
+        self.submit_tx(TX, base, len.min(QUEUE_BYTES))
     }
 
-    /// Puts one descriptor of `len` bytes at `base` on the transmit queue
+    /// Puts one descriptor of `len` bytes at `base` on transmit queue `q`
     /// and waits until the port has taken it.
-    fn submit_tx(&mut self, base: *mut u8, len: usize) -> Result<(), Error> {
-        self.tx.add_request(|req, add| {
+    fn submit_tx(&mut self, q: usize, base: *mut u8, len: usize) -> Result<(), Error> {
+        self.queues[q].add_request(|req, add| {
             *req = 0;
             add(
                 libc::iovec {
@@ -216,13 +233,13 @@ impl NetFrontend {
                 false,
             )
         })?;
-        self.transport.get_submission_notifier(TX).notify()?;
+        self.transport.get_submission_notifier(q).notify()?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if self.tx.completions().next().is_some() {
+            if self.queues[q].completions().next().is_some() {
                 return Ok(());
             }
-            if !wait(&self.tx_call, deadline)? {
+            if !wait(&[&self.calls[q]], deadline)? {
                 return Err(Error::new(
                     ErrorKind::TimedOut,
                     "the port did not take the descriptor",
@@ -239,13 +256,27 @@ impl NetFrontend {
     /// The next received frame with its virtio-net header, or `None` when
     /// none arrives within `timeout`.
     pub fn recv_with_header(&mut self, timeout: Duration) -> Result<Option<Received>, Error> {
+        Ok(self.recv_any(timeout)?.map(|(_, r)| r))
+    }
+
+    /// The next frame received on any queue pair, with the pair.
+    pub fn recv_any(&mut self, timeout: Duration) -> Result<Option<(usize, Received)>, Error> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(got) = self.take_frame(deadline)? {
-                return Ok(Some(got));
+            for pair in 0..self.rx_used_seen.len() {
+                if let Some(got) = self.take_frame(pair, deadline)? {
+                    return Ok(Some((pair, got)));
+                }
             }
-            if !wait(&self.rx_call, deadline)? {
-                return self.take_frame(deadline);
+            let calls: Vec<Arc<EventFd>> = self.calls.iter().step_by(2).cloned().collect();
+            let refs: Vec<&EventFd> = calls.iter().map(|c| &**c).collect();
+            if !wait(&refs, deadline)? {
+                for pair in 0..self.rx_used_seen.len() {
+                    if let Some(got) = self.take_frame(pair, deadline)? {
+                        return Ok(Some((pair, got)));
+                    }
+                }
+                return Ok(None);
             }
         }
     }
@@ -253,13 +284,18 @@ impl NetFrontend {
     /// A frame already received, if any (no waiting).
     pub fn try_recv(&mut self) -> Result<Option<Vec<u8>>, Error> {
         let soon = Instant::now() + Duration::from_secs(1);
-        Ok(self.take_frame(soon)?.map(|(_, f)| f))
+        for pair in 0..self.rx_used_seen.len() {
+            if let Some((_, f)) = self.take_frame(pair, soon)? {
+                return Ok(Some(f));
+            }
+        }
+        Ok(None)
     }
 
-    /// A received frame: its first buffer, and with MRG_RXBUF the further
-    /// buffers its header counts (waited for until `deadline`).
-    fn take_frame(&mut self, deadline: Instant) -> Result<Option<Received>, Error> {
-        let Some(first) = self.take_used()? else {
+    /// A frame received on `pair`: its first buffer, and with MRG_RXBUF the
+    /// further buffers its header counts (waited for until `deadline`).
+    fn take_frame(&mut self, pair: usize, deadline: Instant) -> Result<Option<Received>, Error> {
+        let Some(first) = self.take_used(pair)? else {
             return Ok(None);
         };
         if first.len() < NET_HDR {
@@ -281,10 +317,11 @@ impl NetFrontend {
         }
         for i in 1..buffers {
             let more = loop {
-                if let Some(b) = self.take_used()? {
+                if let Some(b) = self.take_used(pair)? {
                     break b;
                 }
-                if !wait(&self.rx_call, deadline)? {
+                let call = self.calls[2 * pair].clone();
+                if !wait(&[&call], deadline)? {
                     return Err(Error::other(format!("buffer {i} of {buffers} never came")));
                 }
             };
@@ -293,49 +330,56 @@ impl NetFrontend {
         Ok(Some((hdr, frame)))
     }
 
-    /// The next used receive buffer's contents (the buffer is posted again).
-    fn take_used(&mut self) -> Result<Option<Vec<u8>>, Error> {
+    /// The next used receive buffer's contents on `pair` (the buffer is
+    /// posted again).
+    fn take_used(&mut self, pair: usize) -> Result<Option<Vec<u8>>, Error> {
+        let q = 2 * pair;
         // The used ring: flags u16, idx u16, then {id u32, len u32} entries.
         // virtio-driver hands back ids but not lengths, so the length is read
         // from the ring here, in the same order the iterator yields them.
-        let used = self.rx.device_area_ptr();
+        let used = self.queues[q].device_area_ptr();
         // SAFETY: the used ring lies in the queue mapping; the device writes
         // it concurrently, hence volatile reads.
         let idx = unsafe { std::ptr::read_volatile(used.add(2).cast::<u16>()) };
-        if idx == self.rx_used_seen {
+        if idx == self.rx_used_seen[pair] {
             return Ok(None);
         }
         std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-        let at = usize::from(self.rx_used_seen % QUEUE_SIZE);
+        let at = usize::from(self.rx_used_seen[pair] % QUEUE_SIZE);
         // SAFETY: entry `at` < QUEUE_SIZE of the used ring.
         let len = unsafe { std::ptr::read_volatile(used.add(4 + at * 8 + 4).cast::<u32>()) };
-        self.rx_used_seen = self.rx_used_seen.wrapping_add(1);
-        let Some(done) = self.rx.completions().next() else {
+        self.rx_used_seen[pair] = self.rx_used_seen[pair].wrapping_add(1);
+        let Some(done) = self.queues[q].completions().next() else {
             return Err(Error::other("used ring and driver disagree"));
         };
         let slot = done.req;
         let len = (len as usize).min(BUF);
-        let base = self.slot_ptr(usize::from(slot));
+        let base = self.slot_ptr(q, usize::from(slot));
         // SAFETY: the slot is BUF bytes inside our mapping and the device is
         // done with it (it is in the used ring).
         let data = unsafe { std::slice::from_raw_parts(base, len) }.to_vec();
-        self.post_rx(slot)?;
-        self.transport.get_submission_notifier(RX).notify()?;
+        self.post_rx(pair, slot)?;
+        self.transport.get_submission_notifier(q).notify()?;
         Ok(Some(data))
     }
 }
 
-/// Waits for `fd` until `deadline`; true if it fired (and was read).
-fn wait(fd: &EventFd, deadline: Instant) -> Result<bool, Error> {
+/// Waits for any of `fds` until `deadline`; true if one fired (and those
+/// that did were read).
+fn wait(fds: &[&EventFd], deadline: Instant) -> Result<bool, Error> {
     let left = deadline.saturating_duration_since(Instant::now());
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    let count = libc::nfds_t::try_from(p.len()).unwrap_or(0);
+    // SAFETY: `p` holds `count` valid pollfds.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), count, ms) };
     if n < 0 {
         let e = Error::last_os_error();
         return if e.kind() == ErrorKind::Interrupted {
@@ -347,6 +391,10 @@ fn wait(fd: &EventFd, deadline: Instant) -> Result<bool, Error> {
     if n == 0 {
         return Ok(false);
     }
-    fd.read().map_err(|e| other("reading a call eventfd", e))?;
+    for (fd, p) in fds.iter().zip(&p) {
+        if p.revents & libc::POLLIN != 0 {
+            fd.read().map_err(|e| other("reading a call eventfd", e))?;
+        }
+    }
     Ok(true)
 }
