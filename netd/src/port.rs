@@ -1,5 +1,6 @@
-//! A switch port as a vhost-user-net backend: queue 0 receives (switch to
-//! guest), queue 1 transmits (guest to switch). One frontend at a time; when
+//! A switch port as a vhost-user-net backend: queue 2p receives (switch to
+//! guest), queue 2p + 1 transmits (guest to switch), for up to QUEUE_PAIRS
+//! pairs p, each pair on its own thread. One frontend at a time; when
 //! it goes, the socket stays and the next one (the VM restarted) connects.
 
 use std::collections::VecDeque;
@@ -45,8 +46,10 @@ const TX_POLL: Duration = Duration::from_micros(30);
 const MAX_SHAPING_SLEEP: Duration = Duration::from_millis(10);
 /// Frames switched between wake-ups of the receivers during a burst.
 const TX_BATCH: usize = 64;
-const RXQ: usize = 0;
-const TXQ: usize = 1;
+/// Receive/transmit queue pairs a port offers (MQ): receive queue of pair
+/// p at 2p, transmit at 2p + 1, each pair served by its own thread.
+pub const QUEUE_PAIRS: usize = 4;
+const F_MQ: u64 = 1 << 22;
 const F_MAC: u64 = 1 << 5;
 const F_STATUS: u64 = 1 << 16;
 const F_VERSION_1: u64 = 1 << 32;
@@ -98,13 +101,39 @@ impl PortStats {
 #[derive(Default)]
 struct RxSide {
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
-    vrings: Option<Vec<VringRwLock>>,
+    /// The rings by queue index, each pair's known once its thread has
+    /// seen the first event (empty while no frontend is connected).
+    vrings: Vec<Option<VringRwLock>>,
     pending: VecDeque<(NetHdr, Vec<u8>)>,
-    /// Used buffers the guest has not been signalled about.
-    unsignalled: bool,
-    /// Used entries were published in a way the ring's notification
-    /// suppression did not count: signal without asking it.
-    force_signal: bool,
+    /// Receive queues (bit p: pair p) with used buffers the guest has not
+    /// been signalled about.
+    unsignalled: u32,
+    /// Receive queues whose used entries were published in a way the ring's
+    /// notification suppression did not count: signalled without asking it.
+    force_signal: u32,
+    /// The receive queues (vring indexes) the driver has set up and enabled.
+    active: Vec<usize>,
+    /// Receive queues (bit p) whose kicks for new buffers are turned off.
+    quiet: u32,
+}
+
+/// Which of `active` receive queues a frame goes to: by its addresses and
+/// ports, so a flow keeps to one queue (and one guest CPU).
+fn pick_queue(active: &[usize], frame: &[u8]) -> Option<usize> {
+    match active {
+        [] => None,
+        [one] => Some(*one),
+        _ => {
+            // MACs, then (IPv4) addresses and ports.
+            let mut h = 0xcbf2_9ce4_8422_2325u64;
+            let key = frame.get(..12).into_iter().chain(frame.get(26..38));
+            for b in key.flatten() {
+                h = (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+            }
+            let i = usize::try_from(h % active.len() as u64).unwrap_or(0);
+            active.get(i).copied()
+        }
+    }
 }
 
 /// What became of a frame offered to the receive ring.
@@ -405,12 +434,14 @@ impl Port {
         }
         let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
         if rx.pending.is_empty() {
-            match self.write_one(&mut rx, hdr, frame) {
-                Written::Done | Written::Lost => {
-                    rx.unsignalled = true;
-                    return true;
+            if let Some(q) = pick_queue(&rx.active, frame) {
+                match self.write_one(&mut rx, q, hdr, frame) {
+                    Written::Done | Written::Lost => {
+                        rx.unsignalled |= 1 << (q / 2);
+                        return true;
+                    }
+                    Written::NoRoom => {}
                 }
-                Written::NoRoom => {}
             }
         }
         if rx.pending.len() >= MAX_PENDING {
@@ -429,32 +460,37 @@ impl Port {
     }
 
     fn signal(&self, rx: &mut RxSide) {
-        if !std::mem::take(&mut rx.unsignalled) {
+        let pairs = std::mem::take(&mut rx.unsignalled);
+        if pairs == 0 {
             return;
         }
         let forced = std::mem::take(&mut rx.force_signal);
-        let (Some(atomic), Some(vring)) = (&rx.mem, rx.vrings.as_ref().and_then(|v| v.get(RXQ)))
-        else {
+        let (Some(atomic), vrings) = (&rx.mem, &rx.vrings) else {
             return;
         };
-        if needs_signal(vring, &atomic.memory()) || forced {
-            if let Err(e) = vring.signal_used_queue() {
-                debug!(port = self.id.0, "cannot signal the guest: {e}");
+        let mem = atomic.memory();
+        for pair in (0..QUEUE_PAIRS).filter(|p| pairs & (1 << p) != 0) {
+            let Some(vring) = vrings.get(2 * pair).and_then(Option::as_ref) else {
+                continue;
+            };
+            if forced & (1 << pair) != 0 || needs_signal(vring, &mem) {
+                if let Err(e) = vring.signal_used_queue() {
+                    debug!(port = self.id.0, "cannot signal the guest: {e}");
+                }
             }
         }
     }
 
     /// Puts `frame` behind its virtio-net header into the next receive
     /// buffer, or (with MRG_RXBUF) as many buffers as it takes.
-    fn write_one(&self, rx: &mut RxSide, hdr: &NetHdr, frame: &[u8]) -> Written {
+    fn write_one(&self, rx: &mut RxSide, q: usize, hdr: &NetHdr, frame: &[u8]) -> Written {
         let RxSide {
             mem: atomic,
             vrings,
             force_signal,
             ..
         } = rx;
-        let (Some(atomic), Some(vring)) =
-            (atomic.as_ref(), vrings.as_ref().and_then(|v| v.get(RXQ)))
+        let (Some(atomic), Some(vring)) = (atomic.as_ref(), vrings.get(q).and_then(Option::as_ref))
         else {
             return Written::NoRoom;
         };
@@ -498,14 +534,8 @@ impl Port {
                 .map(|b| b.copy_from(&h.to_bytes()))
                 .ok();
             s.offset(NET_HDR).map(|f| f.copy_from(frame)).ok();
-            return self.publish(
-                force_signal,
-                vring,
-                &mem,
-                &[(first.head_index(), total)],
-                true,
-                frame,
-            );
+            let used = [(first.head_index(), total)];
+            return self.publish(force_signal, (q, vring), &mem, &used, true, frame);
         }
         let room = |c: &virtio_queue::DescriptorChain<_>| {
             c.clone()
@@ -561,7 +591,7 @@ impl Port {
             used.push((chain.head_index(), written));
         }
         let done = ok && part == parts.len();
-        self.publish(force_signal, vring, &mem, &used, done, frame)
+        self.publish(force_signal, (q, vring), &mem, &used, done, frame)
     }
 
     /// Returns the receive buffers `used` (head, bytes written) to the
@@ -569,8 +599,8 @@ impl Port {
     /// sees part of a frame spanning several buffers.
     fn publish(
         &self,
-        force_signal: &mut bool,
-        vring: &VringRwLock,
+        force_signal: &mut u32,
+        (rxq, vring): (usize, &VringRwLock),
         mem: &GuestMemoryMmap,
         used: &[(u16, usize)],
         done: bool,
@@ -596,7 +626,7 @@ impl Port {
                         .is_ok();
                 }
                 q.set_next_used(base.wrapping_add(u16::try_from(rest.len()).unwrap_or(0)));
-                *force_signal = true;
+                *force_signal |= 1 << (rxq / 2);
             }
             ok && q
                 .add_used(mem, *last, u32::try_from(*last_len).unwrap_or(0))
@@ -623,8 +653,12 @@ impl Port {
     fn flush(&self, rx: &mut RxSide) {
         let waiting = !rx.pending.is_empty();
         while let Some((hdr, frame)) = rx.pending.pop_front() {
-            match self.write_one(rx, &hdr, &frame) {
-                Written::Done | Written::Lost => rx.unsignalled = true,
+            let Some(q) = pick_queue(&rx.active, &frame) else {
+                rx.pending.push_front((hdr, frame));
+                break;
+            };
+            match self.write_one(rx, q, &hdr, &frame) {
+                Written::Done | Written::Lost => rx.unsignalled |= 1 << (q / 2),
                 Written::NoRoom => {
                     rx.pending.push_front((hdr, frame));
                     break;
@@ -633,41 +667,76 @@ impl Port {
         }
         if waiting && rx.pending.is_empty() {
             // Caught up: no more kicks for receive buffers.
-            if let Some(v) = rx.vrings.as_ref().and_then(|v| v.get(RXQ)) {
-                let _ = v.disable_notification();
+            for q in &rx.active {
+                if let Some(v) = rx.vrings.get(*q).and_then(Option::as_ref) {
+                    let _ = v.disable_notification();
+                }
             }
         }
         self.signal(rx);
     }
 
-    fn attach(&self, vrings: &[VringRwLock]) {
+    /// Takes the rings on the driver's first notification, and on every one
+    /// notes which receive queues it has set up (a driver enables more
+    /// pairs as it brings its CPUs up); then fills buffers it added from
+    /// what is pending.
+    fn attach(&self, pair: usize, vrings: &[VringRwLock]) {
         let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
-        if rx.vrings.is_none() {
-            // The guest need not kick when it adds receive buffers, unless a
-            // frame waits for one (then `write_one` asks for the kick).
-            if let Some(v) = vrings.get(RXQ) {
-                let _ = v.disable_notification();
-            }
-            rx.vrings = Some(vrings.to_vec());
+        if rx.vrings.len() < 2 * QUEUE_PAIRS {
+            rx.vrings.resize(2 * QUEUE_PAIRS, None);
         }
+        for (i, v) in vrings.iter().enumerate() {
+            if let Some(slot) = rx.vrings.get_mut(2 * pair + i) {
+                if slot.is_none() {
+                    *slot = Some(v.clone());
+                }
+            }
+        }
+        let mut active = Vec::new();
+        for pair in 0..QUEUE_PAIRS {
+            let Some(v) = rx.vrings.get(2 * pair).and_then(Option::as_ref) else {
+                continue;
+            };
+            let ready = {
+                let state = v.get_ref();
+                state.get_queue().ready() && state.is_enabled()
+            };
+            if !ready {
+                rx.quiet &= !(1 << pair);
+                continue;
+            }
+            if rx.quiet & (1 << pair) == 0 {
+                // The guest need not kick when it adds receive buffers,
+                // unless a frame waits for one (then `write_one` asks).
+                let _ = v.disable_notification();
+                rx.quiet |= 1 << pair;
+            }
+            active.push(2 * pair);
+        }
+        rx.active = active;
         self.flush(&mut rx);
     }
 
     fn detach(&self) {
         let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
-        rx.vrings = None;
+        rx.vrings.clear();
         rx.mem = None;
         rx.pending.clear();
+        rx.active.clear();
+        rx.quiet = 0;
         self.features.store(0, Ordering::Relaxed);
     }
+}
+
+thread_local! {
+    /// Each transmit thread's buffer for the frame it is switching.
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The vhost-user backend of one port.
 pub(crate) struct Backend {
     port: Arc<Port>,
     switch: Weak<Inner>,
-    /// The frame being switched (one transmit thread per port).
-    scratch: Mutex<Vec<u8>>,
     /// Exit events handed to the ring threads of the current daemon.
     exits: Mutex<Vec<EventNotifier>>,
 }
@@ -675,10 +744,7 @@ pub(crate) struct Backend {
 impl Backend {
     /// Takes every frame the guest queued for transmission and switches it,
     /// with the guest's notifications off while there is work.
-    fn transmit(&self, vrings: &[VringRwLock]) -> io::Result<()> {
-        let Some(vring) = vrings.get(TXQ) else {
-            return Ok(());
-        };
+    fn transmit(&self, vring: &VringRwLock) -> io::Result<()> {
         let Some(atomic) = self
             .port
             .rx
@@ -693,20 +759,33 @@ impl Backend {
             return Ok(());
         };
         let mem = atomic.memory();
-        let mut buf = self.scratch.lock().unwrap_or_else(PoisonError::into_inner);
+        // The frame being switched: one buffer per transmit thread.
+        let mut buf = SCRATCH.take();
         if buf.len() < MAX_FRAME {
             buf.resize(MAX_FRAME, 0);
         }
+        let done = self.transmit_ring(vring, &mem, &switch, &mut buf);
+        SCRATCH.set(buf);
+        done
+    }
+
+    fn transmit_ring(
+        &self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        switch: &Inner,
+        buf: &mut [u8],
+    ) -> io::Result<()> {
         let mut kicks = Kicks::default();
         let _ = vring.disable_notification();
         let mut idle_since: Option<Instant> = None;
         loop {
             kicks.now = Instant::now();
-            let n = self.drain(vring, &mem, &switch, &mut buf, &mut kicks)?;
+            let n = self.drain(vring, mem, switch, buf, &mut kicks)?;
             if n > 0 {
                 idle_since = None;
                 kicks.flush();
-                if needs_signal(vring, &mem) {
+                if needs_signal(vring, mem) {
                     vring.signal_used_queue()?;
                 }
                 continue;
@@ -810,7 +889,12 @@ impl VhostUserBackend for Backend {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        2
+        2 * QUEUE_PAIRS
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // A thread per queue pair.
+        (0..QUEUE_PAIRS).map(|p| 0b11 << (2 * p)).collect()
     }
 
     fn max_queue_size(&self) -> usize {
@@ -824,6 +908,7 @@ impl VhostUserBackend for Backend {
             | F_GUEST_TSO4
             | F_HOST_TSO4
             | F_MRG_RXBUF
+            | F_MQ
             | F_MAC
             | F_STATUS
             | F_EVENT_IDX
@@ -854,12 +939,13 @@ impl VhostUserBackend for Backend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        // struct virtio_net_config: mac, status (link up), one queue pair,
+        // struct virtio_net_config: mac, status (link up), queue pairs,
         // MTU 1500.
         let mut c = Vec::with_capacity(12);
         c.extend_from_slice(&self.port.mac);
         c.extend_from_slice(&1u16.to_le_bytes());
-        c.extend_from_slice(&1u16.to_le_bytes());
+        let pairs = u16::try_from(QUEUE_PAIRS).unwrap_or(1);
+        c.extend_from_slice(&pairs.to_le_bytes());
         c.extend_from_slice(&1500u16.to_le_bytes());
         let start = (offset as usize).min(c.len());
         let end = start.saturating_add(size as usize).min(c.len());
@@ -879,13 +965,17 @@ impl VhostUserBackend for Backend {
         device_event: u16,
         _evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
-        // The first notification shows us the rings; receive buffers the guest
-        // added are filled from what is pending.
-        self.port.attach(vrings);
-        if usize::from(device_event) == TXQ {
-            self.transmit(vrings)?;
+        // A thread per queue pair: `vrings` are that pair's receive and
+        // transmit rings, `device_event` indexes them. The first
+        // notification shows us the rings; receive buffers the guest added
+        // are filled from what is pending.
+        self.port.attach(thread_id, vrings);
+        if device_event == 1 {
+            if let Some(tx) = vrings.get(1) {
+                self.transmit(tx)?;
+            }
         }
         Ok(())
     }
@@ -901,7 +991,6 @@ pub(crate) fn serve(
     let backend = Arc::new(Backend {
         port: port.clone(),
         switch,
-        scratch: Mutex::new(Vec::new()),
         exits: Mutex::new(Vec::new()),
     });
     *port

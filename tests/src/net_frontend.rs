@@ -152,11 +152,7 @@ impl NetFrontend {
     /// Start of buffer `slot` of queue `queue`.
     fn slot_ptr(&mut self, queue: usize, slot: usize) -> *mut u8 {
         // SAFETY: queue < 2 * pairs and slot < QUEUE_SIZE: inside the mapping.
-        unsafe {
-            self.data
-                .as_mut_ptr()
-                .add(queue * QUEUE_BYTES + slot * BUF)
-        }
+        unsafe { self.data.as_mut_ptr().add(queue * QUEUE_BYTES + slot * BUF) }
     }
 
     fn post_rx(&mut self, pair: usize, slot: u16) -> Result<(), Error> {
