@@ -20,6 +20,7 @@ pub mod offload;
 pub mod overlay;
 pub mod port;
 pub mod qos;
+pub mod ring;
 pub mod router;
 pub mod secgroup;
 pub mod switch;

@@ -11,14 +11,15 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use tracing::{debug, warn};
+use tracing::debug;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{
+    ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringState, VringT,
+};
 use virtio_queue::QueueT;
 use vm_memory::{
-    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryMmap,
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -31,6 +32,7 @@ use crate::l2::{PortId, SegmentId};
 use crate::metadata::Metadata;
 use crate::offload::{self, NetHdr, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_HOST_TSO4, F_MRG_RXBUF};
 use crate::qos::{Limit, Qos};
+use crate::ring::{read_guest, write_guest, Chain, Ring};
 use crate::secgroup::PortSecurity;
 use crate::switch::{Inner, Kicks};
 
@@ -108,9 +110,8 @@ struct RxSide {
     /// Receive queues (bit p: pair p) with used buffers the guest has not
     /// been signalled about.
     unsignalled: u32,
-    /// Receive queues whose used entries were published in a way the ring's
-    /// notification suppression did not count: signalled without asking it.
-    force_signal: u32,
+    /// Per pair, the receive ring's used index at the last signal decision.
+    since: [u16; QUEUE_PAIRS],
     /// The receive queues (vring indexes) the driver has set up and enabled.
     active: Vec<usize>,
     /// Receive queues (bit p) whose kicks for new buffers are turned off.
@@ -146,42 +147,127 @@ enum Written {
     NoRoom,
 }
 
-/// Copies guest memory at `addr` into `dst` (one memcpy when the range
-/// lies in one region); false if the guest pointed outside its memory.
-fn read_guest(mem: &GuestMemoryMmap, addr: GuestAddress, dst: &mut [u8]) -> bool {
-    match mem.get_slice(addr, dst.len()) {
-        Ok(s) => s.copy_to(dst) == dst.len(),
-        Err(_) => mem.read_slice(dst, addr).is_ok(),
-    }
-}
-
-/// Copies `src` to guest memory at `addr`; false if outside its memory.
-fn write_guest(mem: &GuestMemoryMmap, addr: GuestAddress, src: &[u8]) -> bool {
-    match mem.get_slice(addr, src.len()) {
-        Ok(s) => {
-            s.copy_from(src);
-            true
-        }
-        Err(_) => mem.write_slice(src, addr).is_ok(),
-    }
-}
-
-/// VRING_AVAIL_F_NO_INTERRUPT: the driver polls and wants no signal.
-const AVAIL_F_NO_INTERRUPT: u16 = 1;
-
-/// Whether the driver wants a signal for what was just used: its used-event
-/// index with EVENT_IDX, its NO_INTERRUPT flag without.
-fn needs_signal(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+/// Runs `f` on `vring`'s ring mapped in `mem`, with the ring's lock held
+/// and its indexes handed back after; None if the ring is not usable
+/// (not ready, areas outside memory).
+fn with_ring<R>(
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+    f: impl FnOnce(&mut Ring<'_>, &VringState) -> R,
+) -> Option<R> {
     let mut state = vring.get_mut();
-    let q = state.get_queue_mut();
-    if q.event_idx_enabled() {
-        return q.needs_notification(mem).unwrap_or(true);
+    let mut ring = Ring::open(state.get_queue(), mem)?;
+    let r = f(&mut ring, &state);
+    ring.close(state.get_queue_mut());
+    Some(r)
+}
+
+/// Signals the driver of `state` if it wants to hear about the entries used
+/// since `since` (which moves to now).
+fn signal_if_wanted(ring: &Ring<'_>, state: &VringState, since: &mut u16) -> io::Result<()> {
+    let wanted = ring.needs_signal(*since);
+    *since = ring.next_used();
+    if wanted {
+        state.signal_used_queue()?;
     }
-    let flags: u16 = mem
-        .read_obj(vm_memory::GuestAddress(q.avail_ring()))
-        .map(u16::from_le)
-        .unwrap_or(0);
-    flags & AVAIL_F_NO_INTERRUPT == 0
+    Ok(())
+}
+
+/// Writes `frame` behind `hdr` into the next chains of `ring` (one, or as
+/// many as it takes when `mergeable`), and publishes them at once.
+fn fill(ring: &mut Ring<'_>, hdr: &NetHdr, frame: &[u8], mergeable: bool) -> Written {
+    let total = NET_HDR + frame.len();
+    let mut chains: Vec<Chain> = Vec::new();
+    let mut have = 0usize;
+    let mut asked = false;
+    while chains.is_empty() || (mergeable && have < total) {
+        match ring.pop() {
+            Some(Ok(c)) => {
+                have = have.saturating_add(c.writable_len());
+                chains.push(c);
+            }
+            Some(Err((head, e))) => {
+                // A chain the driver broke: returned unused, the frame lost
+                // with it.
+                debug!("receive chain {head}: {e}");
+                ring.push_used(head, 0);
+                for c in &chains {
+                    ring.push_used(c.head, 0);
+                }
+                ring.publish();
+                return Written::Lost;
+            }
+            None => {
+                // Out of buffers: the driver is asked to kick when it adds
+                // some (it may just have); what was taken goes back.
+                if !asked {
+                    asked = true;
+                    if ring.notify(true) {
+                        continue;
+                    }
+                }
+                ring.unpop(u16::try_from(chains.len()).unwrap_or(0));
+                return Written::NoRoom;
+            }
+        }
+    }
+    let mut h = *hdr;
+    h.num_buffers = u16::try_from(chains.len()).unwrap_or(u16::MAX);
+    let head = h.to_bytes();
+    let mem = ring.mem();
+    // The usual case: one buffer holds header and frame, in one region.
+    if let [c] = &chains[..] {
+        let one = c
+            .descs
+            .first()
+            .filter(|d| d.write && d.len as usize >= total);
+        if let Some(s) = one.and_then(|d| mem.get_slice(GuestAddress(d.addr), total).ok()) {
+            s.subslice(0, NET_HDR).map(|b| b.copy_from(&head)).ok();
+            s.offset(NET_HDR).map(|f| f.copy_from(frame)).ok();
+            ring.push_used(c.head, u32::try_from(total).unwrap_or(0));
+            ring.publish();
+            return Written::Done;
+        }
+    }
+    let parts: [&[u8]; 2] = [&head, frame];
+    let (mut part, mut at) = (0usize, 0usize);
+    let mut ok = true;
+    for c in &chains {
+        let mut written = 0usize;
+        'descs: for d in c.descs.iter().filter(|d| d.write) {
+            let mut room = d.len as usize;
+            let mut addr = d.addr;
+            while room > 0 && ok {
+                let Some(src) = parts.get(part) else {
+                    break 'descs;
+                };
+                let n = room.min(src.len() - at);
+                if !write_guest(mem, addr, &src[at..at + n]) {
+                    ok = false;
+                    break 'descs;
+                }
+                written += n;
+                room -= n;
+                at += n;
+                let Some(next) = addr.checked_add(n as u64) else {
+                    ok = false;
+                    break 'descs;
+                };
+                addr = next;
+                if at == src.len() {
+                    part += 1;
+                    at = 0;
+                }
+            }
+        }
+        ring.push_used(c.head, u32::try_from(written).unwrap_or(0));
+    }
+    ring.publish();
+    if ok && part == parts.len() {
+        Written::Done
+    } else {
+        Written::Lost
+    }
 }
 
 /// A port: identity, counters and the receive side.
@@ -464,188 +550,49 @@ impl Port {
         if pairs == 0 {
             return;
         }
-        let forced = std::mem::take(&mut rx.force_signal);
-        let (Some(atomic), vrings) = (&rx.mem, &rx.vrings) else {
+        let Some(atomic) = &rx.mem else {
             return;
         };
         let mem = atomic.memory();
         for pair in (0..QUEUE_PAIRS).filter(|p| pairs & (1 << p) != 0) {
-            let Some(vring) = vrings.get(2 * pair).and_then(Option::as_ref) else {
+            let Some(vring) = rx.vrings.get(2 * pair).and_then(Option::as_ref) else {
                 continue;
             };
-            if forced & (1 << pair) != 0 || needs_signal(vring, &mem) {
-                if let Err(e) = vring.signal_used_queue() {
-                    debug!(port = self.id.0, "cannot signal the guest: {e}");
-                }
+            let since = &mut rx.since[pair];
+            let sent = with_ring(vring, &mem, |ring, state| {
+                signal_if_wanted(ring, state, since)
+            });
+            if let Some(Err(e)) = sent {
+                debug!(port = self.id.0, "cannot signal the guest: {e}");
             }
         }
     }
 
     /// Puts `frame` behind its virtio-net header into the next receive
-    /// buffer, or (with MRG_RXBUF) as many buffers as it takes.
+    /// buffer of ring `q`, or (with MRG_RXBUF) as many buffers as it takes;
+    /// they become visible to the driver together.
     fn write_one(&self, rx: &mut RxSide, q: usize, hdr: &NetHdr, frame: &[u8]) -> Written {
-        let RxSide {
-            mem: atomic,
-            vrings,
-            force_signal,
-            ..
-        } = rx;
-        let (Some(atomic), Some(vring)) = (atomic.as_ref(), vrings.get(q).and_then(Option::as_ref))
+        let (Some(atomic), Some(vring)) = (&rx.mem, rx.vrings.get(q).and_then(Option::as_ref))
         else {
             return Written::NoRoom;
         };
-        if !vring.get_ref().get_queue().ready() {
-            // The frontend is resetting or gone.
-            return Written::NoRoom;
-        }
         let mem = atomic.memory();
-        let total = NET_HDR + frame.len();
-        let mut h = *hdr;
-        h.num_buffers = 1;
-        let start = vring.get_ref().get_queue().next_avail();
-        let mut asked = false;
-        let mut pop = || loop {
-            let next = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(mem.clone());
-            if next.is_some() || asked {
-                return next;
-            }
-            // Out of buffers: the guest is asked to kick when it adds one
-            // (with EVENT_IDX, from this index on); it may just have.
-            asked = true;
-            if !vring.enable_notification().unwrap_or(false) {
-                return None;
-            }
-        };
-        let Some(first) = pop() else {
-            return Written::NoRoom;
-        };
-        // The usual case: one buffer holds header and frame, in one region.
-        if let Some(s) = first
-            .clone()
-            .writable()
-            .next()
-            .filter(|d| d.len() as usize >= total)
-            .and_then(|d| mem.get_slice(d.addr(), total).ok())
-        {
-            s.subslice(0, NET_HDR)
-                .map(|b| b.copy_from(&h.to_bytes()))
-                .ok();
-            s.offset(NET_HDR).map(|f| f.copy_from(frame)).ok();
-            let used = [(first.head_index(), total)];
-            return self.publish(force_signal, (q, vring), &mem, &used, true, frame);
-        }
-        let room = |c: &virtio_queue::DescriptorChain<_>| {
-            c.clone()
-                .writable()
-                .fold(0usize, |n, d| n.saturating_add(d.len() as usize))
-        };
-        let mut have = room(&first);
-        let mut chains = vec![first];
         let mergeable = self.features() & F_MRG_RXBUF != 0;
-        while mergeable && have < total {
-            let Some(c) = pop() else {
-                // Not enough buffers yet: they go back for later.
-                vring.get_mut().get_queue_mut().set_next_avail(start);
-                return Written::NoRoom;
-            };
-            have = have.saturating_add(room(&c));
-            chains.push(c);
-        }
-        h.num_buffers = u16::try_from(chains.len()).unwrap_or(u16::MAX);
-        let head = h.to_bytes();
-        let parts: [&[u8]; 2] = [&head, frame];
-        let (mut part, mut at) = (0usize, 0usize);
-        let mut ok = true;
-        let mut used = Vec::with_capacity(chains.len());
-        for chain in chains {
-            let mut written = 0usize;
-            'descs: for d in chain.clone().writable() {
-                let mut room = d.len() as usize;
-                let mut addr = d.addr();
-                while room > 0 && ok {
-                    let Some(src) = parts.get(part) else {
-                        break 'descs;
-                    };
-                    let n = room.min(src.len() - at);
-                    if !write_guest(&mem, addr, &src[at..at + n]) {
-                        ok = false;
-                        break 'descs;
-                    }
-                    written += n;
-                    room -= n;
-                    at += n;
-                    let Some(next) = addr.checked_add(n as u64) else {
-                        ok = false;
-                        break 'descs;
-                    };
-                    addr = next;
-                    if at == src.len() {
-                        part += 1;
-                        at = 0;
-                    }
-                }
+        let written = with_ring(vring, &mem, |ring, _| fill(ring, hdr, frame, mergeable));
+        match written.unwrap_or(Written::NoRoom) {
+            Written::Done => {
+                self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .rx_bytes
+                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                Written::Done
             }
-            used.push((chain.head_index(), written));
-        }
-        let done = ok && part == parts.len();
-        self.publish(force_signal, (q, vring), &mem, &used, done, frame)
-    }
-
-    /// Returns the receive buffers `used` (head, bytes written) to the
-    /// guest in one step: the used index moves once, so a driver never
-    /// sees part of a frame spanning several buffers.
-    fn publish(
-        &self,
-        force_signal: &mut u32,
-        (rxq, vring): (usize, &VringRwLock),
-        mem: &GuestMemoryMmap,
-        used: &[(u16, usize)],
-        done: bool,
-        frame: &[u8],
-    ) -> Written {
-        let Some(((last, last_len), rest)) = used.split_last() else {
-            return Written::NoRoom;
-        };
-        let published = {
-            let mut state = vring.get_mut();
-            let q = state.get_queue_mut();
-            let mut ok = true;
-            if !rest.is_empty() {
-                let base = q.next_used();
-                let size = q.size();
-                for (i, (id, len)) in rest.iter().enumerate() {
-                    let slot = base.wrapping_add(u16::try_from(i).unwrap_or(0)) % size.max(1);
-                    let at = q.used_ring() + 4 + u64::from(slot) * 8;
-                    let len = u32::try_from(*len).unwrap_or(0);
-                    ok &= mem
-                        .write_obj(u32::from(*id).to_le(), GuestAddress(at))
-                        .and_then(|()| mem.write_obj(len.to_le(), GuestAddress(at + 4)))
-                        .is_ok();
-                }
-                q.set_next_used(base.wrapping_add(u16::try_from(rest.len()).unwrap_or(0)));
-                *force_signal |= 1 << (rxq / 2);
+            Written::Lost => {
+                // Buffers too small or outside memory: the frame is lost.
+                self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                Written::Lost
             }
-            ok && q
-                .add_used(mem, *last, u32::try_from(*last_len).unwrap_or(0))
-                .is_ok()
-        };
-        if !published {
-            warn!(port = self.id.0, "receive ring is broken");
-            return Written::NoRoom;
-        }
-        if done {
-            self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .rx_bytes
-                .fetch_add(frame.len() as u64, Ordering::Relaxed);
-            Written::Done
-        } else {
-            // Buffers too small or outside memory: the frame is lost.
-            self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
-            Written::Lost
+            Written::NoRoom => Written::NoRoom,
         }
     }
 
@@ -686,9 +633,16 @@ impl Port {
             rx.vrings.resize(2 * QUEUE_PAIRS, None);
         }
         for (i, v) in vrings.iter().enumerate() {
+            let new = rx.vrings.get(2 * pair + i).is_some_and(Option::is_none);
+            if !new {
+                continue;
+            }
             if let Some(slot) = rx.vrings.get_mut(2 * pair + i) {
-                if slot.is_none() {
-                    *slot = Some(v.clone());
+                *slot = Some(v.clone());
+            }
+            if i == 0 {
+                if let Some(since) = rx.since.get_mut(pair) {
+                    *since = v.get_ref().get_queue().next_used();
                 }
             }
         }
@@ -724,6 +678,7 @@ impl Port {
         rx.pending.clear();
         rx.active.clear();
         rx.quiet = 0;
+        rx.since = [0; QUEUE_PAIRS];
         self.features.store(0, Ordering::Relaxed);
     }
 }
@@ -777,92 +732,116 @@ impl Backend {
         buf: &mut [u8],
     ) -> io::Result<()> {
         let mut kicks = Kicks::default();
+        let mut since = vring.get_ref().get_queue().next_used();
         let _ = vring.disable_notification();
         let mut idle_since: Option<Instant> = None;
         loop {
             kicks.now = Instant::now();
-            let n = self.drain(vring, mem, switch, buf, &mut kicks)?;
-            if n > 0 {
+            let burst = with_ring(vring, mem, |ring, _| {
+                self.drain(ring, switch, buf, &mut kicks)
+            });
+            let Some((n, wait)) = burst else {
+                // The ring went away (reset, or areas outside memory).
+                return Ok(());
+            };
+            if n > 0 || !wait.is_zero() {
                 idle_since = None;
                 kicks.flush();
-                if needs_signal(vring, mem) {
-                    vring.signal_used_queue()?;
+                with_ring(vring, mem, |ring, state| {
+                    signal_if_wanted(ring, state, &mut since)
+                })
+                .transpose()?;
+                if !wait.is_zero() {
+                    // Over its egress rate: the guest's frames wait in its
+                    // ring.
+                    std::thread::sleep(wait.min(MAX_SHAPING_SLEEP));
                 }
                 continue;
             }
             // The ring is empty: poll it a little longer (yielding to the
             // other ports' threads) before sleeping until the next kick; a
             // busy guest then never has to kick.
-            let since = *idle_since.get_or_insert_with(Instant::now);
-            if since.elapsed() < TX_POLL {
+            let since_idle = *idle_since.get_or_insert_with(Instant::now);
+            if since_idle.elapsed() < TX_POLL {
                 std::thread::yield_now();
                 continue;
             }
-            if !vring.enable_notification().unwrap_or(false) {
+            let more = with_ring(vring, mem, |ring, _| {
+                let more = ring.notify(true);
+                if more {
+                    ring.notify(false);
+                }
+                more
+            });
+            if more != Some(true) {
                 break;
             }
-            let _ = vring.disable_notification();
         }
         Ok(())
     }
 
-    /// Switches every frame in the transmit ring; returns how many.
+    /// Switches up to a burst of frames from the transmit ring; returns how
+    /// many, and how long the ring must rest first if the port is over its
+    /// egress rate.
     fn drain(
         &self,
-        vring: &VringRwLock,
-        mem: &GuestMemoryMmap,
+        ring: &mut Ring<'_>,
         switch: &Inner,
         buf: &mut [u8],
         kicks: &mut Kicks,
-    ) -> io::Result<usize> {
-        let mut batch = 0usize;
-        loop {
+    ) -> (usize, Duration) {
+        let mut n = 0usize;
+        while n < TX_BATCH {
             let wait = self.port.egress_wait();
             if !wait.is_zero() {
-                // Over its egress rate: the guest's frames wait in its ring.
-                kicks.flush();
-                if needs_signal(vring, mem) {
-                    vring.signal_used_queue()?;
-                }
-                std::thread::sleep(wait.min(MAX_SHAPING_SLEEP));
-                continue;
+                ring.publish();
+                return (n, wait);
             }
-            let next = vring.get_mut().get_queue_mut().pop_descriptor_chain(mem);
-            let Some(chain) = next else { break };
-            let head = chain.head_index();
+            let chain = match ring.pop() {
+                None => break,
+                Some(Ok(c)) => c,
+                Some(Err((head, e))) => {
+                    debug!(port = self.port.id.0, "transmit chain {head}: {e}");
+                    ring.push_used(head, 0);
+                    self.port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                    continue;
+                }
+            };
+            n += 1;
             // The virtio-net header, then the frame; a chain longer than a
             // frame, or pointing outside memory, is dropped whole.
             let mut hdr = [0u8; NET_HDR];
             let (mut got, mut len, mut ok) = (0usize, 0usize, true);
-            for d in chain.readable() {
-                let mut n = d.len() as usize;
-                let mut addr = d.addr();
-                let s = (NET_HDR - got).min(n);
-                if s > 0 && !read_guest(mem, addr, &mut hdr[got..got + s]) {
+            for d in chain.descs.iter().filter(|d| !d.write) {
+                let mut left = d.len as usize;
+                let mut addr = d.addr;
+                let s = (NET_HDR - got).min(left);
+                if s > 0 && !read_guest(ring.mem(), addr, &mut hdr[got..got + s]) {
                     ok = false;
                     break;
                 }
                 got += s;
-                n -= s;
+                left -= s;
                 let Some(a) = addr.checked_add(s as u64) else {
                     ok = false;
                     break;
                 };
                 addr = a;
-                if n == 0 {
+                if left == 0 {
                     continue;
                 }
-                let Some(dst) = buf.get_mut(len..len + n) else {
+                let Some(dst) = buf.get_mut(len..len + left) else {
                     ok = false;
                     break;
                 };
-                if !read_guest(mem, addr, dst) {
+                if !read_guest(ring.mem(), addr, dst) {
                     ok = false;
                     break;
                 }
-                len += n;
+                len += left;
             }
-            vring.add_used(head, 0).map_err(io::Error::other)?;
+            ring.push_used(chain.head, 0);
             let hdr = NetHdr::parse(&hdr);
             let valid = hdr.validate(self.port.features(), len);
             if let (true, true, Err(e)) = (ok, len > 0, &valid) {
@@ -874,13 +853,9 @@ impl Backend {
             } else {
                 self.port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
             }
-            batch += 1;
-            if batch % TX_BATCH == 0 {
-                // Keep receivers fed during a long burst.
-                kicks.flush();
-            }
         }
-        Ok(batch)
+        ring.publish();
+        (n, Duration::ZERO)
     }
 }
 

@@ -1,0 +1,289 @@
+//! The data path's view of a split virtqueue: its three areas mapped once
+//! per burst (not looked up in guest memory for every field), descriptors
+//! read straight from the table, used entries written one by one and made
+//! visible to the driver with a single index store.
+//!
+//! Ring state (next available, next used) lives in the virtio-queue `Queue`
+//! that vhost-user-backend owns; a `Ring` takes it at `open` and gives it
+//! back at `close`, so the frontend's GET_VRING_BASE and the notification
+//! helpers keep working on the same numbers.
+//!
+//! Everything here comes from the guest: a head or next index outside the
+//! table, a chain that loops or runs longer than [`MAX_CHAIN`], and areas
+//! outside guest memory or misaligned are errors, never a panic or an
+//! access outside the mapping.
+
+use std::sync::atomic::{fence, AtomicU16, Ordering};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// Descriptors one chain may have (Linux sends at most 19 without
+/// indirect descriptors, which ports do not offer).
+pub const MAX_CHAIN: usize = 32;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+const USED_F_NO_NOTIFY: u16 = 1;
+
+/// A descriptor: where in guest memory, how long, written by the device or
+/// read by it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Desc {
+    /// Guest address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable.
+    pub write: bool,
+}
+
+/// A chain popped from the available ring.
+#[derive(Debug)]
+pub struct Chain {
+    /// Head index, returned in the used entry.
+    pub head: u16,
+    /// Its descriptors, in order.
+    pub descs: heapless::Vec<Desc, MAX_CHAIN>,
+}
+
+impl Chain {
+    /// Bytes the device may write.
+    pub fn writable_len(&self) -> usize {
+        self.descs
+            .iter()
+            .filter(|d| d.write)
+            .fold(0usize, |n, d| n.saturating_add(d.len as usize))
+    }
+}
+
+/// Why a chain could not be taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// A head or next index past the table.
+    #[error("descriptor index {0} outside the ring")]
+    Index(u16),
+    /// More descriptors than [`MAX_CHAIN`], or a loop.
+    #[error("descriptor chain too long")]
+    TooLong,
+    /// An indirect descriptor (not offered).
+    #[error("indirect descriptor not negotiated")]
+    Indirect,
+}
+
+/// A queue's areas in host memory for the length of a burst.
+pub struct Ring<'m> {
+    mem: &'m GuestMemoryMmap,
+    desc: *const u8,
+    avail: *const u8,
+    used: *mut u8,
+    size: u16,
+    next_avail: u16,
+    next_used: u16,
+    event_idx: bool,
+}
+
+/// A host pointer to `len` bytes of guest memory at `addr`, aligned to
+/// `align`; None if that range is not in one region.
+fn host(mem: &GuestMemoryMmap, addr: u64, len: usize, align: usize) -> Option<*mut u8> {
+    let s = mem.get_slice(GuestAddress(addr), len).ok()?;
+    let p = s.ptr_guard_mut().as_ptr();
+    (p as usize % align == 0).then_some(p)
+}
+
+impl<'m> Ring<'m> {
+    /// Maps `q`'s areas in `mem`; None if the queue is not ready or its
+    /// areas are not where the driver said (outside memory, misaligned).
+    pub fn open(q: &Queue, mem: &'m GuestMemoryMmap) -> Option<Self> {
+        if !q.ready() {
+            return None;
+        }
+        let size = q.size();
+        let n = usize::from(size);
+        if n == 0 || !n.is_power_of_two() {
+            return None;
+        }
+        Some(Self {
+            mem,
+            desc: host(mem, q.desc_table(), 16 * n, 16)?,
+            avail: host(mem, q.avail_ring(), 6 + 2 * n, 2)?,
+            used: host(mem, q.used_ring(), 6 + 8 * n, 4)?,
+            size,
+            next_avail: q.next_avail(),
+            next_used: q.next_used(),
+            event_idx: q.event_idx_enabled(),
+        })
+    }
+
+    /// Hands the indexes back to `q`.
+    pub fn close(&self, q: &mut Queue) {
+        q.set_next_avail(self.next_avail);
+        q.set_next_used(self.next_used);
+    }
+
+    /// Guest memory.
+    pub fn mem(&self) -> &'m GuestMemoryMmap {
+        self.mem
+    }
+
+    fn u16_at(p: *const u8) -> u16 {
+        // SAFETY: `p` lies inside an area `open` checked is mapped and
+        // 2-aligned for the ring's size; the guest writes it concurrently,
+        // hence volatile.
+        u16::from_le(unsafe { std::ptr::read_volatile(p.cast::<u16>()) })
+    }
+
+    /// The driver's available index.
+    fn avail_idx(&self) -> u16 {
+        // SAFETY: offset 2 of the available ring, mapped and 2-aligned
+        // (`open`); an AtomicU16 has the layout of a u16.
+        let idx = unsafe { &*self.avail.add(2).cast::<AtomicU16>() };
+        u16::from_le(idx.load(Ordering::Acquire))
+    }
+
+    /// Whether the driver has posted chains not taken yet.
+    pub fn has_avail(&self) -> bool {
+        self.avail_idx() != self.next_avail
+    }
+
+    /// The next available chain, or None when the ring is empty. A broken
+    /// chain is consumed and reported with its head, so the caller can
+    /// return it unused.
+    pub fn pop(&mut self) -> Option<Result<Chain, (u16, ChainError)>> {
+        if self.avail_idx() == self.next_avail {
+            return None;
+        }
+        let slot = usize::from(self.next_avail % self.size);
+        let head = Self::u16_at(self.avail.wrapping_add(4 + 2 * slot));
+        self.next_avail = self.next_avail.wrapping_add(1);
+        Some(self.chain(head).map_err(|e| (head, e)))
+    }
+
+    fn chain(&self, head: u16) -> Result<Chain, ChainError> {
+        let mut descs = heapless::Vec::new();
+        let mut i = head;
+        loop {
+            if i >= self.size {
+                return Err(ChainError::Index(i));
+            }
+            let p = self.desc.wrapping_add(16 * usize::from(i));
+            // SAFETY: entry i < size of the descriptor table, mapped and
+            // 16-aligned (`open`).
+            let (addr, len, flags, next) = unsafe {
+                (
+                    u64::from_le(std::ptr::read_volatile(p.cast::<u64>())),
+                    u32::from_le(std::ptr::read_volatile(p.add(8).cast::<u32>())),
+                    u16::from_le(std::ptr::read_volatile(p.add(12).cast::<u16>())),
+                    u16::from_le(std::ptr::read_volatile(p.add(14).cast::<u16>())),
+                )
+            };
+            if flags & F_INDIRECT != 0 {
+                return Err(ChainError::Indirect);
+            }
+            let d = Desc {
+                addr,
+                len,
+                write: flags & F_WRITE != 0,
+            };
+            descs.push(d).map_err(|_| ChainError::TooLong)?;
+            if flags & F_NEXT == 0 {
+                return Ok(Chain { head, descs });
+            }
+            i = next;
+        }
+    }
+
+    /// Puts chains back: the next `n` pops give the same chains again.
+    pub fn unpop(&mut self, n: u16) {
+        self.next_avail = self.next_avail.wrapping_sub(n);
+    }
+
+    /// Writes a used entry (not yet visible: see [`Ring::publish`]).
+    pub fn push_used(&mut self, head: u16, len: u32) {
+        let slot = usize::from(self.next_used % self.size);
+        let p = self.used.wrapping_add(4 + 8 * slot);
+        // SAFETY: entry slot < size of the used ring, mapped and 4-aligned
+        // (`open`).
+        unsafe {
+            std::ptr::write_volatile(p.cast::<u32>(), u32::from(head).to_le());
+            std::ptr::write_volatile(p.add(4).cast::<u32>(), len.to_le());
+        }
+        self.next_used = self.next_used.wrapping_add(1);
+    }
+
+    /// Makes every used entry written so far visible to the driver.
+    pub fn publish(&self) {
+        // SAFETY: offset 2 of the used ring, mapped and 4-aligned (`open`).
+        let idx = unsafe { &*self.used.add(2).cast::<AtomicU16>() };
+        idx.store(self.next_used.to_le(), Ordering::Release);
+    }
+
+    /// The used index as published.
+    pub fn next_used(&self) -> u16 {
+        self.next_used
+    }
+
+    /// Whether the driver wants a signal for the entries published since
+    /// `since` (the used index at the last signal decision): its used-event
+    /// index with EVENT_IDX, its NO_INTERRUPT flag without.
+    pub fn needs_signal(&self, since: u16) -> bool {
+        if self.next_used == since {
+            return false;
+        }
+        fence(Ordering::SeqCst);
+        let n = usize::from(self.size);
+        if self.event_idx {
+            let used_event = Self::u16_at(self.avail.wrapping_add(4 + 2 * n));
+            let new = self.next_used;
+            return new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(since);
+        }
+        Self::u16_at(self.avail) & AVAIL_F_NO_INTERRUPT == 0
+    }
+
+    /// Asks the driver to kick when it adds chains (or not); true if it
+    /// added some meanwhile (then there is work without a kick).
+    pub fn notify(&self, on: bool) -> bool {
+        let n = usize::from(self.size);
+        if self.event_idx {
+            if on {
+                let p = self.used.wrapping_add(4 + 8 * n);
+                // SAFETY: the avail_event field after the used ring's
+                // entries, inside the area `open` mapped (6 + 8n bytes),
+                // 2-aligned.
+                unsafe { std::ptr::write_volatile(p.cast::<u16>(), self.next_avail.to_le()) };
+            }
+        } else {
+            let flags = if on { 0 } else { USED_F_NO_NOTIFY };
+            // SAFETY: the used ring's flags, mapped and 4-aligned (`open`).
+            unsafe { std::ptr::write_volatile(self.used.cast::<u16>(), flags.to_le()) };
+        }
+        if !on {
+            return false;
+        }
+        fence(Ordering::SeqCst);
+        self.has_avail()
+    }
+}
+
+/// Copies guest memory at `addr` into `dst` (one memcpy when the range
+/// lies in one region); false if the guest pointed outside its memory.
+pub fn read_guest(mem: &GuestMemoryMmap, addr: u64, dst: &mut [u8]) -> bool {
+    use vm_memory::Bytes;
+    match mem.get_slice(GuestAddress(addr), dst.len()) {
+        Ok(s) => s.copy_to(dst) == dst.len(),
+        Err(_) => mem.read_slice(dst, GuestAddress(addr)).is_ok(),
+    }
+}
+
+/// Copies `src` to guest memory at `addr`; false if outside its memory.
+pub fn write_guest(mem: &GuestMemoryMmap, addr: u64, src: &[u8]) -> bool {
+    use vm_memory::Bytes;
+    match mem.get_slice(GuestAddress(addr), src.len()) {
+        Ok(s) => {
+            s.copy_from(src);
+            true
+        }
+        Err(_) => mem.write_slice(src, GuestAddress(addr)).is_ok(),
+    }
+}
