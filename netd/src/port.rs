@@ -32,7 +32,7 @@ use crate::l2::{PortId, SegmentId};
 use crate::metadata::Metadata;
 use crate::offload::{self, NetHdr, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_HOST_TSO4, F_MRG_RXBUF};
 use crate::qos::{Limit, Qos};
-use crate::ring::{read_guest, write_guest, Chain, Ring};
+use crate::ring::{read_guest, writable_len, write_guest, Desc, Ring};
 use crate::secgroup::PortSecurity;
 use crate::switch::{Inner, Kicks};
 
@@ -112,6 +112,8 @@ struct RxSide {
     unsignalled: u32,
     /// Per pair, the receive ring's used index at the last signal decision.
     since: [u16; QUEUE_PAIRS],
+    /// Room to gather the chains a frame takes.
+    taken: Taken,
     /// The receive queues (vring indexes) the driver has set up and enabled.
     active: Vec<usize>,
     /// Receive queues (bit p) whose kicks for new buffers are turned off.
@@ -173,26 +175,44 @@ fn signal_if_wanted(ring: &Ring<'_>, state: &VringState, since: &mut u16) -> io:
     Ok(())
 }
 
+/// Chains taken for one frame: descriptors, and per chain its head and
+/// where its descriptors end (kept between frames, so filling allocates
+/// nothing).
+#[derive(Default)]
+struct Taken {
+    descs: Vec<Desc>,
+    chains: Vec<(u16, usize)>,
+}
+
 /// Writes `frame` behind `hdr` into the next chains of `ring` (one, or as
 /// many as it takes when `mergeable`), and publishes them at once.
-fn fill(ring: &mut Ring<'_>, hdr: &NetHdr, frame: &[u8], mergeable: bool) -> Written {
+fn fill(
+    ring: &mut Ring<'_>,
+    taken: &mut Taken,
+    hdr: &NetHdr,
+    frame: &[u8],
+    mergeable: bool,
+) -> Written {
     let total = NET_HDR + frame.len();
-    let mut chains: Vec<Chain> = Vec::new();
+    taken.descs.clear();
+    taken.chains.clear();
     let mut have = 0usize;
     let mut asked = false;
-    while chains.is_empty() || (mergeable && have < total) {
-        match ring.pop() {
-            Some(Ok(c)) => {
-                have = have.saturating_add(c.writable_len());
-                chains.push(c);
+    while taken.chains.is_empty() || (mergeable && have < total) {
+        let start = taken.descs.len();
+        match ring.pop(&mut taken.descs) {
+            Some(Ok(head)) => {
+                let added = taken.descs.get(start..).unwrap_or_default();
+                have = have.saturating_add(writable_len(added));
+                taken.chains.push((head, taken.descs.len()));
             }
             Some(Err((head, e))) => {
                 // A chain the driver broke: returned unused, the frame lost
                 // with it.
                 debug!("receive chain {head}: {e}");
                 ring.push_used(head, 0);
-                for c in &chains {
-                    ring.push_used(c.head, 0);
+                for (h, _) in &taken.chains {
+                    ring.push_used(*h, 0);
                 }
                 ring.publish();
                 return Written::Lost;
@@ -206,35 +226,36 @@ fn fill(ring: &mut Ring<'_>, hdr: &NetHdr, frame: &[u8], mergeable: bool) -> Wri
                         continue;
                     }
                 }
-                ring.unpop(u16::try_from(chains.len()).unwrap_or(0));
+                ring.unpop(u16::try_from(taken.chains.len()).unwrap_or(0));
                 return Written::NoRoom;
             }
         }
     }
     let mut h = *hdr;
-    h.num_buffers = u16::try_from(chains.len()).unwrap_or(u16::MAX);
+    h.num_buffers = u16::try_from(taken.chains.len()).unwrap_or(u16::MAX);
     let head = h.to_bytes();
     let mem = ring.mem();
     // The usual case: one buffer holds header and frame, in one region.
-    if let [c] = &chains[..] {
-        let one = c
-            .descs
-            .first()
-            .filter(|d| d.write && d.len as usize >= total);
-        if let Some(s) = one.and_then(|d| mem.get_slice(GuestAddress(d.addr), total).ok()) {
-            s.subslice(0, NET_HDR).map(|b| b.copy_from(&head)).ok();
-            s.offset(NET_HDR).map(|f| f.copy_from(frame)).ok();
-            ring.push_used(c.head, u32::try_from(total).unwrap_or(0));
-            ring.publish();
-            return Written::Done;
+    if let ([(c, _)], Some(d)) = (&taken.chains[..], taken.descs.first()) {
+        if d.write && d.len as usize >= total {
+            if let Ok(s) = mem.get_slice(GuestAddress(d.addr), total) {
+                s.subslice(0, NET_HDR).map(|b| b.copy_from(&head)).ok();
+                s.offset(NET_HDR).map(|f| f.copy_from(frame)).ok();
+                ring.push_used(*c, u32::try_from(total).unwrap_or(0));
+                ring.publish();
+                return Written::Done;
+            }
         }
     }
     let parts: [&[u8]; 2] = [&head, frame];
     let (mut part, mut at) = (0usize, 0usize);
     let mut ok = true;
-    for c in &chains {
+    let mut from = 0usize;
+    for (c, end) in &taken.chains {
         let mut written = 0usize;
-        'descs: for d in c.descs.iter().filter(|d| d.write) {
+        let descs = taken.descs.get(from..*end).unwrap_or_default();
+        from = *end;
+        'descs: for d in descs.iter().filter(|d| d.write) {
             let mut room = d.len as usize;
             let mut addr = d.addr;
             while room > 0 && ok {
@@ -260,7 +281,7 @@ fn fill(ring: &mut Ring<'_>, hdr: &NetHdr, frame: &[u8], mergeable: bool) -> Wri
                 }
             }
         }
-        ring.push_used(c.head, u32::try_from(written).unwrap_or(0));
+        ring.push_used(*c, u32::try_from(written).unwrap_or(0));
     }
     ring.publish();
     if ok && part == parts.len() {
@@ -572,13 +593,18 @@ impl Port {
     /// buffer of ring `q`, or (with MRG_RXBUF) as many buffers as it takes;
     /// they become visible to the driver together.
     fn write_one(&self, rx: &mut RxSide, q: usize, hdr: &NetHdr, frame: &[u8]) -> Written {
-        let (Some(atomic), Some(vring)) = (&rx.mem, rx.vrings.get(q).and_then(Option::as_ref))
+        let RxSide {
+            mem, vrings, taken, ..
+        } = rx;
+        let (Some(atomic), Some(vring)) = (mem.as_ref(), vrings.get(q).and_then(Option::as_ref))
         else {
             return Written::NoRoom;
         };
         let mem = atomic.memory();
         let mergeable = self.features() & F_MRG_RXBUF != 0;
-        let written = with_ring(vring, &mem, |ring, _| fill(ring, hdr, frame, mergeable));
+        let written = with_ring(vring, &mem, |ring, _| {
+            fill(ring, taken, hdr, frame, mergeable)
+        });
         match written.unwrap_or(Written::NoRoom) {
             Written::Done => {
                 self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
@@ -732,13 +758,14 @@ impl Backend {
         buf: &mut [u8],
     ) -> io::Result<()> {
         let mut kicks = Kicks::default();
+        let mut descs = Vec::with_capacity(crate::ring::MAX_CHAIN);
         let mut since = vring.get_ref().get_queue().next_used();
         let _ = vring.disable_notification();
         let mut idle_since: Option<Instant> = None;
         loop {
             kicks.now = Instant::now();
             let burst = with_ring(vring, mem, |ring, _| {
-                self.drain(ring, switch, buf, &mut kicks)
+                self.drain(ring, switch, (&mut *buf, &mut descs), &mut kicks)
             });
             let Some((n, wait)) = burst else {
                 // The ring went away (reset, or areas outside memory).
@@ -787,7 +814,7 @@ impl Backend {
         &self,
         ring: &mut Ring<'_>,
         switch: &Inner,
-        buf: &mut [u8],
+        (buf, descs): (&mut [u8], &mut Vec<Desc>),
         kicks: &mut Kicks,
     ) -> (usize, Duration) {
         let mut n = 0usize;
@@ -797,9 +824,10 @@ impl Backend {
                 ring.publish();
                 return (n, wait);
             }
-            let chain = match ring.pop() {
+            descs.clear();
+            let head = match ring.pop(descs) {
                 None => break,
-                Some(Ok(c)) => c,
+                Some(Ok(h)) => h,
                 Some(Err((head, e))) => {
                     debug!(port = self.port.id.0, "transmit chain {head}: {e}");
                     ring.push_used(head, 0);
@@ -813,7 +841,7 @@ impl Backend {
             // frame, or pointing outside memory, is dropped whole.
             let mut hdr = [0u8; NET_HDR];
             let (mut got, mut len, mut ok) = (0usize, 0usize, true);
-            for d in chain.descs.iter().filter(|d| !d.write) {
+            for d in descs.iter().filter(|d| !d.write) {
                 let mut left = d.len as usize;
                 let mut addr = d.addr;
                 let s = (NET_HDR - got).min(left);
@@ -841,7 +869,7 @@ impl Backend {
                 }
                 len += left;
             }
-            ring.push_used(chain.head, 0);
+            ring.push_used(head, 0);
             let hdr = NetHdr::parse(&hdr);
             let valid = hdr.validate(self.port.features(), len);
             if let (true, true, Err(e)) = (ok, len > 0, &valid) {

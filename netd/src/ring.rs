@@ -39,23 +39,12 @@ pub struct Desc {
     pub write: bool,
 }
 
-/// A chain popped from the available ring.
-#[derive(Debug)]
-pub struct Chain {
-    /// Head index, returned in the used entry.
-    pub head: u16,
-    /// Its descriptors, in order.
-    pub descs: heapless::Vec<Desc, MAX_CHAIN>,
-}
-
-impl Chain {
-    /// Bytes the device may write.
-    pub fn writable_len(&self) -> usize {
-        self.descs
-            .iter()
-            .filter(|d| d.write)
-            .fold(0usize, |n, d| n.saturating_add(d.len as usize))
-    }
+/// Bytes the device may write into `descs`.
+pub fn writable_len(descs: &[Desc]) -> usize {
+    descs
+        .iter()
+        .filter(|d| d.write)
+        .fold(0usize, |n, d| n.saturating_add(d.len as usize))
 }
 
 /// Why a chain could not be taken.
@@ -147,23 +136,30 @@ impl<'m> Ring<'m> {
         self.avail_idx() != self.next_avail
     }
 
-    /// The next available chain, or None when the ring is empty. A broken
-    /// chain is consumed and reported with its head, so the caller can
-    /// return it unused.
-    pub fn pop(&mut self) -> Option<Result<Chain, (u16, ChainError)>> {
+    /// The next available chain: its head, its descriptors appended to
+    /// `descs`; None when the ring is empty. A broken chain is consumed and
+    /// reported with its head, so the caller can return it unused (what it
+    /// appended is removed).
+    pub fn pop(&mut self, descs: &mut Vec<Desc>) -> Option<Result<u16, (u16, ChainError)>> {
         if self.avail_idx() == self.next_avail {
             return None;
         }
         let slot = usize::from(self.next_avail % self.size);
         let head = Self::u16_at(self.avail.wrapping_add(4 + 2 * slot));
         self.next_avail = self.next_avail.wrapping_add(1);
-        Some(self.chain(head).map_err(|e| (head, e)))
+        let start = descs.len();
+        Some(match self.chain(head, descs) {
+            Ok(()) => Ok(head),
+            Err(e) => {
+                descs.truncate(start);
+                Err((head, e))
+            }
+        })
     }
 
-    fn chain(&self, head: u16) -> Result<Chain, ChainError> {
-        let mut descs = heapless::Vec::new();
+    fn chain(&self, head: u16, descs: &mut Vec<Desc>) -> Result<(), ChainError> {
         let mut i = head;
-        loop {
+        for _ in 0..MAX_CHAIN {
             if i >= self.size {
                 return Err(ChainError::Index(i));
             }
@@ -186,12 +182,13 @@ impl<'m> Ring<'m> {
                 len,
                 write: flags & F_WRITE != 0,
             };
-            descs.push(d).map_err(|_| ChainError::TooLong)?;
+            descs.push(d);
             if flags & F_NEXT == 0 {
-                return Ok(Chain { head, descs });
+                return Ok(());
             }
             i = next;
         }
+        Err(ChainError::TooLong)
     }
 
     /// Puts chains back: the next `n` pops give the same chains again.
