@@ -185,7 +185,7 @@ struct Taken {
 }
 
 /// Writes `frame` behind `hdr` into the next chains of `ring` (one, or as
-/// many as it takes when `mergeable`), and publishes them at once.
+/// many as it takes when `mergeable`); the caller publishes them.
 fn fill(
     ring: &mut Ring<'_>,
     taken: &mut Taken,
@@ -214,7 +214,6 @@ fn fill(
                 for (h, _) in &taken.chains {
                     ring.push_used(*h, 0);
                 }
-                ring.publish();
                 return Written::Lost;
             }
             None => {
@@ -242,7 +241,6 @@ fn fill(
                 s.subslice(0, NET_HDR).map(|b| b.copy_from(&head)).ok();
                 s.offset(NET_HDR).map(|f| f.copy_from(frame)).ok();
                 ring.push_used(*c, u32::try_from(total).unwrap_or(0));
-                ring.publish();
                 return Written::Done;
             }
         }
@@ -283,7 +281,6 @@ fn fill(
         }
         ring.push_used(*c, u32::try_from(written).unwrap_or(0));
     }
-    ring.publish();
     if ok && part == parts.len() {
         Written::Done
     } else {
@@ -559,6 +556,90 @@ impl Port {
         false
     }
 
+    /// Writes a burst of frames for the guest: each receive ring is mapped
+    /// once for the frames that go to it, its used index published and the
+    /// driver signalled (if it wants) once. Offloads the driver did not
+    /// take are finished first; frames with no room wait, in order.
+    pub(crate) fn enqueue_batch(&self, frames: &[(NetHdr, &[u8])]) {
+        let features = self.features();
+        let mut finished: Vec<(NetHdr, Vec<u8>)> = Vec::new();
+        let mut list: Vec<(NetHdr, &[u8])> = Vec::with_capacity(frames.len());
+        if frames
+            .iter()
+            .any(|(h, _)| h.needs_features() & !features != 0)
+        {
+            for (h, f) in frames {
+                if h.needs_features() & !features == 0 {
+                    finished.push((*h, f.to_vec()));
+                    continue;
+                }
+                let done =
+                    offload::finish(f, h, |seg| finished.push((NetHdr::PLAIN, seg.to_vec())));
+                if let Err(e) = done {
+                    self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    debug!(port = self.id.0, "cannot finish an offloaded frame: {e}");
+                }
+            }
+            list.extend(finished.iter().map(|(h, f)| (*h, &f[..])));
+        } else {
+            list.extend_from_slice(frames);
+        }
+        let mergeable = features & F_MRG_RXBUF != 0;
+        let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut i = 0;
+        while i < list.len() && rx.pending.is_empty() {
+            let Some(q) = pick_queue(&rx.active, list[i].1) else {
+                break;
+            };
+            let RxSide {
+                mem,
+                vrings,
+                taken,
+                since,
+                active,
+                ..
+            } = &mut *rx;
+            let (Some(atomic), Some(vring)) =
+                (mem.as_ref(), vrings.get(q).and_then(Option::as_ref))
+            else {
+                break;
+            };
+            let mem = atomic.memory();
+            let from = i;
+            let done = with_ring(vring, &mem, |ring, state| {
+                let mut j = from;
+                while let Some((hdr, frame)) = list.get(j) {
+                    if pick_queue(active, frame) != Some(q) {
+                        break;
+                    }
+                    let w = fill(ring, taken, hdr, frame, mergeable);
+                    if let Written::NoRoom = self.count(w, frame.len()) {
+                        break;
+                    }
+                    j += 1;
+                }
+                ring.publish();
+                if let Some(since) = since.get_mut(q / 2) {
+                    if let Err(e) = signal_if_wanted(ring, state, since) {
+                        debug!(port = self.id.0, "cannot signal the guest: {e}");
+                    }
+                }
+                j
+            });
+            match done {
+                Some(j) if j > from => i = j,
+                _ => break,
+            }
+        }
+        for (hdr, frame) in list.get(i..).unwrap_or_default() {
+            if rx.pending.len() >= MAX_PENDING {
+                self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            rx.pending.push_back((*hdr, frame.to_vec()));
+        }
+    }
+
     /// Tells the guest about the frames written since the last kick, unless
     /// it asked not to be interrupted.
     pub(crate) fn kick(&self) {
@@ -603,14 +684,19 @@ impl Port {
         let mem = atomic.memory();
         let mergeable = self.features() & F_MRG_RXBUF != 0;
         let written = with_ring(vring, &mem, |ring, _| {
-            fill(ring, taken, hdr, frame, mergeable)
+            let w = fill(ring, taken, hdr, frame, mergeable);
+            ring.publish();
+            w
         });
-        match written.unwrap_or(Written::NoRoom) {
+        self.count(written.unwrap_or(Written::NoRoom), frame.len())
+    }
+
+    /// Counts what became of a frame of `len` bytes for the guest.
+    fn count(&self, written: Written, len: usize) -> Written {
+        match written {
             Written::Done => {
                 self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .rx_bytes
-                    .fetch_add(frame.len() as u64, Ordering::Relaxed);
+                self.stats.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
                 Written::Done
             }
             Written::Lost => {

@@ -69,6 +69,10 @@ pub struct Ring<'m> {
     used: *mut u8,
     size: u16,
     next_avail: u16,
+    /// The driver's available index as last read: chains up to it are
+    /// taken without reading it again (it sits on a cache line the driver
+    /// keeps writing).
+    avail_seen: u16,
     next_used: u16,
     event_idx: bool,
 }
@@ -100,6 +104,7 @@ impl<'m> Ring<'m> {
             used: host(mem, q.used_ring(), 6 + 8 * n, 4)?,
             size,
             next_avail: q.next_avail(),
+            avail_seen: q.next_avail(),
             next_used: q.next_used(),
             event_idx: q.event_idx_enabled(),
         })
@@ -131,9 +136,20 @@ impl<'m> Ring<'m> {
         u16::from_le(idx.load(Ordering::Acquire))
     }
 
+    /// How many chains the driver says wait at available index `idx`; 0
+    /// for a ring it broke (an index more than the ring's size ahead).
+    fn waiting(&self, idx: u16) -> u16 {
+        let n = idx.wrapping_sub(self.next_avail);
+        if n > self.size {
+            0
+        } else {
+            n
+        }
+    }
+
     /// Whether the driver has posted chains not taken yet.
     pub fn has_avail(&self) -> bool {
-        self.avail_idx() != self.next_avail
+        self.waiting(self.avail_idx()) > 0
     }
 
     /// The next available chain: its head, its descriptors appended to
@@ -141,8 +157,12 @@ impl<'m> Ring<'m> {
     /// reported with its head, so the caller can return it unused (what it
     /// appended is removed).
     pub fn pop(&mut self, descs: &mut Vec<Desc>) -> Option<Result<u16, (u16, ChainError)>> {
-        if self.avail_idx() == self.next_avail {
-            return None;
+        if self.avail_seen == self.next_avail {
+            let idx = self.avail_idx();
+            if self.waiting(idx) == 0 {
+                return None;
+            }
+            self.avail_seen = idx;
         }
         let slot = usize::from(self.next_avail % self.size);
         let head = Self::u16_at(self.avail.wrapping_add(4 + 2 * slot));

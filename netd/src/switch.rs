@@ -295,11 +295,17 @@ fn tunnel_loop(switch: &Weak<Inner>, tunnel: &Arc<Tunnel>, socket: &UdpSocket) {
     }
 }
 
+/// Frames staged before a batch is written out regardless.
+const STAGED_MAX: usize = 256;
+
 /// A batch of frames from one port: its clock reading (one per batch, for
 /// ageing and connection tracking) and the ports with frames written during
 /// it, signalled once at its end.
 pub(crate) struct Kicks {
     ports: Vec<Arc<Port>>,
+    /// Frames for those ports: index in `ports`, header, range in `bytes`.
+    staged: Vec<(usize, NetHdr, std::ops::Range<usize>)>,
+    bytes: Vec<u8>,
     /// When the batch started.
     pub(crate) now: Instant,
     /// Tunnel datagrams to send together, and the endpoint.
@@ -311,6 +317,8 @@ impl Default for Kicks {
     fn default() -> Self {
         Self {
             ports: Vec::new(),
+            staged: Vec::new(),
+            bytes: Vec::new(),
             now: Instant::now(),
             tunnel_out: Vec::new(),
             tunnel: None,
@@ -319,18 +327,43 @@ impl Default for Kicks {
 }
 
 impl Kicks {
-    /// Remembers to signal `port`.
-    pub(crate) fn add(&mut self, port: &Arc<Port>) {
-        if !self.ports.iter().any(|p| p.id == port.id) {
-            self.ports.push(port.clone());
+    /// Stages `frame` for `port`: written into its rings with the others
+    /// of the batch at the next flush.
+    pub(crate) fn stage(&mut self, port: &Arc<Port>, hdr: &NetHdr, frame: &[u8]) {
+        let at = match self.ports.iter().position(|p| p.id == port.id) {
+            Some(at) => at,
+            None => {
+                self.ports.push(port.clone());
+                self.ports.len() - 1
+            }
+        };
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(frame);
+        self.staged.push((at, *hdr, start..self.bytes.len()));
+        if self.staged.len() >= STAGED_MAX {
+            self.flush_ports();
         }
     }
 
-    /// Signals every port remembered and sends the tunnel datagrams.
-    pub(crate) fn flush(&mut self) {
-        for p in self.ports.drain(..) {
-            p.kick();
+    /// Writes the staged frames into their ports' rings (a batch per port).
+    fn flush_ports(&mut self) {
+        for (at, p) in self.ports.iter().enumerate() {
+            let frames: Vec<(NetHdr, &[u8])> = self
+                .staged
+                .iter()
+                .filter(|(i, _, _)| *i == at)
+                .filter_map(|(_, h, r)| Some((*h, self.bytes.get(r.clone())?)))
+                .collect();
+            p.enqueue_batch(&frames);
         }
+        self.ports.clear();
+        self.staged.clear();
+        self.bytes.clear();
+    }
+
+    /// Writes the staged frames and sends the tunnel datagrams.
+    pub(crate) fn flush(&mut self) {
+        self.flush_ports();
         if let (Some(t), false) = (&self.tunnel, self.tunnel_out.is_empty()) {
             t.send_batch(&self.tunnel_out);
             self.tunnel_out.clear();
@@ -811,9 +844,7 @@ impl Inner {
             return;
         }
         self.mirror(to, frame, hdr, kicks);
-        if to.enqueue(frame, hdr) {
-            kicks.add(to);
-        }
+        kicks.stage(to, hdr, frame);
     }
 
     /// A copy of `frame` (sent or received by `port`) for the port it is
@@ -829,9 +860,7 @@ impl Inner {
             .get(&target)
             .cloned();
         if let Some(to) = to.filter(|t| t.id != port.id) {
-            if to.enqueue(frame, hdr) {
-                kicks.add(&to);
-            }
+            kicks.stage(&to, hdr, frame);
         }
     }
 
