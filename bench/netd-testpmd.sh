@@ -153,7 +153,7 @@ setup() {
 drive() {
     local fifo=$work/cmd
     rm -f "$fifo"; mkfifo "$fifo"
-    dpdk-testpmd --lcores=0@0,1@1 --no-huge -m 512 --no-pci --file-prefix=drv \
+    stdbuf -oL dpdk-testpmd --lcores=0@0,1@1 --no-huge -m 512 --no-pci --file-prefix=drv \
         --vdev "net_virtio_user0,path=$1,queues=1,mac=02:00:00:00:00:01" \
         --vdev "net_virtio_user1,path=$2,queues=1,mac=02:00:00:00:00:02" \
         -- -i --forward-mode=mac --total-num-mbufs=32768 --txpkts="$(( $3 - 4 ))" \

@@ -4,6 +4,7 @@
 
 pub mod conntrack;
 pub mod daemon;
+pub mod datapath;
 pub mod dbus;
 pub mod dhcp;
 pub mod dns;

@@ -27,27 +27,20 @@ use vmm_sys_util::event::{
 };
 
 use crate::conntrack::Conntrack;
-use crate::frame::{Mac, MAX_FRAME};
+use crate::frame::Mac;
 use crate::l2::{PortId, SegmentId};
 use crate::metadata::Metadata;
 use crate::offload::{self, NetHdr, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_HOST_TSO4, F_MRG_RXBUF};
 use crate::qos::{Limit, Qos};
-use crate::ring::{read_guest, writable_len, write_guest, Desc, Ring};
+use crate::ring::{writable_len, write_guest, Desc, Ring};
 use crate::secgroup::PortSecurity;
-use crate::switch::{Inner, Kicks};
+use crate::switch::Inner;
 
 pub use crate::offload::NET_HDR;
 /// Frames waiting for the guest's receive buffers, at most; more are dropped.
 const MAX_PENDING: usize = 1024;
 /// Connections tracked per port, at most; new ones past that are refused.
 pub const MAX_CONNECTIONS: usize = 65_536;
-/// How long a port's transmit ring is polled after it runs dry, before the
-/// port waits for the guest's kick.
-const TX_POLL: Duration = Duration::from_micros(30);
-/// The longest rest a shaped transmit ring takes at once.
-const MAX_SHAPING_SLEEP: Duration = Duration::from_millis(10);
-/// Frames switched between wake-ups of the receivers during a burst.
-const TX_BATCH: usize = 64;
 /// Receive/transmit queue pairs a port offers (MQ): receive queue of pair
 /// p at 2p, transmit at 2p + 1, each pair served by its own thread.
 pub const QUEUE_PAIRS: usize = 4;
@@ -152,7 +145,7 @@ enum Written {
 /// Runs `f` on `vring`'s ring mapped in `mem`, with the ring's lock held
 /// and its indexes handed back after; None if the ring is not usable
 /// (not ready, areas outside memory).
-fn with_ring<R>(
+pub(crate) fn with_ring<R>(
     vring: &VringRwLock,
     mem: &GuestMemoryMmap,
     f: impl FnOnce(&mut Ring<'_>, &VringState) -> R,
@@ -166,7 +159,11 @@ fn with_ring<R>(
 
 /// Signals the driver of `state` if it wants to hear about the entries used
 /// since `since` (which moves to now).
-fn signal_if_wanted(ring: &Ring<'_>, state: &VringState, since: &mut u16) -> io::Result<()> {
+pub(crate) fn signal_if_wanted(
+    ring: &Ring<'_>,
+    state: &VringState,
+    since: &mut u16,
+) -> io::Result<()> {
     let wanted = ring.needs_signal(*since);
     *since = ring.next_used();
     if wanted {
@@ -401,7 +398,7 @@ impl Port {
     }
 
     /// How long the VM's transmit ring must rest (egress rate).
-    fn egress_wait(&self) -> Duration {
+    pub(crate) fn egress_wait(&self) -> Duration {
         if !self.qos_on.load(Ordering::Acquire) {
             return Duration::ZERO;
         }
@@ -412,7 +409,7 @@ impl Port {
     }
 
     /// Charges a frame the VM sent to its egress rate.
-    fn egress_debit(&self, len: usize) {
+    pub(crate) fn egress_debit(&self, len: usize) {
         if !self.qos_on.load(Ordering::Acquire) {
             return;
         }
@@ -504,6 +501,15 @@ impl Port {
 
     fn is_deleted(&self) -> bool {
         self.deleted.load(Ordering::SeqCst)
+    }
+
+    /// The guest's memory while a frontend is connected.
+    pub(crate) fn memory(&self) -> Option<GuestMemoryAtomic<GuestMemoryMmap>> {
+        self.rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .mem
+            .clone()
     }
 
     /// The virtio features the connected driver acked (0 when none is).
@@ -795,182 +801,12 @@ impl Port {
     }
 }
 
-thread_local! {
-    /// Each transmit thread's buffer for the frame it is switching.
-    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
 /// The vhost-user backend of one port.
 pub(crate) struct Backend {
     port: Arc<Port>,
     switch: Weak<Inner>,
     /// Exit events handed to the ring threads of the current daemon.
     exits: Mutex<Vec<EventNotifier>>,
-}
-
-impl Backend {
-    /// Takes every frame the guest queued for transmission and switches it,
-    /// with the guest's notifications off while there is work.
-    fn transmit(&self, vring: &VringRwLock) -> io::Result<()> {
-        let Some(atomic) = self
-            .port
-            .rx
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .mem
-            .clone()
-        else {
-            return Ok(());
-        };
-        let Some(switch) = self.switch.upgrade() else {
-            return Ok(());
-        };
-        let mem = atomic.memory();
-        // The frame being switched: one buffer per transmit thread.
-        let mut buf = SCRATCH.take();
-        if buf.len() < MAX_FRAME {
-            buf.resize(MAX_FRAME, 0);
-        }
-        let done = self.transmit_ring(vring, &mem, &switch, &mut buf);
-        SCRATCH.set(buf);
-        done
-    }
-
-    fn transmit_ring(
-        &self,
-        vring: &VringRwLock,
-        mem: &GuestMemoryMmap,
-        switch: &Inner,
-        buf: &mut [u8],
-    ) -> io::Result<()> {
-        let mut kicks = Kicks::default();
-        let mut descs = Vec::with_capacity(crate::ring::MAX_CHAIN);
-        let mut since = vring.get_ref().get_queue().next_used();
-        let _ = vring.disable_notification();
-        let mut idle_since: Option<Instant> = None;
-        loop {
-            kicks.now = Instant::now();
-            let burst = with_ring(vring, mem, |ring, _| {
-                self.drain(ring, switch, (&mut *buf, &mut descs), &mut kicks)
-            });
-            let Some((n, wait)) = burst else {
-                // The ring went away (reset, or areas outside memory).
-                return Ok(());
-            };
-            if n > 0 || !wait.is_zero() {
-                idle_since = None;
-                kicks.flush();
-                with_ring(vring, mem, |ring, state| {
-                    signal_if_wanted(ring, state, &mut since)
-                })
-                .transpose()?;
-                if !wait.is_zero() {
-                    // Over its egress rate: the guest's frames wait in its
-                    // ring.
-                    std::thread::sleep(wait.min(MAX_SHAPING_SLEEP));
-                }
-                continue;
-            }
-            // The ring is empty: poll it a little longer (yielding to the
-            // other ports' threads) before sleeping until the next kick; a
-            // busy guest then never has to kick.
-            let since_idle = *idle_since.get_or_insert_with(Instant::now);
-            if since_idle.elapsed() < TX_POLL {
-                std::thread::yield_now();
-                continue;
-            }
-            let more = with_ring(vring, mem, |ring, _| {
-                let more = ring.notify(true);
-                if more {
-                    ring.notify(false);
-                }
-                more
-            });
-            if more != Some(true) {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    /// Switches up to a burst of frames from the transmit ring; returns how
-    /// many, and how long the ring must rest first if the port is over its
-    /// egress rate.
-    fn drain(
-        &self,
-        ring: &mut Ring<'_>,
-        switch: &Inner,
-        (buf, descs): (&mut [u8], &mut Vec<Desc>),
-        kicks: &mut Kicks,
-    ) -> (usize, Duration) {
-        let mut n = 0usize;
-        while n < TX_BATCH {
-            let wait = self.port.egress_wait();
-            if !wait.is_zero() {
-                ring.publish();
-                return (n, wait);
-            }
-            descs.clear();
-            let head = match ring.pop(descs) {
-                None => break,
-                Some(Ok(h)) => h,
-                Some(Err((head, e))) => {
-                    debug!(port = self.port.id.0, "transmit chain {head}: {e}");
-                    ring.push_used(head, 0);
-                    self.port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
-                    n += 1;
-                    continue;
-                }
-            };
-            n += 1;
-            // The virtio-net header, then the frame; a chain longer than a
-            // frame, or pointing outside memory, is dropped whole.
-            let mut hdr = [0u8; NET_HDR];
-            let (mut got, mut len, mut ok) = (0usize, 0usize, true);
-            for d in descs.iter().filter(|d| !d.write) {
-                let mut left = d.len as usize;
-                let mut addr = d.addr;
-                let s = (NET_HDR - got).min(left);
-                if s > 0 && !read_guest(ring.mem(), addr, &mut hdr[got..got + s]) {
-                    ok = false;
-                    break;
-                }
-                got += s;
-                left -= s;
-                let Some(a) = addr.checked_add(s as u64) else {
-                    ok = false;
-                    break;
-                };
-                addr = a;
-                if left == 0 {
-                    continue;
-                }
-                let Some(dst) = buf.get_mut(len..len + left) else {
-                    ok = false;
-                    break;
-                };
-                if !read_guest(ring.mem(), addr, dst) {
-                    ok = false;
-                    break;
-                }
-                len += left;
-            }
-            ring.push_used(head, 0);
-            let hdr = NetHdr::parse(&hdr);
-            let valid = hdr.validate(self.port.features(), len);
-            if let (true, true, Err(e)) = (ok, len > 0, &valid) {
-                debug!(port = self.port.id.0, "refused a frame's header: {e}");
-            }
-            if ok && len > 0 && valid.is_ok() {
-                self.port.egress_debit(len);
-                switch.switch_frame(&self.port, &buf[..len], &hdr, kicks);
-            } else {
-                self.port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        ring.publish();
-        (n, Duration::ZERO)
-    }
 }
 
 impl VhostUserBackend for Backend {
@@ -1062,8 +898,9 @@ impl VhostUserBackend for Backend {
         // are filled from what is pending.
         self.port.attach(thread_id, vrings);
         if device_event == 1 {
-            if let Some(tx) = vrings.get(1) {
-                self.transmit(tx)?;
+            // The transmit ring is the data-path thread's to poll.
+            if let (Some(tx), Some(switch)) = (vrings.get(1), self.switch.upgrade()) {
+                switch.datapath.kicked(&self.port, thread_id, tx);
             }
         }
         Ok(())
@@ -1128,6 +965,9 @@ fn serve_loop(port: &Arc<Port>, backend: &Arc<Backend>, listener: &mut Listener)
                 .connection
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = None;
+        }
+        if let Some(switch) = backend.switch.upgrade() {
+            switch.datapath.forget(port.id);
         }
         port.detach();
         // Its ring threads end on their exit events; then it can go.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use crate::conntrack::Direction;
+use crate::datapath::{self, Datapath};
 use crate::dhcp::{self, DhcpConfig, DhcpServer, Outcome};
 use crate::dns;
 use crate::flow::{
@@ -94,6 +95,8 @@ pub(crate) struct Inner {
     started: Instant,
     /// Whether any VPC has a gateway (else no frame needs the NAT lock).
     pub(crate) nat_on: std::sync::atomic::AtomicBool,
+    /// The transmit rings the data-path thread polls.
+    pub(crate) datapath: Arc<Datapath>,
 }
 
 /// Tunnel (and uplink) counters.
@@ -976,7 +979,11 @@ impl Switch {
             nat_on: std::sync::atomic::AtomicBool::new(false),
             metadata: Mutex::new(HashMap::new()),
             started: Instant::now(),
+            datapath: Arc::new(Datapath::default()),
         });
+        if let Err(e) = datapath::start(inner.datapath.clone(), Arc::downgrade(&inner)) {
+            warn!("no data-path thread: {e}");
+        }
         let weak = Arc::downgrade(&inner);
         let timers = std::thread::Builder::new()
             .name("metadata".into())
@@ -1510,6 +1517,7 @@ impl Switch {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&id)
             .ok_or(SwitchError::NoPort(id.0))?;
+        self.inner.datapath.forget(id);
         self.inner
             .table
             .lock()

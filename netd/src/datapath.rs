@@ -1,0 +1,325 @@
+//! The data-path thread: one thread polls the transmit rings of every
+//! connected port in turn, a burst from each, and switches what it finds.
+//! No thread per port competes for the CPU, and frames for a port from
+//! all the rings of a sweep reach it in batches.
+//!
+//! A ring joins on its driver's first kick (the vhost-user worker thread
+//! hands it over) and leaves when its frontend goes. When every ring has
+//! been empty for [`TX_POLL`], the thread asks the drivers to kick again
+//! and sleeps until one does; while it polls, drivers need not kick at all.
+//! A port over its egress rate is skipped until its bucket refills.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use tracing::debug;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+
+use crate::frame::MAX_FRAME;
+use crate::l2::PortId;
+use crate::offload::{NetHdr, NET_HDR};
+use crate::port::{signal_if_wanted, with_ring, Port};
+use crate::ring::{read_guest, Desc, Ring, MAX_CHAIN};
+use crate::switch::{Inner, Kicks};
+
+/// How long the rings are polled after the last frame before the thread
+/// sleeps until a kick.
+const TX_POLL: Duration = Duration::from_micros(50);
+/// The longest sleep without a kick (the thread then checks that the
+/// switch still exists).
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// The longest rest a shaped transmit ring takes at once.
+const MAX_SHAPING_SLEEP: Duration = Duration::from_millis(10);
+/// Frames taken from one ring before moving to the next.
+const TX_BATCH: usize = 64;
+
+/// The rings the thread serves and its wake-up call.
+#[derive(Default)]
+pub(crate) struct Datapath {
+    rings: Mutex<Vec<(Arc<Port>, usize, VringRwLock)>>,
+    generation: AtomicU64,
+    woken: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Datapath {
+    /// Serves `vring`, the transmit ring of `port`'s queue pair `pair`
+    /// (replacing one a previous frontend left), and wakes the thread.
+    pub(crate) fn kicked(&self, port: &Arc<Port>, pair: usize, vring: &VringRwLock) {
+        {
+            let mut rings = self.rings.lock().unwrap_or_else(PoisonError::into_inner);
+            if !rings.iter().any(|(p, q, _)| p.id == port.id && *q == pair) {
+                rings.push((port.clone(), pair, vring.clone()));
+                self.generation.fetch_add(1, Ordering::Release);
+            }
+        }
+        let mut woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
+        *woken = true;
+        self.wake.notify_one();
+    }
+
+    /// Stops serving `port`'s rings (its frontend went, or it was deleted).
+    pub(crate) fn forget(&self, port: PortId) {
+        let mut rings = self.rings.lock().unwrap_or_else(PoisonError::into_inner);
+        rings.retain(|(p, _, _)| p.id != port);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Sleeps until a kick or `timeout`.
+    fn sleep(&self, timeout: Duration) {
+        let mut woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
+        if !*woken {
+            woken = self
+                .wake
+                .wait_timeout(woken, timeout)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        *woken = false;
+    }
+}
+
+/// A ring the thread serves, with its signalling and shaping state.
+struct TxRing {
+    port: Arc<Port>,
+    pair: usize,
+    vring: VringRwLock,
+    /// The used index at the last signal decision.
+    since: u16,
+    /// Over its egress rate: not polled before then.
+    resume_at: Option<Instant>,
+}
+
+/// Starts the data-path thread for `switch`; it ends soon after the switch.
+pub(crate) fn start(dp: Arc<Datapath>, switch: Weak<Inner>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("netd-datapath".into())
+        .spawn(move || run(&dp, &switch))
+        .map(|_| ())
+}
+
+fn run(dp: &Datapath, switch: &Weak<Inner>) {
+    let mut rings: Vec<TxRing> = Vec::new();
+    let mut seen = u64::MAX;
+    let mut buf = vec![0u8; MAX_FRAME];
+    let mut descs = Vec::with_capacity(MAX_CHAIN);
+    let mut kicks = Kicks::default();
+    let mut idle_since: Option<Instant> = None;
+    let mut asleep = false;
+    loop {
+        let Some(inner) = switch.upgrade() else {
+            return;
+        };
+        let generation = dp.generation.load(Ordering::Acquire);
+        if generation != seen {
+            seen = generation;
+            refresh(dp, &mut rings);
+        }
+        if std::mem::take(&mut asleep) {
+            // Polling again: no kicks needed.
+            for r in &rings {
+                quiet(r, false);
+            }
+        }
+        let now = Instant::now();
+        kicks.now = now;
+        let mut work = 0usize;
+        let mut next_resume: Option<Instant> = None;
+        for r in &mut rings {
+            if let Some(t) = r.resume_at {
+                if now < t {
+                    next_resume = Some(next_resume.map_or(t, |n| n.min(t)));
+                    continue;
+                }
+                r.resume_at = None;
+            }
+            let Some(atomic) = r.port.memory() else {
+                continue;
+            };
+            let mem = atomic.memory();
+            let burst = with_ring(&r.vring, &mem, |ring, _| {
+                drain(&r.port, ring, &inner, (&mut buf, &mut descs), &mut kicks)
+            });
+            let Some((n, wait)) = burst else {
+                continue;
+            };
+            if n > 0 {
+                work += n;
+                kicks.flush();
+                let signalled = with_ring(&r.vring, &mem, |ring, state| {
+                    signal_if_wanted(ring, state, &mut r.since)
+                });
+                if let Some(Err(e)) = signalled {
+                    debug!(port = r.port.id.0, "cannot signal the guest: {e}");
+                }
+            }
+            if !wait.is_zero() {
+                let t = now + wait.min(MAX_SHAPING_SLEEP);
+                r.resume_at = Some(t);
+                next_resume = Some(next_resume.map_or(t, |n| n.min(t)));
+            }
+        }
+        if work > 0 {
+            idle_since = None;
+            continue;
+        }
+        let idle = *idle_since.get_or_insert(now);
+        if idle.elapsed() < TX_POLL {
+            drop(inner);
+            std::thread::yield_now();
+            continue;
+        }
+        // Going to sleep: every ring not resting asks for kicks again; a
+        // chain that came meanwhile means more work instead.
+        let mut more = false;
+        for r in rings.iter().filter(|r| r.resume_at.is_none()) {
+            more |= quiet(r, true);
+        }
+        drop(inner);
+        asleep = true;
+        if more {
+            continue;
+        }
+        let timeout = next_resume
+            .map_or(IDLE_WAIT, |t| t.saturating_duration_since(Instant::now()))
+            .min(IDLE_WAIT);
+        dp.sleep(timeout);
+        idle_since = None;
+    }
+}
+
+/// Turns `r`'s kicks on or off; true if chains are waiting (when on).
+fn quiet(r: &TxRing, kicks_on: bool) -> bool {
+    let Some(atomic) = r.port.memory() else {
+        return false;
+    };
+    let mem = atomic.memory();
+    with_ring(&r.vring, &mem, |ring, _| ring.notify(kicks_on)).unwrap_or(false)
+}
+
+/// Whether `a` and `b` are the same ring (not two connections' rings of
+/// one queue).
+fn same(a: &VringRwLock, b: &VringRwLock) -> bool {
+    let pa: *const _ = &*a.get_ref();
+    let pb: *const _ = &*b.get_ref();
+    std::ptr::eq(pa, pb)
+}
+
+/// Brings `rings` in line with the registry, keeping the state of rings
+/// that stay.
+fn refresh(dp: &Datapath, rings: &mut Vec<TxRing>) {
+    let now = dp
+        .rings
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let mut old = std::mem::take(rings);
+    for (port, pair, vring) in now {
+        let kept = old
+            .iter()
+            .position(|r| r.port.id == port.id && r.pair == pair && same(&r.vring, &vring));
+        match kept.map(|i| old.swap_remove(i)) {
+            Some(r) => rings.push(r),
+            None => {
+                let since = vring.get_ref().get_queue().next_used();
+                rings.push(TxRing {
+                    port,
+                    pair,
+                    vring,
+                    since,
+                    resume_at: None,
+                });
+            }
+        }
+    }
+}
+
+/// Switches up to a burst of frames from `port`'s transmit ring; returns
+/// how many, and how long the ring must rest first if the port is over
+/// its egress rate.
+fn drain(
+    port: &Port,
+    ring: &mut Ring<'_>,
+    switch: &Inner,
+    (buf, descs): (&mut [u8], &mut Vec<Desc>),
+    kicks: &mut Kicks,
+) -> (usize, Duration) {
+    let mut n = 0usize;
+    while n < TX_BATCH {
+        let wait = port.egress_wait();
+        if !wait.is_zero() {
+            ring.publish();
+            return (n, wait);
+        }
+        descs.clear();
+        let head = match ring.pop(descs) {
+            None => break,
+            Some(Ok(h)) => h,
+            Some(Err((head, e))) => {
+                debug!(port = port.id.0, "transmit chain {head}: {e}");
+                ring.push_used(head, 0);
+                port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+                continue;
+            }
+        };
+        n += 1;
+        // The virtio-net header, then the frame; a chain longer than a
+        // frame, or pointing outside memory, is dropped whole.
+        let mut hdr = [0u8; NET_HDR];
+        let (mut got, mut len, mut ok) = (0usize, 0usize, true);
+        for d in descs.iter().filter(|d| !d.write) {
+            let mut left = d.len as usize;
+            let mut addr = d.addr;
+            let s = (NET_HDR - got).min(left);
+            if s > 0 && !read_guest(ring.mem(), addr, &mut hdr[got..got + s]) {
+                ok = false;
+                break;
+            }
+            got += s;
+            left -= s;
+            let Some(a) = addr.checked_add(s as u64) else {
+                ok = false;
+                break;
+            };
+            addr = a;
+            if left == 0 {
+                continue;
+            }
+            let Some(dst) = buf.get_mut(len..len + left) else {
+                ok = false;
+                break;
+            };
+            if !read_guest(ring.mem(), addr, dst) {
+                ok = false;
+                break;
+            }
+            len += left;
+        }
+        ring.push_used(head, 0);
+        let hdr = NetHdr::parse(&hdr);
+        let valid = hdr.validate(port.features(), len);
+        if let (true, true, Err(e)) = (ok, len > 0, &valid) {
+            debug!(port = port.id.0, "refused a frame's header: {e}");
+        }
+        if ok && len > 0 && valid.is_ok() {
+            port.egress_debit(len);
+            switch.switch_frame(port, &buf[..len], &hdr, kicks);
+        } else {
+            port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    ring.publish();
+    (n, Duration::ZERO)
+}
