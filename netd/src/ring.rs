@@ -304,3 +304,167 @@ pub fn write_guest(mem: &GuestMemoryMmap, addr: u64, src: &[u8]) -> bool {
         Err(_) => mem.write_slice(src, GuestAddress(addr)).is_ok(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use vm_memory::Bytes;
+
+    const DESC: u32 = 0x0;
+    const AVAIL: u32 = 0x1000;
+    const USED: u32 = 0x2000;
+    const SIZE: u16 = 8;
+
+    /// Guest memory with an 8-entry ring, ready, EVENT_IDX as asked.
+    fn setup(event_idx: bool) -> (GuestMemoryMmap, Queue) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut q = Queue::new(SIZE).unwrap();
+        q.set_size(SIZE);
+        q.set_desc_table_address(Some(DESC), Some(0));
+        q.set_avail_ring_address(Some(AVAIL), Some(0));
+        q.set_used_ring_address(Some(USED), Some(0));
+        q.set_event_idx(event_idx);
+        q.set_ready(true);
+        (mem, q)
+    }
+
+    fn desc(mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = u64::from(DESC) + 16 * u64::from(i);
+        mem.write_obj(addr, GuestAddress(at)).unwrap();
+        mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+        mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+        mem.write_obj(next, GuestAddress(at + 14)).unwrap();
+    }
+
+    /// The driver makes `heads` available.
+    fn offer(mem: &GuestMemoryMmap, heads: &[u16]) {
+        let avail = u64::from(AVAIL);
+        let mut idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
+        for h in heads {
+            let slot = u64::from(idx % SIZE);
+            mem.write_obj(*h, GuestAddress(avail + 4 + 2 * slot))
+                .unwrap();
+            idx = idx.wrapping_add(1);
+        }
+        mem.write_obj(idx, GuestAddress(avail + 2)).unwrap();
+    }
+
+    #[test]
+    fn chains_are_taken_and_returned_in_one_index_store() {
+        let (mem, mut q) = setup(false);
+        desc(&mem, 0, 0x4000, 12, F_NEXT, 1);
+        desc(&mem, 1, 0x5000, 60, 0, 0);
+        desc(&mem, 2, 0x6000, 2048, F_WRITE, 0);
+        offer(&mem, &[0, 2]);
+        let mut ring = Ring::open(&q, &mem).unwrap();
+        let mut descs = Vec::new();
+        assert_eq!(ring.pop(&mut descs).unwrap().unwrap(), 0);
+        assert_eq!(descs.len(), 2);
+        assert_eq!(
+            (descs[1].addr, descs[1].len, descs[1].write),
+            (0x5000, 60, false)
+        );
+        let start = descs.len();
+        assert_eq!(ring.pop(&mut descs).unwrap().unwrap(), 2);
+        assert_eq!(writable_len(&descs[start..]), 2048);
+        assert!(ring.pop(&mut descs).is_none());
+        ring.push_used(0, 0);
+        ring.push_used(2, 100);
+        let idx: u16 = mem.read_obj(GuestAddress(u64::from(USED) + 2)).unwrap();
+        assert_eq!(idx, 0, "not visible before publish");
+        ring.publish();
+        let idx: u16 = mem.read_obj(GuestAddress(u64::from(USED) + 2)).unwrap();
+        assert_eq!(idx, 2);
+        let (id, len): (u32, u32) = (
+            mem.read_obj(GuestAddress(u64::from(USED) + 12)).unwrap(),
+            mem.read_obj(GuestAddress(u64::from(USED) + 16)).unwrap(),
+        );
+        assert_eq!((id, len), (2, 100));
+        ring.close(&mut q);
+        assert_eq!((q.next_avail(), q.next_used()), (2, 2));
+    }
+
+    #[test]
+    fn hostile_chains_are_errors() {
+        let (mem, q) = setup(false);
+        // A loop, a next index past the table, an indirect descriptor, a
+        // head past the table.
+        desc(&mem, 0, 0x4000, 64, F_NEXT, 0);
+        desc(&mem, 1, 0x4000, 64, F_NEXT, 200);
+        desc(&mem, 2, 0x4000, 64, F_INDIRECT, 0);
+        offer(&mem, &[0, 1, 2, 9]);
+        let mut ring = Ring::open(&q, &mem).unwrap();
+        let mut descs = Vec::new();
+        let got: Vec<_> = std::iter::from_fn(|| ring.pop(&mut descs)).collect();
+        assert_eq!(
+            got,
+            vec![
+                Err((0, ChainError::TooLong)),
+                Err((1, ChainError::Index(200))),
+                Err((2, ChainError::Indirect)),
+                Err((9, ChainError::Index(9))),
+            ]
+        );
+        assert!(descs.is_empty(), "nothing of a broken chain is kept");
+    }
+
+    #[test]
+    fn an_available_index_beyond_the_ring_is_no_work() {
+        let (mem, q) = setup(false);
+        mem.write_obj(100u16, GuestAddress(u64::from(AVAIL) + 2))
+            .unwrap();
+        let mut ring = Ring::open(&q, &mem).unwrap();
+        assert!(!ring.has_avail());
+        assert!(ring.pop(&mut Vec::new()).is_none());
+    }
+
+    #[test]
+    fn rings_outside_memory_are_refused() {
+        let (mem, mut q) = setup(false);
+        q.set_ready(false);
+        q.set_used_ring_address(Some(0xfffc), Some(0));
+        q.set_ready(true);
+        assert!(Ring::open(&q, &mem).is_none(), "used ring past the end");
+        let (mem, mut q) = setup(false);
+        q.set_ready(false);
+        assert!(Ring::open(&q, &mem).is_none(), "not ready");
+    }
+
+    #[test]
+    fn signals_follow_the_drivers_used_event() {
+        let (mem, q) = setup(true);
+        for i in 0..4 {
+            desc(&mem, i, 0x4000, 64, F_WRITE, 0);
+        }
+        offer(&mem, &[0, 1, 2, 3]);
+        // The driver wants a signal once entry 2 (index 3) is used.
+        mem.write_obj(
+            2u16,
+            GuestAddress(u64::from(AVAIL) + 4 + 2 * u64::from(SIZE)),
+        )
+        .unwrap();
+        let mut ring = Ring::open(&q, &mem).unwrap();
+        let mut descs = Vec::new();
+        let mut since = 0u16;
+        for want in [false, false, true, false] {
+            let head = ring.pop(&mut descs).unwrap().unwrap();
+            ring.push_used(head, 64);
+            ring.publish();
+            assert_eq!(ring.needs_signal(since), want, "after {head}");
+            since = ring.next_used();
+        }
+        // Without EVENT_IDX, the NO_INTERRUPT flag decides.
+        let (mem, q) = setup(false);
+        desc(&mem, 0, 0x4000, 64, F_WRITE, 0);
+        offer(&mem, &[0]);
+        mem.write_obj(AVAIL_F_NO_INTERRUPT, GuestAddress(u64::from(AVAIL)))
+            .unwrap();
+        let mut ring = Ring::open(&q, &mem).unwrap();
+        let head = ring.pop(&mut descs).unwrap().unwrap();
+        ring.push_used(head, 64);
+        ring.publish();
+        assert!(!ring.needs_signal(0));
+    }
+}
