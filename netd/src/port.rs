@@ -299,6 +299,9 @@ pub struct Port {
     pub stats: PortStats,
     /// Its address and security groups.
     pub(crate) security: RwLock<PortSecurity>,
+    /// Whether `security` is enabled (it has an address): read without the
+    /// lock on every frame.
+    pub(crate) filtered: AtomicBool,
     /// Connections its security groups let through.
     pub(crate) conntrack: Mutex<Conntrack>,
     /// What the metadata service tells its VM.
@@ -457,6 +460,7 @@ impl Port {
             socket,
             stats: PortStats::default(),
             security: RwLock::new(PortSecurity::default()),
+            filtered: AtomicBool::new(false),
             conntrack: Mutex::new(Conntrack::new(MAX_CONNECTIONS)),
             metadata: Mutex::new(Metadata {
                 instance_id: format!("atoll-port-{}", id.0),

@@ -350,13 +350,15 @@ impl Kicks {
 
     /// Writes the staged frames into their ports' rings (a batch per port).
     fn flush_ports(&mut self) {
+        let mut frames: Vec<(NetHdr, &[u8])> = Vec::with_capacity(self.staged.len());
         for (at, p) in self.ports.iter().enumerate() {
-            let frames: Vec<(NetHdr, &[u8])> = self
-                .staged
-                .iter()
-                .filter(|(i, _, _)| *i == at)
-                .filter_map(|(_, h, r)| Some((*h, self.bytes.get(r.clone())?)))
-                .collect();
+            frames.clear();
+            frames.extend(
+                self.staged
+                    .iter()
+                    .filter(|(i, _, _)| *i == at)
+                    .filter_map(|(_, h, r)| Some((*h, self.bytes.get(r.clone())?))),
+            );
             p.enqueue_batch(&frames);
         }
         self.ports.clear();
@@ -436,20 +438,15 @@ impl Inner {
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
         self.mirror(from, frame, hdr, kicks);
         let now = kicks.now;
-        let sec = from.security.read().unwrap_or_else(PoisonError::into_inner);
-        if let Err(why) = self.egress(
-            from,
-            &sec,
-            &eth,
-            arp.as_ref(),
-            ip.as_ref().map(|p| &p.0),
-            now,
-        ) {
-            from.stats.tx_filtered.fetch_add(1, Ordering::Relaxed);
-            debug!(port = from.id.0, "refused a frame: {why}");
-            return;
+        if from.filtered.load(Ordering::Acquire) {
+            let sec = from.security.read().unwrap_or_else(PoisonError::into_inner);
+            let pkt = ip.as_ref().map(|p| &p.0);
+            if let Err(why) = self.egress(from, &sec, &eth, arp.as_ref(), pkt, now) {
+                from.stats.tx_filtered.fetch_add(1, Ordering::Relaxed);
+                debug!(port = from.id.0, "refused a frame: {why}");
+                return;
+            }
         }
-        drop(sec);
         // DHCP requests are the switch's to answer on a segment with a server.
         let dhcp_port = |p: &(Packet, Ipv4<'_>)| {
             p.0.flow.proto == PROTO_UDP && p.0.flow.sport == 68 && p.0.flow.dport == 67
@@ -830,8 +827,8 @@ impl Inner {
         now: Instant,
         kicks: &mut Kicks,
     ) {
-        let sec = to.security.read().unwrap_or_else(PoisonError::into_inner);
-        if sec.enabled() {
+        if to.filtered.load(Ordering::Acquire) {
+            let sec = to.security.read().unwrap_or_else(PoisonError::into_inner);
             let ok = match pkt {
                 Some(p) => self.admit(to, &sec, Direction::Ingress, p, now),
                 // ARP is always let in; anything else is not.
@@ -842,7 +839,6 @@ impl Inner {
                 return;
             }
         }
-        drop(sec);
         if !to.ingress_admit(frame.len(), now) {
             return;
         }
@@ -1188,6 +1184,7 @@ impl Switch {
             server.reserve(port.mac, ip);
         }
         sec.ip = ip;
+        port.filtered.store(sec.enabled(), Ordering::Release);
         {
             let mut md = port.metadata.lock().unwrap_or_else(PoisonError::into_inner);
             md.ip = ip;
