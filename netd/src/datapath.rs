@@ -170,6 +170,20 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
                 next_resume = Some(next_resume.map_or(t, |n| n.min(t)));
             }
         }
+        // Frames that wait for receive buffers, for any port.
+        let waiting: Vec<Arc<Port>> = inner
+            .ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|p| p.has_pending())
+            .cloned()
+            .collect();
+        for p in &waiting {
+            if p.retry_pending() {
+                work += 1;
+            }
+        }
         if work > 0 {
             idle_since = None;
             continue;
@@ -185,6 +199,9 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
         let mut more = false;
         for r in rings.iter().filter(|r| r.resume_at.is_none()) {
             more |= quiet(r, true);
+        }
+        for p in &waiting {
+            p.arm_pending();
         }
         drop(inner);
         asleep = true;

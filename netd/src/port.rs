@@ -37,6 +37,8 @@ use crate::secgroup::PortSecurity;
 use crate::switch::Inner;
 
 pub use crate::offload::NET_HDR;
+/// Waiting frames handed to the guest per step when it has room again.
+const FLUSH_BURST: usize = 64;
 /// Frames waiting for the guest's receive buffers, at most; more are dropped.
 const MAX_PENDING: usize = 1024;
 /// Connections tracked per port, at most; new ones past that are refused.
@@ -100,6 +102,9 @@ struct RxSide {
     /// seen the first event (empty while no frontend is connected).
     vrings: Vec<Option<VringRwLock>>,
     pending: VecDeque<(NetHdr, Vec<u8>)>,
+    /// Buffers of frames that left `pending`, for the next ones to wait in
+    /// (no allocation per waiting frame).
+    spare: Vec<Vec<u8>>,
     /// Receive queues (bit p: pair p) with used buffers the guest has not
     /// been signalled about.
     unsignalled: u32,
@@ -111,6 +116,16 @@ struct RxSide {
     active: Vec<usize>,
     /// Receive queues (bit p) whose kicks for new buffers are turned off.
     quiet: u32,
+}
+
+impl RxSide {
+    /// Keeps a copy of `frame` until the guest has room for it.
+    fn hold(&mut self, hdr: &NetHdr, frame: &[u8]) {
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(frame);
+        self.pending.push_back((*hdr, buf));
+    }
 }
 
 /// Which of `active` receive queues a frame goes to: by its addresses and
@@ -194,7 +209,6 @@ fn fill(
     taken.descs.clear();
     taken.chains.clear();
     let mut have = 0usize;
-    let mut asked = false;
     while taken.chains.is_empty() || (mergeable && have < total) {
         let start = taken.descs.len();
         match ring.pop(&mut taken.descs) {
@@ -214,14 +228,9 @@ fn fill(
                 return Written::Lost;
             }
             None => {
-                // Out of buffers: the driver is asked to kick when it adds
-                // some (it may just have); what was taken goes back.
-                if !asked {
-                    asked = true;
-                    if ring.notify(true) {
-                        continue;
-                    }
-                }
+                // Out of buffers: what was taken goes back, and the frame
+                // waits (the data-path thread retries; it asks the driver
+                // to kick for new buffers only before it sleeps).
                 ring.unpop(u16::try_from(taken.chains.len()).unwrap_or(0));
                 return Written::NoRoom;
             }
@@ -310,6 +319,8 @@ pub struct Port {
     mirror: AtomicU32,
     /// The virtio features the current frontend's driver acked.
     features: AtomicU64,
+    /// Whether frames wait for receive buffers (read without the lock).
+    has_pending: AtomicBool,
     /// Rate limits, if any (`qos_on` says whether to look).
     qos: Mutex<Qos>,
     qos_on: AtomicBool,
@@ -468,6 +479,7 @@ impl Port {
             }),
             mirror: AtomicU32::new(0),
             features: AtomicU64::new(0),
+            has_pending: AtomicBool::new(false),
             qos: Mutex::new(Qos::default()),
             qos_on: AtomicBool::new(false),
             rx: Mutex::new(RxSide::default()),
@@ -562,8 +574,41 @@ impl Port {
             self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        rx.pending.push_back((*hdr, frame.to_vec()));
+        rx.hold(hdr, frame);
+        self.has_pending.store(true, Ordering::Release);
         false
+    }
+
+    /// Whether frames wait for the guest's receive buffers.
+    pub(crate) fn has_pending(&self) -> bool {
+        self.has_pending.load(Ordering::Acquire)
+    }
+
+    /// Tries again to hand waiting frames to the guest; true if some went.
+    pub(crate) fn retry_pending(&self) -> bool {
+        let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = rx.pending.len();
+        self.flush(&mut rx);
+        rx.pending.len() < before
+    }
+
+    /// Asks the driver to kick when it posts receive buffers, if frames
+    /// wait for them (the data-path thread is about to sleep); frames go
+    /// at once if buffers came meanwhile.
+    pub(crate) fn arm_pending(&self) {
+        let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
+        if rx.pending.is_empty() {
+            return;
+        }
+        let mut more = false;
+        for q in &rx.active {
+            if let Some(v) = rx.vrings.get(*q).and_then(Option::as_ref) {
+                more |= v.enable_notification().unwrap_or(false);
+            }
+        }
+        if more {
+            self.flush(&mut rx);
+        }
     }
 
     /// Writes a burst of frames for the guest: each receive ring is mapped
@@ -594,10 +639,35 @@ impl Port {
         } else {
             list.extend_from_slice(frames);
         }
-        let mergeable = features & F_MRG_RXBUF != 0;
         let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
+        if !rx.pending.is_empty() {
+            // Frames that waited for room go first.
+            self.flush(&mut rx);
+        }
+        let i = if rx.pending.is_empty() {
+            self.write_list(&mut rx, &list)
+        } else {
+            0
+        };
+        for (hdr, frame) in list.get(i..).unwrap_or_default() {
+            if rx.pending.len() >= MAX_PENDING {
+                self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            rx.hold(hdr, frame);
+        }
+        self.has_pending
+            .store(!rx.pending.is_empty(), Ordering::Release);
+    }
+
+    /// Writes frames of `list` into the receive rings, each ring mapped
+    /// once for the frames that go to it, its used index published and the
+    /// driver signalled (if it wants) once; returns how many were taken
+    /// (written or lost), stopping at the first with no room.
+    fn write_list(&self, rx: &mut RxSide, list: &[(NetHdr, &[u8])]) -> usize {
+        let mergeable = self.features() & F_MRG_RXBUF != 0;
         let mut i = 0;
-        while i < list.len() && rx.pending.is_empty() {
+        while i < list.len() {
             let Some(q) = pick_queue(&rx.active, list[i].1) else {
                 break;
             };
@@ -641,13 +711,7 @@ impl Port {
                 _ => break,
             }
         }
-        for (hdr, frame) in list.get(i..).unwrap_or_default() {
-            if rx.pending.len() >= MAX_PENDING {
-                self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            rx.pending.push_back((*hdr, frame.to_vec()));
-        }
+        i
     }
 
     /// Tells the guest about the frames written since the last kick, unless
@@ -721,18 +785,35 @@ impl Port {
     /// Moves pending frames into the guest's receive buffers.
     fn flush(&self, rx: &mut RxSide) {
         let waiting = !rx.pending.is_empty();
-        while let Some((hdr, frame)) = rx.pending.pop_front() {
-            let Some(q) = pick_queue(&rx.active, &frame) else {
-                rx.pending.push_front((hdr, frame));
-                break;
-            };
-            match self.write_one(rx, q, &hdr, &frame) {
-                Written::Done | Written::Lost => rx.unsignalled |= 1 << (q / 2),
-                Written::NoRoom => {
-                    rx.pending.push_front((hdr, frame));
+        if waiting {
+            // A burst at a time, so a long queue costs what moves, not what
+            // stays.
+            let mut pending = std::mem::take(&mut rx.pending);
+            let mut list: Vec<(NetHdr, &[u8])> = Vec::with_capacity(FLUSH_BURST);
+            let mut from = 0;
+            loop {
+                list.clear();
+                list.extend(
+                    pending
+                        .range(from..)
+                        .take(FLUSH_BURST)
+                        .map(|(h, f)| (*h, &f[..])),
+                );
+                let taken = self.write_list(rx, &list);
+                from += taken;
+                if taken < list.len() || list.is_empty() {
                     break;
                 }
             }
+            drop(list);
+            for (_, buf) in pending.drain(..from.min(pending.len())) {
+                if rx.spare.len() < MAX_PENDING {
+                    rx.spare.push(buf);
+                }
+            }
+            rx.pending = pending;
+            self.has_pending
+                .store(!rx.pending.is_empty(), Ordering::Release);
         }
         if waiting && rx.pending.is_empty() {
             // Caught up: no more kicks for receive buffers.
@@ -798,6 +879,7 @@ impl Port {
         rx.vrings.clear();
         rx.mem = None;
         rx.pending.clear();
+        rx.spare = Vec::new();
         rx.active.clear();
         rx.quiet = 0;
         rx.since = [0; QUEUE_PAIRS];
