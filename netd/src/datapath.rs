@@ -18,7 +18,6 @@ use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 
-use crate::frame::MAX_FRAME;
 use crate::l2::PortId;
 use crate::offload::{NetHdr, NET_HDR};
 use crate::port::{signal_if_wanted, with_ring, Port};
@@ -112,7 +111,6 @@ pub(crate) fn start(dp: Arc<Datapath>, switch: Weak<Inner>) -> std::io::Result<(
 fn run(dp: &Datapath, switch: &Weak<Inner>) {
     let mut rings: Vec<TxRing> = Vec::new();
     let mut seen = u64::MAX;
-    let mut buf = vec![0u8; MAX_FRAME];
     let mut descs = Vec::with_capacity(MAX_CHAIN);
     let mut kicks = Kicks::default();
     let mut idle_since: Option<Instant> = None;
@@ -149,7 +147,7 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
             };
             let mem = atomic.memory();
             let burst = with_ring(&r.vring, &mem, |ring, _| {
-                drain(&r.port, ring, &inner, (&mut buf, &mut descs), &mut kicks)
+                drain(&r.port, ring, &inner, &mut descs, &mut kicks)
             });
             let Some((n, wait)) = burst else {
                 continue;
@@ -269,7 +267,7 @@ fn drain(
     port: &Port,
     ring: &mut Ring<'_>,
     switch: &Inner,
-    (buf, descs): (&mut [u8], &mut Vec<Desc>),
+    descs: &mut Vec<Desc>,
     kicks: &mut Kicks,
 ) -> (usize, Duration) {
     let mut n = 0usize;
@@ -292,47 +290,60 @@ fn drain(
             }
         };
         n += 1;
-        // The virtio-net header, then the frame; a chain longer than a
-        // frame, or pointing outside memory, is dropped whole.
+        // The virtio-net header, then the frame, read into the burst; a
+        // chain longer than a frame, or pointing outside memory, is dropped
+        // whole.
+        let readable = descs
+            .iter()
+            .filter(|d| !d.write)
+            .fold(0usize, |n, d| n.saturating_add(d.len as usize));
+        let len = readable.saturating_sub(NET_HDR);
         let mut hdr = [0u8; NET_HDR];
-        let (mut got, mut len, mut ok) = (0usize, 0usize, true);
-        for d in descs.iter().filter(|d| !d.write) {
-            let mut left = d.len as usize;
-            let mut addr = d.addr;
-            let s = (NET_HDR - got).min(left);
-            if s > 0 && !read_guest(ring.mem(), addr, &mut hdr[got..got + s]) {
-                ok = false;
-                break;
+        let mut ok = readable > NET_HDR;
+        if let (true, Some(dst)) = (ok, kicks.burst_room(len)) {
+            let (mut got, mut at) = (0usize, 0usize);
+            for d in descs.iter().filter(|d| !d.write) {
+                let mut left = d.len as usize;
+                let mut addr = d.addr;
+                let s = (NET_HDR - got).min(left);
+                if s > 0 && !read_guest(ring.mem(), addr, &mut hdr[got..got + s]) {
+                    ok = false;
+                    break;
+                }
+                got += s;
+                left -= s;
+                let Some(a) = addr.checked_add(s as u64) else {
+                    ok = false;
+                    break;
+                };
+                addr = a;
+                if left == 0 {
+                    continue;
+                }
+                let Some(part) = dst.get_mut(at..at + left) else {
+                    ok = false;
+                    break;
+                };
+                if !read_guest(ring.mem(), addr, part) {
+                    ok = false;
+                    break;
+                }
+                at += left;
             }
-            got += s;
-            left -= s;
-            let Some(a) = addr.checked_add(s as u64) else {
-                ok = false;
-                break;
-            };
-            addr = a;
-            if left == 0 {
-                continue;
-            }
-            let Some(dst) = buf.get_mut(len..len + left) else {
-                ok = false;
-                break;
-            };
-            if !read_guest(ring.mem(), addr, dst) {
-                ok = false;
-                break;
-            }
-            len += left;
+        } else {
+            ok = false;
         }
         ring.push_used(head, 0);
         let hdr = NetHdr::parse(&hdr);
         let valid = hdr.validate(port.features(), len);
-        if let (true, true, Err(e)) = (ok, len > 0, &valid) {
+        if let (true, Err(e)) = (ok, &valid) {
             debug!(port = port.id.0, "refused a frame's header: {e}");
         }
-        if ok && len > 0 && valid.is_ok() {
+        if ok && valid.is_ok() {
             port.egress_debit(len);
-            switch.switch_frame(port, &buf[..len], &hdr, kicks);
+            kicks.with_burst_frame(len, |frame, kicks| {
+                switch.switch_frame(port, frame, &hdr, kicks);
+            });
         } else {
             port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
         }

@@ -306,14 +306,31 @@ const STAGED_MAX: usize = 256;
 /// it, signalled once at its end.
 pub(crate) struct Kicks {
     ports: Vec<Arc<Port>>,
-    /// Frames for those ports: index in `ports`, header, range in `bytes`.
-    staged: Vec<(usize, NetHdr, std::ops::Range<usize>)>,
+    /// Frames for those ports: index in `ports`, header, where the bytes
+    /// are.
+    staged: Vec<(usize, NetHdr, Staged)>,
+    /// Copies of frames that are not in `burst`.
     bytes: Vec<u8>,
+    /// The frames of the burst being switched, as read from the guest
+    /// (`burst_len` bytes used; the rest is kept to grow into): staged
+    /// from here without another copy.
+    burst: Vec<u8>,
+    burst_len: usize,
+    /// While a burst frame is being switched: where `burst` is (address,
+    /// length), to recognise frames that lie in it.
+    arena: (usize, usize),
     /// When the batch started.
     pub(crate) now: Instant,
     /// Tunnel datagrams to send together, and the endpoint.
     tunnel_out: Vec<(SocketAddrV4, Vec<u8>)>,
     tunnel: Option<Arc<Tunnel>>,
+}
+
+/// Where a staged frame's bytes are.
+#[derive(Debug, Clone)]
+enum Staged {
+    Burst(std::ops::Range<usize>),
+    Copy(std::ops::Range<usize>),
 }
 
 impl Default for Kicks {
@@ -322,6 +339,9 @@ impl Default for Kicks {
             ports: Vec::new(),
             staged: Vec::new(),
             bytes: Vec::new(),
+            burst: Vec::new(),
+            burst_len: 0,
+            arena: (0, 0),
             now: Instant::now(),
             tunnel_out: Vec::new(),
             tunnel: None,
@@ -330,6 +350,33 @@ impl Default for Kicks {
 }
 
 impl Kicks {
+    /// Room for a frame of `len` bytes at the end of the burst; None past
+    /// [`MAX_FRAME`](crate::frame::MAX_FRAME).
+    pub(crate) fn burst_room(&mut self, len: usize) -> Option<&mut [u8]> {
+        if len > crate::frame::MAX_FRAME {
+            return None;
+        }
+        let start = self.burst_len;
+        if self.burst.len() < start + len {
+            self.burst.resize(start + len, 0);
+        }
+        self.burst.get_mut(start..start + len)
+    }
+
+    /// Switches the `len` bytes just read into [`Kicks::burst_room`] with
+    /// `f` (they stay in the burst until the flush).
+    pub(crate) fn with_burst_frame(&mut self, len: usize, f: impl FnOnce(&[u8], &mut Self)) {
+        let start = self.burst_len;
+        self.burst_len += len;
+        let burst = std::mem::take(&mut self.burst);
+        self.arena = (burst.as_ptr() as usize, burst.len());
+        if let Some(frame) = burst.get(start..start + len) {
+            f(frame, self);
+        }
+        self.arena = (0, 0);
+        self.burst = burst;
+    }
+
     /// Stages `frame` for `port`: written into its rings with the others
     /// of the batch at the next flush.
     pub(crate) fn stage(&mut self, port: &Arc<Port>, hdr: &NetHdr, frame: &[u8]) {
@@ -340,10 +387,20 @@ impl Kicks {
                 self.ports.len() - 1
             }
         };
-        let start = self.bytes.len();
-        self.bytes.extend_from_slice(frame);
-        self.staged.push((at, *hdr, start..self.bytes.len()));
-        if self.staged.len() >= STAGED_MAX {
+        let (base, len) = self.arena;
+        let addr = frame.as_ptr() as usize;
+        let src = if addr >= base && addr + frame.len() <= base + len && len > 0 {
+            let off = addr - base;
+            Staged::Burst(off..off + frame.len())
+        } else {
+            let start = self.bytes.len();
+            self.bytes.extend_from_slice(frame);
+            Staged::Copy(start..self.bytes.len())
+        };
+        self.staged.push((at, *hdr, src));
+        // Outside a burst (which the data path flushes itself), a long
+        // batch is written out before it grows further.
+        if self.arena.1 == 0 && self.burst_len == 0 && self.staged.len() >= STAGED_MAX {
             self.flush_ports();
         }
     }
@@ -353,26 +410,35 @@ impl Kicks {
         let mut frames: Vec<(NetHdr, &[u8])> = Vec::with_capacity(self.staged.len());
         for (at, p) in self.ports.iter().enumerate() {
             frames.clear();
-            frames.extend(
-                self.staged
-                    .iter()
-                    .filter(|(i, _, _)| *i == at)
-                    .filter_map(|(_, h, r)| Some((*h, self.bytes.get(r.clone())?))),
-            );
+            frames.extend(self.staged.iter().filter(|(i, _, _)| *i == at).filter_map(
+                |(_, h, src)| {
+                    let bytes = match src {
+                        Staged::Burst(r) => self.burst.get(r.clone())?,
+                        Staged::Copy(r) => self.bytes.get(r.clone())?,
+                    };
+                    Some((*h, bytes))
+                },
+            ));
             p.enqueue_batch(&frames);
         }
         self.ports.clear();
         self.staged.clear();
         self.bytes.clear();
+        self.burst_len = 0;
+    }
+
+    /// Sends the tunnel datagrams gathered.
+    pub(crate) fn flush_tunnel(&mut self) {
+        if let (Some(t), false) = (&self.tunnel, self.tunnel_out.is_empty()) {
+            t.send_batch(&self.tunnel_out);
+            self.tunnel_out.clear();
+        }
     }
 
     /// Writes the staged frames and sends the tunnel datagrams.
     pub(crate) fn flush(&mut self) {
         self.flush_ports();
-        if let (Some(t), false) = (&self.tunnel, self.tunnel_out.is_empty()) {
-            t.send_batch(&self.tunnel_out);
-            self.tunnel_out.clear();
-        }
+        self.flush_tunnel();
     }
 }
 
@@ -645,7 +711,7 @@ impl Inner {
         };
         let datagram = overlay::encap(vni, frame);
         if kicks.tunnel.as_ref().is_some_and(|k| !Arc::ptr_eq(k, &t)) {
-            kicks.flush();
+            kicks.flush_tunnel();
         }
         for r in remotes {
             kicks
@@ -654,7 +720,7 @@ impl Inner {
         }
         kicks.tunnel = Some(t);
         if kicks.tunnel_out.len() >= TUNNEL_BATCH {
-            kicks.flush();
+            kicks.flush_tunnel();
         }
     }
 
