@@ -123,6 +123,8 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
         if generation != seen {
             seen = generation;
             refresh(dp, &mut rings);
+            // Rings that just joined were kicking: polled from now on.
+            asleep = true;
         }
         if std::mem::take(&mut asleep) {
             // Polling again: no kicks needed.
