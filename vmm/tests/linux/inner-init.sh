@@ -91,8 +91,8 @@ if [ -x /extra/run.sh ]; then
   /extra/run.sh 2>&1 | sed 's/^/ATOLL-INNER: extra: /'
 fi
 
-# The NIC (vhost-user-net, an echo backend in L1): the first one is up with
-# the MAC the VMM gave it, and an ARP request it sends now comes back.
+# The NIC (vhost-user-net, a netd port in L1): the first one is up with the
+# MAC the VMM gave it, and an ARP request for the gateway it sends is answered.
 nic() {
   [ -e /sys/class/net/eth0 ] || { echo "ATOLL-INNER: NIC none ($(ls /sys/class/net | tr '\n' ' '))"; return; }
   mac=$(cat /sys/class/net/eth0/address)
@@ -104,7 +104,21 @@ nic() {
   tx=$(cat /sys/class/net/eth0/statistics/tx_packets)
   echo=missing
   [ "$rx" -gt "$rx0" ] && [ "$tx" -gt 0 ] && echo=ok
-  echo "ATOLL-INNER: NIC eth0 mac=$mac echo=$echo tx=$tx rx=$rx"
+  # The gateway (netd's router) answers pings; the metadata service behind
+  # it answers over TCP (the guest leaves its checksums to the device).
+  ip route add default via 192.0.2.2 dev eth0 2>/dev/null
+  ping=missing
+  ping -c 2 -W 2 192.0.2.2 > /dev/null 2>&1 && ping=ok
+  md=$(timeout 10 wget -O - http://169.254.169.254/latest/meta-data/instance-id 2>/tmp/wget.err)
+  [ -n "$md" ] || md=$(tail -n 1 /tmp/wget.err)
+  case "$md" in
+    atoll-port-*) ;;
+    *) echo "ATOLL-INNER: metadata: ${md:-nothing} routes: $(ip route | tr '\n' ';')" ;;
+  esac
+  # The virtio feature bits the driver took (bit 0 CSUM, 11 HOST_TSO4, 15
+  # MRG_RXBUF, counting from the left).
+  feat=$(cat /sys/class/net/eth0/device/features 2>/dev/null)
+  echo "ATOLL-INNER: NIC eth0 mac=$mac echo=$echo tx=$tx rx=$rx ping=$ping md=${md:-none} features=$feat"
 }
 nic
 

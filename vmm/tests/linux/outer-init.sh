@@ -86,6 +86,28 @@ while [ ! -S /tmp/qsd.sock ]; do
 done
 say "qsd ready uptime=$(up) thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null) shmem_thp=$(cat /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null)"
 
+# netd on a private bus: one flat network with subnet 192.0.2.0/24, gateway
+# 192.0.2.2 (answered by the switch: ARP, ping, the metadata service).
+net_call() { busctl --address=unix:path=/tmp/bus --timeout=10 call org.atoll.Net1 "$@"; }
+dbus-daemon --config-file=/etc/atoll-bus.conf --nofork --nopidfile > /tmp/bus.log 2>&1 &
+i=0
+while [ ! -S /tmp/bus ] && [ "$i" -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
+netd --node-id l1 --bus unix:path=/tmp/bus --run-dir /tmp/netd > /tmp/netd.log 2>&1 &
+i=0
+until busctl --address=unix:path=/tmp/bus --timeout=2 call org.freedesktop.DBus /org/freedesktop/DBus \
+  org.freedesktop.DBus NameHasOwner s org.atoll.Net1 2> /dev/null | grep -q true; do
+  i=$((i + 1))
+  if [ "$i" -gt 100 ]; then
+    say "INFRA netd did not start: $(cat /tmp/bus.log /tmp/netd.log | tail -n 5)"
+    break
+  fi
+  sleep 0.1
+done
+NET=$(net_call /org/atoll/Net1 org.atoll.Net1 CreateNetwork 'ssa{sv}' l1 flat 0 | awk -F'"' '{print $2}')
+net_call /org/atoll/Net1 org.atoll.Net1 CreateSubnet 'osa{sv}' "$NET" 192.0.2.0/24 1 gateway s 192.0.2.2 > /dev/null ||
+  say "INFRA no subnet: $(tail -n 5 /tmp/netd.log)"
+say "netd ready network=$NET uptime=$(up)"
+
 # console N EXTRA: copies the vmm's output to our console and /tmp/bootN.out.
 # With atoll.end=button in EXTRA, presses the power button through the vmm's
 # control socket (what `vmm daemon` does for Shutdown) once the guest says it
@@ -127,16 +149,14 @@ boot() {
  "disks":[{"socket":"/tmp/qsd.sock"}],
  "nets":[{"socket":"/tmp/net$n.sock","mac":"52:54:00:a7:00:0$n"}]}
 EOF
-  # The NIC's vhost-user-net backend: echoes every frame back to the guest;
-  # one per boot (it serves one frontend).
+  # The NIC's vhost-user-net backend: a netd port on the subnet with the
+  # guest's address 192.0.2.1, one per boot; its socket as /tmp/net$n.sock.
   rm -f /tmp/net$n.sock
-  atoll-net-echo /tmp/net$n.sock > /tmp/net-echo$n.log 2>&1 &
-  i=0
-  while [ ! -S /tmp/net$n.sock ]; do
-    i=$((i + 1))
-    [ "$i" -gt 300 ] && { say "INFRA atoll-net-echo did not start: $(cat /tmp/net-echo$n.log)"; break; }
-    sleep 0.1
-  done
+  port=$(net_call /org/atoll/Net1 org.atoll.Net1 CreatePort 'osa{sv}' "$NET" "52:54:00:a7:00:0$n" 2 \
+    ip s 192.0.2.1 name s "linux$n")
+  sock=$(echo "$port" | awk -F'"' '{print $4}')
+  port_path=$(echo "$port" | awk -F'"' '{print $2}')
+  if [ -S "$sock" ]; then ln -s "$sock" /tmp/net$n.sock; else say "INFRA no netd port: $port $(tail -n 3 /tmp/netd.log)"; fi
   say "boot$n start mode=$mode ${quiet:-verbose} uptime=$(up)"
   # A heartbeat, so that the host's no-output watchdog only fires when L1 itself
   # is frozen, not when the inner guest is silent.
@@ -161,6 +181,8 @@ EOF
     fi
   } 2>&1 | console $n "$extra"
   kill "$hb" 2>/dev/null
+  say "boot$n port counters: $(net_call "$port_path" org.freedesktop.DBus.Properties Get ss org.atoll.Net1.Port Counters)"
+  net_call /org/atoll/Net1 org.atoll.Net1 DeletePort o "$port_path" > /dev/null
   tr -d '\r' < /tmp/boot$n.out > /tmp/boot$n.txt
   say "boot$n end uptime=$(up)"
   exitline=$(grep '{"exit"' /tmp/boot$n.txt | tail -n 1)
@@ -171,11 +193,15 @@ EOF
 has() { grep -q "$2" "/tmp/boot$1.txt"; }
 exit_reset() { grep '{"exit"' "/tmp/boot$1.txt" | grep -q '"reason":"reset"'; }
 nic_twice() { [ "$(grep -c 'ATOLL-INNER: NIC eth0 mac=52:54:00:a7:00:0'"$1"' echo=ok' "/tmp/boot$1.txt")" -ge 2 ]; }
+# The guest pinged the gateway and fetched its instance id over TCP from the
+# metadata service (checksums left to the device, finished by netd).
+nic_services() { grep -q "ATOLL-INNER: NIC eth0 .* ping=ok md=atoll-port-" "/tmp/boot$1.txt"; }
 exit_poweroff() { grep '{"exit"' "/tmp/boot$1.txt" | grep -q '"reason":"poweroff"'; }
 
 boot 1 write
 check boot1-userspace has 1 'ATOLL-INNER: userspace mode=write'
 check boot1-nic has 1 'ATOLL-INNER: NIC eth0 mac=52:54:00:a7:00:01 echo=ok'
+check boot1-nic-services nic_services 1
 check boot1-file-written has 1 'ATOLL-INNER: WRITE-OK'
 check boot1-exit-reset exit_reset 1
 

@@ -62,7 +62,7 @@ VMM_LOG_LEVEL=${VMM_LOG_LEVEL:-info}
 VERBOSE=${VERBOSE:-0}
 VCPUS=2
 MEMORY_MIB=512
-CHECKS=(boot1-userspace boot1-nic boot1-file-written boot1-exit-reset
+CHECKS=(boot1-userspace boot1-nic boot1-nic-services boot1-file-written boot1-exit-reset
         boot2-userspace boot2-nic boot2-read-back boot2-paused boot2-power-button
         boot2-disk-after-resume boot2-nic-after-resume boot2-exit-poweroff
         disk-has-text)
@@ -206,10 +206,11 @@ if [[ -z ${VMM_BIN_SET:-} ]]; then
   (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --profile vmm-release -p vmm --target x86_64-unknown-linux-gnu)
 fi
-# The NIC's backend in L1: an echo device (test equipment; netd's ports later).
-NET_ECHO_BIN=$REPO/target/release/atoll-net-echo
-say "building atoll-net-echo"
-(cd "$REPO" && cargo build --release -p atoll-tests --bin atoll-net-echo)
+# The NIC's backend in L1: a netd port (netd on a private bus in L1, driven
+# with busctl as mgmtd drives it over D-Bus).
+NETD_BIN=$REPO/target/release/netd
+say "building netd"
+(cd "$REPO" && cargo build --release -p netd --bin netd)
 say "kernel $KPKG, QEMU $QEMU, vmm $VMM_BIN, qemu-storage-daemon $QSD"
 
 # ---------------------------------------------------------------- images
@@ -274,7 +275,30 @@ for m in irqbypass ccp kvm kvm-amd; do
   cp "$(find "$KDIR/modules" -name "$m.ko" | head -n 1)" "$O/lib/modules/$m.ko"
 done
 copy_bin "$O" "$VMM_BIN" vmm
-copy_bin "$O" "$NET_ECHO_BIN" atoll-net-echo
+copy_bin "$O" "$NETD_BIN" netd
+copy_bin "$O" "$(command -v dbus-daemon)" dbus-daemon
+copy_bin "$O" "$(command -v busctl)" busctl
+# busctl's libsystemd-shared lives under .../systemd/ (its RUNPATH).
+for lib in $(ldd "$(command -v busctl)" | awk '/=> \/.*systemd/ {print $3}'); do
+  mkdir -p "$O$(dirname "$lib")"
+  cp -L "$lib" "$O$lib"
+done
+printf 'root:x:0:0:root:/tmp:/bin/sh\nmessagebus:x:100:100::/tmp:/bin/false\n' > "$O/etc/passwd"
+printf 'root:x:0:\nmessagebus:x:100:\n' > "$O/etc/group"
+cat > "$O/etc/atoll-bus.conf" << 'EOF'
+<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path=/tmp/bus</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+EOF
 if ((BENCH_BOOTS > 0)); then
   gcc -O2 -static -o "$O/bin/bootstamp" "$HERE/bootstamp.c"
   for v in firecracker cloud-hypervisor; do
