@@ -249,7 +249,21 @@ impl<'a> Ipv4<'a> {
 /// The Internet checksum (RFC 1071) of `bytes`: 0 over a header whose
 /// checksum field is right.
 pub fn checksum(bytes: &[u8]) -> u16 {
-    let mut sum = 0u32;
+    !fold(ones_sum(0, bytes))
+}
+
+/// Folds a 32-bit one's-complement sum to 16 bits.
+pub fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    // The folding above leaves at most 16 bits.
+    u16::try_from(sum).unwrap_or(u16::MAX)
+}
+
+/// `sum` plus the one's-complement sum (not inverted) of `bytes`, folded
+/// so that further sums cannot overflow.
+pub fn ones_sum(mut sum: u32, bytes: &[u8]) -> u32 {
     let mut chunks = bytes.chunks_exact(2);
     for c in &mut chunks {
         sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
@@ -257,11 +271,7 @@ pub fn checksum(bytes: &[u8]) -> u16 {
     if let [last] = chunks.remainder() {
         sum += u32::from(*last) << 8;
     }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    // The folding above leaves at most 16 bits.
-    !u16::try_from(sum).unwrap_or(u16::MAX)
+    u32::from(fold(sum))
 }
 
 #[cfg(test)]

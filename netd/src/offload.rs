@@ -8,7 +8,7 @@
 //! into MSS-sized frames, each with its own IP id, sequence number and
 //! checksums.
 
-use crate::frame::{checksum, Ethernet, FrameError, ETHERTYPE_IPV4};
+use crate::frame::{checksum, fold, ones_sum, Ethernet, FrameError, ETHERTYPE_IPV4};
 
 /// Size of the header with VIRTIO_F_VERSION_1 (or MRG_RXBUF).
 pub const NET_HDR: usize = 12;
@@ -161,27 +161,6 @@ impl NetHdr {
     }
 }
 
-/// Folds a 32-bit one's-complement sum to 16 bits.
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    u16::try_from(sum).unwrap_or(u16::MAX)
-}
-
-/// The one's-complement sum (not inverted) of `bytes`, added to `sum`.
-fn add(mut sum: u32, bytes: &[u8]) -> u32 {
-    let mut chunks = bytes.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        sum += u32::from(*last) << 8;
-    }
-    // Keep room for the next addition.
-    u32::from(fold(sum))
-}
-
 /// Completes a partial checksum in place: the sum over the frame from
 /// `csum_start` (with the pseudo-header sum the sender left in the field)
 /// goes into the field at `csum_start + csum_offset`.
@@ -193,7 +172,7 @@ pub fn complete_checksum(frame: &mut [u8], hdr: &NetHdr) -> Result<(), FrameErro
             "virtio-net: checksum position outside the frame",
         ));
     }
-    let sum = !fold(add(0, &frame[start..]));
+    let sum = !fold(ones_sum(0, &frame[start..]));
     // UDP sends a computed 0 as all ones; TCP's 0 and 0xffff are the same.
     let sum = if sum == 0 { 0xffff } else { sum };
     frame[at..at + 2].copy_from_slice(&sum.to_be_bytes());
@@ -238,7 +217,7 @@ fn tcp_layout(frame: &[u8]) -> Result<TcpLayout, FrameError> {
 
 /// The pseudo-header sum of a TCP or UDP segment of `l4_len` bytes.
 fn pseudo_sum(ip_header: &[u8], proto: u8, l4_len: usize) -> u32 {
-    let mut sum = add(0, &ip_header[12..20]);
+    let mut sum = ones_sum(0, &ip_header[12..20]);
     sum += u32::from(proto);
     sum += u32::try_from(l4_len).unwrap_or(0);
     u32::from(fold(sum))
@@ -304,7 +283,7 @@ pub fn finish(frame: &[u8], hdr: &NetHdr, mut out: impl FnMut(&[u8])) -> Result<
         }
         seg[l.tcp + 13] = f;
         seg[l.tcp + 16..l.tcp + 18].fill(0);
-        let sum = add(
+        let sum = ones_sum(
             pseudo_sum(&seg[l.ip..l.tcp], PROTO_TCP, tcp_len),
             &seg[l.tcp..],
         );
@@ -333,7 +312,7 @@ pub fn transport_checksum_ok(frame: &[u8]) -> bool {
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return false;
     }
-    fold(add(pseudo_sum(ip, proto, l4.len()), l4)) == 0xffff
+    fold(ones_sum(pseudo_sum(ip, proto, l4.len()), l4)) == 0xffff
 }
 
 #[cfg(test)]

@@ -105,9 +105,6 @@ struct RxSide {
     /// Buffers of frames that left `pending`, for the next ones to wait in
     /// (no allocation per waiting frame).
     spare: Vec<Vec<u8>>,
-    /// Receive queues (bit p: pair p) with used buffers the guest has not
-    /// been signalled about.
-    unsignalled: u32,
     /// Per pair, the receive ring's used index at the last signal decision.
     since: [u16; QUEUE_PAIRS],
     /// Room to gather the chains a frame takes.
@@ -536,47 +533,7 @@ impl Port {
     /// Hands `frame` to the guest now (signalled at once): for the
     /// switch's own answers, off the fast path.
     pub(crate) fn deliver(&self, frame: &[u8]) {
-        if self.enqueue(frame, &NetHdr::PLAIN) {
-            self.kick();
-        }
-    }
-
-    /// Writes `frame` into the guest's next receive buffers, or queues it
-    /// until the guest posts some. An offloaded frame (`hdr`) goes as it is
-    /// if the driver accepts the offload, or is finished here first. True
-    /// if the guest has something new to be told about ([`Port::kick`]).
-    pub(crate) fn enqueue(&self, frame: &[u8], hdr: &NetHdr) -> bool {
-        let wanted = hdr.needs_features();
-        if wanted & !self.features() != 0 {
-            let mut new = false;
-            let done = offload::finish(frame, hdr, |seg| {
-                new |= self.enqueue(seg, &NetHdr::PLAIN);
-            });
-            if let Err(e) = done {
-                self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                debug!(port = self.id.0, "cannot finish an offloaded frame: {e}");
-            }
-            return new;
-        }
-        let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
-        if rx.pending.is_empty() {
-            if let Some(q) = pick_queue(&rx.active, frame) {
-                match self.write_one(&mut rx, q, hdr, frame) {
-                    Written::Done | Written::Lost => {
-                        rx.unsignalled |= 1 << (q / 2);
-                        return true;
-                    }
-                    Written::NoRoom => {}
-                }
-            }
-        }
-        if rx.pending.len() >= MAX_PENDING {
-            self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        rx.hold(hdr, frame);
-        self.has_pending.store(true, Ordering::Release);
-        false
+        self.enqueue_batch(&[(NetHdr::PLAIN, frame)]);
     }
 
     /// Whether frames wait for the guest's receive buffers.
@@ -714,57 +671,6 @@ impl Port {
         i
     }
 
-    /// Tells the guest about the frames written since the last kick, unless
-    /// it asked not to be interrupted.
-    pub(crate) fn kick(&self) {
-        let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
-        self.signal(&mut rx);
-    }
-
-    fn signal(&self, rx: &mut RxSide) {
-        let pairs = std::mem::take(&mut rx.unsignalled);
-        if pairs == 0 {
-            return;
-        }
-        let Some(atomic) = &rx.mem else {
-            return;
-        };
-        let mem = atomic.memory();
-        for pair in (0..QUEUE_PAIRS).filter(|p| pairs & (1 << p) != 0) {
-            let Some(vring) = rx.vrings.get(2 * pair).and_then(Option::as_ref) else {
-                continue;
-            };
-            let since = &mut rx.since[pair];
-            let sent = with_ring(vring, &mem, |ring, state| {
-                signal_if_wanted(ring, state, since)
-            });
-            if let Some(Err(e)) = sent {
-                debug!(port = self.id.0, "cannot signal the guest: {e}");
-            }
-        }
-    }
-
-    /// Puts `frame` behind its virtio-net header into the next receive
-    /// buffer of ring `q`, or (with MRG_RXBUF) as many buffers as it takes;
-    /// they become visible to the driver together.
-    fn write_one(&self, rx: &mut RxSide, q: usize, hdr: &NetHdr, frame: &[u8]) -> Written {
-        let RxSide {
-            mem, vrings, taken, ..
-        } = rx;
-        let (Some(atomic), Some(vring)) = (mem.as_ref(), vrings.get(q).and_then(Option::as_ref))
-        else {
-            return Written::NoRoom;
-        };
-        let mem = atomic.memory();
-        let mergeable = self.features() & F_MRG_RXBUF != 0;
-        let written = with_ring(vring, &mem, |ring, _| {
-            let w = fill(ring, taken, hdr, frame, mergeable);
-            ring.publish();
-            w
-        });
-        self.count(written.unwrap_or(Written::NoRoom), frame.len())
-    }
-
     /// Counts what became of a frame of `len` bytes for the guest.
     fn count(&self, written: Written, len: usize) -> Written {
         match written {
@@ -823,7 +729,6 @@ impl Port {
                 }
             }
         }
-        self.signal(rx);
     }
 
     /// Takes the rings on the driver's first notification, and on every one
@@ -864,7 +769,7 @@ impl Port {
             }
             if rx.quiet & (1 << pair) == 0 {
                 // The guest need not kick when it adds receive buffers,
-                // unless a frame waits for one (then `write_one` asks).
+                // unless frames wait for them (`arm_pending` asks then).
                 let _ = v.disable_notification();
                 rx.quiet |= 1 << pair;
             }
