@@ -25,6 +25,7 @@ pub mod ring;
 pub mod router;
 pub mod secgroup;
 pub mod switch;
+pub mod tunnel;
 pub mod uplink;
 
 pub use dbus::{Net1Proxy, BUS_NAME, OBJECT_PATH};

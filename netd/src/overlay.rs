@@ -102,10 +102,15 @@ impl Overlay {
 /// `frame` in a VXLAN header for `vni`.
 pub fn encap(vni: u32, frame: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(VXLAN_HEADER + frame.len());
+    encap_into(vni, frame, &mut out);
+    out
+}
+
+/// Appends `frame` in a VXLAN header for `vni` to `out`.
+pub fn encap_into(vni: u32, frame: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(&[FLAG_VNI, 0, 0, 0]);
     out.extend_from_slice(&(vni << 8).to_be_bytes());
     out.extend_from_slice(frame);
-    out
 }
 
 /// The VNI and inner frame of a VXLAN datagram; None if it is not one.

@@ -28,6 +28,7 @@ use crate::port::{self, Port};
 use crate::router::VpcId;
 use crate::router::{Host, Subnet, L3};
 use crate::secgroup::{GroupId, Groups, PortSecurity, Rule, SecurityGroup};
+use crate::tunnel::{self, Outbox, Receiver, Tunnel, TunnelStats};
 use crate::uplink::{Tap, UplinkError, UPLINK_PORT};
 
 /// How long a learned address stays without traffic from it.
@@ -99,103 +100,6 @@ pub(crate) struct Inner {
     pub(crate) datapath: Arc<Datapath>,
 }
 
-/// Tunnel (and uplink) counters.
-#[derive(Debug, Default)]
-pub struct TunnelStats {
-    /// Datagrams (frames) sent.
-    pub tx: AtomicU64,
-    /// Datagrams (frames) received and switched.
-    pub rx: AtomicU64,
-    /// Datagrams (frames) refused (not VXLAN, unknown endpoint or VNI, no
-    /// network for the tag, malformed inner frame) or not sent.
-    pub dropped: AtomicU64,
-}
-
-/// The node's tunnel endpoint.
-#[derive(Debug)]
-pub struct Tunnel {
-    socket: UdpSocket,
-    /// The UDP port of every endpoint.
-    port: u16,
-    /// Counters.
-    pub stats: TunnelStats,
-}
-
-/// Datagrams sent with one system call, at most.
-const TUNNEL_BATCH: usize = 64;
-/// Datagrams read with one system call, at most, and the room for each
-/// (a jumbo frame and its VXLAN header; longer ones are dropped).
-const TUNNEL_RX_BATCH: usize = 32;
-const TUNNEL_RX_BUF: usize = 9216;
-
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap_or(2),
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(a.ip().octets()),
-        },
-        sin_zero: [0; 8],
-    }
-}
-
-/// One message header per (address, iovec) pair, pointing at them: they
-/// must outlive the headers' use.
-fn mmsghdrs(addrs: &mut [libc::sockaddr_in], iovs: &mut [libc::iovec]) -> Vec<libc::mmsghdr> {
-    let name_len = u32::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap_or(16);
-    addrs
-        .iter_mut()
-        .zip(iovs.iter_mut())
-        .map(|(a, iov)| {
-            // SAFETY: an all-zero mmsghdr is a valid empty one.
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_name = std::ptr::from_mut(a).cast();
-            m.msg_hdr.msg_namelen = name_len;
-            m.msg_hdr.msg_iov = std::ptr::from_mut(iov);
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect()
-}
-
-impl Tunnel {
-    /// Sends `batch` with as few system calls as it takes.
-    fn send_batch(&self, batch: &[(SocketAddrV4, Vec<u8>)]) {
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.socket);
-        for chunk in batch.chunks(TUNNEL_BATCH) {
-            let mut addrs: Vec<libc::sockaddr_in> =
-                chunk.iter().map(|(a, _)| sockaddr(*a)).collect();
-            let mut iovs: Vec<libc::iovec> = chunk
-                .iter()
-                .map(|(_, d)| libc::iovec {
-                    iov_base: d.as_ptr().cast_mut().cast(),
-                    iov_len: d.len(),
-                })
-                .collect();
-            let mut msgs = mmsghdrs(&mut addrs, &mut iovs);
-            let mut sent = 0usize;
-            while sent < msgs.len() {
-                let rest = &mut msgs[sent..];
-                let count = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-                // SAFETY: the headers point at addresses, iovecs and
-                // datagrams that live until this call returns.
-                let n = unsafe { libc::sendmmsg(fd, rest.as_mut_ptr(), count, 0) };
-                match usize::try_from(n) {
-                    Ok(n) if n > 0 => sent += n,
-                    _ => {
-                        debug!("tunnel send failed: {}", std::io::Error::last_os_error());
-                        break;
-                    }
-                }
-            }
-            self.stats.tx.fetch_add(sent as u64, Ordering::Relaxed);
-            self.stats
-                .dropped
-                .fetch_add((msgs.len() - sent) as u64, Ordering::Relaxed);
-        }
-    }
-}
-
 /// Reads frames from the uplink until the switch goes or it is replaced.
 fn uplink_loop(switch: &Weak<Inner>, tap: &Arc<Tap>, reader: &Tap) {
     let mut buf = vec![0u8; 65_536];
@@ -226,15 +130,11 @@ fn uplink_loop(switch: &Weak<Inner>, tap: &Arc<Tap>, reader: &Tap) {
     }
 }
 
-/// Receives tunnel datagrams (a batch per system call) until the switch
-/// goes or the endpoint is replaced.
+/// Receives tunnel datagrams until the switch goes or the endpoint is
+/// replaced.
 fn tunnel_loop(switch: &Weak<Inner>, tunnel: &Arc<Tunnel>, socket: &UdpSocket) {
-    let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
-    let mut bufs = vec![0u8; TUNNEL_RX_BATCH * TUNNEL_RX_BUF];
-    // SAFETY: all-zero sockaddr_in values are valid (and overwritten).
-    let mut addrs: Vec<libc::sockaddr_in> = (0..TUNNEL_RX_BATCH)
-        .map(|_| unsafe { std::mem::zeroed() })
-        .collect();
+    let mut receiver = Receiver::new();
+    let mut kicks = Kicks::default();
     loop {
         let Some(inner) = switch.upgrade() else {
             return;
@@ -248,53 +148,15 @@ fn tunnel_loop(switch: &Weak<Inner>, tunnel: &Arc<Tunnel>, socket: &UdpSocket) {
         if !current {
             return;
         }
-        let mut iovs: Vec<libc::iovec> = bufs
-            .chunks_exact_mut(TUNNEL_RX_BUF)
-            .map(|b| libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
-            })
-            .collect();
-        let mut msgs = mmsghdrs(&mut addrs, &mut iovs);
-        let count = u32::try_from(msgs.len()).unwrap_or(1);
-        // SAFETY: every header points at a buffer, an iovec and an address
-        // of ours that outlive the call; the socket has a receive timeout.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                msgs.as_mut_ptr(),
-                count,
-                libc::MSG_WAITFORONE,
-                std::ptr::null_mut(),
-            )
-        };
-        let Ok(n) = usize::try_from(n) else {
-            let e = std::io::Error::last_os_error();
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock
-                    | std::io::ErrorKind::TimedOut
-                    | std::io::ErrorKind::Interrupted
-            ) {
-                continue;
-            }
+        kicks.now = Instant::now();
+        let got = receiver.receive(socket, &tunnel.stats, |from, d| {
+            inner.tunnel_datagram(tunnel, from, d, &mut kicks);
+        });
+        kicks.flush();
+        if let Err(e) = got {
             warn!("tunnel endpoint failed: {e}");
             return;
-        };
-        let mut kicks = Kicks::default();
-        for (i, m) in msgs.iter().take(n).enumerate() {
-            let len = m.msg_len as usize;
-            if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-                tunnel.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            let from = Ipv4Addr::from(u32::from_be(addrs[i].sin_addr.s_addr));
-            let start = i * TUNNEL_RX_BUF;
-            if let Some(d) = bufs.get(start..start + len.min(TUNNEL_RX_BUF)) {
-                inner.tunnel_datagram(tunnel, from, d, &mut kicks);
-            }
         }
-        kicks.flush();
     }
 }
 
@@ -322,7 +184,7 @@ pub(crate) struct Kicks {
     /// When the batch started.
     pub(crate) now: Instant,
     /// Tunnel datagrams to send together, and the endpoint.
-    tunnel_out: Vec<(SocketAddrV4, Vec<u8>)>,
+    tunnel_out: Outbox,
     tunnel: Option<Arc<Tunnel>>,
 }
 
@@ -343,7 +205,7 @@ impl Default for Kicks {
             burst_len: 0,
             arena: (0, 0),
             now: Instant::now(),
-            tunnel_out: Vec::new(),
+            tunnel_out: Outbox::default(),
             tunnel: None,
         }
     }
@@ -430,8 +292,7 @@ impl Kicks {
     /// Sends the tunnel datagrams gathered.
     pub(crate) fn flush_tunnel(&mut self) {
         if let (Some(t), false) = (&self.tunnel, self.tunnel_out.is_empty()) {
-            t.send_batch(&self.tunnel_out);
-            self.tunnel_out.clear();
+            t.send(&mut self.tunnel_out);
         }
     }
 
@@ -709,17 +570,16 @@ impl Inner {
         let (Some(t), Some(vni)) = (tunnel, vni) else {
             return;
         };
-        let datagram = overlay::encap(vni, frame);
         if kicks.tunnel.as_ref().is_some_and(|k| !Arc::ptr_eq(k, &t)) {
             kicks.flush_tunnel();
         }
         for r in remotes {
             kicks
                 .tunnel_out
-                .push((SocketAddrV4::new(*r, t.port), datagram.clone()));
+                .push(SocketAddrV4::new(*r, t.port), vni, frame);
         }
         kicks.tunnel = Some(t);
-        if kicks.tunnel_out.len() >= TUNNEL_BATCH {
+        if kicks.tunnel_out.len() >= tunnel::BATCH {
             kicks.flush_tunnel();
         }
     }
@@ -1511,20 +1371,8 @@ impl Switch {
             addr: local,
             source,
         };
-        let socket = UdpSocket::bind(local).map_err(fail)?;
-        socket
-            .set_read_timeout(Some(Duration::from_millis(500)))
-            .map_err(fail)?;
-        let bound = match socket.local_addr().map_err(fail)? {
-            std::net::SocketAddr::V4(a) => a,
-            std::net::SocketAddr::V6(_) => local,
-        };
-        let reader = socket.try_clone().map_err(fail)?;
-        let tunnel = Arc::new(Tunnel {
-            socket,
-            port: bound.port(),
-            stats: TunnelStats::default(),
-        });
+        let (tunnel, reader, bound) = Tunnel::open(local).map_err(fail)?;
+        let tunnel = Arc::new(tunnel);
         let old = self
             .inner
             .tunnel

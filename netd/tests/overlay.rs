@@ -196,6 +196,22 @@ async fn two_nodes_carry_an_overlay_network_in_vxlan() {
         big.resize(1400, 0xab);
         a.send(&big).unwrap();
         assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&big[..]));
+        // Full-size frames sent back to back, each over the 1500-byte
+        // underlay with its tunnel headers: joined datagrams the route
+        // refuses go one by one, in IP fragments, and all arrive in order.
+        let full: Vec<Vec<u8>> = (0..6u8)
+            .map(|i| {
+                let mut f = big.clone();
+                f.resize(1514, i);
+                f
+            })
+            .collect();
+        for f in &full {
+            a.send(f).unwrap();
+        }
+        for f in &full {
+            assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&f[..]));
+        }
         // Another VNI on node B heard none of it.
         assert_eq!(c.try_recv().unwrap(), None);
         let _ = C;
@@ -247,6 +263,8 @@ async fn two_nodes_carry_an_overlay_network_in_vxlan() {
         .tunnel_counters()
         .await
         .unwrap();
-    assert_eq!(counters.get("tx"), Some(&3), "{counters:?}");
+    // The request, the 1400-byte frame, six full-size ones and the one B
+    // refused.
+    assert_eq!(counters.get("tx"), Some(&9), "{counters:?}");
     assert_eq!(counters.get("rx"), Some(&1), "{counters:?}");
 }

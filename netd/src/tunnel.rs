@@ -1,0 +1,511 @@
+//! The node's tunnel endpoint: the UDP socket overlay frames travel in
+//! between nodes, in VXLAN (see [`crate::overlay`]).
+//!
+//! The kernel's cost is per datagram, so the endpoint moves datagrams in
+//! as few units as it can:
+//!
+//! * **Sending**: datagrams gathered during a burst go out with one
+//!   `sendmmsg`, and each run of datagrams to one endpoint with one size
+//!   (the last may be shorter) is a single UDP GSO message (`UDP_SEGMENT`):
+//!   it crosses the stack once and is cut into datagrams at the device,
+//!   or by the NIC. Order is kept: only neighbours in the batch are joined.
+//!   A run the route cannot carry as one (segments over its MTU) is sent
+//!   datagram by datagram, and runs of that size stay apart from then on.
+//! * **Receiving**: the socket asks for UDP GRO, so datagrams of one flow
+//!   that arrive together are read as one buffer plus their size, and
+//!   `recvmmsg` reads a batch of those per call.
+
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tracing::debug;
+
+use crate::overlay;
+
+/// `setsockopt`/cmsg level and names for UDP segmentation offloads
+/// (linux/udp.h).
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+
+/// Messages per `sendmmsg`/`recvmmsg`.
+pub(crate) const BATCH: usize = 64;
+/// Datagrams in one GSO message, at most (the kernel's limit is 64 or
+/// more), and its payload, at most (a UDP datagram's).
+const GSO_SEGMENTS: usize = 64;
+const GSO_BYTES: usize = 65_000;
+/// Messages read with one system call, and the room for each: a GRO
+/// train of datagrams (longer datagrams are dropped).
+const RX_BATCH: usize = 16;
+const RX_BUF: usize = 65_536;
+/// Socket buffers: room for a few thousand small datagrams each way, so a
+/// burst neither blocks the sender nor is dropped while the receiver
+/// catches up.
+const SOCKET_BUFFER: libc::c_int = 8 << 20;
+/// How long a receive waits before the receiver checks it is still wanted.
+const RX_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Tunnel (and uplink) counters.
+#[derive(Debug, Default)]
+pub struct TunnelStats {
+    /// Datagrams (frames) sent.
+    pub tx: AtomicU64,
+    /// Datagrams (frames) received and switched.
+    pub rx: AtomicU64,
+    /// Datagrams (frames) refused (not VXLAN, unknown endpoint or VNI, no
+    /// network for the tag, malformed inner frame) or not sent.
+    pub dropped: AtomicU64,
+}
+
+/// The node's tunnel endpoint.
+#[derive(Debug)]
+pub struct Tunnel {
+    socket: UdpSocket,
+    /// The UDP port of every endpoint.
+    pub(crate) port: u16,
+    /// Counters.
+    pub stats: TunnelStats,
+    /// Segments up to this size go in GSO messages (0: none).
+    gso_limit: AtomicUsize,
+}
+
+/// Datagrams waiting to be sent: their bytes back to back, and where
+/// each goes.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    bytes: Vec<u8>,
+    datagrams: Vec<(SocketAddrV4, std::ops::Range<usize>)>,
+}
+
+impl Outbox {
+    /// Adds `frame` in a VXLAN header for `vni`, for `to`.
+    pub(crate) fn push(&mut self, to: SocketAddrV4, vni: u32, frame: &[u8]) {
+        let start = self.bytes.len();
+        overlay::encap_into(vni, frame, &mut self.bytes);
+        self.datagrams.push((to, start..self.bytes.len()));
+    }
+
+    /// Datagrams waiting.
+    pub(crate) fn len(&self) -> usize {
+        self.datagrams.len()
+    }
+
+    /// Whether none wait.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.datagrams.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.datagrams.clear();
+    }
+}
+
+fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap_or(2),
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn socklen<T>() -> libc::socklen_t {
+    libc::socklen_t::try_from(std::mem::size_of::<T>()).unwrap_or(0)
+}
+
+/// Sets the int socket option `level`/`name` to `value`.
+fn set_int(fd: libc::c_int, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> bool {
+    // SAFETY: a plain int option on a socket of ours.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            std::ptr::from_ref(&value).cast(),
+            socklen::<libc::c_int>(),
+        )
+    };
+    r == 0
+}
+
+/// Room for one control message with an int (CMSG_SPACE(sizeof(int))),
+/// aligned for a cmsghdr.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Control([u8; 24]);
+
+/// One run of datagrams for one message: destination, bytes, segment size
+/// (Some when several datagrams go as one GSO message).
+type Run = (SocketAddrV4, std::ops::Range<usize>, Option<u16>);
+
+impl Tunnel {
+    /// Binds the endpoint on `local` (port 0: any); returns it, a handle
+    /// for its receiver, and the address bound.
+    pub(crate) fn open(local: SocketAddrV4) -> std::io::Result<(Self, UdpSocket, SocketAddrV4)> {
+        let socket = UdpSocket::bind(local)?;
+        socket.set_read_timeout(Some(RX_TIMEOUT))?;
+        let fd = socket.as_raw_fd();
+        // Beyond the system's limits when the daemon may (CAP_NET_ADMIN),
+        // else as far as they allow.
+        for (forced, plain) in [
+            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+        ] {
+            if !set_int(fd, libc::SOL_SOCKET, forced, SOCKET_BUFFER)
+                && !set_int(fd, libc::SOL_SOCKET, plain, SOCKET_BUFFER)
+            {
+                debug!(
+                    "cannot grow the tunnel socket's buffers: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        // Kernels without UDP GSO refuse the option; then every datagram
+        // goes alone. GRO is only asked for.
+        let gso = set_int(fd, SOL_UDP, UDP_SEGMENT, 0);
+        let gro = set_int(fd, SOL_UDP, UDP_GRO, 1);
+        debug!(gso, gro, "tunnel endpoint offloads");
+        let bound = match socket.local_addr()? {
+            std::net::SocketAddr::V4(a) => a,
+            std::net::SocketAddr::V6(_) => local,
+        };
+        let reader = socket.try_clone()?;
+        let tunnel = Self {
+            socket,
+            port: bound.port(),
+            stats: TunnelStats::default(),
+            gso_limit: AtomicUsize::new(if gso { usize::MAX } else { 0 }),
+        };
+        Ok((tunnel, reader, bound))
+    }
+
+    /// Sends the datagrams in `out` and empties it.
+    pub(crate) fn send(&self, out: &mut Outbox) {
+        let mut runs: Vec<Run> = Vec::with_capacity(out.len());
+        let limit = self.gso_limit.load(Ordering::Relaxed);
+        let mut i = 0;
+        while i < out.datagrams.len() {
+            let (to, first) = out.datagrams[i].clone();
+            let size = first.len();
+            let mut end = first.end;
+            let mut j = i + 1;
+            if size <= limit {
+                // Joins followers to the same endpoint of the same size;
+                // a shorter one ends the run.
+                while j < out.datagrams.len() && j - i < GSO_SEGMENTS {
+                    let (t, r) = &out.datagrams[j];
+                    if *t != to
+                        || r.len() > size
+                        || r.start != end
+                        || r.end - first.start > GSO_BYTES
+                    {
+                        break;
+                    }
+                    end = r.end;
+                    j += 1;
+                    if r.len() < size {
+                        break;
+                    }
+                }
+            }
+            let seg = (j - i > 1).then(|| u16::try_from(size).ok()).flatten();
+            if seg.is_none() && j - i > 1 {
+                j = i + 1;
+                end = first.end;
+            }
+            runs.push((to, first.start..end, seg));
+            i = j;
+        }
+        let mut k = 0;
+        while k < runs.len() {
+            let sent = self.send_runs(&out.bytes, &runs[k..(k + BATCH).min(runs.len())]);
+            k += sent.max(1);
+            if sent == 0 {
+                // The first message failed: a GSO run is sent datagram by
+                // datagram (and runs of its size stay apart); a single
+                // datagram is lost.
+                let (to, range, seg) = runs[k - 1].clone();
+                match seg {
+                    Some(s) => {
+                        let s = usize::from(s);
+                        self.gso_limit.fetch_min(s - 1, Ordering::Relaxed);
+                        debug!(segment = s, "the route does not take GSO runs of this size");
+                        let singles: Vec<Run> = range
+                            .clone()
+                            .step_by(s)
+                            .map(|start| (to, start..(start + s).min(range.end), None))
+                            .collect();
+                        let mut m = 0;
+                        while m < singles.len() {
+                            let n = self.send_runs(&out.bytes, &singles[m..]);
+                            if n == 0 {
+                                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                            m += n.max(1);
+                        }
+                    }
+                    None => {
+                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        out.clear();
+    }
+
+    /// Sends `runs` (at most [`BATCH`]) with one `sendmmsg`; returns how
+    /// many went (0: the first failed) and counts their datagrams.
+    fn send_runs(&self, bytes: &[u8], runs: &[Run]) -> usize {
+        let runs = &runs[..runs.len().min(BATCH)];
+        let mut addrs: Vec<libc::sockaddr_in> = runs.iter().map(|(a, _, _)| sockaddr(*a)).collect();
+        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(runs.len());
+        let mut controls = vec![Control([0; 24]); runs.len()];
+        for (_, r, _) in runs {
+            let Some(b) = bytes.get(r.clone()) else {
+                return 0;
+            };
+            iovs.push(libc::iovec {
+                iov_base: b.as_ptr().cast_mut().cast(),
+                iov_len: b.len(),
+            });
+        }
+        let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(runs.len());
+        for (((a, iov), control), (_, _, seg)) in addrs
+            .iter_mut()
+            .zip(iovs.iter_mut())
+            .zip(controls.iter_mut())
+            .zip(runs)
+        {
+            // SAFETY: an all-zero mmsghdr is a valid empty one.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = std::ptr::from_mut(a).cast();
+            h.msg_hdr.msg_namelen = socklen::<libc::sockaddr_in>();
+            h.msg_hdr.msg_iov = std::ptr::from_mut(iov);
+            h.msg_hdr.msg_iovlen = 1;
+            if let Some(seg) = seg {
+                // SAFETY: the control buffer has room for one cmsghdr and
+                // a u16 (CMSG_SPACE of 2 is 24 on Linux); CMSG_FIRSTHDR
+                // and CMSG_DATA point inside it.
+                unsafe {
+                    h.msg_hdr.msg_control = control.0.as_mut_ptr().cast();
+                    h.msg_hdr.msg_controllen = libc::CMSG_SPACE(2) as usize;
+                    let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                    (*c).cmsg_level = SOL_UDP;
+                    (*c).cmsg_type = UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), *seg);
+                }
+            }
+            msgs.push(h);
+        }
+        let fd = self.socket.as_raw_fd();
+        let count = u32::try_from(msgs.len()).unwrap_or(u32::MAX);
+        // SAFETY: the headers point at addresses, iovecs, control buffers
+        // and datagrams that live until this call returns.
+        let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), count, 0) };
+        let Ok(n) = usize::try_from(n) else {
+            debug!("tunnel send failed: {}", std::io::Error::last_os_error());
+            return 0;
+        };
+        let datagrams: usize = runs[..n]
+            .iter()
+            .map(|(_, r, seg)| seg.map_or(1, |s| r.len().div_ceil(usize::from(s).max(1))))
+            .sum();
+        self.stats.tx.fetch_add(datagrams as u64, Ordering::Relaxed);
+        n
+    }
+}
+
+/// Reads tunnel datagrams a batch at a time.
+pub(crate) struct Receiver {
+    bufs: Vec<u8>,
+    addrs: Vec<libc::sockaddr_in>,
+    controls: Vec<Control>,
+}
+
+impl Receiver {
+    pub(crate) fn new() -> Self {
+        Self {
+            bufs: vec![0u8; RX_BATCH * RX_BUF],
+            // SAFETY: all-zero sockaddr_in values are valid (and
+            // overwritten).
+            addrs: (0..RX_BATCH)
+                .map(|_| unsafe { std::mem::zeroed() })
+                .collect(),
+            controls: vec![Control([0; 24]); RX_BATCH],
+        }
+    }
+
+    /// Waits for datagrams on `socket` (up to its read timeout) and hands
+    /// each to `each` with its sender; Ok(false) on a timeout, an error
+    /// when the socket fails.
+    pub(crate) fn receive(
+        &mut self,
+        socket: &UdpSocket,
+        stats: &TunnelStats,
+        mut each: impl FnMut(Ipv4Addr, &[u8]),
+    ) -> std::io::Result<bool> {
+        let mut iovs: Vec<libc::iovec> = self
+            .bufs
+            .chunks_exact_mut(RX_BUF)
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = self
+            .addrs
+            .iter_mut()
+            .zip(iovs.iter_mut())
+            .zip(self.controls.iter_mut())
+            .map(|((a, iov), c)| {
+                // SAFETY: an all-zero mmsghdr is a valid empty one.
+                let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                h.msg_hdr.msg_name = std::ptr::from_mut(a).cast();
+                h.msg_hdr.msg_namelen = socklen::<libc::sockaddr_in>();
+                h.msg_hdr.msg_iov = std::ptr::from_mut(iov);
+                h.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_control = c.0.as_mut_ptr().cast();
+                h.msg_hdr.msg_controllen = c.0.len();
+                h
+            })
+            .collect();
+        let count = u32::try_from(msgs.len()).unwrap_or(1);
+        // SAFETY: every header points at a buffer, an iovec, an address
+        // and a control buffer of ours that outlive the call.
+        let n = unsafe {
+            libc::recvmmsg(
+                socket.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                count,
+                libc::MSG_WAITFORONE,
+                std::ptr::null_mut(),
+            )
+        };
+        let Ok(n) = usize::try_from(n) else {
+            let e = std::io::Error::last_os_error();
+            return match e.kind() {
+                std::io::ErrorKind::WouldBlock
+                | std::io::ErrorKind::TimedOut
+                | std::io::ErrorKind::Interrupted => Ok(false),
+                _ => Err(e),
+            };
+        };
+        for (i, m) in msgs.iter().take(n).enumerate() {
+            if m.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let seg = gro_size(&m.msg_hdr);
+            let from = Ipv4Addr::from(u32::from_be(self.addrs[i].sin_addr.s_addr));
+            let start = i * RX_BUF;
+            let len = (m.msg_len as usize).min(RX_BUF);
+            let Some(train) = self.bufs.get(start..start + len) else {
+                continue;
+            };
+            match seg {
+                Some(s) if s > 0 => train.chunks(s).for_each(|d| each(from, d)),
+                _ => each(from, train),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The segment size of a GRO train, from its control message.
+fn gro_size(h: &libc::msghdr) -> Option<usize> {
+    // SAFETY: the kernel filled the control buffer (msg_controllen says
+    // how much); CMSG_FIRSTHDR/NXTHDR stay inside it.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(h);
+        while !c.is_null() {
+            if (*c).cmsg_level == SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                return usize::try_from(v).ok();
+            }
+            c = libc::CMSG_NXTHDR(h, c);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint() -> (Tunnel, UdpSocket, SocketAddrV4) {
+        Tunnel::open(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap()
+    }
+
+    /// Receives until `want` datagrams came (or a timeout).
+    fn gather(rx: &UdpSocket, t: &Tunnel, want: usize) -> Vec<Vec<u8>> {
+        let mut r = Receiver::new();
+        let mut got = Vec::new();
+        while got.len() < want {
+            let more = r
+                .receive(rx, &t.stats, |_, d| got.push(d.to_vec()))
+                .unwrap();
+            if !more {
+                break;
+            }
+        }
+        got
+    }
+
+    #[test]
+    fn runs_of_datagrams_arrive_whole_and_in_order() {
+        let (a, _, _) = endpoint();
+        let (b, b_rx, b_addr) = endpoint();
+        let mut out = Outbox::default();
+        // Equal sizes (one GSO run), a shorter tail, then other sizes.
+        let mut sent = Vec::new();
+        for i in 0..100u32 {
+            let len = match i {
+                0..=69 => 60,
+                70 => 30,
+                _ => 200 + (i as usize % 3),
+            };
+            let frame: Vec<u8> = (0..len)
+                .map(|j| u8::try_from((i as usize + j) % 251).unwrap_or(0))
+                .collect();
+            out.push(b_addr, 5001, &frame);
+            sent.push(frame);
+        }
+        a.send(&mut out);
+        assert!(out.is_empty());
+        assert_eq!(a.stats.tx.load(Ordering::Relaxed), 100);
+        let got = gather(&b_rx, &b, 100);
+        let frames: Vec<Vec<u8>> = got
+            .iter()
+            .map(|d| {
+                let (vni, f) = overlay::decap(d).unwrap();
+                assert_eq!(vni, 5001);
+                f.to_vec()
+            })
+            .collect();
+        assert_eq!(frames, sent);
+    }
+
+    #[test]
+    fn datagrams_too_long_to_join_go_alone() {
+        // Two 40 kB datagrams are more than one GSO message holds.
+        let (a, _, _) = endpoint();
+        let (b, b_rx, b_addr) = endpoint();
+        let mut out = Outbox::default();
+        let frame = vec![7u8; 40_000];
+        for _ in 0..3 {
+            out.push(b_addr, 9, &frame);
+        }
+        a.send(&mut out);
+        let got = gather(&b_rx, &b, 3);
+        assert_eq!(got.len(), 3);
+        assert!(got
+            .iter()
+            .all(|d| d.len() == 40_000 + overlay::VXLAN_HEADER));
+    }
+}
