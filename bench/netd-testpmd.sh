@@ -3,6 +3,7 @@
 # forwarder, in one run (docs/BENCHMARKS.md has the results).
 #
 #   bash bench/netd-testpmd.sh     # RUNS=3 SECS=5 WARM=2 SIZES="64 1518" (wire sizes, CRC included)
+#                                  # BACKENDS="peer l2 sg overlay" NETD=<binary>
 #
 # Driver: dpdk-testpmd (Debian's dpdk-dev) with two net_virtio_user ports
 # (--no-huge), forwarding lcore on CPU 1, mac forwarding with --eth-peer:
@@ -33,8 +34,13 @@ cd "$(dirname "$0")/.."
 root=$PWD
 
 command -v dpdk-testpmd >/dev/null || { echo "needs dpdk-testpmd (apt install dpdk-dev)" >&2; exit 1; }
-cargo build --release -q -p netd
-netd=$root/target/release/netd
+# NETD=path runs that binary instead (for A/B comparisons of two builds).
+if [ -n "${NETD:-}" ]; then
+    netd=$NETD
+else
+    cargo build --release -q -p netd
+    netd=$root/target/release/netd
+fi
 
 work=$(mktemp -d /tmp/netd-bench.XXXXXX)
 pids=()

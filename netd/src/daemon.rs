@@ -27,6 +27,9 @@ pub enum Error {
     /// A signal handler could not be installed.
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    /// The switch could not start.
+    #[error("cannot start the switch")]
+    Switch(#[source] crate::fabric::FabricError),
     /// The bus went away under the daemon.
     #[error("lost the connection to D-Bus")]
     BusLost,
@@ -39,7 +42,10 @@ pub enum Exit {
     Signal,
 }
 
-async fn connect(opts: &Options) -> zbus::Result<Connection> {
+async fn connect(
+    opts: &Options,
+    fabric: std::sync::Arc<crate::fabric::Fabric>,
+) -> zbus::Result<Connection> {
     let builder = match &opts.bus {
         Some(address) => connection::Builder::address(address.as_str())?,
         None => connection::Builder::system()?,
@@ -48,7 +54,6 @@ async fn connect(opts: &Options) -> zbus::Result<Connection> {
     if health.state != "ok" {
         warn!(detail = %health.detail, "network daemon is degraded");
     }
-    let fabric = std::sync::Arc::new(crate::fabric::Fabric::new(opts.run_dir.clone()));
     let conn = builder
         .serve_at(
             OBJECT_PATH,
@@ -72,7 +77,10 @@ async fn connect(opts: &Options) -> zbus::Result<Connection> {
 pub async fn run(opts: Options) -> Result<Exit, Error> {
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
-    let conn = connect(&opts).await.map_err(Error::Connect)?;
+    let fabric = crate::fabric::Fabric::new(opts.run_dir.clone()).map_err(Error::Switch)?;
+    let conn = connect(&opts, std::sync::Arc::new(fabric))
+        .await
+        .map_err(Error::Connect)?;
     info!(name = BUS_NAME, node = %opts.node_id, "network daemon ready");
     let exit = tokio::select! {
         _ = term.recv() => Ok(Exit::Signal),

@@ -4,29 +4,40 @@
 //! all the rings of a sweep reach it in batches.
 //!
 //! A ring joins on its driver's first kick (the vhost-user worker thread
-//! hands it over) and leaves when its frontend goes. When every ring has
-//! been empty for [`TX_POLL`], the thread asks the drivers to kick again
-//! and sleeps until one does; while it polls, drivers need not kick at all.
+//! hands it over) and leaves when its frontend goes. The node's tunnel
+//! endpoint is read in the same sweep, so frames from other nodes are
+//! switched without another thread to wake. When every ring and the
+//! endpoint have been idle for [`TX_POLL`], the thread asks the drivers to
+//! kick again and sleeps until a kick or a datagram comes; while it polls,
+//! drivers need not kick at all. Waking a sleeping CPU costs tens of
+//! microseconds on a virtual machine, so the thread polls that long after
+//! the last frame before it sleeps.
 //! A port over its egress rate is skipped until its bucket refills.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
-use tracing::debug;
+use tracing::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::l2::PortId;
 use crate::offload::{NetHdr, NET_HDR};
 use crate::port::{signal_if_wanted, with_ring, Port};
 use crate::ring::{read_guest, Desc, Ring, MAX_CHAIN};
 use crate::switch::{Inner, Kicks};
+use crate::tunnel::{Receiver, Tunnel};
 
 /// How long the rings are polled after the last frame before the thread
 /// sleeps until a kick.
-const TX_POLL: Duration = Duration::from_micros(50);
+const TX_POLL: Duration = Duration::from_micros(500);
+/// Receive calls on the tunnel endpoint per sweep, at most.
+const TUNNEL_READS: usize = 4;
 /// The longest sleep without a kick (the thread then checks that the
 /// switch still exists).
 const IDLE_WAIT: Duration = Duration::from_millis(100);
@@ -36,12 +47,10 @@ const MAX_SHAPING_SLEEP: Duration = Duration::from_millis(10);
 const TX_BATCH: usize = 64;
 
 /// The rings the thread serves and its wake-up call.
-#[derive(Default)]
 pub(crate) struct Datapath {
     rings: Mutex<Vec<(Arc<Port>, usize, VringRwLock)>>,
     generation: AtomicU64,
-    woken: Mutex<bool>,
-    wake: Condvar,
+    wake: EventFd,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -53,6 +62,21 @@ impl std::fmt::Debug for Datapath {
 }
 
 impl Datapath {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            rings: Mutex::new(Vec::new()),
+            generation: AtomicU64::new(0),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Wakes the thread if it sleeps.
+    pub(crate) fn wake(&self) {
+        if let Err(e) = self.wake.write(1) {
+            debug!("cannot wake the data path: {e}");
+        }
+    }
+
     /// Serves `vring`, the transmit ring of `port`'s queue pair `pair`
     /// (replacing one a previous frontend left), and wakes the thread.
     pub(crate) fn kicked(&self, port: &Arc<Port>, pair: usize, vring: &VringRwLock) {
@@ -63,9 +87,7 @@ impl Datapath {
                 self.generation.fetch_add(1, Ordering::Release);
             }
         }
-        let mut woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
-        *woken = true;
-        self.wake.notify_one();
+        self.wake();
     }
 
     /// Stops serving `port`'s rings (its frontend went, or it was deleted).
@@ -74,18 +96,69 @@ impl Datapath {
         rings.retain(|(p, _, _)| p.id != port);
         self.generation.fetch_add(1, Ordering::Release);
     }
+}
 
-    /// Sleeps until a kick or `timeout`.
-    fn sleep(&self, timeout: Duration) {
-        let mut woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
-        if !*woken {
-            woken = self
-                .wake
-                .wait_timeout(woken, timeout)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+/// What the thread sleeps on: its wake-up call and the tunnel endpoint.
+struct Sleep {
+    epoll: Epoll,
+    /// The endpoint registered, if any.
+    tunnel: Option<Arc<Tunnel>>,
+}
+
+impl Sleep {
+    fn new(dp: &Datapath) -> std::io::Result<Self> {
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            dp.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, 0),
+        )?;
+        Ok(Self {
+            epoll,
+            tunnel: None,
+        })
+    }
+
+    /// Watches `tunnel` (the switch's current endpoint) instead of the one
+    /// before.
+    fn watch(&mut self, tunnel: Option<&Arc<Tunnel>>) {
+        let same = match (&self.tunnel, tunnel) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
         }
-        *woken = false;
+        if let Some(old) = self.tunnel.take() {
+            let fd = old.socket().as_raw_fd();
+            let _ = self
+                .epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        }
+        if let Some(t) = tunnel {
+            let fd = t.socket().as_raw_fd();
+            match self
+                .epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 1))
+            {
+                Ok(()) => self.tunnel = Some(t.clone()),
+                Err(e) => warn!("cannot watch the tunnel endpoint: {e}"),
+            }
+        }
+    }
+
+    /// Sleeps until a kick, a datagram or `timeout`.
+    fn sleep(&self, dp: &Datapath, timeout: Duration) {
+        let ms = i32::try_from(timeout.as_millis().max(1)).unwrap_or(i32::MAX);
+        let mut events = [EpollEvent::default(); 2];
+        if let Err(e) = self.epoll.wait(ms, &mut events) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                debug!("data path wait failed: {e}");
+            }
+        }
+        // Consumes the kicks (none is fine).
+        let _ = dp.wake.read();
     }
 }
 
@@ -109,6 +182,14 @@ pub(crate) fn start(dp: Arc<Datapath>, switch: Weak<Inner>) -> std::io::Result<(
 }
 
 fn run(dp: &Datapath, switch: &Weak<Inner>) {
+    let mut sleeper = match Sleep::new(dp) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!("the data path cannot start: {e}");
+            return;
+        }
+    };
+    let mut receiver = Receiver::new();
     let mut rings: Vec<TxRing> = Vec::new();
     let mut seen = u64::MAX;
     let mut descs = Vec::with_capacity(MAX_CHAIN);
@@ -170,6 +251,28 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
                 next_resume = Some(next_resume.map_or(t, |n| n.min(t)));
             }
         }
+        // Frames from other nodes.
+        let tunnel = inner.tunnel();
+        sleeper.watch(tunnel.as_ref());
+        if let Some(t) = &tunnel {
+            for _ in 0..TUNNEL_READS {
+                let mut got = 0usize;
+                let read = receiver.receive(t.socket(), &t.stats, false, |from, d| {
+                    got += 1;
+                    inner.tunnel_datagram(t, from, d, &mut kicks);
+                });
+                kicks.flush();
+                work += got;
+                match read {
+                    Ok(true) if got > 0 => {}
+                    Ok(_) => break,
+                    Err(e) => {
+                        debug!("tunnel receive failed: {e}");
+                        break;
+                    }
+                }
+            }
+        }
         // Frames that wait for receive buffers, for any port.
         let waiting: Vec<Arc<Port>> = inner
             .ports
@@ -211,7 +314,7 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
         let timeout = next_resume
             .map_or(IDLE_WAIT, |t| t.saturating_duration_since(Instant::now()))
             .min(IDLE_WAIT);
-        dp.sleep(timeout);
+        sleeper.sleep(dp, timeout);
         idle_since = None;
     }
 }
@@ -265,6 +368,10 @@ fn refresh(dp: &Datapath, rings: &mut Vec<TxRing>) {
 /// Switches up to a burst of frames from `port`'s transmit ring; returns
 /// how many, and how long the ring must rest first if the port is over
 /// its egress rate.
+///
+/// The chains go back to the driver and the port's counters grow once,
+/// after the burst: the locks the switch takes per frame then do not wait
+/// for those writes to memory the driver's CPU holds.
 fn drain(
     port: &Port,
     ring: &mut Ring<'_>,
@@ -272,12 +379,43 @@ fn drain(
     descs: &mut Vec<Desc>,
     kicks: &mut Kicks,
 ) -> (usize, Duration) {
+    let mut done: [u16; TX_BATCH] = [0; TX_BATCH];
+    let r = drain_burst(port, ring, switch, descs, kicks, &mut done);
+    for head in &done[..r.0] {
+        ring.push_used(*head, 0);
+    }
+    ring.publish();
+    let (frames, bytes) = std::mem::take(&mut kicks.sent);
+    if frames > 0 {
+        port.stats.tx_frames.fetch_add(frames, Ordering::Relaxed);
+        port.stats.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+    r
+}
+
+/// [`drain`]'s work; the heads of the chains taken go to `done`.
+///
+/// Every frame of the burst is read first, then each is switched: the
+/// reads from the driver's memory (cache misses on another CPU's lines)
+/// overlap instead of each waiting behind the previous frame's locks.
+fn drain_burst(
+    port: &Port,
+    ring: &mut Ring<'_>,
+    switch: &Inner,
+    descs: &mut Vec<Desc>,
+    kicks: &mut Kicks,
+    done: &mut [u16; TX_BATCH],
+) -> (usize, Duration) {
     let mut n = 0usize;
+    let mut frames: [(std::ops::Range<usize>, NetHdr); TX_BATCH] =
+        std::array::from_fn(|_| (0..0, NetHdr::PLAIN));
+    let mut count = 0usize;
+    let mut wait = Duration::ZERO;
     while n < TX_BATCH {
-        let wait = port.egress_wait();
-        if !wait.is_zero() {
-            ring.publish();
-            return (n, wait);
+        let w = port.egress_wait();
+        if !w.is_zero() {
+            wait = w;
+            break;
         }
         descs.clear();
         let head = match ring.pop(descs) {
@@ -285,71 +423,91 @@ fn drain(
             Some(Ok(h)) => h,
             Some(Err((head, e))) => {
                 debug!(port = port.id.0, "transmit chain {head}: {e}");
-                ring.push_used(head, 0);
+                done[n] = head;
                 port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
                 n += 1;
                 continue;
             }
         };
+        done[n] = head;
         n += 1;
-        // The virtio-net header, then the frame, read into the burst; a
-        // chain longer than a frame, or pointing outside memory, is dropped
-        // whole.
-        let readable = descs
-            .iter()
-            .filter(|d| !d.write)
-            .fold(0usize, |n, d| n.saturating_add(d.len as usize));
-        let len = readable.saturating_sub(NET_HDR);
-        let mut hdr = [0u8; NET_HDR];
-        let mut ok = readable > NET_HDR;
-        if let (true, Some(dst)) = (ok, kicks.burst_room(len)) {
-            let (mut got, mut at) = (0usize, 0usize);
-            for d in descs.iter().filter(|d| !d.write) {
-                let mut left = d.len as usize;
-                let mut addr = d.addr;
-                let s = (NET_HDR - got).min(left);
-                if s > 0 && !read_guest(ring.mem(), addr, &mut hdr[got..got + s]) {
-                    ok = false;
-                    break;
-                }
-                got += s;
-                left -= s;
-                let Some(a) = addr.checked_add(s as u64) else {
-                    ok = false;
-                    break;
-                };
-                addr = a;
-                if left == 0 {
-                    continue;
-                }
-                let Some(part) = dst.get_mut(at..at + left) else {
-                    ok = false;
-                    break;
-                };
-                if !read_guest(ring.mem(), addr, part) {
-                    ok = false;
-                    break;
-                }
-                at += left;
+        match read_frame(port, ring, descs, kicks) {
+            Some((range, hdr)) => {
+                port.egress_debit(range.len());
+                frames[count] = (range, hdr);
+                count += 1;
             }
-        } else {
-            ok = false;
-        }
-        ring.push_used(head, 0);
-        let hdr = NetHdr::parse(&hdr);
-        let valid = hdr.validate(port.features(), len);
-        if let (true, Err(e)) = (ok, &valid) {
-            debug!(port = port.id.0, "refused a frame's header: {e}");
-        }
-        if ok && valid.is_ok() {
-            port.egress_debit(len);
-            kicks.with_burst_frame(len, |frame, kicks| {
-                switch.switch_frame(port, frame, &hdr, kicks);
-            });
-        } else {
-            port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+            None => {
+                port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
-    ring.publish();
-    (n, Duration::ZERO)
+    kicks.switch_burst(&frames[..count], |frame, hdr, kicks| {
+        switch.switch_frame(port, frame, hdr, kicks);
+    });
+    (n, wait)
+}
+
+/// Reads the virtio-net header and the frame of the chain `descs` into
+/// the burst; where the frame is there, and its header. None (nothing
+/// kept) for a chain longer than a frame, one pointing outside memory,
+/// or a header the driver may not send.
+fn read_frame(
+    port: &Port,
+    ring: &Ring<'_>,
+    descs: &[Desc],
+    kicks: &mut Kicks,
+) -> Option<(std::ops::Range<usize>, NetHdr)> {
+    let readable = descs
+        .iter()
+        .filter(|d| !d.write)
+        .fold(0usize, |n, d| n.saturating_add(d.len as usize));
+    if readable <= NET_HDR {
+        return None;
+    }
+    let len = readable - NET_HDR;
+    let mut hdr = [0u8; NET_HDR];
+    let (start, dst) = kicks.reserve(len)?;
+    let (mut got, mut at) = (0usize, 0usize);
+    let mut ok = true;
+    for d in descs.iter().filter(|d| !d.write) {
+        let mut left = d.len as usize;
+        let mut addr = d.addr;
+        let s = (NET_HDR - got).min(left);
+        if s > 0 && !read_guest(ring.mem(), addr, &mut hdr[got..got + s]) {
+            ok = false;
+            break;
+        }
+        got += s;
+        left -= s;
+        let Some(a) = addr.checked_add(s as u64) else {
+            ok = false;
+            break;
+        };
+        addr = a;
+        if left == 0 {
+            continue;
+        }
+        let Some(part) = dst.get_mut(at..at + left) else {
+            ok = false;
+            break;
+        };
+        if !read_guest(ring.mem(), addr, part) {
+            ok = false;
+            break;
+        }
+        at += left;
+    }
+    let hdr = NetHdr::parse(&hdr);
+    let valid = ok.then(|| hdr.validate(port.features(), len));
+    match valid {
+        Some(Ok(())) => Some((start..start + len, hdr)),
+        other => {
+            if let Some(Err(e)) = other {
+                debug!(port = port.id.0, "refused a frame's header: {e}");
+            }
+            kicks.unreserve(start);
+            None
+        }
+    }
 }

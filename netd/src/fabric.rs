@@ -190,8 +190,8 @@ impl Fabric {
     /// A fabric whose port sockets go to `run_dir`, with the default
     /// security group: every port in it may reach the others, and anything
     /// may go out.
-    pub fn new(run_dir: std::path::PathBuf) -> Self {
-        let switch = Switch::new(run_dir);
+    pub fn new(run_dir: std::path::PathBuf) -> Result<Self> {
+        let switch = Switch::new(run_dir)?;
         switch.create_group(DEFAULT_GROUP, "default".into());
         for rule in [
             Rule::parse("egress", "any", (0, 0), "", None),
@@ -207,10 +207,10 @@ impl Fabric {
             ..Registry::default()
         };
         reg.groups.insert(DEFAULT_GROUP, "default".into());
-        Self {
+        Ok(Self {
             switch,
             reg: Mutex::new(reg),
-        }
+        })
     }
 
     fn reg(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -831,7 +831,7 @@ mod tests {
     #[test]
     fn addresses_are_handed_out_and_bad_requests_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let f = Fabric::new(dir.path().to_owned());
+        let f = Fabric::new(dir.path().to_owned()).unwrap();
         let vpc = f.create_vpc("prod").unwrap();
         let net = f
             .create_network("web", Kind::Flat, Some(vpc), false)

@@ -51,6 +51,9 @@ const F_MAC: u64 = 1 << 5;
 const F_STATUS: u64 = 1 << 16;
 const F_VERSION_1: u64 = 1 << 32;
 const F_EVENT_IDX: u64 = 1 << 29;
+/// Buffers are used in the order they were made available (every ring
+/// here is served front to back), so drivers may free them in batches.
+const F_IN_ORDER: u64 = 1 << 35;
 
 /// Counters of one port, from the switch's side.
 #[derive(Debug, Default)]
@@ -144,6 +147,29 @@ fn pick_queue(active: &[usize], frame: &[u8]) -> Option<usize> {
     }
 }
 
+/// Frames written into (or lost in) the guest's receive buffers, to add
+/// to the port's counters.
+#[derive(Default)]
+struct RxCounts {
+    frames: u64,
+    bytes: u64,
+    dropped: u64,
+}
+
+impl RxCounts {
+    fn add_to(&self, stats: &PortStats) {
+        for (counter, n) in [
+            (&stats.rx_frames, self.frames),
+            (&stats.rx_bytes, self.bytes),
+            (&stats.rx_dropped, self.dropped),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// What became of a frame offered to the receive ring.
 enum Written {
     /// In the guest's buffer.
@@ -218,10 +244,11 @@ fn fill(
                 // A chain the driver broke: returned unused, the frame lost
                 // with it.
                 debug!("receive chain {head}: {e}");
-                ring.push_used(head, 0);
+                // In the order they were taken (IN_ORDER).
                 for (h, _) in &taken.chains {
                     ring.push_used(*h, 0);
                 }
+                ring.push_used(head, 0);
                 return Written::Lost;
             }
             None => {
@@ -623,6 +650,23 @@ impl Port {
     /// (written or lost), stopping at the first with no room.
     fn write_list(&self, rx: &mut RxSide, list: &[(NetHdr, &[u8])]) -> usize {
         let mergeable = self.features() & F_MRG_RXBUF != 0;
+        // Counted once for the list: an atomic add per frame would wait
+        // each time for the writes into the guest's memory to land.
+        let mut counts = RxCounts::default();
+        let i = self.write_runs(rx, list, mergeable, &mut counts);
+        counts.add_to(&self.stats);
+        i
+    }
+
+    /// [`Port::write_list`]'s work: each run of frames for one queue
+    /// written into its ring, until a ring is full.
+    fn write_runs(
+        &self,
+        rx: &mut RxSide,
+        list: &[(NetHdr, &[u8])],
+        mergeable: bool,
+        counts: &mut RxCounts,
+    ) -> usize {
         let mut i = 0;
         while i < list.len() {
             let Some(q) = pick_queue(&rx.active, list[i].1) else {
@@ -649,9 +693,15 @@ impl Port {
                     if pick_queue(active, frame) != Some(q) {
                         break;
                     }
-                    let w = fill(ring, taken, hdr, frame, mergeable);
-                    if let Written::NoRoom = self.count(w, frame.len()) {
-                        break;
+                    match fill(ring, taken, hdr, frame, mergeable) {
+                        Written::Done => {
+                            counts.frames += 1;
+                            counts.bytes += frame.len() as u64;
+                        }
+                        // Buffers too small or outside memory: the frame
+                        // is lost.
+                        Written::Lost => counts.dropped += 1,
+                        Written::NoRoom => break,
                     }
                     j += 1;
                 }
@@ -669,23 +719,6 @@ impl Port {
             }
         }
         i
-    }
-
-    /// Counts what became of a frame of `len` bytes for the guest.
-    fn count(&self, written: Written, len: usize) -> Written {
-        match written {
-            Written::Done => {
-                self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-                self.stats.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
-                Written::Done
-            }
-            Written::Lost => {
-                // Buffers too small or outside memory: the frame is lost.
-                self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                Written::Lost
-            }
-            Written::NoRoom => Written::NoRoom,
-        }
     }
 
     /// Moves pending frames into the guest's receive buffers.
@@ -828,6 +861,7 @@ impl VhostUserBackend for Backend {
             | F_MAC
             | F_STATUS
             | F_EVENT_IDX
+            | F_IN_ORDER
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 

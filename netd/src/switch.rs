@@ -2,7 +2,7 @@
 //! each frame a guest sends (in the sending port's thread, in order).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -28,7 +28,7 @@ use crate::port::{self, Port};
 use crate::router::VpcId;
 use crate::router::{Host, Subnet, L3};
 use crate::secgroup::{GroupId, Groups, PortSecurity, Rule, SecurityGroup};
-use crate::tunnel::{self, Outbox, Receiver, Tunnel, TunnelStats};
+use crate::tunnel::{self, Outbox, Tunnel, TunnelStats};
 use crate::uplink::{Tap, UplinkError, UPLINK_PORT};
 
 /// How long a learned address stays without traffic from it.
@@ -62,6 +62,9 @@ pub enum SwitchError {
     /// The uplink could not be opened.
     #[error(transparent)]
     Uplink(#[from] UplinkError),
+    /// The data-path thread or its wake-up call could not be made.
+    #[error("cannot start the data path")]
+    DataPath(#[source] std::io::Error),
     /// The tunnel endpoint could not be opened.
     #[error("cannot open the tunnel endpoint {addr}")]
     Tunnel {
@@ -130,36 +133,6 @@ fn uplink_loop(switch: &Weak<Inner>, tap: &Arc<Tap>, reader: &Tap) {
     }
 }
 
-/// Receives tunnel datagrams until the switch goes or the endpoint is
-/// replaced.
-fn tunnel_loop(switch: &Weak<Inner>, tunnel: &Arc<Tunnel>, socket: &UdpSocket) {
-    let mut receiver = Receiver::new();
-    let mut kicks = Kicks::default();
-    loop {
-        let Some(inner) = switch.upgrade() else {
-            return;
-        };
-        let current = inner
-            .tunnel
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .is_some_and(|t| Arc::ptr_eq(t, tunnel));
-        if !current {
-            return;
-        }
-        kicks.now = Instant::now();
-        let got = receiver.receive(socket, &tunnel.stats, |from, d| {
-            inner.tunnel_datagram(tunnel, from, d, &mut kicks);
-        });
-        kicks.flush();
-        if let Err(e) = got {
-            warn!("tunnel endpoint failed: {e}");
-            return;
-        }
-    }
-}
-
 /// Frames staged before a batch is written out regardless.
 const STAGED_MAX: usize = 256;
 
@@ -183,6 +156,9 @@ pub(crate) struct Kicks {
     arena: (usize, usize),
     /// When the batch started.
     pub(crate) now: Instant,
+    /// Frames and bytes switched from the port being drained, added to
+    /// its counters at the end of its burst.
+    pub(crate) sent: (u64, u64),
     /// Tunnel datagrams to send together, and the endpoint.
     tunnel_out: Outbox,
     tunnel: Option<Arc<Tunnel>>,
@@ -205,6 +181,7 @@ impl Default for Kicks {
             burst_len: 0,
             arena: (0, 0),
             now: Instant::now(),
+            sent: (0, 0),
             tunnel_out: Outbox::default(),
             tunnel: None,
         }
@@ -212,9 +189,9 @@ impl Default for Kicks {
 }
 
 impl Kicks {
-    /// Room for a frame of `len` bytes at the end of the burst; None past
-    /// [`MAX_FRAME`](crate::frame::MAX_FRAME).
-    pub(crate) fn burst_room(&mut self, len: usize) -> Option<&mut [u8]> {
+    /// Room for a frame of `len` bytes at the end of the burst, and where
+    /// it starts; None past [`MAX_FRAME`](crate::frame::MAX_FRAME).
+    pub(crate) fn reserve(&mut self, len: usize) -> Option<(usize, &mut [u8])> {
         if len > crate::frame::MAX_FRAME {
             return None;
         }
@@ -222,18 +199,28 @@ impl Kicks {
         if self.burst.len() < start + len {
             self.burst.resize(start + len, 0);
         }
-        self.burst.get_mut(start..start + len)
+        self.burst_len = start + len;
+        Some((start, self.burst.get_mut(start..start + len)?))
     }
 
-    /// Switches the `len` bytes just read into [`Kicks::burst_room`] with
-    /// `f` (they stay in the burst until the flush).
-    pub(crate) fn with_burst_frame(&mut self, len: usize, f: impl FnOnce(&[u8], &mut Self)) {
-        let start = self.burst_len;
-        self.burst_len += len;
+    /// Gives back the room reserved from `start` on.
+    pub(crate) fn unreserve(&mut self, start: usize) {
+        self.burst_len = self.burst_len.min(start);
+    }
+
+    /// Switches the frames read into the burst (where each is, its
+    /// header) with `f`; they stay in the burst until the flush.
+    pub(crate) fn switch_burst(
+        &mut self,
+        frames: &[(std::ops::Range<usize>, NetHdr)],
+        mut f: impl FnMut(&[u8], &NetHdr, &mut Self),
+    ) {
         let burst = std::mem::take(&mut self.burst);
         self.arena = (burst.as_ptr() as usize, burst.len());
-        if let Some(frame) = burst.get(start..start + len) {
-            f(frame, self);
+        for (range, hdr) in frames {
+            if let Some(frame) = burst.get(range.clone()) {
+                f(frame, hdr, self);
+            }
         }
         self.arena = (0, 0);
         self.burst = burst;
@@ -359,10 +346,8 @@ impl Inner {
             Ok(l3) => l3,
             Err(e) => return self.malformed(from, e),
         };
-        from.stats.tx_frames.fetch_add(1, Ordering::Relaxed);
-        from.stats
-            .tx_bytes
-            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        kicks.sent.0 += 1;
+        kicks.sent.1 += frame.len() as u64;
         self.mirror(from, frame, hdr, kicks);
         let now = kicks.now;
         if from.filtered.load(Ordering::Acquire) {
@@ -584,8 +569,22 @@ impl Inner {
         }
     }
 
+    /// The node's tunnel endpoint, if it has one.
+    pub(crate) fn tunnel(&self) -> Option<Arc<Tunnel>> {
+        self.tunnel
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// A datagram from the tunnel endpoint `from`.
-    fn tunnel_datagram(&self, t: &Tunnel, from: Ipv4Addr, datagram: &[u8], kicks: &mut Kicks) {
+    pub(crate) fn tunnel_datagram(
+        &self,
+        t: &Tunnel,
+        from: Ipv4Addr,
+        datagram: &[u8],
+        kicks: &mut Kicks,
+    ) {
         let accepted = overlay::decap(datagram).and_then(|(vni, inner)| {
             let (seg, pseudo) = self
                 .overlay
@@ -884,8 +883,10 @@ pub struct Switch {
 }
 
 impl Switch {
-    /// A switch whose port sockets live in `dir`.
-    pub fn new(dir: PathBuf) -> Self {
+    /// A switch whose port sockets live in `dir`, with its data-path
+    /// thread running.
+    pub fn new(dir: PathBuf) -> Result<Self, SwitchError> {
+        let datapath = Arc::new(Datapath::new().map_err(SwitchError::DataPath)?);
         let inner = Arc::new(Inner {
             table: Mutex::new(MacTable::new(MAC_AGEING, MAC_TABLE_SIZE)),
             ports: RwLock::new(BTreeMap::new()),
@@ -901,11 +902,10 @@ impl Switch {
             nat_on: std::sync::atomic::AtomicBool::new(false),
             metadata: Mutex::new(HashMap::new()),
             started: Instant::now(),
-            datapath: Arc::new(Datapath::default()),
+            datapath,
         });
-        if let Err(e) = datapath::start(inner.datapath.clone(), Arc::downgrade(&inner)) {
-            warn!("no data-path thread: {e}");
-        }
+        datapath::start(inner.datapath.clone(), Arc::downgrade(&inner))
+            .map_err(SwitchError::DataPath)?;
         let weak = Arc::downgrade(&inner);
         let timers = std::thread::Builder::new()
             .name("metadata".into())
@@ -919,11 +919,11 @@ impl Switch {
         if let Err(e) = timers {
             warn!("no metadata timer thread: {e}");
         }
-        Self {
+        Ok(Self {
             inner,
             next: Mutex::new(1),
             dir,
-        }
+        })
     }
 
     /// Adds a port on `segment` whose NIC gets `mac`; returns it once its
@@ -1371,7 +1371,7 @@ impl Switch {
             addr: local,
             source,
         };
-        let (tunnel, reader, bound) = Tunnel::open(local).map_err(fail)?;
+        let (tunnel, bound) = Tunnel::open(local).map_err(fail)?;
         let tunnel = Arc::new(tunnel);
         let old = self
             .inner
@@ -1380,11 +1380,8 @@ impl Switch {
             .unwrap_or_else(PoisonError::into_inner)
             .replace(tunnel.clone());
         drop(old);
-        let weak = Arc::downgrade(&self.inner);
-        std::thread::Builder::new()
-            .name("tunnel".into())
-            .spawn(move || tunnel_loop(&weak, &tunnel, &reader))
-            .map_err(fail)?;
+        // The data path reads it from its next sweep.
+        self.inner.datapath.wake();
         Ok(bound)
     }
 

@@ -44,7 +44,7 @@ const RX_BUF: usize = 65_536;
 /// burst neither blocks the sender nor is dropped while the receiver
 /// catches up.
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
-/// How long a receive waits before the receiver checks it is still wanted.
+/// How long a waiting receive waits at most.
 const RX_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Tunnel (and uplink) counters.
@@ -144,9 +144,9 @@ struct Control([u8; 24]);
 type Run = (SocketAddrV4, std::ops::Range<usize>, Option<u16>);
 
 impl Tunnel {
-    /// Binds the endpoint on `local` (port 0: any); returns it, a handle
-    /// for its receiver, and the address bound.
-    pub(crate) fn open(local: SocketAddrV4) -> std::io::Result<(Self, UdpSocket, SocketAddrV4)> {
+    /// Binds the endpoint on `local` (port 0: any); returns it and the
+    /// address bound.
+    pub(crate) fn open(local: SocketAddrV4) -> std::io::Result<(Self, SocketAddrV4)> {
         let socket = UdpSocket::bind(local)?;
         socket.set_read_timeout(Some(RX_TIMEOUT))?;
         let fd = socket.as_raw_fd();
@@ -174,14 +174,18 @@ impl Tunnel {
             std::net::SocketAddr::V4(a) => a,
             std::net::SocketAddr::V6(_) => local,
         };
-        let reader = socket.try_clone()?;
         let tunnel = Self {
             socket,
             port: bound.port(),
             stats: TunnelStats::default(),
             gso_limit: AtomicUsize::new(if gso { usize::MAX } else { 0 }),
         };
-        Ok((tunnel, reader, bound))
+        Ok((tunnel, bound))
+    }
+
+    /// The endpoint's socket.
+    pub(crate) fn socket(&self) -> &UdpSocket {
+        &self.socket
     }
 
     /// Sends the datagrams in `out` and empties it.
@@ -341,13 +345,14 @@ impl Receiver {
         }
     }
 
-    /// Waits for datagrams on `socket` (up to its read timeout) and hands
-    /// each to `each` with its sender; Ok(false) on a timeout, an error
-    /// when the socket fails.
+    /// Reads the datagrams waiting on `socket` (with `wait`, waits for one
+    /// up to its read timeout) and hands each to `each` with its sender;
+    /// Ok(false) when none came, an error when the socket fails.
     pub(crate) fn receive(
         &mut self,
         socket: &UdpSocket,
         stats: &TunnelStats,
+        wait: bool,
         mut each: impl FnMut(Ipv4Addr, &[u8]),
     ) -> std::io::Result<bool> {
         let mut iovs: Vec<libc::iovec> = self
@@ -383,7 +388,11 @@ impl Receiver {
                 socket.as_raw_fd(),
                 msgs.as_mut_ptr(),
                 count,
-                libc::MSG_WAITFORONE,
+                if wait {
+                    libc::MSG_WAITFORONE
+                } else {
+                    libc::MSG_DONTWAIT
+                },
                 std::ptr::null_mut(),
             )
         };
@@ -438,17 +447,17 @@ fn gro_size(h: &libc::msghdr) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn endpoint() -> (Tunnel, UdpSocket, SocketAddrV4) {
+    fn endpoint() -> (Tunnel, SocketAddrV4) {
         Tunnel::open(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap()
     }
 
     /// Receives until `want` datagrams came (or a timeout).
-    fn gather(rx: &UdpSocket, t: &Tunnel, want: usize) -> Vec<Vec<u8>> {
+    fn gather(t: &Tunnel, want: usize) -> Vec<Vec<u8>> {
         let mut r = Receiver::new();
         let mut got = Vec::new();
         while got.len() < want {
             let more = r
-                .receive(rx, &t.stats, |_, d| got.push(d.to_vec()))
+                .receive(t.socket(), &t.stats, true, |_, d| got.push(d.to_vec()))
                 .unwrap();
             if !more {
                 break;
@@ -459,8 +468,8 @@ mod tests {
 
     #[test]
     fn runs_of_datagrams_arrive_whole_and_in_order() {
-        let (a, _, _) = endpoint();
-        let (b, b_rx, b_addr) = endpoint();
+        let (a, _) = endpoint();
+        let (b, b_addr) = endpoint();
         let mut out = Outbox::default();
         // Equal sizes (one GSO run), a shorter tail, then other sizes.
         let mut sent = Vec::new();
@@ -479,7 +488,7 @@ mod tests {
         a.send(&mut out);
         assert!(out.is_empty());
         assert_eq!(a.stats.tx.load(Ordering::Relaxed), 100);
-        let got = gather(&b_rx, &b, 100);
+        let got = gather(&b, 100);
         let frames: Vec<Vec<u8>> = got
             .iter()
             .map(|d| {
@@ -494,15 +503,15 @@ mod tests {
     #[test]
     fn datagrams_too_long_to_join_go_alone() {
         // Two 40 kB datagrams are more than one GSO message holds.
-        let (a, _, _) = endpoint();
-        let (b, b_rx, b_addr) = endpoint();
+        let (a, _) = endpoint();
+        let (b, b_addr) = endpoint();
         let mut out = Outbox::default();
         let frame = vec![7u8; 40_000];
         for _ in 0..3 {
             out.push(b_addr, 9, &frame);
         }
         a.send(&mut out);
-        let got = gather(&b_rx, &b, 3);
+        let got = gather(&b, 3);
         assert_eq!(got.len(), 3);
         assert!(got
             .iter()

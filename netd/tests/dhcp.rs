@@ -134,7 +134,7 @@ fn answer_from(frame: &[u8], mac: Mac, gw: Ipv4Addr) -> (Answer, Option<String>)
 #[test]
 fn a_port_on_a_subnet_gets_its_fixed_address_gateway_dns_and_domain() {
     let dir = tempfile::tempdir().unwrap();
-    let f = Fabric::new(dir.path().to_owned());
+    let f = Fabric::new(dir.path().to_owned()).unwrap();
     let net = f.create_network("lan", Kind::Flat, None, false).unwrap();
     let settings = SubnetSettings {
         dns: vec![Ipv4Addr::new(9, 9, 9, 9)],
@@ -186,7 +186,7 @@ fn a_port_on_a_subnet_gets_its_fixed_address_gateway_dns_and_domain() {
 #[test]
 fn leases_come_from_the_pool_and_reservations_with_the_subnet_options() {
     let dir = tempfile::tempdir().unwrap();
-    let sw = Switch::new(dir.path().to_owned());
+    let sw = Switch::new(dir.path().to_owned()).unwrap();
     let seg = SegmentId(1);
     sw.set_dhcp(
         seg,

@@ -146,7 +146,7 @@ struct World {
 /// "lab" with network other (10.2.0.0/24 again).
 fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
-    let fabric = Fabric::new(dir.path().to_owned());
+    let fabric = Fabric::new(dir.path().to_owned()).unwrap();
     let prod = fabric.create_vpc("prod").unwrap();
     let lab = fabric.create_vpc("lab").unwrap();
     let web = fabric

@@ -162,7 +162,7 @@ impl Guest {
 #[test]
 fn each_vm_reads_its_own_metadata_over_tcp() {
     let dir = tempfile::tempdir().unwrap();
-    let f = Fabric::new(dir.path().to_owned());
+    let f = Fabric::new(dir.path().to_owned()).unwrap();
     let vpc = f.create_vpc("prod").unwrap();
     let net = f
         .create_network("web", Kind::Flat, Some(vpc), false)

@@ -39,7 +39,7 @@ fn udp(dst: Mac, src: Mac, sport: u16) -> Vec<u8> {
 #[test]
 fn a_multi_queue_nic_sends_on_every_pair_and_receives_flows_spread_over_them() {
     let dir = tempfile::tempdir().unwrap();
-    let sw = Switch::new(dir.path().to_owned());
+    let sw = Switch::new(dir.path().to_owned()).unwrap();
     let pa = sw.add_port(SegmentId(1), A).unwrap();
     let pm = sw.add_port(SegmentId(1), M).unwrap();
     let mut a = NetFrontend::connect(&pa.socket).unwrap();

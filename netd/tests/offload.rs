@@ -89,7 +89,7 @@ fn drain(f: &mut NetFrontend) -> Vec<([u8; 12], Vec<u8>)> {
 #[test]
 fn offloads_pass_to_drivers_that_take_them_and_are_finished_for_the_rest() {
     let dir = tempfile::tempdir().unwrap();
-    let sw = Switch::new(dir.path().to_owned());
+    let sw = Switch::new(dir.path().to_owned()).unwrap();
     let ports: Vec<_> = [S, T, P, G]
         .iter()
         .map(|m| sw.add_port(SegmentId(1), *m).unwrap())
@@ -193,7 +193,7 @@ fn offloads_pass_to_drivers_that_take_them_and_are_finished_for_the_rest() {
 #[test]
 fn offloads_a_driver_did_not_negotiate_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let sw = Switch::new(dir.path().to_owned());
+    let sw = Switch::new(dir.path().to_owned()).unwrap();
     let ps = sw.add_port(SegmentId(1), S).unwrap();
     let pt = sw.add_port(SegmentId(1), T).unwrap();
     let mut plain = NetFrontend::connect(&ps.socket).unwrap();

@@ -40,7 +40,7 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn two_ports() -> (tempfile::TempDir, Switch, Arc<Port>, Arc<Port>) {
     let dir = tempfile::tempdir().unwrap();
-    let sw = Switch::new(dir.path().to_owned());
+    let sw = Switch::new(dir.path().to_owned()).unwrap();
     let p1 = sw.add_port(SegmentId(1), A).unwrap();
     let p2 = sw.add_port(SegmentId(1), B).unwrap();
     (dir, sw, p1, p2)

@@ -31,7 +31,7 @@ fn frame(dst: Mac, src: Mac, payload: &[u8]) -> Vec<u8> {
 /// sockets).
 fn two_ports() -> (tempfile::TempDir, Switch, Arc<Port>, Arc<Port>) {
     let dir = tempfile::tempdir().unwrap();
-    let sw = Switch::new(dir.path().to_owned());
+    let sw = Switch::new(dir.path().to_owned()).unwrap();
     let p1 = sw.add_port(SegmentId(1), A).unwrap();
     let p2 = sw.add_port(SegmentId(1), B).unwrap();
     (dir, sw, p1, p2)
@@ -40,7 +40,7 @@ fn two_ports() -> (tempfile::TempDir, Switch, Arc<Port>, Arc<Port>) {
 #[test]
 fn ports_on_a_segment_talk_and_other_segments_hear_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let sw = Switch::new(dir.path().to_owned());
+    let sw = Switch::new(dir.path().to_owned()).unwrap();
     let (p1, p2, p3) = (
         sw.add_port(SegmentId(1), A).unwrap(),
         sw.add_port(SegmentId(1), B).unwrap(),
@@ -174,7 +174,7 @@ fn descriptors_that_lie_about_lengths_are_dropped_and_the_port_goes_on() {
 #[test]
 fn a_mirrored_port_copies_what_it_sends_and_receives_to_its_target() {
     let dir = tempfile::tempdir().unwrap();
-    let sw = Switch::new(dir.path().to_owned());
+    let sw = Switch::new(dir.path().to_owned()).unwrap();
     let (p1, p2) = (
         sw.add_port(SegmentId(1), A).unwrap(),
         sw.add_port(SegmentId(1), B).unwrap(),

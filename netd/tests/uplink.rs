@@ -252,7 +252,7 @@ fn ping_from_outside(args: &[&str]) -> bool {
 #[test]
 fn floating_ips_snat_and_vlans_meet_the_outside_world() {
     let dir = tempfile::tempdir().unwrap();
-    let f = Fabric::new(dir.path().to_owned());
+    let f = Fabric::new(dir.path().to_owned()).unwrap();
     f.switch.set_uplink(TAP).unwrap();
     let _outside = outside();
 

@@ -34,7 +34,7 @@ fn a_vm_nic_talks_to_another_port_through_the_netd_switch() {
     const VM_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
     const PEER_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x99];
     let dir = tempfile::tempdir().unwrap();
-    let sw = Switch::new(dir.path().join("ports"));
+    let sw = Switch::new(dir.path().join("ports")).unwrap();
     let vm_port = sw.add_port(SegmentId(7), VM_MAC).unwrap();
     let peer_port = sw.add_port(SegmentId(7), PEER_MAC).unwrap();
     let mut peer = atoll_tests::net_frontend::NetFrontend::connect(&peer_port.socket).unwrap();
