@@ -18,9 +18,7 @@ use vhost_user_backend::{
     ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringState, VringT,
 };
 use virtio_queue::QueueT;
-use vm_memory::{
-    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -32,7 +30,7 @@ use crate::l2::{PortId, SegmentId};
 use crate::metadata::Metadata;
 use crate::offload::{self, NetHdr, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_HOST_TSO4, F_MRG_RXBUF};
 use crate::qos::{Limit, Qos};
-use crate::ring::{writable_len, write_guest, Desc, Ring};
+use crate::ring::{writable_len, Desc, Ring};
 use crate::secgroup::PortSecurity;
 use crate::switch::Inner;
 
@@ -263,15 +261,15 @@ fn fill(
     let mut h = *hdr;
     h.num_buffers = u16::try_from(taken.chains.len()).unwrap_or(u16::MAX);
     let head = h.to_bytes();
-    let mem = ring.mem();
-    // The usual case: one buffer holds header and frame, in one region.
+    // The usual case: one buffer holds header and frame.
     if let ([(c, _)], Some(d)) = (&taken.chains[..], taken.descs.first()) {
         if d.write && d.len as usize >= total {
-            if let Ok(s) = mem.get_slice(GuestAddress(d.addr), total) {
-                s.subslice(0, NET_HDR).map(|b| b.copy_from(&head)).ok();
-                s.offset(NET_HDR).map(|f| f.copy_from(frame)).ok();
-                ring.push_used(*c, u32::try_from(total).unwrap_or(0));
-                return Written::Done;
+            let at_frame = d.addr.checked_add(NET_HDR as u64);
+            if let Some(f) = at_frame.filter(|_| ring.write(d.addr, &head)) {
+                if ring.write(f, frame) {
+                    ring.push_used(*c, u32::try_from(total).unwrap_or(0));
+                    return Written::Done;
+                }
             }
         }
     }
@@ -291,7 +289,7 @@ fn fill(
                     break 'descs;
                 };
                 let n = room.min(src.len() - at);
-                if !write_guest(mem, addr, &src[at..at + n]) {
+                if !ring.write(addr, &src[at..at + n]) {
                     ok = false;
                     break 'descs;
                 }
