@@ -92,6 +92,7 @@ pub struct Ethernet<'a> {
 
 impl<'a> Ethernet<'a> {
     /// Parses `frame`.
+    #[inline]
     pub fn parse(frame: &'a [u8]) -> Result<Self, FrameError> {
         if frame.len() < ETH_HEADER {
             return Err(FrameError::Runt(frame.len()));
@@ -214,6 +215,7 @@ pub struct Ipv4<'a> {
 impl<'a> Ipv4<'a> {
     /// Parses an IPv4 payload (after the Ethernet header); the checksum must
     /// hold.
+    #[inline]
     pub fn parse(b: &'a [u8]) -> Result<Self, FrameError> {
         need("IPv4 header", b, 20)?;
         if b[0] >> 4 != 4 {
@@ -248,6 +250,7 @@ impl<'a> Ipv4<'a> {
 
 /// The Internet checksum (RFC 1071) of `bytes`: 0 over a header whose
 /// checksum field is right.
+#[inline]
 pub fn checksum(bytes: &[u8]) -> u16 {
     !fold(ones_sum(0, bytes))
 }

@@ -37,8 +37,22 @@ struct Entry {
 pub struct MacTable {
     ageing: Duration,
     max_entries: usize,
-    /// Randomly keyed, so guests cannot choose colliding addresses.
-    entries: HashMap<(SegmentId, Mac), Entry, ahash::RandomState>,
+    /// Randomly keyed, so guests cannot choose colliding addresses; by
+    /// [`key`].
+    entries: HashMap<u128, Entry, ahash::RandomState>,
+}
+
+/// A segment and an address as one word: one step of the hasher for a
+/// lookup, which every frame makes twice.
+fn key(segment: SegmentId, mac: Mac) -> u128 {
+    let mut m = [0u8; 8];
+    m[2..].copy_from_slice(&mac);
+    u128::from(segment.0) << 64 | u128::from(u64::from_be_bytes(m))
+}
+
+/// The segment of a [`key`].
+fn key_segment(k: u128) -> SegmentId {
+    SegmentId(u32::try_from(k >> 64).unwrap_or(u32::MAX))
 }
 
 impl MacTable {
@@ -78,7 +92,7 @@ impl MacTable {
         if is_group(&src) || src == [0; 6] {
             return;
         }
-        let key = (segment, src);
+        let key = key(segment, src);
         if let Some(e) = self.entries.get_mut(&key) {
             *e = Entry { port, seen: now };
             return;
@@ -96,7 +110,7 @@ impl MacTable {
     /// time.
     pub fn lookup(&self, segment: SegmentId, dst: Mac, now: Instant) -> Option<PortId> {
         self.entries
-            .get(&(segment, dst))
+            .get(&key(segment, dst))
             .filter(|e| now.saturating_duration_since(e.seen) < self.ageing)
             .map(|e| e.port)
     }
@@ -110,7 +124,7 @@ impl MacTable {
 
     /// Forgets every address learned on `segment` (the network went away).
     pub fn forget_segment(&mut self, segment: SegmentId) {
-        self.entries.retain(|(s, _), _| *s != segment);
+        self.entries.retain(|k, _| key_segment(*k) != segment);
     }
 
     /// Forgets every address behind `port` (the port went away).
@@ -185,6 +199,12 @@ mod tests {
         assert_eq!(t.lookup(S1, B, t0 + Duration::from_secs(12)), None);
         t.expire(t0 + Duration::from_secs(30));
         assert!(t.is_empty());
+        // A segment that goes takes its addresses, and only them.
+        t.learn(S1, A, P1, t0);
+        t.learn(S2, A, P2, t0);
+        t.forget_segment(S1);
+        assert_eq!(t.lookup(S1, A, t0), None);
+        assert_eq!(t.lookup(S2, A, t0), Some(P2));
     }
 
     #[test]
