@@ -546,8 +546,32 @@ impl Net1 {
         Ok(())
     }
 
+    /// Deletes a VPC no network is in; its gateway goes with it.
+    async fn delete_vpc(
+        &self,
+        vpc: OwnedObjectPath,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<(), NetError> {
+        let id = id_in("vpc", &vpc)?;
+        self.fabric.delete_vpc(id)?;
+        server.remove::<VpcObject, _>(&vpc).await?;
+        Ok(())
+    }
+
+    /// Deletes a floating IP (unbinding it first) and frees its address.
+    async fn delete_floating_ip(
+        &self,
+        floating_ip: OwnedObjectPath,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<(), NetError> {
+        let id = id_in("floating_ip", &floating_ip)?;
+        self.fabric.delete_floating_ip(id)?;
+        server.remove::<FloatingIpObject, _>(&floating_ip).await?;
+        Ok(())
+    }
+
     /// Deletes a port: its VM's NIC is disconnected, the socket removed and
-    /// its address freed.
+    /// its address freed (a floating IP bound to it stays, unbound).
     async fn delete_port(
         &self,
         port: OwnedObjectPath,
@@ -664,6 +688,10 @@ pub trait Net1 {
     fn delete_port(&self, port: &ObjectPath<'_>) -> zbus::Result<()>;
     /// Deletes a network.
     fn delete_network(&self, network: &ObjectPath<'_>) -> zbus::Result<()>;
+    /// Deletes a VPC.
+    fn delete_vpc(&self, vpc: &ObjectPath<'_>) -> zbus::Result<()>;
+    /// Deletes a floating IP.
+    fn delete_floating_ip(&self, floating_ip: &ObjectPath<'_>) -> zbus::Result<()>;
     /// Creates a security group.
     fn create_security_group(&self, name: &str) -> zbus::Result<OwnedObjectPath>;
     /// Deletes a security group.

@@ -731,7 +731,48 @@ impl Fabric {
             .remove(&id)
             .ok_or_else(|| FabricError::NotFound(format!("no port {id}")))?;
         Self::release_address(&mut reg, entry.network, entry.port.security().ip);
+        // Its floating IPs stay, bound to nothing: their traffic must not
+        // reach whoever gets the address next.
+        for f in reg.floating.values_mut().filter(|f| f.port == Some(id)) {
+            self.switch.set_floating(f.ip, None);
+            f.port = None;
+        }
         self.switch.remove_port(PortId(id))?;
+        Ok(())
+    }
+
+    /// Deletes VPC `id` once no network is in it; its gateway goes with it
+    /// and the gateway's address returns to the external subnet.
+    pub fn delete_vpc(&self, id: u32) -> Result<()> {
+        let mut reg = self.reg();
+        let name = reg
+            .vpcs
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| FabricError::NotFound(format!("no VPC {id}")))?;
+        if reg.networks.values().any(|n| n.vpc == Some(id)) {
+            return Err(invalid(format!("VPC {name:?} has networks")));
+        }
+        if let Some((network, ip)) = reg.gateways.remove(&id) {
+            self.switch.set_gateway(VpcId(id), None);
+            Self::release_address(&mut reg, network, Some(ip));
+        }
+        reg.vpcs.remove(&id);
+        Ok(())
+    }
+
+    /// Deletes floating IP `id` (unbound first if bound); its address
+    /// returns to the external subnet.
+    pub fn delete_floating_ip(&self, id: u32) -> Result<()> {
+        let mut reg = self.reg();
+        let f = reg
+            .floating
+            .remove(&id)
+            .ok_or_else(|| FabricError::NotFound(format!("no floating IP {id}")))?;
+        if f.port.is_some() {
+            self.switch.set_floating(f.ip, None);
+        }
+        Self::release_address(&mut reg, f.network, Some(f.ip));
         Ok(())
     }
 

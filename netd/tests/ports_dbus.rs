@@ -302,4 +302,23 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     net.create_subnet(&again, "10.9.0.0/24", HashMap::new())
         .await
         .unwrap();
+
+    // A VPC goes once its networks have.
+    let err = net.delete_vpc(&vpc).await.unwrap_err();
+    assert!(err.to_string().contains("has networks"), "{err}");
+    net.delete_network(&again).await.unwrap();
+    net.delete_vpc(&vpc).await.unwrap();
+    let gone = netd::objects::VpcProxy::builder(&conn)
+        .path(vpc.clone())
+        .unwrap()
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    assert!(
+        gone.gateway_address().await.is_err(),
+        "the VPC object is gone"
+    );
+    let err = net.delete_vpc(&vpc).await.unwrap_err();
+    assert!(err.to_string().contains("NotFound"), "{err}");
 }

@@ -294,6 +294,26 @@ fn floating_ips_snat_and_vlans_meet_the_outside_world() {
     assert!(!ping_from_outside(&["-c", "1", "-W", "1", "192.0.2.9"]));
     responder.stop();
 
+    // The VM goes: its floating IP stays, bound to nothing, so the VM that
+    // gets the same fixed address next does not get the floating IP's
+    // traffic.
+    let fixed = vm.port.security().ip.unwrap();
+    f.delete_port(vm.port.id.0).unwrap();
+    assert_eq!(f.floating_ip(fip).unwrap().port, None);
+    let heir = f
+        .create_port(web, None, Some(fixed), "heir", Some(vec![open]))
+        .unwrap();
+    let responder = Responder::start(&heir);
+    assert!(!ping_from_outside(&["-c", "1", "-W", "1", "192.0.2.3"]));
+    responder.stop();
+    f.delete_port(heir.port.id.0).unwrap();
+    // Deleted, its address is free for the next one.
+    f.delete_floating_ip(fip).unwrap();
+    assert!(f.floating_ip(fip).is_none());
+    let (fip, ip) = f.create_floating_ip(ext, None).unwrap();
+    assert_eq!(ip, Ipv4Addr::new(192, 0, 2, 3));
+    f.delete_floating_ip(fip).unwrap();
+
     // A VM without one reaches outside through SNAT, and the reply comes
     // back to it.
     let vm2 = f.create_port(web, None, None, "vm2", None).unwrap();
@@ -414,4 +434,17 @@ fn floating_ips_snat_and_vlans_meet_the_outside_world() {
         counters.iter().any(|(k, v)| *k == "rx" && *v > 0),
         "{counters:?}"
     );
+
+    // The VPC goes once its network has; its router address stops
+    // answering and is free again.
+    let err = f.delete_vpc(vpc).unwrap_err();
+    assert!(err.to_string().contains("has networks"), "{err}");
+    drop(fe);
+    f.delete_port(vm2.port.id.0).unwrap();
+    f.delete_network(web).unwrap();
+    f.delete_vpc(vpc).unwrap();
+    assert!(f.vpc(vpc).is_none());
+    assert!(!ping_from_outside(&["-c", "1", "-W", "1", "192.0.2.2"]));
+    let (_, ip) = f.create_floating_ip(ext, None).unwrap();
+    assert_eq!(ip, Ipv4Addr::new(192, 0, 2, 2));
 }
