@@ -228,13 +228,16 @@ impl Tunnel {
         let mut k = 0;
         while k < runs.len() {
             let sent = self.send_runs(&out.bytes, &runs[k..(k + BATCH).min(runs.len())]);
-            k += sent.max(1);
-            if sent == 0 {
-                // The first message failed: a GSO run is sent datagram by
-                // datagram (and runs of its size stay apart); a single
-                // datagram is lost.
+            k += sent.as_ref().map_or(1, |n| (*n).max(1));
+            if let Err(e) = sent {
+                // The first message failed. A GSO run the route refuses
+                // (EINVAL: segments over its MTU) is sent datagram by
+                // datagram, and runs of its size stay apart from then on;
+                // otherwise the message is lost.
                 let (to, range, seg) = runs[k - 1].clone();
-                match seg {
+                let refused = e.raw_os_error() == Some(libc::EINVAL)
+                    || e.raw_os_error() == Some(libc::EMSGSIZE);
+                match seg.filter(|_| refused) {
                     Some(s) => {
                         let s = usize::from(s);
                         self.gso_limit.fetch_min(s - 1, Ordering::Relaxed);
@@ -246,15 +249,18 @@ impl Tunnel {
                             .collect();
                         let mut m = 0;
                         while m < singles.len() {
-                            let n = self.send_runs(&out.bytes, &singles[m..]);
-                            if n == 0 {
-                                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                            match self.send_runs(&out.bytes, &singles[m..]) {
+                                Ok(n) if n > 0 => m += n,
+                                _ => {
+                                    self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                                    m += 1;
+                                }
                             }
-                            m += n.max(1);
                         }
                     }
                     None => {
-                        self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        let lost = seg.map_or(1, |s| range.len().div_ceil(usize::from(s).max(1)));
+                        self.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
                     }
                 }
             }
@@ -263,15 +269,15 @@ impl Tunnel {
     }
 
     /// Sends `runs` (at most [`BATCH`]) with one `sendmmsg`; returns how
-    /// many went (0: the first failed) and counts their datagrams.
-    fn send_runs(&self, bytes: &[u8], runs: &[Run]) -> usize {
+    /// many went (an error: the first failed) and counts their datagrams.
+    fn send_runs(&self, bytes: &[u8], runs: &[Run]) -> std::io::Result<usize> {
         let runs = &runs[..runs.len().min(BATCH)];
         let mut addrs: Vec<libc::sockaddr_in> = runs.iter().map(|(a, _, _)| sockaddr(*a)).collect();
         let mut iovs: Vec<libc::iovec> = Vec::with_capacity(runs.len());
         let mut controls = vec![Control([0; 24]); runs.len()];
         for (_, r, _) in runs {
             let Some(b) = bytes.get(r.clone()) else {
-                return 0;
+                return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
             };
             iovs.push(libc::iovec {
                 iov_base: b.as_ptr().cast_mut().cast(),
@@ -313,15 +319,16 @@ impl Tunnel {
         // and datagrams that live until this call returns.
         let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), count, 0) };
         let Ok(n) = usize::try_from(n) else {
-            debug!("tunnel send failed: {}", std::io::Error::last_os_error());
-            return 0;
+            let e = std::io::Error::last_os_error();
+            debug!("tunnel send failed: {e}");
+            return Err(e);
         };
         let datagrams: usize = runs[..n]
             .iter()
             .map(|(_, r, seg)| seg.map_or(1, |s| r.len().div_ceil(usize::from(s).max(1))))
             .sum();
         self.stats.tx.fetch_add(datagrams as u64, Ordering::Relaxed);
-        n
+        Ok(n)
     }
 }
 
