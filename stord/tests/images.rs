@@ -45,22 +45,37 @@ fn qemu_img(args: &[&str]) -> std::process::Output {
 
 /// Waits (on PropertiesChanged, no polling) until the job leaves `running`.
 fn finish(rig: &Rig, path: &OwnedObjectPath) -> JobProxy<'static> {
+    // Uncached, and listening before the first read: a job that ends
+    // between the read and the subscription cannot be missed.
     let job = rig
         .block_on(
             JobProxy::builder(&rig.conn)
+                .path(path.clone())
+                .unwrap()
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build(),
+        )
+        .unwrap();
+    let props = rig
+        .block_on(
+            zbus::fdo::PropertiesProxy::builder(&rig.conn)
+                .destination("org.atoll.Storage1")
+                .unwrap()
                 .path(path.clone())
                 .unwrap()
                 .build(),
         )
         .unwrap();
     rig.block_on(async {
-        let mut changes = job.receive_state_changed().await;
-        loop {
-            if job.state().await.unwrap() != "running" {
-                break;
+        let mut changes = props.receive_properties_changed().await.unwrap();
+        let ended = async {
+            while job.state().await.unwrap() == "running" {
+                changes.next().await;
             }
-            changes.next().await;
-        }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(120), ended)
+            .await
+            .expect("the job ends");
     });
     job
 }
