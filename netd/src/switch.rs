@@ -159,9 +159,22 @@ pub(crate) struct Kicks {
     /// Frames and bytes switched from the port being drained, added to
     /// its counters at the end of its burst.
     pub(crate) sent: (u64, u64),
+    /// Within a burst: whether the sending port's segment is plain (see
+    /// [`Inner::plain_segment`]; None: not asked yet), and where the last
+    /// frame with the same addresses went.
+    plain: Option<bool>,
+    memo: Option<Memo>,
     /// Tunnel datagrams to send together, and the endpoint.
     tunnel_out: Outbox,
     tunnel: Option<Arc<Tunnel>>,
+}
+
+/// Where the last plainly switched frame of a burst went: a frame with the
+/// same addresses goes there too.
+struct Memo {
+    src: Mac,
+    dst: Mac,
+    to: Arc<Port>,
 }
 
 /// Where a staged frame's bytes are.
@@ -182,6 +195,8 @@ impl Default for Kicks {
             arena: (0, 0),
             now: Instant::now(),
             sent: (0, 0),
+            plain: None,
+            memo: None,
             tunnel_out: Outbox::default(),
             tunnel: None,
         }
@@ -217,11 +232,17 @@ impl Kicks {
     ) {
         let burst = std::mem::take(&mut self.burst);
         self.arena = (burst.as_ptr() as usize, burst.len());
+        self.plain = None;
+        self.memo = None;
         for (range, hdr) in frames {
             if let Some(frame) = burst.get(range.clone()) {
                 f(frame, hdr, self);
             }
         }
+        // Decisions hold for one burst: changes to the tables and the
+        // configuration apply from the next.
+        self.plain = None;
+        self.memo = None;
         self.arena = (0, 0);
         self.burst = burst;
     }
@@ -341,14 +362,34 @@ impl Inner {
             }
             return;
         }
-        // ARP and IPv4 must parse; other protocols pass as they are on
-        // unfiltered ports.
-        let (arp, ip) = match parse_l3(&eth) {
-            Ok(l3) => l3,
-            Err(e) => return self.malformed(from, e),
+        // On a plain segment the switch is a learning bridge and leaves the
+        // payload alone, as any L2 switch does; where it acts on L3 (a
+        // subnet, filters, NAT), ARP and IPv4 must parse, and other
+        // protocols pass as they are on unfiltered ports.
+        let plain = self.plain(from, kicks);
+        let (arp, ip) = if plain {
+            (None, None)
+        } else {
+            match parse_l3(&eth) {
+                Ok(l3) => l3,
+                Err(e) => return self.malformed(from, e),
+            }
         };
         kicks.sent.0 += 1;
         kicks.sent.1 += frame.len() as u64;
+        if let Some(m) = kicks.memo.take() {
+            let same = m.src == eth.src && m.dst == eth.dst && !hdr.offloaded();
+            if same && m.to.ingress_admit(frame.len(), kicks.now) {
+                // The same addresses as a frame before it in this burst,
+                // on a plain segment: where that one went (the memo is
+                // moved out and back, so no reference count changes).
+                kicks.stage(&m.to, hdr, frame);
+            }
+            kicks.memo = Some(m);
+            if same {
+                return;
+            }
+        }
         self.mirror(from, frame, hdr, kicks);
         let now = kicks.now;
         if from.filtered.load(Ordering::Acquire) {
@@ -381,7 +422,7 @@ impl Inner {
             Some(Outcome::Ignored) => return,
             Some(Outcome::NotDhcp) | None => {}
         }
-        {
+        if !plain {
             let l3 = self.l3.read().unwrap_or_else(PoisonError::into_inner);
             if let Some(subnet) = l3.subnet(from.segment) {
                 if let Some(a) = arp.filter(|a| {
@@ -413,6 +454,7 @@ impl Inner {
         if self.external_frame(from.segment, frame, &eth, arp.as_ref(), ip.as_ref(), kicks) {
             return;
         }
+        self.remember(from, &eth, decision, hdr, kicks);
         let pkt = ip.as_ref().map(|p| &p.0);
         self.forward_local(from.segment, from.id, decision, (frame, hdr), pkt, kicks);
         match decision {
@@ -439,6 +481,78 @@ impl Inner {
             }
             _ => {}
         }
+    }
+
+    /// [`Inner::plain_segment`] for `from`, asked once per burst.
+    fn plain(&self, from: &Port, kicks: &mut Kicks) -> bool {
+        match kicks.plain {
+            Some(b) => b,
+            None => {
+                let b = self.plain_segment(from);
+                kicks.plain = Some(b);
+                b
+            }
+        }
+    }
+
+    /// Whether frames from `from` need nothing but the MAC table: it is not
+    /// filtered or mirrored, its segment has no subnet (no gateway,
+    /// routing, metadata) and no DHCP server, and no VPC has a way out
+    /// (NAT).
+    fn plain_segment(&self, from: &Port) -> bool {
+        !from.filtered.load(Ordering::Acquire)
+            && from.mirror_target().is_none()
+            && !self.nat_on.load(Ordering::Acquire)
+            && self
+                .l3
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .subnet(from.segment)
+                .is_none()
+            && !self
+                .dhcp
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(&from.segment)
+    }
+
+    /// Remembers, for the rest of the burst, that frames from `from` with
+    /// `eth`'s addresses go to the one local port `decision` names, when
+    /// nothing but the MAC table decided it: a plain segment, a receiver
+    /// without filters or a mirror, no offload.
+    fn remember(
+        &self,
+        from: &Port,
+        eth: &Ethernet<'_>,
+        decision: Forward,
+        hdr: &NetHdr,
+        kicks: &mut Kicks,
+    ) {
+        let Forward::Port(p) = decision else {
+            return;
+        };
+        if p == UPLINK_PORT || p.0 >= overlay::REMOTE_PORTS || hdr.offloaded() {
+            return;
+        }
+        if !self.plain(from, kicks) {
+            return;
+        }
+        let to = self
+            .ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&p)
+            .filter(|to| {
+                to.segment == from.segment
+                    && !to.filtered.load(Ordering::Acquire)
+                    && to.mirror_target().is_none()
+            })
+            .cloned();
+        kicks.memo = to.map(|to| Memo {
+            src: eth.src,
+            dst: eth.dst,
+            to,
+        });
     }
 
     /// Hands a frame on `segment` that came in on `in_port` to the local
@@ -755,6 +869,18 @@ impl Inner {
     ) {
         if to.filtered.load(Ordering::Acquire) {
             let sec = to.security.read().unwrap_or_else(PoisonError::into_inner);
+            // From a plain segment the frame comes unparsed.
+            let parsed;
+            let pkt = match pkt {
+                Some(p) => Some(p),
+                None => {
+                    parsed = Ethernet::parse(frame)
+                        .ok()
+                        .and_then(|e| parse_l3(&e).ok())
+                        .and_then(|(_, ip)| ip.map(|(p, _)| p));
+                    parsed.as_ref()
+                }
+            };
             let ok = match pkt {
                 Some(p) => self.admit(to, &sec, Direction::Ingress, p, now),
                 // ARP is always let in; anything else is not.

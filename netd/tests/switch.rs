@@ -93,6 +93,60 @@ fn ports_on_a_segment_talk_and_other_segments_hear_nothing() {
 }
 
 #[test]
+fn bursts_to_several_ports_arrive_whole_and_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let sw = Switch::new(dir.path().to_owned()).unwrap();
+    let (p1, p2, p3) = (
+        sw.add_port(SegmentId(1), A).unwrap(),
+        sw.add_port(SegmentId(1), B).unwrap(),
+        sw.add_port(SegmentId(1), C).unwrap(),
+    );
+    let mut a = NetFrontend::connect(&p1.socket).unwrap();
+    let mut b = NetFrontend::connect(&p2.socket).unwrap();
+    let mut c = NetFrontend::connect(&p3.socket).unwrap();
+    // B and C are learned.
+    for (fe, mac) in [(&mut b, B), (&mut c, C)] {
+        fe.send(&frame(BROADCAST, mac, b"here")).unwrap();
+        assert!(a.recv(WAIT).unwrap().is_some());
+    }
+    assert!(c.recv(WAIT).unwrap().is_some());
+    assert!(b.recv(WAIT).unwrap().is_some());
+    // One burst: runs to B, a frame to C between them, a broadcast, a
+    // malformed IPv4 frame (a plain segment bridges it as it is), and B
+    // again after C changed nothing.
+    let mut burst = Vec::new();
+    for i in 0..60u8 {
+        let f = match i {
+            20 => frame(C, A, b"to c"),
+            40 => frame(BROADCAST, A, b"to all"),
+            50 => {
+                let mut f = frame(B, A, &[0x45, 0, 0, 5]);
+                f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+                f
+            }
+            _ => frame(B, A, &[i; 40]),
+        };
+        burst.push(f);
+    }
+    a.send_burst(&burst).unwrap();
+    let to_b: Vec<&Vec<u8>> = burst
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != 20)
+        .map(|(_, f)| f)
+        .collect();
+    for want in to_b {
+        assert_eq!(b.recv(WAIT).unwrap().as_ref(), Some(want));
+    }
+    assert_eq!(c.recv(WAIT).unwrap().as_ref(), Some(&burst[20]));
+    assert_eq!(c.recv(WAIT).unwrap().as_ref(), Some(&burst[40]));
+    assert_eq!(b.try_recv().unwrap(), None);
+    assert_eq!(c.try_recv().unwrap(), None);
+    assert_eq!(p1.stats.tx_frames.load(Ordering::Relaxed), 60);
+    assert_eq!(p2.stats.rx_frames.load(Ordering::Relaxed), 59 + 1);
+}
+
+#[test]
 fn runts_are_dropped_and_the_port_keeps_working() {
     let (_dir, _sw, p1, p2) = two_ports();
     let mut a = NetFrontend::connect(&p1.socket).unwrap();
