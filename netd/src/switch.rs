@@ -169,13 +169,21 @@ pub(crate) struct Kicks {
     tunnel: Option<Arc<Tunnel>>,
 }
 
-/// Where the last plainly switched frame of a burst went: a frame with the
-/// same addresses goes there too.
+/// Where the last frame of a burst that went to one local port went: a
+/// frame with the same addresses (and, where the switch looked at it, the
+/// same connection) goes there too.
 struct Memo {
     src: Mac,
     dst: Mac,
+    /// The frame's flow and ICMP type when the switch checked it against
+    /// port security and connection tracking; None on a plain segment.
+    flow: Option<(crate::flow::Flow, Option<u8>)>,
     to: Arc<Port>,
 }
+
+/// TCP flags that change a tracked connection's state: packets carrying
+/// them always meet the connection trackers.
+const TCP_STATE_FLAGS: u8 = crate::flow::TCP_SYN | crate::flow::TCP_FIN | crate::flow::TCP_RST;
 
 /// Where a staged frame's bytes are.
 #[derive(Debug, Clone)]
@@ -378,11 +386,19 @@ impl Inner {
         kicks.sent.0 += 1;
         kicks.sent.1 += frame.len() as u64;
         if let Some(m) = kicks.memo.take() {
-            let same = m.src == eth.src && m.dst == eth.dst && !hdr.offloaded();
+            let same_flow = match (&m.flow, &ip) {
+                (None, _) => plain,
+                (Some((f, icmp)), Some((p, _))) => {
+                    p.flow == *f && p.icmp_type == *icmp && p.tcp_flags & TCP_STATE_FLAGS == 0
+                }
+                (Some(_), None) => false,
+            };
+            let same = same_flow && m.src == eth.src && m.dst == eth.dst && !hdr.offloaded();
             if same && m.to.ingress_admit(frame.len(), kicks.now) {
-                // The same addresses as a frame before it in this burst,
-                // on a plain segment: where that one went (the memo is
-                // moved out and back, so no reference count changes).
+                // The same addresses (and connection) as a frame before it
+                // in this burst: where that one went, past the same checks
+                // (the memo is moved out and back, so no reference count
+                // changes).
                 kicks.stage(&m.to, hdr, frame);
             }
             kicks.memo = Some(m);
@@ -454,9 +470,13 @@ impl Inner {
         if self.external_frame(from.segment, frame, &eth, arp.as_ref(), ip.as_ref(), kicks) {
             return;
         }
-        self.remember(from, &eth, decision, hdr, kicks);
         let pkt = ip.as_ref().map(|p| &p.0);
+        let staged = kicks.staged.len();
         self.forward_local(from.segment, from.id, decision, (frame, hdr), pkt, kicks);
+        if kicks.staged.len() == staged + 1 {
+            // Delivered to one port, past its checks.
+            self.remember(from, &eth, pkt, decision, hdr, kicks);
+        }
         match decision {
             Forward::Port(p) if p.0 >= overlay::REMOTE_PORTS => {
                 let remote = self
@@ -517,13 +537,16 @@ impl Inner {
     }
 
     /// Remembers, for the rest of the burst, that frames from `from` with
-    /// `eth`'s addresses go to the one local port `decision` names, when
-    /// nothing but the MAC table decided it: a plain segment, a receiver
-    /// without filters or a mirror, no offload.
+    /// `eth`'s addresses go to the one local port `decision` names (which
+    /// took this one): on a plain segment for any such frame, otherwise
+    /// for frames of `pkt`'s connection that change no tracked state, once
+    /// this one passed both ports' security (neither port mirrored, no
+    /// NAT, no offload).
     fn remember(
         &self,
         from: &Port,
         eth: &Ethernet<'_>,
+        pkt: Option<&Packet>,
         decision: Forward,
         hdr: &NetHdr,
         kicks: &mut Kicks,
@@ -534,9 +557,17 @@ impl Inner {
         if p == UPLINK_PORT || p.0 >= overlay::REMOTE_PORTS || hdr.offloaded() {
             return;
         }
-        if !self.plain(from, kicks) {
-            return;
-        }
+        let flow = if self.plain(from, kicks) {
+            None
+        } else {
+            let Some(pkt) = pkt else {
+                return;
+            };
+            if from.mirror_target().is_some() || self.nat_on.load(Ordering::Acquire) {
+                return;
+            }
+            Some((pkt.flow, pkt.icmp_type))
+        };
         let to = self
             .ports
             .read()
@@ -544,13 +575,14 @@ impl Inner {
             .get(&p)
             .filter(|to| {
                 to.segment == from.segment
-                    && !to.filtered.load(Ordering::Acquire)
+                    && (flow.is_some() || !to.filtered.load(Ordering::Acquire))
                     && to.mirror_target().is_none()
             })
             .cloned();
         kicks.memo = to.map(|to| Memo {
             src: eth.src,
             dst: eth.dst,
+            flow,
             to,
         });
     }

@@ -13,7 +13,7 @@ use atoll_tests::net_frontend::NetFrontend;
 use netd::fabric::{Fabric, Kind, PortEntry, SubnetSettings};
 use netd::flow::{
     ipv4_header, udp_frame, Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_TCP,
-    TCP_ACK, TCP_SYN,
+    TCP_ACK, TCP_FIN, TCP_SYN,
 };
 use netd::frame::{checksum, Arp, Ethernet, Ipv4, Mac, ARP_REPLY, ARP_REQUEST, BROADCAST};
 use netd::secgroup::{GroupId, Rule};
@@ -347,6 +347,54 @@ fn the_gateway_resolves_vm_names_of_the_vpc() {
     // lab1 lives in another VPC; example.com is not ours to answer.
     assert_eq!(ask("lab1.prod.atoll")[3] & 0x0f, 3, "NXDOMAIN");
     assert_eq!(ask("example.com")[3] & 0x0f, 5, "REFUSED");
+}
+
+#[test]
+fn within_a_burst_each_connection_meets_security_on_its_own() {
+    let w = world();
+    let web = w.fabric.create_group("web").unwrap();
+    let client = w.fabric.create_group("client").unwrap();
+    w.fabric
+        .switch
+        .add_rule(
+            web,
+            Rule::parse("ingress", "tcp", (80, 80), "", None).unwrap(),
+        )
+        .unwrap();
+    let mut a = w.vm(w.web, "client1", Some(vec![client]));
+    let mut b = w.vm(w.web, "server1", Some(vec![web]));
+    a.send(&tcp(&a, b.mac, b.ip, 40000, 80, TCP_SYN));
+    assert_eq!(b.recv_ip().2.tcp_flags, TCP_SYN);
+    b.send(&tcp(&b, a.mac, a.ip, 80, 40000, TCP_SYN | TCP_ACK));
+    assert_eq!(a.recv_ip().2.tcp_flags, TCP_SYN | TCP_ACK);
+
+    // One burst from the client: the open connection's segments between
+    // frames no rule allows (another port opened or not, a ping), and a
+    // FIN. Only the connection's segments arrive, in order.
+    let ack = |a: &Vm, b: &Vm| tcp(a, b.mac, b.ip, 40000, 80, TCP_ACK);
+    let mut burst = Vec::new();
+    let mut want = Vec::new();
+    for i in 0..30 {
+        let f = match i {
+            10 => tcp(&a, b.mac, b.ip, 40000, 22, TCP_SYN),
+            11 => tcp(&a, b.mac, b.ip, 40000, 22, TCP_ACK),
+            17 => ping(&a, b.mac, b.ip, 9),
+            25 => tcp(&a, b.mac, b.ip, 40000, 80, TCP_FIN | TCP_ACK),
+            _ => ack(&a, &b),
+        };
+        if ![10, 11, 17].contains(&i) {
+            want.push(f.clone());
+        }
+        burst.push(f);
+    }
+    let filtered = b.counter("rx_filtered");
+    a.fe.send_burst(&burst).unwrap();
+    for f in &want {
+        assert_eq!(&b.recv(), f);
+    }
+    let late = ping(&a, b.mac, b.ip, 10);
+    assert_blocked(&mut a, &mut b, &late);
+    assert_eq!(b.counter("rx_filtered"), filtered + 4);
 }
 
 #[test]
