@@ -178,7 +178,19 @@ struct Memo {
     /// The frame's flow and ICMP type when the switch checked it against
     /// port security and connection tracking; None on a plain segment.
     flow: Option<(crate::flow::Flow, Option<u8>)>,
-    to: Arc<Port>,
+    to: Target,
+}
+
+/// Where a remembered frame went.
+enum Target {
+    /// A local port.
+    Port(Arc<Port>),
+    /// Another node's tunnel endpoint, in a VXLAN header for `vni`.
+    Remote {
+        to: SocketAddrV4,
+        vni: u32,
+        tunnel: Arc<Tunnel>,
+    },
 }
 
 /// TCP flags that change a tracked connection's state: packets carrying
@@ -305,6 +317,30 @@ impl Kicks {
         self.burst_len = 0;
     }
 
+    /// Adds `frame` for endpoint `to` (network `vni`) through `tunnel` to
+    /// the datagrams to send.
+    fn gather_datagram(
+        &mut self,
+        endpoint: &Arc<Tunnel>,
+        to: SocketAddrV4,
+        vni: u32,
+        frame: &[u8],
+    ) {
+        if !self
+            .tunnel
+            .as_ref()
+            .is_some_and(|k| Arc::ptr_eq(k, endpoint))
+        {
+            // What was gathered for another endpoint goes first.
+            self.flush_tunnel();
+            self.tunnel = Some(endpoint.clone());
+        }
+        self.tunnel_out.push(to, vni, frame);
+        if self.tunnel_out.len() >= tunnel::BATCH {
+            self.flush_tunnel();
+        }
+    }
+
     /// Sends the tunnel datagrams gathered.
     pub(crate) fn flush_tunnel(&mut self) {
         if let (Some(t), false) = (&self.tunnel, self.tunnel_out.is_empty()) {
@@ -394,12 +430,21 @@ impl Inner {
                 (Some(_), None) => false,
             };
             let same = same_flow && m.src == eth.src && m.dst == eth.dst && !hdr.offloaded();
-            if same && m.to.ingress_admit(frame.len(), kicks.now) {
+            if same {
                 // The same addresses (and connection) as a frame before it
                 // in this burst: where that one went, past the same checks
                 // (the memo is moved out and back, so no reference count
                 // changes).
-                kicks.stage(&m.to, hdr, frame);
+                match &m.to {
+                    Target::Port(to) => {
+                        if to.ingress_admit(frame.len(), kicks.now) {
+                            kicks.stage(to, hdr, frame);
+                        }
+                    }
+                    Target::Remote { to, vni, tunnel } => {
+                        kicks.gather_datagram(tunnel, *to, *vni, frame);
+                    }
+                }
             }
             kicks.memo = Some(m);
             if same {
@@ -485,7 +530,21 @@ impl Inner {
                     .unwrap_or_else(PoisonError::into_inner)
                     .remote_of(p);
                 if let Some(r) = remote {
-                    self.to_tunnel(from.segment, &[r], frame, kicks);
+                    let sent = self.to_tunnel(from.segment, &[r], frame, kicks);
+                    // On a plain segment the next frames with these
+                    // addresses go to the same endpoint.
+                    if let (Some((vni, tunnel)), true) = (sent, plain && !hdr.offloaded()) {
+                        kicks.memo = Some(Memo {
+                            src: eth.src,
+                            dst: eth.dst,
+                            flow: None,
+                            to: Target::Remote {
+                                to: SocketAddrV4::new(r, tunnel.port),
+                                vni,
+                                tunnel,
+                            },
+                        });
+                    }
                 }
             }
             Forward::Flood => {
@@ -583,7 +642,7 @@ impl Inner {
             src: eth.src,
             dst: eth.dst,
             flow,
-            to,
+            to: Target::Port(to),
         });
     }
 
@@ -687,7 +746,14 @@ impl Inner {
     }
 
     /// Sends `frame` of overlay `segment` to the endpoints `remotes`.
-    fn to_tunnel(&self, segment: SegmentId, remotes: &[Ipv4Addr], frame: &[u8], kicks: &mut Kicks) {
+    /// Returns the VNI and the endpoint used, if sent.
+    fn to_tunnel(
+        &self,
+        segment: SegmentId,
+        remotes: &[Ipv4Addr],
+        frame: &[u8],
+        kicks: &mut Kicks,
+    ) -> Option<(u32, Arc<Tunnel>)> {
         let tunnel = self
             .tunnel
             .read()
@@ -700,20 +766,12 @@ impl Inner {
             .remotes(segment)
             .map(|(v, _)| v);
         let (Some(t), Some(vni)) = (tunnel, vni) else {
-            return;
+            return None;
         };
-        if kicks.tunnel.as_ref().is_some_and(|k| !Arc::ptr_eq(k, &t)) {
-            kicks.flush_tunnel();
-        }
         for r in remotes {
-            kicks
-                .tunnel_out
-                .push(SocketAddrV4::new(*r, t.port), vni, frame);
+            kicks.gather_datagram(&t, SocketAddrV4::new(*r, t.port), vni, frame);
         }
-        kicks.tunnel = Some(t);
-        if kicks.tunnel_out.len() >= tunnel::BATCH {
-            kicks.flush_tunnel();
-        }
+        Some((vni, t))
     }
 
     /// The node's tunnel endpoint, if it has one.

@@ -212,6 +212,24 @@ async fn two_nodes_carry_an_overlay_network_in_vxlan() {
         for f in &full {
             assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&f[..]));
         }
+        // One burst to B of frames in three sizes, with a broadcast in the
+        // middle: sent in joined runs where the sizes allow, each frame
+        // once, all in order.
+        let burst: Vec<Vec<u8>> = (0..40u8)
+            .map(|i| {
+                if i == 20 {
+                    return who_has.clone();
+                }
+                let mut f = big.clone();
+                f.truncate(100 + usize::from(i / 7));
+                f[60] = i;
+                f
+            })
+            .collect();
+        a.send_burst(&burst).unwrap();
+        for f in &burst {
+            assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&f[..]));
+        }
         // Another VNI on node B heard none of it.
         assert_eq!(c.try_recv().unwrap(), None);
         let _ = C;
@@ -263,8 +281,8 @@ async fn two_nodes_carry_an_overlay_network_in_vxlan() {
         .tunnel_counters()
         .await
         .unwrap();
-    // The request, the 1400-byte frame, six full-size ones and the one B
-    // refused.
-    assert_eq!(counters.get("tx"), Some(&9), "{counters:?}");
+    // The request, the 1400-byte frame, six full-size ones, the burst's 40
+    // and the one B refused.
+    assert_eq!(counters.get("tx"), Some(&49), "{counters:?}");
     assert_eq!(counters.get("rx"), Some(&1), "{counters:?}");
 }
