@@ -261,6 +261,7 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
                     got += 1;
                     inner.tunnel_datagram(t, from, d, &mut kicks);
                 });
+                kicks.end_tunnel_receive(t);
                 kicks.flush();
                 work += got;
                 match read {

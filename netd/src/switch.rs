@@ -164,6 +164,10 @@ pub(crate) struct Kicks {
     /// frame with the same addresses went.
     plain: Option<bool>,
     memo: Option<Memo>,
+    /// Within one receive call on the tunnel endpoint: frames taken (added
+    /// to its counter at the end), and where the last one went.
+    pub(crate) tunnel_rx: u64,
+    rx_memo: Option<RxMemo>,
     /// Tunnel datagrams to send together, and the endpoint.
     tunnel_out: Outbox,
     tunnel: Option<Arc<Tunnel>>,
@@ -193,6 +197,16 @@ enum Target {
     },
 }
 
+/// Where the last frame from a tunnel endpoint went, within one receive
+/// call: one with the same endpoint, network and addresses goes there too.
+struct RxMemo {
+    from: Ipv4Addr,
+    segment: SegmentId,
+    src: Mac,
+    dst: Mac,
+    to: Arc<Port>,
+}
+
 /// TCP flags that change a tracked connection's state: packets carrying
 /// them always meet the connection trackers.
 const TCP_STATE_FLAGS: u8 = crate::flow::TCP_SYN | crate::flow::TCP_FIN | crate::flow::TCP_RST;
@@ -217,6 +231,8 @@ impl Default for Kicks {
             sent: (0, 0),
             plain: None,
             memo: None,
+            tunnel_rx: 0,
+            rx_memo: None,
             tunnel_out: Outbox::default(),
             tunnel: None,
         }
@@ -339,6 +355,16 @@ impl Kicks {
         if self.tunnel_out.len() >= tunnel::BATCH {
             self.flush_tunnel();
         }
+    }
+
+    /// Ends a receive call on `endpoint`: its counter grows by the frames
+    /// taken, and what was remembered is forgotten.
+    pub(crate) fn end_tunnel_receive(&mut self, endpoint: &Tunnel) {
+        let n = std::mem::take(&mut self.tunnel_rx);
+        if n > 0 {
+            endpoint.stats.rx.fetch_add(n, Ordering::Relaxed);
+        }
+        self.rx_memo = None;
     }
 
     /// Sends the tunnel datagrams gathered.
@@ -803,23 +829,49 @@ impl Inner {
             debug!(%from, "dropped a datagram from no endpoint of its network");
             return;
         };
-        let Some((eth, (_, ip))) = Ethernet::parse(inner)
-            .ok()
-            .and_then(|e| Some((e, parse_l3(&e).ok()?)))
-        else {
+        // Bridged as it came (the sending node's switch checked it); a
+        // filtered receiver parses what it gets.
+        let Ok(eth) = Ethernet::parse(inner) else {
             t.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         };
-        let ip = ip.map(|(p, _)| p);
-        t.stats.rx.fetch_add(1, Ordering::Relaxed);
+        kicks.tunnel_rx += 1;
+        if let Some(m) = kicks.rx_memo.take() {
+            let same = m.from == from && m.segment == seg && m.src == eth.src && m.dst == eth.dst;
+            if same && m.to.ingress_admit(inner.len(), kicks.now) {
+                // Where the last datagram of this call with these
+                // addresses went.
+                kicks.stage(&m.to, &NetHdr::PLAIN, inner);
+            }
+            kicks.rx_memo = Some(m);
+            if same {
+                return;
+            }
+        }
         let decision = self
             .table
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .forward(seg, pseudo, eth.src, eth.dst, kicks.now);
         // Split horizon: what came from the tunnel never goes back into it.
-        let plain = (inner, &NetHdr::PLAIN);
-        self.forward_local(seg, pseudo, decision, plain, ip.as_ref(), kicks);
+        let staged = kicks.staged.len();
+        self.forward_local(seg, pseudo, decision, (inner, &NetHdr::PLAIN), None, kicks);
+        if let (Forward::Port(p), true) = (decision, kicks.staged.len() == staged + 1) {
+            let to = self
+                .ports
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&p)
+                .filter(|to| !to.filtered.load(Ordering::Acquire) && to.mirror_target().is_none())
+                .cloned();
+            kicks.rx_memo = to.map(|to| RxMemo {
+                from,
+                segment: seg,
+                src: eth.src,
+                dst: eth.dst,
+                to,
+            });
+        }
     }
 
     /// Feeds a packet (or, with None, only the timers) to `from`'s
