@@ -349,20 +349,28 @@ fn the_gateway_resolves_vm_names_of_the_vpc() {
     assert_eq!(ask("example.com")[3] & 0x0f, 5, "REFUSED");
 }
 
-#[test]
-fn within_a_burst_each_connection_meets_security_on_its_own() {
-    let w = world();
+/// Groups "web" (TCP 80 in, rule id returned) and "client", and a VM in
+/// each on network web: client1 and server1.
+fn client_and_server(w: &World) -> (GroupId, GroupId, u32, Vm, Vm) {
     let web = w.fabric.create_group("web").unwrap();
     let client = w.fabric.create_group("client").unwrap();
-    w.fabric
+    let http = w
+        .fabric
         .switch
         .add_rule(
             web,
             Rule::parse("ingress", "tcp", (80, 80), "", None).unwrap(),
         )
         .unwrap();
-    let mut a = w.vm(w.web, "client1", Some(vec![client]));
-    let mut b = w.vm(w.web, "server1", Some(vec![web]));
+    let a = w.vm(w.web, "client1", Some(vec![client]));
+    let b = w.vm(w.web, "server1", Some(vec![web]));
+    (web, client, http, a, b)
+}
+
+#[test]
+fn within_a_burst_each_connection_meets_security_on_its_own() {
+    let w = world();
+    let (_web, _client, _http, mut a, mut b) = client_and_server(&w);
     a.send(&tcp(&a, b.mac, b.ip, 40000, 80, TCP_SYN));
     assert_eq!(b.recv_ip().2.tcp_flags, TCP_SYN);
     b.send(&tcp(&b, a.mac, a.ip, 80, 40000, TCP_SYN | TCP_ACK));
@@ -401,16 +409,7 @@ fn within_a_burst_each_connection_meets_security_on_its_own() {
 fn security_groups_allow_what_rules_say_and_return_traffic() {
     let w = world();
     let sw = &w.fabric.switch;
-    let web = w.fabric.create_group("web").unwrap();
-    let client = w.fabric.create_group("client").unwrap();
-    let http = sw
-        .add_rule(
-            web,
-            Rule::parse("ingress", "tcp", (80, 80), "", None).unwrap(),
-        )
-        .unwrap();
-    let mut a = w.vm(w.web, "client1", Some(vec![client]));
-    let mut b = w.vm(w.web, "server1", Some(vec![web]));
+    let (web, client, http, mut a, mut b) = client_and_server(&w);
 
     // An allowed connection and its return traffic.
     a.send(&tcp(&a, b.mac, b.ip, 40000, 80, TCP_SYN));

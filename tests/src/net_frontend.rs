@@ -207,6 +207,22 @@ impl NetFrontend {
         self.submit_tx(2 * pair + 1, base, NET_HDR + frame.len())
     }
 
+    /// Makes `len` bytes at `base` available on transmit queue `q` as one
+    /// descriptor (no kick).
+    fn add_tx(&mut self, q: usize, base: *mut u8, len: usize) -> Result<(), Error> {
+        self.queues[q].add_request(|req, add| {
+            *req = 0;
+            add(
+                libc::iovec {
+                    iov_base: base.cast(),
+                    iov_len: len,
+                },
+                false,
+            )
+        })?;
+        Ok(())
+    }
+
     /// Sends `frames` (at most 64, each with an empty header and up to
     /// 2 KiB) as one burst: all are made available before the port is
     /// kicked once, as a busy driver does. Waits until the port has taken
@@ -223,17 +239,7 @@ impl NetFrontend {
             let buf = unsafe { std::slice::from_raw_parts_mut(base, BUF) };
             buf[..NET_HDR].fill(0);
             buf[NET_HDR..NET_HDR + f.len()].copy_from_slice(f);
-            let len = NET_HDR + f.len();
-            self.queues[TX].add_request(|req, add| {
-                *req = 0;
-                add(
-                    libc::iovec {
-                        iov_base: base.cast(),
-                        iov_len: len,
-                    },
-                    false,
-                )
-            })?;
+            self.add_tx(TX, base, NET_HDR + f.len())?;
         }
         self.transport.get_submission_notifier(TX).notify()?;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -262,16 +268,7 @@ impl NetFrontend {
     /// Puts one descriptor of `len` bytes at `base` on transmit queue `q`
     /// and waits until the port has taken it.
     fn submit_tx(&mut self, q: usize, base: *mut u8, len: usize) -> Result<(), Error> {
-        self.queues[q].add_request(|req, add| {
-            *req = 0;
-            add(
-                libc::iovec {
-                    iov_base: base.cast(),
-                    iov_len: len,
-                },
-                false,
-            )
-        })?;
+        self.add_tx(q, base, len)?;
         self.transport.get_submission_notifier(q).notify()?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
