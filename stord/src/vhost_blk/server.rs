@@ -148,6 +148,15 @@ impl Attachment {
                         )) => info!(socket = %path.display(), "frontend disconnected"),
                         Err(e) => warn!(socket = %path.display(), error = %e, "frontend connection ended with an error"),
                     }
+                    // The departed connection's queue workers stop, and are gone
+                    // (dropping the daemon joins them), before anything else: they
+                    // poll the same io_uring eventfds as the next connection's
+                    // workers, and one left running could reap the next
+                    // connection's completions into the old rings.
+                    for handler in daemon.get_epoll_handlers() {
+                        handler.send_exit_event();
+                    }
+                    drop(daemon);
                     // Requests the departed frontend left in flight complete into
                     // nowhere before the next one may see their completions.
                     backend.drain_rings();
