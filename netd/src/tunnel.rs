@@ -198,7 +198,7 @@ impl Tunnel {
             let size = first.len();
             let mut end = first.end;
             let mut j = i + 1;
-            if size <= limit {
+            if size <= limit.min(usize::from(u16::MAX)) {
                 // Joins followers to the same endpoint of the same size;
                 // a shorter one ends the run.
                 while j < out.datagrams.len() && j - i < GSO_SEGMENTS {
@@ -217,11 +217,7 @@ impl Tunnel {
                     }
                 }
             }
-            let seg = (j - i > 1).then(|| u16::try_from(size).ok()).flatten();
-            if seg.is_none() && j - i > 1 {
-                j = i + 1;
-                end = first.end;
-            }
+            let seg = u16::try_from(size).ok().filter(|_| j - i > 1);
             runs.push((to, first.start..end, seg));
             i = j;
         }
