@@ -177,8 +177,7 @@ pub(crate) struct Kicks {
 /// frame with the same addresses (and, where the switch looked at it, the
 /// same connection) goes there too.
 struct Memo {
-    src: Mac,
-    dst: Mac,
+    addrs: Addrs,
     /// The frame's flow and ICMP type when the switch checked it against
     /// port security and connection tracking; None on a plain segment.
     flow: Option<(crate::flow::Flow, Option<u8>)>,
@@ -186,9 +185,10 @@ struct Memo {
 }
 
 /// Where a remembered frame went.
+#[derive(Clone)]
 enum Target {
-    /// A local port.
-    Port(Arc<Port>),
+    /// A local port, by its place in the staged batch's ports.
+    Port(usize),
     /// Another node's tunnel endpoint, in a VXLAN header for `vni`.
     Remote {
         to: SocketAddrV4,
@@ -202,9 +202,28 @@ enum Target {
 struct RxMemo {
     from: Ipv4Addr,
     segment: SegmentId,
-    src: Mac,
-    dst: Mac,
-    to: Arc<Port>,
+    addrs: Addrs,
+    /// The receiver's place in the staged batch's ports.
+    to: usize,
+}
+
+/// A frame's destination and source addresses (its first 12 bytes) as two
+/// words, compared without parsing the frame.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Addrs(u64, u32);
+
+impl Addrs {
+    /// The addresses of `frame`; None for a frame shorter than an Ethernet
+    /// header.
+    #[inline]
+    fn of(frame: &[u8]) -> Option<Self> {
+        let b = frame.get(..crate::frame::ETH_HEADER)?;
+        let (lo, hi) = b.split_at(8);
+        Some(Self(
+            u64::from_ne_bytes(lo.try_into().ok()?),
+            u32::from_ne_bytes(hi.get(..4)?.try_into().ok()?),
+        ))
+    }
 }
 
 /// TCP flags that change a tracked connection's state: packets carrying
@@ -293,6 +312,42 @@ impl Kicks {
                 self.ports.len() - 1
             }
         };
+        self.stage_at(at, hdr, frame);
+    }
+
+    /// Where a remembered frame went: `frame` goes to the `at`-th port of
+    /// the batch, if it admits it.
+    #[inline]
+    fn again(&mut self, to: &Target, hdr: &NetHdr, frame: &[u8]) {
+        match to {
+            Target::Port(at) => self.admit_at(*at, hdr, frame),
+            Target::Remote { to, vni, tunnel } => {
+                let (to, vni, tunnel) = (*to, *vni, tunnel.clone());
+                self.gather_datagram(&tunnel, to, vni, frame);
+            }
+        }
+    }
+
+    /// Stages `frame` for the `at`-th port of the batch if its ingress
+    /// rate admits it.
+    fn admit_at(&mut self, at: usize, hdr: &NetHdr, frame: &[u8]) {
+        if self
+            .ports
+            .get(at)
+            .is_some_and(|p| p.ingress_admit(frame.len(), self.now))
+        {
+            self.stage_at(at, hdr, frame);
+        }
+    }
+
+    /// The port the last staged frame went to, and its place in the batch.
+    fn last_staged(&self) -> Option<(usize, &Arc<Port>)> {
+        let (at, _, _) = self.staged.last()?;
+        Some((*at, self.ports.get(*at)?))
+    }
+
+    /// [`Kicks::stage`] for the `at`-th port of the batch.
+    fn stage_at(&mut self, at: usize, hdr: &NetHdr, frame: &[u8]) {
         let (base, len) = self.arena;
         let addr = frame.as_ptr() as usize;
         let src = if addr >= base && addr + frame.len() <= base + len && len > 0 {
@@ -313,6 +368,9 @@ impl Kicks {
 
     /// Writes the staged frames into their ports' rings (a batch per port).
     fn flush_ports(&mut self) {
+        // Remembered decisions name places in the batch.
+        self.memo = None;
+        self.rx_memo = None;
         let mut frames: Vec<(NetHdr, &[u8])> = Vec::with_capacity(self.staged.len());
         for (at, p) in self.ports.iter().enumerate() {
             frames.clear();
@@ -413,6 +471,21 @@ enum Refused {
 impl Inner {
     /// Forwards one frame `from` sent.
     pub(crate) fn switch_frame(&self, from: &Port, frame: &[u8], hdr: &NetHdr, kicks: &mut Kicks) {
+        let addrs = Addrs::of(frame);
+        if !hdr.offloaded() && frame.len() <= crate::frame::MAX_FRAME {
+            // The same addresses as an earlier frame of this burst on a
+            // plain segment: where that one went, unparsed.
+            let hit = kicks.memo.as_ref();
+            if let Some(to) = hit
+                .filter(|m| m.flow.is_none() && addrs == Some(m.addrs))
+                .map(|m| m.to.clone())
+            {
+                kicks.sent.0 += 1;
+                kicks.sent.1 += frame.len() as u64;
+                kicks.again(&to, hdr, frame);
+                return;
+            }
+        }
         let eth = match Ethernet::parse(frame) {
             Ok(e) => e,
             Err(e) => {
@@ -447,33 +520,16 @@ impl Inner {
         };
         kicks.sent.0 += 1;
         kicks.sent.1 += frame.len() as u64;
-        if let Some(m) = kicks.memo.take() {
-            let same_flow = match (&m.flow, &ip) {
-                (None, _) => plain,
-                (Some((f, icmp)), Some((p, _))) => {
-                    p.flow == *f && p.icmp_type == *icmp && p.tcp_flags & TCP_STATE_FLAGS == 0
-                }
-                (Some(_), None) => false,
-            };
-            let same = same_flow && m.src == eth.src && m.dst == eth.dst && !hdr.offloaded();
+        if let (Some(m), Some((p, _))) = (&kicks.memo, &ip) {
+            // The same connection as a frame before it in this burst that
+            // passed both ports' checks: where that one went.
+            let same = m.flow.is_some_and(|(f, icmp)| {
+                p.flow == f && p.icmp_type == icmp && p.tcp_flags & TCP_STATE_FLAGS == 0
+            }) && addrs == Some(m.addrs)
+                && !hdr.offloaded();
             if same {
-                // The same addresses (and connection) as a frame before it
-                // in this burst: where that one went, past the same checks
-                // (the memo is moved out and back, so no reference count
-                // changes).
-                match &m.to {
-                    Target::Port(to) => {
-                        if to.ingress_admit(frame.len(), kicks.now) {
-                            kicks.stage(to, hdr, frame);
-                        }
-                    }
-                    Target::Remote { to, vni, tunnel } => {
-                        kicks.gather_datagram(tunnel, *to, *vni, frame);
-                    }
-                }
-            }
-            kicks.memo = Some(m);
-            if same {
+                let to = m.to.clone();
+                kicks.again(&to, hdr, frame);
                 return;
             }
         }
@@ -546,7 +602,7 @@ impl Inner {
         self.forward_local(from.segment, from.id, decision, (frame, hdr), pkt, kicks);
         if kicks.staged.len() == staged + 1 {
             // Delivered to one port, past its checks.
-            self.remember(from, &eth, pkt, decision, hdr, kicks);
+            self.remember(from, frame, pkt, decision, hdr, kicks);
         }
         match decision {
             Forward::Port(p) if p.0 >= overlay::REMOTE_PORTS => {
@@ -560,9 +616,8 @@ impl Inner {
                     // On a plain segment the next frames with these
                     // addresses go to the same endpoint.
                     if let (Some((vni, tunnel)), true) = (sent, plain && !hdr.offloaded()) {
-                        kicks.memo = Some(Memo {
-                            src: eth.src,
-                            dst: eth.dst,
+                        kicks.memo = addrs.map(|addrs| Memo {
+                            addrs,
                             flow: None,
                             to: Target::Remote {
                                 to: SocketAddrV4::new(r, tunnel.port),
@@ -630,7 +685,7 @@ impl Inner {
     fn remember(
         &self,
         from: &Port,
-        eth: &Ethernet<'_>,
+        frame: &[u8],
         pkt: Option<&Packet>,
         decision: Forward,
         hdr: &NetHdr,
@@ -653,22 +708,18 @@ impl Inner {
             }
             Some((pkt.flow, pkt.icmp_type))
         };
-        let to = self
-            .ports
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&p)
-            .filter(|to| {
-                to.segment == from.segment
-                    && (flow.is_some() || !to.filtered.load(Ordering::Acquire))
-                    && to.mirror_target().is_none()
-            })
-            .cloned();
-        kicks.memo = to.map(|to| Memo {
-            src: eth.src,
-            dst: eth.dst,
+        // The frame was just staged for `p`.
+        let to = kicks.last_staged().and_then(|(at, to)| {
+            let fits = to.id == p
+                && to.segment == from.segment
+                && (flow.is_some() || !to.filtered.load(Ordering::Acquire))
+                && to.mirror_target().is_none();
+            fits.then_some(at)
+        });
+        kicks.memo = to.zip(Addrs::of(frame)).map(|(at, addrs)| Memo {
+            addrs,
             flow,
-            to: Target::Port(to),
+            to: Target::Port(at),
         });
     }
 
@@ -836,17 +887,16 @@ impl Inner {
             return;
         };
         kicks.tunnel_rx += 1;
-        if let Some(m) = kicks.rx_memo.take() {
-            let same = m.from == from && m.segment == seg && m.src == eth.src && m.dst == eth.dst;
-            if same && m.to.ingress_admit(inner.len(), kicks.now) {
-                // Where the last datagram of this call with these
-                // addresses went.
-                kicks.stage(&m.to, &NetHdr::PLAIN, inner);
-            }
-            kicks.rx_memo = Some(m);
-            if same {
-                return;
-            }
+        let addrs = Addrs::of(inner);
+        let hit = kicks.rx_memo.as_ref();
+        if let Some(at) = hit
+            .filter(|m| m.from == from && m.segment == seg && addrs == Some(m.addrs))
+            .map(|m| m.to)
+        {
+            // Where the last datagram of this call with these addresses
+            // went.
+            kicks.admit_at(at, &NetHdr::PLAIN, inner);
+            return;
         }
         let decision = self
             .table
@@ -857,18 +907,16 @@ impl Inner {
         let staged = kicks.staged.len();
         self.forward_local(seg, pseudo, decision, (inner, &NetHdr::PLAIN), None, kicks);
         if let (Forward::Port(p), true) = (decision, kicks.staged.len() == staged + 1) {
-            let to = self
-                .ports
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(&p)
-                .filter(|to| !to.filtered.load(Ordering::Acquire) && to.mirror_target().is_none())
-                .cloned();
-            kicks.rx_memo = to.map(|to| RxMemo {
+            let to = kicks.last_staged().and_then(|(at, to)| {
+                let fits = to.id == p
+                    && !to.filtered.load(Ordering::Acquire)
+                    && to.mirror_target().is_none();
+                fits.then_some(at)
+            });
+            kicks.rx_memo = to.zip(addrs).map(|(to, addrs)| RxMemo {
                 from,
                 segment: seg,
-                src: eth.src,
-                dst: eth.dst,
+                addrs,
                 to,
             });
         }
