@@ -90,7 +90,7 @@ fn short(what: &'static str, have: usize, need: usize) -> FrameError {
 impl Packet {
     /// Reads the transport header of `ip`. Fragments after the first carry
     /// no transport header: their ports read as 0.
-    #[inline]
+    #[inline(always)]
     pub fn of(ip: &Ipv4<'_>) -> Result<Self, FrameError> {
         let p = ip.payload;
         let mut flow = Flow {

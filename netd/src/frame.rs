@@ -92,7 +92,7 @@ pub struct Ethernet<'a> {
 
 impl<'a> Ethernet<'a> {
     /// Parses `frame`.
-    #[inline]
+    #[inline(always)]
     pub fn parse(frame: &'a [u8]) -> Result<Self, FrameError> {
         if frame.len() < ETH_HEADER {
             return Err(FrameError::Runt(frame.len()));
@@ -215,7 +215,7 @@ pub struct Ipv4<'a> {
 impl<'a> Ipv4<'a> {
     /// Parses an IPv4 payload (after the Ethernet header); the checksum must
     /// hold.
-    #[inline]
+    #[inline(always)]
     pub fn parse(b: &'a [u8]) -> Result<Self, FrameError> {
         need("IPv4 header", b, 20)?;
         if b[0] >> 4 != 4 {

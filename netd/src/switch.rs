@@ -445,7 +445,7 @@ impl Kicks {
 pub(crate) type Parsed<'a> = (Option<Arp>, Option<(Packet, Ipv4<'a>)>);
 
 /// Parses what follows `eth`'s header (see [`Parsed`]).
-#[inline]
+#[inline(always)]
 pub(crate) fn parse_l3<'a>(eth: &Ethernet<'a>) -> Result<Parsed<'a>, crate::frame::FrameError> {
     Ok(match eth.ethertype {
         ETHERTYPE_ARP => (Some(Arp::parse(eth.payload)?), None),
