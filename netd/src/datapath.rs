@@ -257,9 +257,11 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
         if let Some(t) = &tunnel {
             for _ in 0..TUNNEL_READS {
                 let mut got = 0usize;
-                let read = receiver.receive(t.socket(), &t.stats, false, |from, d| {
-                    got += 1;
-                    inner.tunnel_datagram(t, from, d, &mut kicks);
+                let read = kicks.lend_burst(crate::tunnel::RX_AREA, |bufs, kicks| {
+                    receiver.receive(bufs, t.socket(), &t.stats, false, |from, d| {
+                        got += 1;
+                        inner.tunnel_datagram(t, from, d, kicks);
+                    })
                 });
                 kicks.end_tunnel_receive(t);
                 kicks.flush();

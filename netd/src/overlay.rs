@@ -108,9 +108,14 @@ pub fn encap(vni: u32, frame: &[u8]) -> Vec<u8> {
 
 /// Appends `frame` in a VXLAN header for `vni` to `out`.
 pub fn encap_into(vni: u32, frame: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&[FLAG_VNI, 0, 0, 0]);
-    out.extend_from_slice(&(vni << 8).to_be_bytes());
+    out.extend_from_slice(&header(vni));
     out.extend_from_slice(frame);
+}
+
+/// The VXLAN header for `vni`.
+pub fn header(vni: u32) -> [u8; VXLAN_HEADER] {
+    let v = (vni << 8).to_be_bytes();
+    [FLAG_VNI, 0, 0, 0, v[0], v[1], v[2], v[3]]
 }
 
 /// The VNI and inner frame of a VXLAN datagram; None if it is not one.

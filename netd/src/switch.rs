@@ -265,6 +265,10 @@ impl Kicks {
         if len > crate::frame::MAX_FRAME {
             return None;
         }
+        if self.tunnel_out.has_lent() {
+            // Gathered datagrams still point into the buffer.
+            self.flush_tunnel();
+        }
         let start = self.burst_len;
         if self.burst.len() < start + len {
             self.burst.resize(start + len, 0);
@@ -300,6 +304,36 @@ impl Kicks {
         self.memo = None;
         self.arena = (0, 0);
         self.burst = burst;
+    }
+
+    /// Whether `frame` lies in the arena.
+    fn in_arena(&self, frame: &[u8]) -> bool {
+        let (base, len) = self.arena;
+        let addr = frame.as_ptr() as usize;
+        len > 0 && addr >= base && addr + frame.len() <= base + len
+    }
+
+    /// Lends the burst buffer, grown to `len` bytes, to `f` (to read
+    /// frames into); frames staged from it are taken without a copy, and
+    /// written out before it returns.
+    pub(crate) fn lend_burst<R>(
+        &mut self,
+        len: usize,
+        f: impl FnOnce(&mut [u8], &mut Self) -> R,
+    ) -> R {
+        // Nothing staged or gathered may point into the buffer while it is
+        // rewritten.
+        self.flush();
+        let mut burst = std::mem::take(&mut self.burst);
+        if burst.len() < len {
+            burst.resize(len, 0);
+        }
+        self.arena = (burst.as_ptr() as usize, burst.len());
+        let r = f(&mut burst, self);
+        self.arena = (0, 0);
+        self.burst = burst;
+        self.flush();
+        r
     }
 
     /// Stages `frame` for `port`: written into its rings with the others
@@ -348,10 +382,8 @@ impl Kicks {
 
     /// [`Kicks::stage`] for the `at`-th port of the batch.
     fn stage_at(&mut self, at: usize, hdr: &NetHdr, frame: &[u8]) {
-        let (base, len) = self.arena;
-        let addr = frame.as_ptr() as usize;
-        let src = if addr >= base && addr + frame.len() <= base + len && len > 0 {
-            let off = addr - base;
+        let src = if self.in_arena(frame) {
+            let off = frame.as_ptr() as usize - self.arena.0;
             Staged::Burst(off..off + frame.len())
         } else {
             let start = self.bytes.len();
@@ -409,7 +441,14 @@ impl Kicks {
             self.flush_tunnel();
             self.tunnel = Some(endpoint.clone());
         }
-        self.tunnel_out.push(to, vni, frame);
+        if self.in_arena(frame) {
+            // SAFETY: the arena (the burst buffer) is neither written nor
+            // moved before the tunnel's datagrams are sent: `reserve` and
+            // `lend_burst` send them first.
+            unsafe { self.tunnel_out.push_lent(to, vni, frame) };
+        } else {
+            self.tunnel_out.push(to, vni, frame);
+        }
         if self.tunnel_out.len() >= tunnel::BATCH {
             self.flush_tunnel();
         }

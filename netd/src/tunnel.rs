@@ -71,20 +71,72 @@ pub struct Tunnel {
     gso_limit: AtomicUsize,
 }
 
-/// Datagrams waiting to be sent: their bytes back to back, and where
-/// each goes.
+/// Datagrams waiting to be sent: per datagram its endpoint, VXLAN header
+/// and frame. Frames are copied in, or lent by the caller (see
+/// [`Outbox::push_lent`]): the kernel then reads them where they are.
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
+    /// Frames copied in, back to back.
     bytes: Vec<u8>,
-    datagrams: Vec<(SocketAddrV4, std::ops::Range<usize>)>,
+    datagrams: Vec<Datagram>,
+    /// Whether a frame is lent.
+    lent: bool,
 }
 
+#[derive(Debug)]
+struct Datagram {
+    to: SocketAddrV4,
+    head: [u8; overlay::VXLAN_HEADER],
+    frame: Frame,
+}
+
+/// Where a datagram's frame is.
+#[derive(Debug)]
+enum Frame {
+    /// In [`Outbox::bytes`].
+    Copied(std::ops::Range<usize>),
+    /// In the caller's memory, valid until the outbox is sent or emptied.
+    Lent(*const u8, usize),
+}
+
+impl Datagram {
+    fn len(&self) -> usize {
+        overlay::VXLAN_HEADER
+            + match &self.frame {
+                Frame::Copied(r) => r.len(),
+                Frame::Lent(_, n) => *n,
+            }
+    }
+}
+
+// SAFETY: a lent frame is only read by the thread that owns the outbox,
+// during the send that empties it; the lender keeps it unchanged until then.
+unsafe impl Send for Outbox {}
+
 impl Outbox {
-    /// Adds `frame` in a VXLAN header for `vni`, for `to`.
+    /// Adds a copy of `frame` in a VXLAN header for `vni`, for `to`.
     pub(crate) fn push(&mut self, to: SocketAddrV4, vni: u32, frame: &[u8]) {
         let start = self.bytes.len();
-        overlay::encap_into(vni, frame, &mut self.bytes);
-        self.datagrams.push((to, start..self.bytes.len()));
+        self.bytes.extend_from_slice(frame);
+        self.datagrams.push(Datagram {
+            to,
+            head: overlay::header(vni),
+            frame: Frame::Copied(start..self.bytes.len()),
+        });
+    }
+
+    /// Adds `frame` in a VXLAN header for `vni`, for `to`, without a copy.
+    ///
+    /// # Safety
+    /// The bytes of `frame` must stay where they are, unchanged, until the
+    /// outbox is next sent ([`Tunnel::send`]) or dropped.
+    pub(crate) unsafe fn push_lent(&mut self, to: SocketAddrV4, vni: u32, frame: &[u8]) {
+        self.datagrams.push(Datagram {
+            to,
+            head: overlay::header(vni),
+            frame: Frame::Lent(frame.as_ptr(), frame.len()),
+        });
+        self.lent = true;
     }
 
     /// Datagrams waiting.
@@ -97,9 +149,36 @@ impl Outbox {
         self.datagrams.is_empty()
     }
 
+    /// Whether a waiting datagram's frame is lent.
+    pub(crate) fn has_lent(&self) -> bool {
+        self.lent
+    }
+
     fn clear(&mut self) {
         self.bytes.clear();
         self.datagrams.clear();
+        self.lent = false;
+    }
+
+    /// The two iovecs of datagram `d`: its header and its frame.
+    fn iovecs(&self, d: &Datagram) -> Option<[libc::iovec; 2]> {
+        let (p, n) = match &d.frame {
+            Frame::Copied(r) => {
+                let b = self.bytes.get(r.clone())?;
+                (b.as_ptr(), b.len())
+            }
+            Frame::Lent(p, n) => (*p, *n),
+        };
+        Some([
+            libc::iovec {
+                iov_base: d.head.as_ptr().cast_mut().cast(),
+                iov_len: d.head.len(),
+            },
+            libc::iovec {
+                iov_base: p.cast_mut().cast(),
+                iov_len: n,
+            },
+        ])
     }
 }
 
@@ -141,6 +220,8 @@ struct Control([u8; 24]);
 
 /// One run of datagrams for one message: destination, bytes, segment size
 /// (Some when several datagrams go as one GSO message).
+/// A message: its endpoint, the datagrams it carries (indexes in the
+/// outbox) and, for a GSO run, their size.
 type Run = (SocketAddrV4, std::ops::Range<usize>, Option<u16>);
 
 impl Tunnel {
@@ -194,36 +275,33 @@ impl Tunnel {
         let limit = self.gso_limit.load(Ordering::Relaxed);
         let mut i = 0;
         while i < out.datagrams.len() {
-            let (to, first) = out.datagrams[i].clone();
-            let size = first.len();
-            let mut end = first.end;
+            let to = out.datagrams[i].to;
+            let size = out.datagrams[i].len();
+            let mut bytes = size;
             let mut j = i + 1;
             if size <= limit.min(usize::from(u16::MAX)) {
                 // Joins followers to the same endpoint of the same size;
                 // a shorter one ends the run.
-                while j < out.datagrams.len() && j - i < GSO_SEGMENTS {
-                    let (t, r) = &out.datagrams[j];
-                    if *t != to
-                        || r.len() > size
-                        || r.start != end
-                        || r.end - first.start > GSO_BYTES
+                while let Some(d) = out.datagrams.get(j) {
+                    let len = d.len();
+                    if j - i >= GSO_SEGMENTS || d.to != to || len > size || bytes + len > GSO_BYTES
                     {
                         break;
                     }
-                    end = r.end;
+                    bytes += len;
                     j += 1;
-                    if r.len() < size {
+                    if len < size {
                         break;
                     }
                 }
             }
             let seg = u16::try_from(size).ok().filter(|_| j - i > 1);
-            runs.push((to, first.start..end, seg));
+            runs.push((to, i..j, seg));
             i = j;
         }
         let mut k = 0;
         while k < runs.len() {
-            let sent = self.send_runs(&out.bytes, &runs[k..(k + BATCH).min(runs.len())]);
+            let sent = self.send_runs(out, &runs[k..(k + BATCH).min(runs.len())]);
             k += sent.as_ref().map_or(1, |n| (*n).max(1));
             if let Err(e) = sent {
                 // The first message failed. A GSO run the route refuses
@@ -238,14 +316,10 @@ impl Tunnel {
                         let s = usize::from(s);
                         self.gso_limit.fetch_min(s - 1, Ordering::Relaxed);
                         debug!(segment = s, "the route does not take GSO runs of this size");
-                        let singles: Vec<Run> = range
-                            .clone()
-                            .step_by(s)
-                            .map(|start| (to, start..(start + s).min(range.end), None))
-                            .collect();
+                        let singles: Vec<Run> = range.map(|d| (to, d..d + 1, None)).collect();
                         let mut m = 0;
                         while m < singles.len() {
-                            match self.send_runs(&out.bytes, &singles[m..]) {
+                            match self.send_runs(out, &singles[m..]) {
                                 Ok(n) if n > 0 => m += n,
                                 _ => {
                                     self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -255,8 +329,9 @@ impl Tunnel {
                         }
                     }
                     None => {
-                        let lost = seg.map_or(1, |s| range.len().div_ceil(usize::from(s).max(1)));
-                        self.stats.dropped.fetch_add(lost as u64, Ordering::Relaxed);
+                        self.stats
+                            .dropped
+                            .fetch_add(range.len() as u64, Ordering::Relaxed);
                     }
                 }
             }
@@ -266,33 +341,36 @@ impl Tunnel {
 
     /// Sends `runs` (at most [`BATCH`]) with one `sendmmsg`; returns how
     /// many went (an error: the first failed) and counts their datagrams.
-    fn send_runs(&self, bytes: &[u8], runs: &[Run]) -> std::io::Result<usize> {
+    fn send_runs(&self, out: &Outbox, runs: &[Run]) -> std::io::Result<usize> {
         let runs = &runs[..runs.len().min(BATCH)];
         let mut addrs: Vec<libc::sockaddr_in> = runs.iter().map(|(a, _, _)| sockaddr(*a)).collect();
-        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(runs.len());
         let mut controls = vec![Control([0; 24]); runs.len()];
+        // Two iovecs per datagram (header, frame); each message's are
+        // neighbours.
+        let mut iovs: Vec<libc::iovec> =
+            Vec::with_capacity(2 * runs.iter().map(|r| r.1.len()).sum::<usize>());
         for (_, r, _) in runs {
-            let Some(b) = bytes.get(r.clone()) else {
-                return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
-            };
-            iovs.push(libc::iovec {
-                iov_base: b.as_ptr().cast_mut().cast(),
-                iov_len: b.len(),
-            });
+            for d in out.datagrams.get(r.clone()).unwrap_or_default() {
+                let Some(v) = out.iovecs(d) else {
+                    return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+                };
+                iovs.extend(v);
+            }
         }
+        let mut at = 0usize;
         let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(runs.len());
-        for (((a, iov), control), (_, _, seg)) in addrs
-            .iter_mut()
-            .zip(iovs.iter_mut())
-            .zip(controls.iter_mut())
-            .zip(runs)
-        {
+        for ((a, control), (_, r, seg)) in addrs.iter_mut().zip(controls.iter_mut()).zip(runs) {
             // SAFETY: an all-zero mmsghdr is a valid empty one.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
             h.msg_hdr.msg_name = std::ptr::from_mut(a).cast();
             h.msg_hdr.msg_namelen = socklen::<libc::sockaddr_in>();
-            h.msg_hdr.msg_iov = std::ptr::from_mut(iov);
-            h.msg_hdr.msg_iovlen = 1;
+            let n = 2 * r.len();
+            let Some(v) = iovs.get_mut(at..at + n) else {
+                return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+            };
+            h.msg_hdr.msg_iov = v.as_mut_ptr();
+            h.msg_hdr.msg_iovlen = n;
+            at += n;
             if let Some(seg) = seg {
                 // SAFETY: the control buffer has room for one cmsghdr and
                 // a u16 (CMSG_SPACE of 2 is 24 on Linux); CMSG_FIRSTHDR
@@ -312,25 +390,26 @@ impl Tunnel {
         let fd = self.socket.as_raw_fd();
         let count = u32::try_from(msgs.len()).unwrap_or(u32::MAX);
         // SAFETY: the headers point at addresses, iovecs, control buffers
-        // and datagrams that live until this call returns.
+        // and datagrams that live until this call returns (lent frames:
+        // by `push_lent`'s contract).
         let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), count, 0) };
         let Ok(n) = usize::try_from(n) else {
             let e = std::io::Error::last_os_error();
             debug!("tunnel send failed: {e}");
             return Err(e);
         };
-        let datagrams: usize = runs[..n]
-            .iter()
-            .map(|(_, r, seg)| seg.map_or(1, |s| r.len().div_ceil(usize::from(s).max(1))))
-            .sum();
+        let datagrams: usize = runs[..n].iter().map(|(_, r, _)| r.len()).sum();
         self.stats.tx.fetch_add(datagrams as u64, Ordering::Relaxed);
         Ok(n)
     }
 }
 
-/// Reads tunnel datagrams a batch at a time.
+/// Bytes a receive call reads into at most.
+pub(crate) const RX_AREA: usize = RX_BATCH * RX_BUF;
+
+/// Reads tunnel datagrams a batch at a time, into a buffer the caller
+/// lends (the switch stages the frames from there, without a copy).
 pub(crate) struct Receiver {
-    bufs: Vec<u8>,
     addrs: Vec<libc::sockaddr_in>,
     controls: Vec<Control>,
 }
@@ -338,7 +417,6 @@ pub(crate) struct Receiver {
 impl Receiver {
     pub(crate) fn new() -> Self {
         Self {
-            bufs: vec![0u8; RX_BATCH * RX_BUF],
             // SAFETY: all-zero sockaddr_in values are valid (and
             // overwritten).
             addrs: (0..RX_BATCH)
@@ -348,18 +426,19 @@ impl Receiver {
         }
     }
 
-    /// Reads the datagrams waiting on `socket` (with `wait`, waits for one
-    /// up to its read timeout) and hands each to `each` with its sender;
+    /// Reads the datagrams waiting on `socket` into `bufs` (up to
+    /// [`RX_AREA`] bytes of it; with `wait`, waits for one up to the
+    /// socket's read timeout) and hands each to `each` with its sender;
     /// Ok(false) when none came, an error when the socket fails.
     pub(crate) fn receive(
         &mut self,
+        bufs: &mut [u8],
         socket: &UdpSocket,
         stats: &TunnelStats,
         wait: bool,
         mut each: impl FnMut(Ipv4Addr, &[u8]),
     ) -> std::io::Result<bool> {
-        let mut iovs: Vec<libc::iovec> = self
-            .bufs
+        let mut iovs: Vec<libc::iovec> = bufs
             .chunks_exact_mut(RX_BUF)
             .map(|b| libc::iovec {
                 iov_base: b.as_mut_ptr().cast(),
@@ -417,7 +496,7 @@ impl Receiver {
             let from = Ipv4Addr::from(u32::from_be(self.addrs[i].sin_addr.s_addr));
             let start = i * RX_BUF;
             let len = (m.msg_len as usize).min(RX_BUF);
-            let Some(train) = self.bufs.get(start..start + len) else {
+            let Some(train) = bufs.get(start..start + len) else {
                 continue;
             };
             match seg {
@@ -457,10 +536,13 @@ mod tests {
     /// Receives until `want` datagrams came (or a timeout).
     fn gather(t: &Tunnel, want: usize) -> Vec<Vec<u8>> {
         let mut r = Receiver::new();
+        let mut bufs = vec![0u8; RX_AREA];
         let mut got = Vec::new();
         while got.len() < want {
             let more = r
-                .receive(t.socket(), &t.stats, true, |_, d| got.push(d.to_vec()))
+                .receive(&mut bufs, t.socket(), &t.stats, true, |_, d| {
+                    got.push(d.to_vec())
+                })
                 .unwrap();
             if !more {
                 break;
