@@ -34,10 +34,10 @@ struct Seg {
 /// pseudo-ports the MAC table learns remote addresses behind.
 #[derive(Debug, Default)]
 pub struct Overlay {
-    by_vni: HashMap<u32, SegmentId>,
-    segs: HashMap<SegmentId, Seg>,
-    remote_port: HashMap<Ipv4Addr, PortId>,
-    port_remote: HashMap<PortId, Ipv4Addr>,
+    by_vni: HashMap<u32, SegmentId, ahash::RandomState>,
+    segs: HashMap<SegmentId, Seg, ahash::RandomState>,
+    remote_port: HashMap<Ipv4Addr, PortId, ahash::RandomState>,
+    port_remote: HashMap<PortId, Ipv4Addr, ahash::RandomState>,
 }
 
 impl Overlay {

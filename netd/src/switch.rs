@@ -198,10 +198,11 @@ enum Target {
 }
 
 /// Where the last frame from a tunnel endpoint went, within one receive
-/// call: one with the same endpoint, network and addresses goes there too.
+/// call: one with the same endpoint, VNI and addresses goes there too
+/// (the endpoint was accepted for the network then).
 struct RxMemo {
     from: Ipv4Addr,
-    segment: SegmentId,
+    vni: u32,
     addrs: Addrs,
     /// The receiver's place in the staged batch's ports.
     to: usize,
@@ -441,7 +442,7 @@ impl Kicks {
             self.flush_tunnel();
             self.tunnel = Some(endpoint.clone());
         }
-        if self.in_arena(frame) {
+        if frame.len() >= tunnel::LEND_MIN && self.in_arena(frame) {
             // SAFETY: the arena (the burst buffer) is neither written nor
             // moved before the tunnel's datagrams are sent: `reserve` and
             // `lend_burst` send them first.
@@ -906,15 +907,27 @@ impl Inner {
         datagram: &[u8],
         kicks: &mut Kicks,
     ) {
-        let accepted = overlay::decap(datagram).and_then(|(vni, inner)| {
+        let decap = overlay::decap(datagram);
+        let addrs = decap.and_then(|(_, inner)| Addrs::of(inner));
+        let hit = kicks.rx_memo.as_ref().filter(|m| {
+            decap.is_some_and(|(vni, _)| m.vni == vni) && m.from == from && addrs == Some(m.addrs)
+        });
+        if let (Some(at), Some((_, inner))) = (hit.map(|m| m.to), decap) {
+            // From the endpoint, for the network and with the addresses of
+            // an earlier datagram of this receive call: where that went.
+            kicks.tunnel_rx += 1;
+            kicks.admit_at(at, &NetHdr::PLAIN, inner);
+            return;
+        }
+        let accepted = decap.and_then(|(vni, inner)| {
             let (seg, pseudo) = self
                 .overlay
                 .read()
                 .unwrap_or_else(PoisonError::into_inner)
                 .accept(vni, from)?;
-            Some((seg, pseudo, inner))
+            Some((vni, seg, pseudo, inner))
         });
-        let Some((seg, pseudo, inner)) = accepted else {
+        let Some((vni, seg, pseudo, inner)) = accepted else {
             t.stats.dropped.fetch_add(1, Ordering::Relaxed);
             debug!(%from, "dropped a datagram from no endpoint of its network");
             return;
@@ -926,17 +939,6 @@ impl Inner {
             return;
         };
         kicks.tunnel_rx += 1;
-        let addrs = Addrs::of(inner);
-        let hit = kicks.rx_memo.as_ref();
-        if let Some(at) = hit
-            .filter(|m| m.from == from && m.segment == seg && addrs == Some(m.addrs))
-            .map(|m| m.to)
-        {
-            // Where the last datagram of this call with these addresses
-            // went.
-            kicks.admit_at(at, &NetHdr::PLAIN, inner);
-            return;
-        }
         let decision = self
             .table
             .lock()
@@ -954,7 +956,7 @@ impl Inner {
             });
             kicks.rx_memo = to.zip(addrs).map(|(to, addrs)| RxMemo {
                 from,
-                segment: seg,
+                vni,
                 addrs,
                 to,
             });

@@ -71,9 +71,10 @@ pub struct Tunnel {
     gso_limit: AtomicUsize,
 }
 
-/// Datagrams waiting to be sent: per datagram its endpoint, VXLAN header
-/// and frame. Frames are copied in, or lent by the caller (see
-/// [`Outbox::push_lent`]): the kernel then reads them where they are.
+/// Datagrams waiting to be sent, with their endpoints. Small frames are
+/// copied in behind their VXLAN headers (neighbours then reach the kernel
+/// as one iovec); large ones may be lent by the caller (see
+/// [`Outbox::push_lent`]): the kernel reads them where they are.
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
     /// Frames copied in, back to back.
@@ -86,26 +87,25 @@ pub(crate) struct Outbox {
 #[derive(Debug)]
 struct Datagram {
     to: SocketAddrV4,
-    head: [u8; overlay::VXLAN_HEADER],
-    frame: Frame,
+    bytes: Bytes,
 }
 
-/// Where a datagram's frame is.
+/// Where a datagram's bytes are.
 #[derive(Debug)]
-enum Frame {
-    /// In [`Outbox::bytes`].
+enum Bytes {
+    /// Header and frame in [`Outbox::bytes`].
     Copied(std::ops::Range<usize>),
-    /// In the caller's memory, valid until the outbox is sent or emptied.
-    Lent(*const u8, usize),
+    /// The header here, the frame in the caller's memory (valid until the
+    /// outbox is sent or emptied).
+    Lent([u8; overlay::VXLAN_HEADER], *const u8, usize),
 }
 
 impl Datagram {
     fn len(&self) -> usize {
-        overlay::VXLAN_HEADER
-            + match &self.frame {
-                Frame::Copied(r) => r.len(),
-                Frame::Lent(_, n) => *n,
-            }
+        match &self.bytes {
+            Bytes::Copied(r) => r.len(),
+            Bytes::Lent(_, _, n) => overlay::VXLAN_HEADER + n,
+        }
     }
 }
 
@@ -117,11 +117,10 @@ impl Outbox {
     /// Adds a copy of `frame` in a VXLAN header for `vni`, for `to`.
     pub(crate) fn push(&mut self, to: SocketAddrV4, vni: u32, frame: &[u8]) {
         let start = self.bytes.len();
-        self.bytes.extend_from_slice(frame);
+        overlay::encap_into(vni, frame, &mut self.bytes);
         self.datagrams.push(Datagram {
             to,
-            head: overlay::header(vni),
-            frame: Frame::Copied(start..self.bytes.len()),
+            bytes: Bytes::Copied(start..self.bytes.len()),
         });
     }
 
@@ -133,8 +132,7 @@ impl Outbox {
     pub(crate) unsafe fn push_lent(&mut self, to: SocketAddrV4, vni: u32, frame: &[u8]) {
         self.datagrams.push(Datagram {
             to,
-            head: overlay::header(vni),
-            frame: Frame::Lent(frame.as_ptr(), frame.len()),
+            bytes: Bytes::Lent(overlay::header(vni), frame.as_ptr(), frame.len()),
         });
         self.lent = true;
     }
@@ -160,25 +158,39 @@ impl Outbox {
         self.lent = false;
     }
 
-    /// The two iovecs of datagram `d`: its header and its frame.
-    fn iovecs(&self, d: &Datagram) -> Option<[libc::iovec; 2]> {
-        let (p, n) = match &d.frame {
-            Frame::Copied(r) => {
-                let b = self.bytes.get(r.clone())?;
-                (b.as_ptr(), b.len())
+    /// Appends the iovecs of datagram `d` to `iovs`; one that starts where
+    /// the last of the same message (from `msg` on) ends extends it.
+    fn add_iovecs(&self, d: &Datagram, iovs: &mut Vec<libc::iovec>, msg: usize) -> bool {
+        let mut add = |p: *const u8, n: usize| {
+            let len = iovs.len();
+            if let Some(last) = iovs.last_mut().filter(|_| len > msg) {
+                if last
+                    .iov_base
+                    .cast_const()
+                    .cast::<u8>()
+                    .wrapping_add(last.iov_len)
+                    == p
+                {
+                    last.iov_len += n;
+                    return;
+                }
             }
-            Frame::Lent(p, n) => (*p, *n),
-        };
-        Some([
-            libc::iovec {
-                iov_base: d.head.as_ptr().cast_mut().cast(),
-                iov_len: d.head.len(),
-            },
-            libc::iovec {
+            iovs.push(libc::iovec {
                 iov_base: p.cast_mut().cast(),
                 iov_len: n,
+            });
+        };
+        match &d.bytes {
+            Bytes::Copied(r) => match self.bytes.get(r.clone()) {
+                Some(b) => add(b.as_ptr(), b.len()),
+                None => return false,
             },
-        ])
+            Bytes::Lent(head, p, n) => {
+                add(head.as_ptr(), head.len());
+                add(*p, *n);
+            }
+        }
+        true
     }
 }
 
@@ -345,32 +357,36 @@ impl Tunnel {
         let runs = &runs[..runs.len().min(BATCH)];
         let mut addrs: Vec<libc::sockaddr_in> = runs.iter().map(|(a, _, _)| sockaddr(*a)).collect();
         let mut controls = vec![Control([0; 24]); runs.len()];
-        // Two iovecs per datagram (header, frame); each message's are
-        // neighbours.
+        // Each message's iovecs are neighbours: where each starts.
         let mut iovs: Vec<libc::iovec> =
             Vec::with_capacity(2 * runs.iter().map(|r| r.1.len()).sum::<usize>());
+        let mut starts: Vec<usize> = Vec::with_capacity(runs.len() + 1);
         for (_, r, _) in runs {
+            let msg = iovs.len();
+            starts.push(msg);
             for d in out.datagrams.get(r.clone()).unwrap_or_default() {
-                let Some(v) = out.iovecs(d) else {
+                if !out.add_iovecs(d, &mut iovs, msg) {
                     return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
-                };
-                iovs.extend(v);
+                }
             }
         }
-        let mut at = 0usize;
+        starts.push(iovs.len());
         let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(runs.len());
-        for ((a, control), (_, r, seg)) in addrs.iter_mut().zip(controls.iter_mut()).zip(runs) {
+        for (((a, control), (_, _, seg)), span) in addrs
+            .iter_mut()
+            .zip(controls.iter_mut())
+            .zip(runs)
+            .zip(starts.windows(2))
+        {
             // SAFETY: an all-zero mmsghdr is a valid empty one.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
             h.msg_hdr.msg_name = std::ptr::from_mut(a).cast();
             h.msg_hdr.msg_namelen = socklen::<libc::sockaddr_in>();
-            let n = 2 * r.len();
-            let Some(v) = iovs.get_mut(at..at + n) else {
+            let Some(v) = iovs.get_mut(span[0]..span[1]) else {
                 return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
             };
             h.msg_hdr.msg_iov = v.as_mut_ptr();
-            h.msg_hdr.msg_iovlen = n;
-            at += n;
+            h.msg_hdr.msg_iovlen = v.len();
             if let Some(seg) = seg {
                 // SAFETY: the control buffer has room for one cmsghdr and
                 // a u16 (CMSG_SPACE of 2 is 24 on Linux); CMSG_FIRSTHDR
@@ -404,6 +420,9 @@ impl Tunnel {
     }
 }
 
+/// Frames this long or longer are lent to the outbox rather than copied
+/// (shorter ones cost less to copy than as iovecs of their own).
+pub(crate) const LEND_MIN: usize = 512;
 /// Bytes a receive call reads into at most.
 pub(crate) const RX_AREA: usize = RX_BATCH * RX_BUF;
 
