@@ -266,20 +266,82 @@ pub fn fold(mut sum: u32) -> u16 {
 
 /// `sum` plus the one's-complement sum (not inverted) of `bytes`, folded
 /// so that further sums cannot overflow.
-pub fn ones_sum(mut sum: u32, bytes: &[u8]) -> u32 {
-    let mut chunks = bytes.chunks_exact(2);
-    for c in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+///
+/// The sum is taken eight bytes at a time in the machine's byte order (a
+/// one's-complement sum of 16-bit words is the same in either order, up
+/// to swapping its two bytes).
+pub fn ones_sum(sum: u32, bytes: &[u8]) -> u32 {
+    let mut acc: u64 = 0;
+    let mut carry: u64 = 0;
+    let mut words = bytes.chunks_exact(8);
+    for w in &mut words {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        let (s, c) = acc.overflowing_add(u64::from_ne_bytes(b));
+        acc = s;
+        carry += u64::from(c);
     }
-    if let [last] = chunks.remainder() {
-        sum += u32::from(*last) << 8;
+    let mut add = |w: u16| {
+        let (s, c) = acc.overflowing_add(u64::from(w));
+        acc = s;
+        carry += u64::from(c);
+    };
+    let mut pairs = words.remainder().chunks_exact(2);
+    for p in &mut pairs {
+        add(u16::from_ne_bytes([p[0], p[1]]));
     }
-    u32::from(fold(sum))
+    if let [last] = pairs.remainder() {
+        // The odd byte is the high byte of a big-endian word.
+        add(u16::from_ne_bytes([*last, 0]));
+    }
+    // Carries out of bit 63 wrap around (one's complement); fold to 16.
+    let mut folded = (acc & 0xffff_ffff) + (acc >> 32) + carry;
+    while folded > 0xffff {
+        folded = (folded & 0xffff) + (folded >> 16);
+    }
+    // In network order, then added to what came before.
+    let native = u16::try_from(folded).unwrap_or(u16::MAX);
+    u32::from(fold(sum + u32::from(u16::from_be(native))))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sum word by word, as RFC 1071 states it.
+    fn ones_sum_reference(mut sum: u32, bytes: &[u8]) -> u32 {
+        for c in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], c.get(1).copied().unwrap_or(0)]));
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        sum
+    }
+
+    #[test]
+    fn the_wide_sum_is_the_word_by_word_sum() {
+        let mut x: u32 = 12345;
+        for len in 0..200 {
+            for fill in [0u8, 0xff, 1] {
+                let bytes: Vec<u8> = (0..len)
+                    .map(|i| {
+                        x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                        match fill {
+                            0xff => 0xff,
+                            0 => (x >> 16) as u8,
+                            _ => u8::try_from(i % 251).unwrap(),
+                        }
+                    })
+                    .collect();
+                for start in [0u32, 0xffff, 0x1234] {
+                    assert_eq!(
+                        fold(ones_sum(start, &bytes)),
+                        fold(ones_sum_reference(start, &bytes)),
+                        "len {len} fill {fill} start {start}"
+                    );
+                }
+            }
+        }
+    }
 
     const A: Mac = [0x52, 0x54, 0, 0, 0, 1];
     const B: Mac = [0x52, 0x54, 0, 0, 0, 2];

@@ -14,6 +14,7 @@ pub mod frame;
 pub mod fuzzing;
 pub mod health;
 pub mod l2;
+pub(crate) mod memo;
 pub mod metadata;
 pub mod nat;
 pub mod objects;

@@ -20,6 +20,7 @@ use crate::flow::{
 };
 use crate::frame::{Arp, Ethernet, Ipv4, Mac, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4};
 use crate::l2::{Forward, MacTable, PortId, SegmentId};
+use crate::memo::{Addrs, FlowKey};
 use crate::metadata::{self, Endpoint};
 use crate::nat::{Floating, Gateway, Nat};
 use crate::offload::{self, NetHdr};
@@ -181,6 +182,10 @@ struct Memo {
     /// The frame's flow and ICMP type when the switch checked it against
     /// port security and connection tracking; None on a plain segment.
     flow: Option<(crate::flow::Flow, Option<u8>)>,
+    /// With a flow, the bytes naming it when the frame is simple TCP or UDP
+    /// over IPv4: a frame that matches them is of the same connection
+    /// without being parsed.
+    key: Option<FlowKey>,
     to: Target,
 }
 
@@ -206,25 +211,6 @@ struct RxMemo {
     addrs: Addrs,
     /// The receiver's place in the staged batch's ports.
     to: usize,
-}
-
-/// A frame's destination and source addresses (its first 12 bytes) as two
-/// words, compared without parsing the frame.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Addrs(u64, u32);
-
-impl Addrs {
-    /// The addresses of `frame`; None for a frame shorter than an Ethernet
-    /// header.
-    #[inline]
-    fn of(frame: &[u8]) -> Option<Self> {
-        let b = frame.get(..crate::frame::ETH_HEADER)?;
-        let (lo, hi) = b.split_at(8);
-        Some(Self(
-            u64::from_ne_bytes(lo.try_into().ok()?),
-            u32::from_ne_bytes(hi.get(..4)?.try_into().ok()?),
-        ))
-    }
 }
 
 /// TCP flags that change a tracked connection's state: packets carrying
@@ -514,12 +500,17 @@ impl Inner {
         let addrs = Addrs::of(frame);
         if !hdr.offloaded() && frame.len() <= crate::frame::MAX_FRAME {
             // The same addresses as an earlier frame of this burst on a
-            // plain segment: where that one went, unparsed.
-            let hit = kicks.memo.as_ref();
-            if let Some(to) = hit
-                .filter(|m| m.flow.is_none() && addrs == Some(m.addrs))
-                .map(|m| m.to.clone())
-            {
+            // plain segment, or the same connection where that one passed
+            // the security checks: where that one went, unparsed.
+            let hit = kicks.memo.as_ref().filter(|m| {
+                addrs == Some(m.addrs)
+                    && match (&m.flow, &m.key) {
+                        (None, _) => true,
+                        (Some(_), Some(k)) => k.matches(frame),
+                        (Some(_), None) => false,
+                    }
+            });
+            if let Some(to) = hit.map(|m| m.to.clone()) {
                 kicks.sent.0 += 1;
                 kicks.sent.1 += frame.len() as u64;
                 kicks.again(&to, hdr, frame);
@@ -659,6 +650,7 @@ impl Inner {
                         kicks.memo = addrs.map(|addrs| Memo {
                             addrs,
                             flow: None,
+                            key: None,
                             to: Target::Remote {
                                 to: SocketAddrV4::new(r, tunnel.port),
                                 vni,
@@ -756,9 +748,11 @@ impl Inner {
                 && to.mirror_target().is_none();
             fits.then_some(at)
         });
+        let key = flow.and_then(|_| FlowKey::of(frame));
         kicks.memo = to.zip(Addrs::of(frame)).map(|(at, addrs)| Memo {
             addrs,
             flow,
+            key,
             to: Target::Port(at),
         });
     }
