@@ -327,7 +327,7 @@ mod tests {
                         x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
                         match fill {
                             0xff => 0xff,
-                            0 => (x >> 16) as u8,
+                            0 => x.to_le_bytes()[2],
                             _ => u8::try_from(i % 251).unwrap(),
                         }
                     })
