@@ -18,7 +18,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tracing::debug;
 
@@ -44,6 +44,9 @@ const RX_BUF: usize = 65_536;
 /// burst neither blocks the sender nor is dropped while the receiver
 /// catches up.
 const SOCKET_BUFFER: libc::c_int = 8 << 20;
+/// How long a GSO size limit lasts before runs of every size are tried
+/// again.
+const GSO_RETRY: Duration = Duration::from_secs(60);
 /// How long a waiting receive waits at most.
 const RX_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -69,6 +72,11 @@ pub struct Tunnel {
     pub stats: TunnelStats,
     /// Segments up to this size go in GSO messages (0: none).
     gso_limit: AtomicUsize,
+    /// When a lowered limit is lifted again (milliseconds from `opened`;
+    /// the route's MTU may have grown meanwhile).
+    gso_retry_at: AtomicU64,
+    gso_retry: Duration,
+    opened: Instant,
 }
 
 /// Datagrams waiting to be sent, with their endpoints. Small frames are
@@ -272,8 +280,36 @@ impl Tunnel {
             port: bound.port(),
             stats: TunnelStats::default(),
             gso_limit: AtomicUsize::new(if gso { usize::MAX } else { 0 }),
+            gso_retry_at: AtomicU64::new(u64::MAX),
+            gso_retry: GSO_RETRY,
+            opened: Instant::now(),
         };
         Ok((tunnel, bound))
+    }
+
+    /// The largest segment GSO messages carry now; a lowered limit is
+    /// lifted once its retry time came.
+    fn gso_limit(&self) -> usize {
+        let limit = self.gso_limit.load(Ordering::Relaxed);
+        if limit != 0 && limit != usize::MAX {
+            let now = u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+            if now >= self.gso_retry_at.load(Ordering::Relaxed) {
+                debug!("trying GSO runs of every size again");
+                self.gso_retry_at.store(u64::MAX, Ordering::Relaxed);
+                self.gso_limit.store(usize::MAX, Ordering::Relaxed);
+                return usize::MAX;
+            }
+        }
+        limit
+    }
+
+    /// Keeps segments over `limit` out of GSO messages until the retry
+    /// time.
+    fn lower_gso_limit(&self, limit: usize) {
+        self.gso_limit.fetch_min(limit, Ordering::Relaxed);
+        let at = self.opened.elapsed().saturating_add(self.gso_retry);
+        let at = u64::try_from(at.as_millis()).unwrap_or(u64::MAX);
+        self.gso_retry_at.store(at, Ordering::Relaxed);
     }
 
     /// The endpoint's socket.
@@ -284,7 +320,7 @@ impl Tunnel {
     /// Sends the datagrams in `out` and empties it.
     pub(crate) fn send(&self, out: &mut Outbox) {
         let mut runs: Vec<Run> = Vec::with_capacity(out.len());
-        let limit = self.gso_limit.load(Ordering::Relaxed);
+        let limit = self.gso_limit();
         let mut i = 0;
         while i < out.datagrams.len() {
             let to = out.datagrams[i].to;
@@ -326,7 +362,7 @@ impl Tunnel {
                 match seg.filter(|_| refused) {
                     Some(s) => {
                         let s = usize::from(s);
-                        self.gso_limit.fetch_min(s - 1, Ordering::Relaxed);
+                        self.lower_gso_limit(s - 1);
                         debug!(segment = s, "the route does not take GSO runs of this size");
                         let singles: Vec<Run> = range.map(|d| (to, d..d + 1, None)).collect();
                         let mut m = 0;
@@ -602,6 +638,19 @@ mod tests {
             })
             .collect();
         assert_eq!(frames, sent);
+    }
+
+    #[test]
+    fn a_lowered_gso_limit_is_lifted_after_its_retry_time() {
+        let (mut a, _) = endpoint();
+        if a.gso_limit() == 0 {
+            return; // no UDP GSO in this kernel
+        }
+        a.lower_gso_limit(1400);
+        assert_eq!(a.gso_limit(), 1400);
+        a.gso_retry = Duration::ZERO;
+        a.lower_gso_limit(1000);
+        assert_eq!(a.gso_limit(), usize::MAX);
     }
 
     #[test]
