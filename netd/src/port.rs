@@ -558,7 +558,7 @@ impl Port {
     /// Hands `frame` to the guest now (signalled at once): for the
     /// switch's own answers, off the fast path.
     pub(crate) fn deliver(&self, frame: &[u8]) {
-        self.enqueue_batch(&[(NetHdr::PLAIN, frame)]);
+        self.enqueue_batch(&[(&NetHdr::PLAIN, frame)]);
     }
 
     /// Whether frames wait for the guest's receive buffers.
@@ -597,17 +597,17 @@ impl Port {
     /// once for the frames that go to it, its used index published and the
     /// driver signalled (if it wants) once. Offloads the driver did not
     /// take are finished first; frames with no room wait, in order.
-    pub(crate) fn enqueue_batch(&self, frames: &[(NetHdr, &[u8])]) {
+    pub(crate) fn enqueue_batch(&self, frames: &[(&NetHdr, &[u8])]) {
         let features = self.features();
         let mut finished: Vec<(NetHdr, Vec<u8>)> = Vec::new();
-        let mut list: Vec<(NetHdr, &[u8])> = Vec::with_capacity(frames.len());
-        if frames
+        let mut done: Vec<(&NetHdr, &[u8])> = Vec::new();
+        let list = if frames
             .iter()
             .any(|(h, _)| h.needs_features() & !features != 0)
         {
             for (h, f) in frames {
                 if h.needs_features() & !features == 0 {
-                    finished.push((*h, f.to_vec()));
+                    finished.push((**h, f.to_vec()));
                     continue;
                 }
                 let done =
@@ -617,17 +617,18 @@ impl Port {
                     debug!(port = self.id.0, "cannot finish an offloaded frame: {e}");
                 }
             }
-            list.extend(finished.iter().map(|(h, f)| (*h, &f[..])));
+            done.extend(finished.iter().map(|(h, f)| (h, &f[..])));
+            &done[..]
         } else {
-            list.extend_from_slice(frames);
-        }
+            frames
+        };
         let mut rx = self.rx.lock().unwrap_or_else(PoisonError::into_inner);
         if !rx.pending.is_empty() {
             // Frames that waited for room go first.
             self.flush(&mut rx);
         }
         let i = if rx.pending.is_empty() {
-            self.write_list(&mut rx, &list)
+            self.write_list(&mut rx, list)
         } else {
             0
         };
@@ -646,7 +647,7 @@ impl Port {
     /// once for the frames that go to it, its used index published and the
     /// driver signalled (if it wants) once; returns how many were taken
     /// (written or lost), stopping at the first with no room.
-    fn write_list(&self, rx: &mut RxSide, list: &[(NetHdr, &[u8])]) -> usize {
+    fn write_list(&self, rx: &mut RxSide, list: &[(&NetHdr, &[u8])]) -> usize {
         let mergeable = self.features() & F_MRG_RXBUF != 0;
         // Counted once for the list: an atomic add per frame would wait
         // each time for the writes into the guest's memory to land.
@@ -661,7 +662,7 @@ impl Port {
     fn write_runs(
         &self,
         rx: &mut RxSide,
-        list: &[(NetHdr, &[u8])],
+        list: &[(&NetHdr, &[u8])],
         mergeable: bool,
         counts: &mut RxCounts,
     ) -> usize {
@@ -726,7 +727,7 @@ impl Port {
             // A burst at a time, so a long queue costs what moves, not what
             // stays.
             let mut pending = std::mem::take(&mut rx.pending);
-            let mut list: Vec<(NetHdr, &[u8])> = Vec::with_capacity(FLUSH_BURST);
+            let mut list: Vec<(&NetHdr, &[u8])> = Vec::with_capacity(FLUSH_BURST);
             let mut from = 0;
             loop {
                 list.clear();
@@ -734,7 +735,7 @@ impl Port {
                     pending
                         .range(from..)
                         .take(FLUSH_BURST)
-                        .map(|(h, f)| (*h, &f[..])),
+                        .map(|(h, f)| (h, &f[..])),
                 );
                 let taken = self.write_list(rx, &list);
                 from += taken;

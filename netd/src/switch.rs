@@ -390,18 +390,23 @@ impl Kicks {
         // Remembered decisions name places in the batch.
         self.memo = None;
         self.rx_memo = None;
-        let mut frames: Vec<(NetHdr, &[u8])> = Vec::with_capacity(self.staged.len());
+        let mut frames: Vec<(&NetHdr, &[u8])> = Vec::with_capacity(self.staged.len());
         for (at, p) in self.ports.iter().enumerate() {
             frames.clear();
-            frames.extend(self.staged.iter().filter(|(i, _, _)| *i == at).filter_map(
-                |(_, h, src)| {
-                    let bytes = match src {
-                        Staged::Burst(r) => self.burst.get(r.clone())?,
-                        Staged::Copy(r) => self.bytes.get(r.clone())?,
-                    };
-                    Some((*h, bytes))
-                },
-            ));
+            // Headers by reference: a copy through the stack was stored
+            // field by field and read back whole, a stall per frame.
+            for (i, h, src) in &self.staged {
+                if *i != at {
+                    continue;
+                }
+                let bytes = match src {
+                    Staged::Burst(r) => self.burst.get(r.clone()),
+                    Staged::Copy(r) => self.bytes.get(r.clone()),
+                };
+                if let Some(b) = bytes {
+                    frames.push((h, b));
+                }
+            }
             p.enqueue_batch(&frames);
         }
         self.ports.clear();
