@@ -244,3 +244,50 @@ fn malformed_vhost_user_messages_drop_only_that_connection() {
     assert_eq!(fe.read(0, 4096).unwrap(), pattern(8, 4096));
     assert_eq!(busy.read(0, 4096).unwrap(), pattern(7, 4096));
 }
+
+/// A frontend that maps a new buffer region while the queue worker is busy
+/// with its requests, and at once makes a request into it: the region was
+/// acknowledged before the request naming it was made, so the request works
+/// (the worker must not keep serving with the memory it started with).
+#[test]
+fn a_region_mapped_while_the_queue_is_served_is_usable_at_once() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let att = attach(dir.path(), "m", 4 * MIB, false, 1);
+    let mut fe = Frontend::connect(att.socket(), 1).unwrap();
+    const WRITES: usize = 32;
+    for round in 0..60u64 {
+        // Writes to blocks 0..32 from the current region, submitted.
+        for slot in 0..WRITES {
+            let block = slot as u64;
+            fe.submit_write(slot, block * 4096, &pattern(round << 8 | block, 4096));
+        }
+        let mut done = fe.submit();
+        // A new region, and a read into it of block 40 (written by the
+        // previous round, so no request in flight touches it).
+        let old = fe.remap().unwrap();
+        fe.submit_read(WRITES, 40 * 4096, 4096);
+        done.extend(fe.reap(WRITES + 1 - done.len(), Duration::from_secs(10)));
+        assert_eq!(
+            done.len(),
+            WRITES + 1,
+            "round {round}: requests did not complete"
+        );
+        let read = done.iter().find(|(tag, _)| *tag == WRITES).unwrap();
+        assert_eq!(
+            read.1, 0,
+            "round {round}: the read into the new region failed"
+        );
+        if round > 0 {
+            assert_eq!(
+                fe.slot(WRITES, 4096),
+                pattern(round - 1, 4096),
+                "round {round}"
+            );
+        }
+        assert!(done.iter().all(|(_, r)| *r == 0), "round {round}: {done:?}");
+        fe.release(&old);
+        // Block 40 for the next round, from the new region.
+        assert_eq!(fe.write(40 * 4096, &pattern(round, 4096)), 0);
+    }
+}

@@ -2,7 +2,7 @@
 //! processing, one worker thread per queue.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -14,7 +14,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -58,6 +58,9 @@ struct Inner {
     serial: Vec<u8>,
     event_idx: AtomicBool,
     mem: RwLock<Option<GuestMemory>>,
+    /// Grows with every memory update, so a queue worker in the middle of
+    /// draining notices regions the frontend added meanwhile.
+    mem_generation: AtomicU64,
     counters: Arc<Counters>,
     limiter: Limiter,
     /// The channel for backend-initiated messages, if the frontend set one up.
@@ -105,6 +108,7 @@ impl BlkBackend {
                 serial: serial.as_bytes().to_vec(),
                 event_idx: AtomicBool::new(false),
                 mem: RwLock::new(None),
+                mem_generation: AtomicU64::new(0),
                 counters,
                 limiter,
                 backend_req: Mutex::new(None),
@@ -224,7 +228,8 @@ impl BlkBackend {
 
     /// Drains queue `q`, running or submitting every available request.
     fn process_queue(&self, q: usize, vring: &VringRwLock) -> io::Result<()> {
-        let Some(mem) = self.memory() else {
+        let mut generation = self.inner.mem_generation.load(Ordering::Acquire);
+        let Some(mut mem) = self.memory() else {
             return Ok(());
         };
         let ring = self.inner.rings.get(q);
@@ -249,6 +254,20 @@ impl BlkBackend {
                     .get_queue_mut()
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else { break };
+                // A request the frontend made after adding a memory region
+                // (acknowledged before it could use it) must see the region,
+                // even if this loop started before: when the memory changed,
+                // the snapshot is renewed and the chain read again with it
+                // (its indirect table may lie in the new region too).
+                let now = self.inner.mem_generation.load(Ordering::Acquire);
+                if now != generation {
+                    generation = now;
+                    if let Some(m) = self.memory() {
+                        mem = m;
+                    }
+                    vring.get_mut().get_queue_mut().go_to_previous_position();
+                    continue;
+                }
                 let head = chain.head_index();
                 let used = match request::process(&*mem, chain, &ctx) {
                     Outcome::Done(used) => used,
@@ -360,6 +379,7 @@ impl VhostUserBackend for BlkBackend {
             .mem
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(mem);
+        self.inner.mem_generation.fetch_add(1, Ordering::Release);
         Ok(())
     }
 

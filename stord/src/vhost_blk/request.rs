@@ -223,6 +223,14 @@ pub fn complete<M: GuestMemory>(
         }
     };
     let ok = matches!(result, Ok(n) if n == want);
+    if !ok {
+        tracing::warn!(
+            write = p.write,
+            offset = p.offset,
+            len = p.len,
+            "direct I/O failed: {result:?}"
+        );
+    }
     if ok && p.write {
         p.direct.written();
     }
@@ -310,7 +318,10 @@ fn execute<M: GuestMemory>(
             };
             match res {
                 Ok(n) if n as u64 == data_len => {}
-                Ok(_) | Err(_) => return Err(Fail::IoErr),
+                other => {
+                    tracing::warn!(write, offset, len = data_len, "I/O failed: {other:?}");
+                    return Err(Fail::IoErr);
+                }
             }
             let (ops, bytes) = if write {
                 (&counters.write_ops, &counters.write_bytes)

@@ -43,6 +43,57 @@ impl Frontend {
         })
     }
 
+    /// Moves the request buffer to a newly mapped region (the frontend adds
+    /// it to the backend's memory table); the old one stays mapped until
+    /// [`Frontend::release`] (requests in flight may still use it).
+    pub fn remap(&mut self) -> Result<MemoryRegion, blkio::Error> {
+        let region = self.blkio.alloc_mem_region(BUF)?;
+        self.blkio.map_mem_region(&region)?;
+        Ok(std::mem::replace(&mut self.region, region))
+    }
+
+    /// Unmaps and frees a region [`Frontend::remap`] gave back.
+    pub fn release(&mut self, old: &MemoryRegion) {
+        self.blkio.unmap_mem_region(old);
+        self.blkio.free_mem_region(old);
+    }
+
+    /// Submits what is queued without waiting; returns (tag, result) of
+    /// any requests already complete.
+    pub fn submit(&mut self) -> Vec<(usize, i32)> {
+        let mut done = [const { MaybeUninit::<Completion>::uninit() }; 64];
+        let mut zero = Duration::ZERO;
+        let k = self.queues[0]
+            .do_io(&mut done, 0, Some(&mut zero), None)
+            .unwrap_or(0);
+        done[..k]
+            .iter()
+            // SAFETY: do_io initialised the first `k` completions.
+            .map(|c| unsafe { c.assume_init_ref() })
+            .map(|c| (c.user_data, c.ret))
+            .collect()
+    }
+
+    /// Queues a read of `len` bytes into slot `slot` (4 KiB slots of the
+    /// buffer) without waiting; [`Frontend::slot`] has the bytes after.
+    pub fn submit_read(&mut self, slot: usize, offset: u64, len: usize) {
+        assert!(len <= 4096 && (slot + 1) * 4096 <= BUF);
+        // SAFETY: the slot lies inside the BUF-byte region we own.
+        let dst = unsafe { self.buf().add(slot * 4096) };
+        self.queues[0].read(offset, dst, len, slot, ReqFlags::empty());
+    }
+
+    /// The first `len` bytes of slot `slot`.
+    pub fn slot(&self, slot: usize, len: usize) -> Vec<u8> {
+        assert!(len <= 4096 && (slot + 1) * 4096 <= BUF);
+        let mut out = vec![0u8; len];
+        // SAFETY: the slot lies inside the BUF-byte region we own.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.buf().add(slot * 4096), out.as_mut_ptr(), len)
+        };
+        out
+    }
+
     pub fn capacity(&self) -> u64 {
         self.blkio.get_u64("capacity").unwrap()
     }
