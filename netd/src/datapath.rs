@@ -264,7 +264,6 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
                     })
                 });
                 kicks.end_tunnel_receive(t);
-                kicks.flush();
                 work += got;
                 match read {
                     Ok(true) if got > 0 => {}

@@ -42,7 +42,7 @@ pub(crate) struct FlowKey {
 impl FlowKey {
     /// The key of `frame`, if it is such a frame and well formed.
     pub(crate) fn of(frame: &[u8]) -> Option<Self> {
-        let (proto, _) = Self::check(frame)?;
+        let proto = Self::check(frame)?;
         let ends = frame.get(IP + 12..IP + 24)?;
         let (lo, hi) = ends.split_at(8);
         Some(Self {
@@ -62,10 +62,9 @@ impl FlowKey {
     }
 
     /// The protocol of a well-formed frame of the kind keys are taken
-    /// from, and its transport header; None otherwise (or for TCP with
-    /// SYN, FIN or RST).
+    /// from; None otherwise (or for TCP with SYN, FIN or RST).
     #[inline]
-    fn check(frame: &[u8]) -> Option<(u8, &[u8])> {
+    fn check(frame: &[u8]) -> Option<u8> {
         let eth = frame.get(12..14)?;
         if u16::from_be_bytes([eth[0], eth[1]]) != ETHERTYPE_IPV4 {
             return None;
@@ -89,7 +88,7 @@ impl FlowKey {
         if proto == PROTO_TCP && l4.get(13)? & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
             return None;
         }
-        Some((proto, l4))
+        Some(proto)
     }
 }
 

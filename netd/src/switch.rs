@@ -361,10 +361,13 @@ impl Kicks {
         }
     }
 
-    /// The port the last staged frame went to, and its place in the batch.
-    fn last_staged(&self) -> Option<(usize, &Arc<Port>)> {
+    /// Where in the batch the last staged frame went, if to port `p` and
+    /// `p` is not mirrored (a remembered decision may send there again),
+    /// and the port.
+    fn last_staged_to(&self, p: PortId) -> Option<(usize, &Arc<Port>)> {
         let (at, _, _) = self.staged.last()?;
-        Some((*at, self.ports.get(*at)?))
+        let to = self.ports.get(*at)?;
+        (to.id == p && to.mirror_target().is_none()).then_some((*at, to))
     }
 
     /// [`Kicks::stage`] for the `at`-th port of the batch.
@@ -714,7 +717,7 @@ impl Inner {
     }
 
     /// Remembers, for the rest of the burst, that frames from `from` with
-    /// `eth`'s addresses go to the one local port `decision` names (which
+    /// `frame`'s addresses go to the one local port `decision` names (which
     /// took this one): on a plain segment for any such frame, otherwise
     /// for frames of `pkt`'s connection that change no tracked state, once
     /// this one passed both ports' security (neither port mirrored, no
@@ -746,11 +749,9 @@ impl Inner {
             Some((pkt.flow, pkt.icmp_type))
         };
         // The frame was just staged for `p`.
-        let to = kicks.last_staged().and_then(|(at, to)| {
-            let fits = to.id == p
-                && to.segment == from.segment
-                && (flow.is_some() || !to.filtered.load(Ordering::Acquire))
-                && to.mirror_target().is_none();
+        let to = kicks.last_staged_to(p).and_then(|(at, to)| {
+            let fits = to.segment == from.segment
+                && (flow.is_some() || !to.filtered.load(Ordering::Acquire));
             fits.then_some(at)
         });
         let key = flow.and_then(|_| FlowKey::of(frame));
@@ -947,12 +948,9 @@ impl Inner {
         let staged = kicks.staged.len();
         self.forward_local(seg, pseudo, decision, (inner, &NetHdr::PLAIN), None, kicks);
         if let (Forward::Port(p), true) = (decision, kicks.staged.len() == staged + 1) {
-            let to = kicks.last_staged().and_then(|(at, to)| {
-                let fits = to.id == p
-                    && !to.filtered.load(Ordering::Acquire)
-                    && to.mirror_target().is_none();
-                fits.then_some(at)
-            });
+            let to = kicks
+                .last_staged_to(p)
+                .and_then(|(at, to)| (!to.filtered.load(Ordering::Acquire)).then_some(at));
             kicks.rx_memo = to.zip(addrs).map(|(to, addrs)| RxMemo {
                 from,
                 vni,

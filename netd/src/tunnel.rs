@@ -117,10 +117,6 @@ impl Datagram {
     }
 }
 
-// SAFETY: a lent frame is only read by the thread that owns the outbox,
-// during the send that empties it; the lender keeps it unchanged until then.
-unsafe impl Send for Outbox {}
-
 impl Outbox {
     /// Adds a copy of `frame` in a VXLAN header for `vni`, for `to`.
     pub(crate) fn push(&mut self, to: SocketAddrV4, vni: u32, frame: &[u8]) {
