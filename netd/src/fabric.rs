@@ -9,12 +9,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::dhcp::DhcpConfig;
+use crate::flow::{PROTO_TCP, PROTO_UDP};
 use crate::frame::Mac;
 use crate::l2::{PortId, SegmentId};
-use crate::nat::{Floating, Gateway};
+use crate::nat::{Floating, Gateway, PortForward};
 use crate::port::Port;
 use crate::router::{gateway_mac, Subnet, VpcId};
-use crate::secgroup::{mask, parse_cidr, GroupId, Rule, RuleError};
+use crate::secgroup::{contains, mask, parse_cidr, GroupId, Rule, RuleError};
 use crate::switch::{Switch, SwitchError};
 
 /// The security group every port is in unless it names others.
@@ -148,7 +149,23 @@ struct Registry {
     /// VPC -> (external network, gateway address).
     gateways: BTreeMap<u32, (u32, Ipv4Addr)>,
     floating: BTreeMap<u32, FloatingEntry>,
+    forwards: BTreeMap<u32, ForwardEntry>,
     next: u32,
+}
+
+/// A port forward of a VPC's gateway address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardEntry {
+    /// The VPC.
+    pub vpc: u32,
+    /// "tcp" or "udp".
+    pub protocol: &'static str,
+    /// The gateway address's port.
+    pub external_port: u16,
+    /// The VM address it goes to.
+    pub address: Ipv4Addr,
+    /// And the VM's port.
+    pub port: u16,
 }
 
 /// A floating IP.
@@ -629,6 +646,120 @@ impl Fabric {
         self.reg().gateways.get(&vpc).copied()
     }
 
+    /// Forwards `protocol` ("tcp" or "udp") port `external_port` of VPC
+    /// `vpc`'s gateway address to `address`:`port`, an address in one of
+    /// the VPC's subnets; replies leave from the gateway's port. The
+    /// VM's ingress rules apply. Returns the forward's id.
+    pub fn add_port_forward(
+        &self,
+        vpc: u32,
+        protocol: &str,
+        external_port: u16,
+        address: Ipv4Addr,
+        port: u16,
+    ) -> Result<u32> {
+        let mut reg = self.reg();
+        if !reg.vpcs.contains_key(&vpc) {
+            return Err(FabricError::NotFound(format!("no VPC {vpc}")));
+        }
+        let (protocol, proto) = match protocol {
+            "tcp" => ("tcp", PROTO_TCP),
+            "udp" => ("udp", PROTO_UDP),
+            other => return Err(invalid(format!("protocol {other:?}: want tcp or udp"))),
+        };
+        if external_port == 0 || port == 0 {
+            return Err(invalid("ports are 1-65535"));
+        }
+        let Some(&(_, gw)) = reg.gateways.get(&vpc) else {
+            return Err(invalid("the VPC has no gateway"));
+        };
+        let inside = reg
+            .networks
+            .values()
+            .filter(|n| n.vpc == Some(vpc))
+            .filter_map(|n| n.subnet.and_then(|s| reg.subnets.get(&s)))
+            .any(|s| contains(s.subnet.net, s.subnet.prefix, address));
+        if !inside {
+            return Err(invalid(format!(
+                "{address} is in none of the VPC's subnets"
+            )));
+        }
+        for f in reg
+            .forwards
+            .values()
+            .filter(|f| f.vpc == vpc && f.protocol == protocol)
+        {
+            if f.external_port == external_port {
+                return Err(invalid(format!(
+                    "{protocol} port {external_port} of the gateway is forwarded already"
+                )));
+            }
+            if (f.address, f.port) == (address, port) {
+                return Err(invalid(format!(
+                    "{protocol} {address}:{port} has a forward already"
+                )));
+            }
+        }
+        let id = reg.id();
+        let entry = ForwardEntry {
+            vpc,
+            protocol,
+            external_port,
+            address,
+            port,
+        };
+        self.switch
+            .set_forward(gw, Self::forward_of(&entry, proto), true);
+        reg.forwards.insert(id, entry);
+        Ok(id)
+    }
+
+    fn forward_of(f: &ForwardEntry, proto: u8) -> PortForward {
+        PortForward {
+            vpc: VpcId(f.vpc),
+            proto,
+            external_port: f.external_port,
+            inner: f.address,
+            inner_port: f.port,
+        }
+    }
+
+    /// Removes VPC `vpc`'s port forward `id`; its connections end.
+    pub fn remove_port_forward(&self, vpc: u32, id: u32) -> Result<()> {
+        let mut reg = self.reg();
+        if reg.forwards.get(&id).map(|f| f.vpc) != Some(vpc) {
+            return Err(FabricError::NotFound(format!(
+                "VPC {vpc} has no port forward {id}"
+            )));
+        }
+        Self::drop_forward(&self.switch, &mut reg, id);
+        Ok(())
+    }
+
+    fn drop_forward(switch: &Switch, reg: &mut Registry, id: u32) {
+        let Some(f) = reg.forwards.remove(&id) else {
+            return;
+        };
+        let proto = if f.protocol == "tcp" {
+            PROTO_TCP
+        } else {
+            PROTO_UDP
+        };
+        if let Some(&(_, gw)) = reg.gateways.get(&f.vpc) {
+            switch.set_forward(gw, Self::forward_of(&f, proto), false);
+        }
+    }
+
+    /// VPC `vpc`'s port forwards, by id.
+    pub fn port_forwards(&self, vpc: u32) -> Vec<(u32, ForwardEntry)> {
+        self.reg()
+            .forwards
+            .iter()
+            .filter(|(_, f)| f.vpc == vpc)
+            .map(|(id, f)| (*id, f.clone()))
+            .collect()
+    }
+
     /// Takes floating IP `ip` (or the first free one) on external network
     /// `network`.
     pub fn create_floating_ip(
@@ -752,6 +883,15 @@ impl Fabric {
             .ok_or_else(|| FabricError::NotFound(format!("no VPC {id}")))?;
         if reg.networks.values().any(|n| n.vpc == Some(id)) {
             return Err(invalid(format!("VPC {name:?} has networks")));
+        }
+        let forwards: Vec<u32> = reg
+            .forwards
+            .iter()
+            .filter(|(_, f)| f.vpc == id)
+            .map(|(k, _)| *k)
+            .collect();
+        for f in forwards {
+            Self::drop_forward(&self.switch, &mut reg, f);
         }
         if let Some((network, ip)) = reg.gateways.remove(&id) {
             self.switch.set_gateway(VpcId(id), None);

@@ -1,6 +1,8 @@
 //! The way out of a VPC: its router's gateway on an external network (one
 //! bridged to the uplink), SNAT for every VM (many to one, with port
-//! translation) and 1:1 floating IPs (DNAT in, SNAT out). The router answers
+//! translation), port forwards (DNAT of one TCP or UDP port of the
+//! gateway address to a VM's port) and 1:1 floating IPs (DNAT in, SNAT
+//! out). The router answers
 //! ARP for its external address and the floating IPs, finds next hops on the
 //! external network by ARP itself, and holds a few packets while it asks.
 
@@ -66,6 +68,25 @@ struct Napt {
     inner: Ipv4Addr,
     port: u16,
     used: Instant,
+    /// A port forward's: kept until it is removed, never reused.
+    forward: bool,
+}
+
+/// A port forward: connections to a TCP or UDP port of a VPC's gateway
+/// address go to a VM's address and port (and its replies come from the
+/// gateway's port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortForward {
+    /// The VPC.
+    pub vpc: VpcId,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// The gateway's port.
+    pub external_port: u16,
+    /// The VM's address.
+    pub inner: Ipv4Addr,
+    /// The VM's port.
+    pub inner_port: u16,
 }
 
 /// Gateways, floating IPs, translations and the external neighbours.
@@ -108,6 +129,34 @@ impl Nat {
         }
     }
 
+    /// Adds (`on`) or removes port forward `f` on gateway address `gw`. A
+    /// translation that held either end meanwhile is dropped (its
+    /// connection ends); the caller keeps forwards from overlapping.
+    pub fn set_forward(&mut self, gw: Ipv4Addr, f: PortForward, on: bool, now: Instant) {
+        let outside = (gw, f.proto, f.external_port);
+        let inside = (f.vpc, f.proto, f.inner, f.inner_port);
+        if let Some(old) = self.inbound.remove(&outside) {
+            self.outbound
+                .remove(&(old.vpc, f.proto, old.inner, old.port));
+        }
+        if let Some(p) = self.outbound.remove(&inside) {
+            self.inbound.remove(&(gw, f.proto, p));
+        }
+        if on {
+            self.inbound.insert(
+                outside,
+                Napt {
+                    vpc: f.vpc,
+                    inner: f.inner,
+                    port: f.inner_port,
+                    used: now,
+                    forward: true,
+                },
+            );
+            self.outbound.insert(inside, f.external_port);
+        }
+    }
+
     /// The router MAC answering for `ip` on `segment` (a gateway address
     /// or a floating IP of a VPC whose gateway is there).
     fn owner(&self, segment: SegmentId, ip: Ipv4Addr) -> Option<&Gateway> {
@@ -143,7 +192,7 @@ impl Nat {
             let stale: Vec<_> = self
                 .inbound
                 .iter()
-                .filter(|(_, n)| now.saturating_duration_since(n.used) > NAPT_IDLE)
+                .filter(|(_, n)| !n.forward && now.saturating_duration_since(n.used) > NAPT_IDLE)
                 .map(|(k, n)| (*k, *n))
                 .collect();
             for (k, n) in stale {
@@ -168,6 +217,7 @@ impl Nat {
                     inner,
                     port,
                     used: now,
+                    forward: false,
                 });
                 self.outbound.insert((vpc, proto, inner, port), p);
                 return Some(p);
@@ -475,5 +525,69 @@ impl Inner {
         let pkt = ip.as_ref().map(|p| &p.0);
         let plain = (&inner[..], &NetHdr::PLAIN);
         self.forward_local(seg, UPLINK_PORT, decision, plain, pkt, kicks);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GW: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+    const VM: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
+
+    fn forward(external_port: u16) -> PortForward {
+        PortForward {
+            vpc: VpcId(1),
+            proto: PROTO_UDP,
+            external_port,
+            inner: VM,
+            inner_port: 53,
+        }
+    }
+
+    /// A forward answers both ways, outlives idle translations when the
+    /// table is full, takes over a translation that held its port, and
+    /// goes without a trace.
+    #[test]
+    fn port_forwards_hold_their_ports() {
+        let mut nat = Nat::default();
+        let t0 = Instant::now();
+        // A VM's connection holds a translation at the first dynamic port.
+        let taken = nat.napt_out(VpcId(1), GW, PROTO_UDP, VM, 53, t0).unwrap();
+        assert_eq!(taken, NAPT_PORTS.0);
+        // A forward of that port replaces it (its inside end too).
+        nat.set_forward(GW, forward(taken), true, t0);
+        let n = nat.inbound[&(GW, PROTO_UDP, taken)];
+        assert_eq!((n.inner, n.port, n.forward), (VM, 53, true));
+        assert_eq!(
+            nat.napt_out(VpcId(1), GW, PROTO_UDP, VM, 53, t0),
+            Some(taken)
+        );
+        // The table fills with translations; once they are idle, new ones
+        // reuse their room, never the forward's.
+        let mut other = 0u32;
+        while nat.inbound.len() < MAX_NAPT {
+            let ip = Ipv4Addr::from(0x0a02_0000 + other / 1000);
+            let port = u16::try_from(1000 + other % 1000).unwrap();
+            assert!(nat
+                .napt_out(VpcId(1), GW, PROTO_UDP, ip, port, t0)
+                .is_some());
+            other += 1;
+        }
+        let later = t0 + NAPT_IDLE + Duration::from_secs(1);
+        let fresh = nat.napt_out(
+            VpcId(1),
+            GW,
+            PROTO_UDP,
+            Ipv4Addr::new(10, 3, 0, 1),
+            9,
+            later,
+        );
+        assert!(fresh.is_some_and(|p| p != taken));
+        assert!(nat.inbound[&(GW, PROTO_UDP, taken)].forward);
+        // Removed, nothing of it is left.
+        nat.set_forward(GW, forward(taken), false, later);
+        assert!(!nat.inbound.contains_key(&(GW, PROTO_UDP, taken)));
+        assert!(!nat.outbound.contains_key(&(VpcId(1), PROTO_UDP, VM, 53)));
     }
 }

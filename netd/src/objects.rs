@@ -61,6 +61,52 @@ impl VpcObject {
         self.gateway_address_changed(&emitter).await?;
         Ok(ip.to_string())
     }
+
+    /// Port forwards of the gateway address: (id, protocol, gateway port,
+    /// VM address, VM port).
+    #[zbus(property)]
+    fn port_forwards(&self) -> Vec<(u32, String, u16, String, u16)> {
+        self.fabric
+            .port_forwards(self.id)
+            .into_iter()
+            .map(|(id, f)| {
+                let addr = f.address.to_string();
+                (id, f.protocol.to_owned(), f.external_port, addr, f.port)
+            })
+            .collect()
+    }
+
+    /// Forwards `protocol` ("tcp" or "udp") port `external_port` of the
+    /// gateway address to `address`:`port` in one of the VPC's subnets (the
+    /// VM's ingress rules apply). Returns the forward's id.
+    async fn add_port_forward(
+        &self,
+        protocol: String,
+        external_port: u16,
+        address: String,
+        port: u16,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<u32, NetError> {
+        let ip = address.parse().map_err(|_| {
+            NetError::InvalidArgument(format!("address {address:?}: not an IPv4 address"))
+        })?;
+        let id = self
+            .fabric
+            .add_port_forward(self.id, &protocol, external_port, ip, port)?;
+        self.port_forwards_changed(&emitter).await?;
+        Ok(id)
+    }
+
+    /// Removes port forward `id`; its connections end.
+    async fn remove_port_forward(
+        &self,
+        id: u32,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), NetError> {
+        self.fabric.remove_port_forward(self.id, id)?;
+        self.port_forwards_changed(&emitter).await?;
+        Ok(())
+    }
 }
 
 /// A floating IP on the bus.
@@ -639,6 +685,19 @@ pub trait Vpc {
     fn gateway_address(&self) -> zbus::Result<String>;
     /// Gives the VPC a way out.
     fn set_gateway(&self, network: &ObjectPath<'_>, address: &str) -> zbus::Result<String>;
+    /// Its port forwards.
+    #[zbus(property)]
+    fn port_forwards(&self) -> zbus::Result<Vec<(u32, String, u16, String, u16)>>;
+    /// Forwards a port of the gateway address to a VM.
+    fn add_port_forward(
+        &self,
+        protocol: &str,
+        external_port: u16,
+        address: &str,
+        port: u16,
+    ) -> zbus::Result<u32>;
+    /// Removes a port forward.
+    fn remove_port_forward(&self, id: u32) -> zbus::Result<()>;
 }
 
 /// Typed client of a floating IP.

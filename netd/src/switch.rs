@@ -22,7 +22,7 @@ use crate::frame::{Arp, Ethernet, Ipv4, Mac, ARP_REQUEST, ETHERTYPE_ARP, ETHERTY
 use crate::l2::{Forward, MacTable, PortId, SegmentId};
 use crate::memo::{Addrs, FlowKey};
 use crate::metadata::{self, Endpoint};
-use crate::nat::{Floating, Gateway, Nat};
+use crate::nat::{Floating, Gateway, Nat, PortForward};
 use crate::offload::{self, NetHdr};
 use crate::overlay::{self, Overlay};
 use crate::port::{self, Port};
@@ -1689,6 +1689,15 @@ impl Switch {
             .unwrap_or_else(PoisonError::into_inner)
             .has_gateways();
         self.inner.nat_on.store(any, Ordering::Release);
+    }
+
+    /// Adds (`on`) or removes port forward `f` on gateway address `gw`.
+    pub fn set_forward(&self, gw: Ipv4Addr, f: PortForward, on: bool) {
+        self.inner
+            .nat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_forward(gw, f, on, Instant::now());
     }
 
     /// Binds (or frees) floating IP `ip`.

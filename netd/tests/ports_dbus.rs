@@ -10,7 +10,7 @@ use std::time::Duration;
 use atoll_tests::contract::wait_owner;
 use atoll_tests::net_frontend::NetFrontend;
 use atoll_tests::TestBus;
-use netd::objects::{PortProxy, SecurityGroupProxy, SubnetProxy};
+use netd::objects::{PortProxy, SecurityGroupProxy, SubnetProxy, VpcProxy};
 use netd::Net1Proxy;
 use zbus::zvariant::{ObjectPath, Value};
 
@@ -197,6 +197,66 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     assert_eq!(s.cidr().await.unwrap(), "10.9.0.0/24");
     assert_eq!(s.gateway().await.unwrap(), "10.9.0.1");
 
+    // Port forwards of the VPC's gateway address.
+    let router = VpcProxy::builder(&conn)
+        .path(vpc.clone())
+        .unwrap()
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    let err = router
+        .add_port_forward("tcp", 8080, "10.9.0.20", 80)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no gateway"), "{err}");
+    let ext = net
+        .create_network("ext", "flat", HashMap::new())
+        .await
+        .unwrap();
+    net.create_subnet(
+        &ext,
+        "192.0.2.0/24",
+        HashMap::from([("external", Value::from(true))]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(router.set_gateway(&ext, "").await.unwrap(), "192.0.2.2");
+    let web_fwd = router
+        .add_port_forward("tcp", 8080, "10.9.0.20", 80)
+        .await
+        .unwrap();
+    for (args, why) in [
+        (("tcp", 8080, "10.9.0.21", 80), "forwarded already"),
+        (("tcp", 8081, "10.9.0.20", 80), "has a forward already"),
+        (("sctp", 8082, "10.9.0.20", 80), "want tcp or udp"),
+        (("udp", 0, "10.9.0.20", 80), "1-65535"),
+        (("udp", 8083, "10.10.0.20", 80), "none of the VPC's subnets"),
+        (("udp", 8083, "web", 80), "not an IPv4 address"),
+    ] {
+        let err = router
+            .add_port_forward(args.0, args.1, args.2, args.3)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(why), "{args:?}: {err}");
+    }
+    // The same ports over UDP are another forward.
+    let dns_fwd = router
+        .add_port_forward("udp", 8080, "10.9.0.20", 80)
+        .await
+        .unwrap();
+    assert_eq!(
+        router.port_forwards().await.unwrap(),
+        vec![
+            (web_fwd, "tcp".into(), 8080, "10.9.0.20".into(), 80),
+            (dns_fwd, "udp".into(), 8080, "10.9.0.20".into(), 80),
+        ]
+    );
+    router.remove_port_forward(web_fwd).await.unwrap();
+    let err = router.remove_port_forward(web_fwd).await.unwrap_err();
+    assert!(err.to_string().contains("NotFound"), "{err}");
+    assert_eq!(router.port_forwards().await.unwrap().len(), 1);
+
     let sg = net.create_security_group("www").await.unwrap();
     let group = SecurityGroupProxy::builder(&conn)
         .path(sg.clone())
@@ -308,7 +368,7 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     assert!(err.to_string().contains("has networks"), "{err}");
     net.delete_network(&again).await.unwrap();
     net.delete_vpc(&vpc).await.unwrap();
-    let gone = netd::objects::VpcProxy::builder(&conn)
+    let gone = VpcProxy::builder(&conn)
         .path(vpc.clone())
         .unwrap()
         .cache_properties(zbus::proxy::CacheProperties::No)

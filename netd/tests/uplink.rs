@@ -1,11 +1,13 @@
-//! The uplink, VLANs, SNAT and floating IPs against a real outside world:
+//! The uplink, VLANs, SNAT, port forwards and floating IPs against a real
+//! outside world:
 //! the switch's TAP uplink is moved into a network namespace whose kernel
 //! plays the physical network (a router at 192.0.2.1 on the untagged
-//! external network, hosts on VLANs 10 and 20), and pings cross it. VMs are
-//! test frontends that answer ARP and ping. Needs root (namespaces, TAP).
+//! external network, hosts on VLANs 10 and 20), and pings and datagrams
+//! cross it. VMs are test frontends that answer ARP and ping and echo UDP.
+//! Needs root (namespaces, TAP).
 #![allow(clippy::unwrap_used)]
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +18,7 @@ use std::time::Duration;
 use atoll_tests::net_frontend::NetFrontend;
 use netd::fabric::{Fabric, Kind, PortEntry, SubnetSettings};
 use netd::flow::{
-    icmp_echo_reply, ipv4_header, Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP,
+    icmp_echo_reply, ipv4_header, Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_UDP,
 };
 use netd::frame::{checksum, Arp, Ethernet, Ipv4, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4};
 use netd::secgroup::Rule;
@@ -186,8 +188,56 @@ impl Raw {
     }
 }
 
-/// A VM that answers ARP for its address and pings to it, counting every
-/// frame it gets, until told to stop.
+/// The reply of a UDP echo service at the destination of `e` (UDP in
+/// `i`), from `mac`: ports swapped, checksum computed.
+fn udp_echo(e: &Ethernet<'_>, i: &Ipv4<'_>, mac: [u8; 6]) -> Vec<u8> {
+    let q = i.payload;
+    let mut udp = [&q[2..4], &q[0..2], &q[4..6], &[0, 0], &q[8..]].concat();
+    let mut pseudo = [i.dst.octets(), i.src.octets()].concat();
+    pseudo.extend_from_slice(&[0, PROTO_UDP]);
+    pseudo.extend_from_slice(&u16::try_from(udp.len()).unwrap().to_be_bytes());
+    pseudo.extend_from_slice(&udp);
+    let sum = match checksum(&pseudo) {
+        0 => 0xffff,
+        s => s,
+    };
+    udp[6..8].copy_from_slice(&sum.to_be_bytes());
+    let mut out = [&e.src[..], &mac[..], &ETHERTYPE_IPV4.to_be_bytes()].concat();
+    out.extend_from_slice(&ipv4_header(i.dst, i.src, PROTO_UDP, udp.len()));
+    out.extend_from_slice(&udp);
+    out
+}
+
+/// A UDP socket opened inside the outside world's namespace.
+fn outside_udp() -> UdpSocket {
+    std::thread::spawn(|| {
+        let ns = std::fs::File::open(format!("/var/run/netns/{NS}")).unwrap();
+        // SAFETY: this thread alone enters the namespace, to open the
+        // socket there; it ends right after.
+        let entered = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0);
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        s
+    })
+    .join()
+    .unwrap()
+}
+
+/// What a UDP echo at 192.0.2.2:`port` (the VPC router) answers to
+/// `msg` within a second, if anything; only the router's address and
+/// port may answer (the socket is connected to it).
+fn udp_from_outside(port: u16, msg: &[u8]) -> Option<Vec<u8>> {
+    let s = outside_udp();
+    s.connect((Ipv4Addr::new(192, 0, 2, 2), port)).unwrap();
+    s.send(msg).unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.recv(&mut buf).ok()?;
+    Some(buf[..n].to_vec())
+}
+
+/// A VM that answers ARP for its address and pings to it and echoes UDP
+/// datagrams to it, counting every frame it gets, until told to stop.
 struct Responder {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<usize>,
@@ -220,6 +270,9 @@ impl Responder {
                         if i.dst == ip && p.icmp_type == Some(ICMP_ECHO_REQUEST) {
                             fe.send(&icmp_echo_reply(&f, &i, mac)).unwrap();
                         }
+                        if i.dst == ip && i.protocol == PROTO_UDP {
+                            fe.send(&udp_echo(&e, &i, mac)).unwrap();
+                        }
                     }
                     _ => {}
                 }
@@ -250,7 +303,7 @@ fn ping_from_outside(args: &[&str]) -> bool {
 }
 
 #[test]
-fn floating_ips_snat_and_vlans_meet_the_outside_world() {
+fn floating_ips_snat_port_forwards_and_vlans_meet_the_outside_world() {
     let dir = tempfile::tempdir().unwrap();
     let f = Fabric::new(dir.path().to_owned()).unwrap();
     f.switch.set_uplink(TAP).unwrap();
@@ -355,6 +408,41 @@ fn floating_ips_snat_and_vlans_meet_the_outside_world() {
             0x4444
         )
     );
+
+    // A port forward: UDP 8053 of the router's address reaches a VM's port
+    // 53 once its ingress rules let it in, and the answer comes from the
+    // router's port (the outside socket hears only that).
+    let svc = f
+        .create_port(web, None, None, "svc", Some(vec![open]))
+        .unwrap();
+    let svc_ip = svc.port.security().ip.unwrap();
+    let fwd = f.add_port_forward(vpc, "udp", 8053, svc_ip, 53).unwrap();
+    let responder = Responder::start(&svc);
+    assert_eq!(
+        udp_from_outside(8053, b"refused"),
+        None,
+        "no rule lets it in"
+    );
+    f.switch
+        .add_rule(
+            open,
+            Rule::parse("ingress", "udp", (53, 53), "", None).unwrap(),
+        )
+        .unwrap();
+    assert_eq!(
+        udp_from_outside(8053, b"what is atoll?").as_deref(),
+        Some(&b"what is atoll?"[..])
+    );
+    // Other ports of the router go nowhere; a removed forward neither.
+    assert_eq!(udp_from_outside(8054, b"other port"), None);
+    f.remove_port_forward(vpc, fwd).unwrap();
+    assert_eq!(udp_from_outside(8053, b"gone"), None);
+    assert_eq!(
+        responder.stop(),
+        1,
+        "the VM got the allowed datagram and nothing else"
+    );
+    f.delete_port(svc.port.id.0).unwrap();
 
     // VLANs: a host on the trunk asks each VLAN for its VM; each answers
     // with its own tag, and neither hears the other VLAN.
