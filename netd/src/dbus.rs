@@ -546,15 +546,18 @@ impl Net1 {
         Ok(())
     }
 
-    /// Deletes a VPC no network is in; its gateway goes with it.
+    /// Deletes a VPC no network is in; its gateway, port forwards and
+    /// peerings go with it.
     async fn delete_vpc(
         &self,
         vpc: OwnedObjectPath,
         #[zbus(object_server)] server: &zbus::ObjectServer,
     ) -> Result<(), NetError> {
         let id = id_in("vpc", &vpc)?;
+        let peers = self.fabric.vpc_peers(id);
         self.fabric.delete_vpc(id)?;
         server.remove::<VpcObject, _>(&vpc).await?;
+        crate::objects::peers_changed(server, &peers).await;
         Ok(())
     }
 

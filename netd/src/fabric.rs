@@ -150,6 +150,8 @@ struct Registry {
     gateways: BTreeMap<u32, (u32, Ipv4Addr)>,
     floating: BTreeMap<u32, FloatingEntry>,
     forwards: BTreeMap<u32, ForwardEntry>,
+    /// Peered VPCs, (lower id, higher id).
+    peerings: BTreeSet<(u32, u32)>,
     next: u32,
 }
 
@@ -184,6 +186,24 @@ impl Registry {
         self.next += 1;
         self.next
     }
+
+    /// Whether subnets of VPC `a` route to those of `b`: the same VPC or
+    /// peers.
+    fn joined(&self, a: u32, b: u32) -> bool {
+        a == b || self.peerings.contains(&(a.min(b), a.max(b)))
+    }
+
+    /// The subnets of VPC `vpc`.
+    fn vpc_subnets(&self, vpc: u32) -> impl Iterator<Item = &SubnetEntry> {
+        self.subnets
+            .values()
+            .filter(move |s| s.subnet.vpc == Some(VpcId(vpc)))
+    }
+}
+
+/// Whether subnets `a` and `b` share addresses.
+fn overlap(a: &Subnet, b: &Subnet) -> bool {
+    a.contains(b.net) || b.contains(a.net)
 }
 
 /// The node's networks.
@@ -424,14 +444,22 @@ impl Fabric {
                 "gateway {gateway}: not a host address of {cidr}"
             )));
         }
-        // Subnets of one VPC route to each other: they may not overlap.
+        // Subnets of one VPC, or of peered VPCs, route to each other: they
+        // may not overlap.
         if let Some(vpc) = n.vpc {
-            let overlap = reg.subnets.values().any(|s| {
-                s.subnet.vpc == Some(VpcId(vpc))
-                    && (s.subnet.contains(net) || sub.contains(s.subnet.net))
+            let clash = reg.subnets.values().find(|s| {
+                s.subnet.vpc.is_some_and(|o| reg.joined(vpc, o.0)) && overlap(&s.subnet, &sub)
             });
-            if overlap {
-                return Err(invalid(format!("cidr {cidr} overlaps a subnet of the VPC")));
+            if let Some(c) = clash {
+                let whose = if c.subnet.vpc == Some(VpcId(vpc)) {
+                    "the VPC"
+                } else {
+                    "a peered VPC"
+                };
+                return Err(invalid(format!(
+                    "cidr {cidr} overlaps {}/{}, a subnet of {whose}",
+                    c.subnet.net, c.subnet.prefix
+                )));
             }
         }
         let id = reg.id();
@@ -644,6 +672,61 @@ impl Fabric {
     /// VPC `vpc`'s gateway: (external network, address).
     pub fn vpc_gateway(&self, vpc: u32) -> Option<(u32, Ipv4Addr)> {
         self.reg().gateways.get(&vpc).copied()
+    }
+
+    /// Peers VPCs `a` and `b`: their subnets route to each other (security
+    /// groups apply as within a VPC; names stay each VPC's own). Refused
+    /// while any of their subnets overlap.
+    pub fn peer_vpcs(&self, a: u32, b: u32) -> Result<()> {
+        let mut reg = self.reg();
+        for v in [a, b] {
+            if !reg.vpcs.contains_key(&v) {
+                return Err(FabricError::NotFound(format!("no VPC {v}")));
+            }
+        }
+        if a == b {
+            return Err(invalid("a VPC does not peer with itself"));
+        }
+        if reg.joined(a, b) {
+            return Err(invalid("the VPCs are peered already"));
+        }
+        for x in reg.vpc_subnets(a) {
+            if let Some(y) = reg.vpc_subnets(b).find(|y| overlap(&x.subnet, &y.subnet)) {
+                return Err(invalid(format!(
+                    "subnets {}/{} and {}/{} overlap",
+                    x.subnet.net, x.subnet.prefix, y.subnet.net, y.subnet.prefix
+                )));
+            }
+        }
+        self.switch.set_peering(VpcId(a), VpcId(b), true);
+        reg.peerings.insert((a.min(b), a.max(b)));
+        Ok(())
+    }
+
+    /// Parts peered VPCs `a` and `b`: their subnets stop reaching each
+    /// other.
+    pub fn unpeer_vpcs(&self, a: u32, b: u32) -> Result<()> {
+        let mut reg = self.reg();
+        if a == b || !reg.peerings.remove(&(a.min(b), a.max(b))) {
+            return Err(FabricError::NotFound(format!(
+                "VPCs {a} and {b} are not peered"
+            )));
+        }
+        self.switch.set_peering(VpcId(a), VpcId(b), false);
+        Ok(())
+    }
+
+    /// The VPCs `vpc` is peered with.
+    pub fn vpc_peers(&self, vpc: u32) -> Vec<u32> {
+        self.reg()
+            .peerings
+            .iter()
+            .filter_map(|&(x, y)| match (x == vpc, y == vpc) {
+                (true, _) => Some(y),
+                (_, true) => Some(x),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Forwards `protocol` ("tcp" or "udp") port `external_port` of VPC
@@ -872,8 +955,9 @@ impl Fabric {
         Ok(())
     }
 
-    /// Deletes VPC `id` once no network is in it; its gateway goes with it
-    /// and the gateway's address returns to the external subnet.
+    /// Deletes VPC `id` once no network is in it; its gateway, port
+    /// forwards and peerings go with it and the gateway's address returns
+    /// to the external subnet.
     pub fn delete_vpc(&self, id: u32) -> Result<()> {
         let mut reg = self.reg();
         let name = reg
@@ -883,6 +967,17 @@ impl Fabric {
             .ok_or_else(|| FabricError::NotFound(format!("no VPC {id}")))?;
         if reg.networks.values().any(|n| n.vpc == Some(id)) {
             return Err(invalid(format!("VPC {name:?} has networks")));
+        }
+        // Its peerings end with it.
+        let peers: Vec<(u32, u32)> = reg
+            .peerings
+            .iter()
+            .filter(|(x, y)| *x == id || *y == id)
+            .copied()
+            .collect();
+        for (x, y) in peers {
+            reg.peerings.remove(&(x, y));
+            self.switch.set_peering(VpcId(x), VpcId(y), false);
         }
         let forwards: Vec<u32> = reg
             .forwards

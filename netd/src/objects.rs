@@ -62,6 +62,41 @@ impl VpcObject {
         Ok(ip.to_string())
     }
 
+    /// The VPCs peered with this one.
+    #[zbus(property)]
+    fn peers(&self) -> Vec<OwnedObjectPath> {
+        self.fabric
+            .vpc_peers(self.id)
+            .into_iter()
+            .filter_map(|v| object_path("vpc", v).ok())
+            .collect()
+    }
+
+    /// Peers this VPC with `vpc`: the subnets of both route to each other
+    /// (not on to a peer's peers); refused while any overlap.
+    async fn peer(
+        &self,
+        vpc: OwnedObjectPath,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<(), NetError> {
+        let other = id_in("vpc", &vpc)?;
+        self.fabric.peer_vpcs(self.id, other)?;
+        peers_changed(server, &[self.id, other]).await;
+        Ok(())
+    }
+
+    /// Parts this VPC from peer `vpc`.
+    async fn unpeer(
+        &self,
+        vpc: OwnedObjectPath,
+        #[zbus(object_server)] server: &zbus::ObjectServer,
+    ) -> Result<(), NetError> {
+        let other = id_in("vpc", &vpc)?;
+        self.fabric.unpeer_vpcs(self.id, other)?;
+        peers_changed(server, &[self.id, other]).await;
+        Ok(())
+    }
+
     /// Port forwards of the gateway address: (id, protocol, gateway port,
     /// VM address, VM port).
     #[zbus(property)]
@@ -106,6 +141,24 @@ impl VpcObject {
         self.fabric.remove_port_forward(self.id, id)?;
         self.port_forwards_changed(&emitter).await?;
         Ok(())
+    }
+}
+
+/// Signals that the peers of the VPCs `ids` changed (those still on the
+/// bus).
+pub(crate) async fn peers_changed(server: &zbus::ObjectServer, ids: &[u32]) {
+    for id in ids {
+        let Ok(path) = object_path("vpc", *id) else {
+            continue;
+        };
+        let Ok(iface) = server.interface::<_, VpcObject>(path).await else {
+            continue;
+        };
+        let emitter = iface.signal_emitter().clone();
+        let vpc = iface.get().await;
+        if let Err(e) = vpc.peers_changed(&emitter).await {
+            tracing::debug!("cannot signal VPC {id}'s peers: {e}");
+        }
     }
 }
 
@@ -685,6 +738,13 @@ pub trait Vpc {
     fn gateway_address(&self) -> zbus::Result<String>;
     /// Gives the VPC a way out.
     fn set_gateway(&self, network: &ObjectPath<'_>, address: &str) -> zbus::Result<String>;
+    /// The VPCs peered with it.
+    #[zbus(property)]
+    fn peers(&self) -> zbus::Result<Vec<OwnedObjectPath>>;
+    /// Peers it with another VPC.
+    fn peer(&self, vpc: &ObjectPath<'_>) -> zbus::Result<()>;
+    /// Parts it from a peer.
+    fn unpeer(&self, vpc: &ObjectPath<'_>) -> zbus::Result<()>;
     /// Its port forwards.
     #[zbus(property)]
     fn port_forwards(&self) -> zbus::Result<Vec<(u32, String, u16, String, u16)>>;

@@ -1,9 +1,10 @@
 //! The distributed router: every node's switch answers for the gateway of
 //! each subnet (ARP, ping, DNS) and routes between the subnets of one VPC
 //! itself, so no frame goes to a central router. Subnets of different VPCs
-//! never reach each other.
+//! reach each other only when the two VPCs are peered (not transitively:
+//! a peer's peer is not reached).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use crate::frame::Mac;
@@ -54,6 +55,8 @@ pub struct Host {
 pub struct L3 {
     subnets: HashMap<SegmentId, Subnet, ahash::RandomState>,
     hosts: HashMap<(SegmentId, Ipv4Addr), Host, ahash::RandomState>,
+    /// Peered VPCs, each pair both ways round.
+    peers: HashSet<(VpcId, VpcId), ahash::RandomState>,
 }
 
 impl L3 {
@@ -80,33 +83,66 @@ impl L3 {
         self.hosts.get(&(segment, ip))
     }
 
-    /// Segments whose subnets a port on `segment` reaches: its own, and
-    /// every other one of its VPC.
-    fn reachable(&self, segment: SegmentId) -> impl Iterator<Item = (SegmentId, &Subnet)> {
+    /// Peers (`on`) or parts VPCs `a` and `b`.
+    pub fn set_peering(&mut self, a: VpcId, b: VpcId, on: bool) {
+        if on {
+            self.peers.insert((a, b));
+            self.peers.insert((b, a));
+        } else {
+            self.peers.remove(&(a, b));
+            self.peers.remove(&(b, a));
+        }
+    }
+
+    /// Whether subnets of `vpc` route to those of `other`: the same VPC,
+    /// or a peer.
+    fn joined(&self, vpc: VpcId, other: Option<VpcId>) -> bool {
+        other.is_some_and(|o| o == vpc || self.peers.contains(&(vpc, o)))
+    }
+
+    /// Segments whose subnets a port on `segment` reaches: its own, every
+    /// other one of its VPC, and with `peers` those of peered VPCs.
+    fn reachable(
+        &self,
+        segment: SegmentId,
+        peers: bool,
+    ) -> impl Iterator<Item = (SegmentId, &Subnet)> {
         let vpc = self.subnets.get(&segment).and_then(|s| s.vpc);
         self.subnets
             .iter()
-            .filter(move |(seg, s)| **seg == segment || (vpc.is_some() && s.vpc == vpc))
+            .filter(move |(seg, s)| {
+                **seg == segment
+                    || vpc.is_some_and(|v| {
+                        if peers {
+                            self.joined(v, s.vpc)
+                        } else {
+                            s.vpc == Some(v)
+                        }
+                    })
+            })
             .map(|(seg, s)| (*seg, s))
     }
 
     /// Whether `ip` is a gateway address a port on `segment` may talk to.
     pub fn is_gateway(&self, segment: SegmentId, ip: Ipv4Addr) -> bool {
-        self.reachable(segment).any(|(_, s)| s.gateway == ip)
+        self.reachable(segment, true).any(|(_, s)| s.gateway == ip)
     }
 
     /// Where a packet from `segment` to `dst` goes through the router: the
     /// destination's segment, subnet and port.
     pub fn route(&self, segment: SegmentId, dst: Ipv4Addr) -> Option<(SegmentId, &Subnet, &Host)> {
-        let (seg, subnet) = self.reachable(segment).find(|(_, s)| s.contains(dst))?;
+        let (seg, subnet) = self
+            .reachable(segment, true)
+            .find(|(_, s)| s.contains(dst))?;
         Some((seg, subnet, self.hosts.get(&(seg, dst))?))
     }
 
-    /// Whether `ip` is in a subnet of `vpc`.
+    /// Whether `ip` is in a subnet of `vpc` or of a peer (not the way out,
+    /// then, even with no VM there).
     pub fn vpc_contains(&self, vpc: VpcId, ip: Ipv4Addr) -> bool {
         self.subnets
             .values()
-            .any(|s| s.vpc == Some(vpc) && s.contains(ip))
+            .any(|s| self.joined(vpc, s.vpc) && s.contains(ip))
     }
 
     /// The segment, subnet and port of `dst` among the subnets of `vpc`.
@@ -129,7 +165,8 @@ impl L3 {
             if *seg == segment {
                 return Some(*ip);
             }
-            if self.reachable(segment).any(|(s, _)| s == *seg) {
+            // Names are the VPC's own: a peer's are not resolved.
+            if self.reachable(segment, false).any(|(s, _)| s == *seg) {
                 found = Some(*ip);
             }
         }
@@ -193,5 +230,36 @@ mod tests {
         assert_eq!(l3.resolve(a, "other"), None);
         l3.remove_segment(b);
         assert!(l3.route(a, Ipv4Addr::new(10, 0, 2, 5)).is_none());
+    }
+
+    #[test]
+    fn peered_vpcs_route_to_each_other_but_not_to_peers_of_peers() {
+        let mut l3 = L3::default();
+        let (a, b, c) = (SegmentId(1), SegmentId(2), SegmentId(3));
+        l3.set_subnet(a, subnet(Some(1), [10, 1, 0, 0]));
+        l3.set_subnet(b, subnet(Some(2), [10, 2, 0, 0]));
+        l3.set_subnet(c, subnet(Some(3), [10, 3, 0, 0]));
+        l3.set_host(a, Ipv4Addr::new(10, 1, 0, 5), host(1, "app"));
+        l3.set_host(b, Ipv4Addr::new(10, 2, 0, 5), host(2, "db"));
+        l3.set_host(c, Ipv4Addr::new(10, 3, 0, 5), host(3, "far"));
+        let db = Ipv4Addr::new(10, 2, 0, 5);
+        assert!(l3.route(a, db).is_none());
+        assert!(!l3.vpc_contains(VpcId(1), db));
+        l3.set_peering(VpcId(1), VpcId(2), true);
+        l3.set_peering(VpcId(2), VpcId(3), true);
+        let (seg, _, h) = l3.route(a, db).unwrap();
+        assert_eq!((seg, h.port), (b, PortId(2)));
+        let (seg, _, _) = l3.route(b, Ipv4Addr::new(10, 1, 0, 5)).unwrap();
+        assert_eq!(seg, a, "both ways");
+        assert!(l3.vpc_contains(VpcId(1), Ipv4Addr::new(10, 2, 0, 77)));
+        assert!(l3.is_gateway(a, Ipv4Addr::new(10, 2, 0, 1)));
+        // Not transitive.
+        assert!(l3.route(a, Ipv4Addr::new(10, 3, 0, 5)).is_none());
+        assert!(!l3.vpc_contains(VpcId(1), Ipv4Addr::new(10, 3, 0, 5)));
+        // Names stay the VPC's own.
+        assert_eq!(l3.resolve(a, "db"), None);
+        l3.set_peering(VpcId(2), VpcId(1), false);
+        assert!(l3.route(a, db).is_none());
+        assert!(l3.route(b, Ipv4Addr::new(10, 3, 0, 5)).is_some());
     }
 }

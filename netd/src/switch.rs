@@ -1691,6 +1691,15 @@ impl Switch {
         self.inner.nat_on.store(any, Ordering::Release);
     }
 
+    /// Peers (`on`) or parts VPCs `a` and `b`.
+    pub fn set_peering(&self, a: VpcId, b: VpcId, on: bool) {
+        self.inner
+            .l3
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_peering(a, b, on);
+    }
+
     /// Adds (`on`) or removes port forward `f` on gateway address `gw`.
     pub fn set_forward(&self, gw: Ipv4Addr, f: PortForward, on: bool) {
         self.inner

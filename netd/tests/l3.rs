@@ -137,6 +137,8 @@ fn assert_blocked(tx: &mut Vm, rx: &mut Vm, frame: &[u8]) {
 struct World {
     _dir: tempfile::TempDir,
     fabric: Fabric,
+    prod: u32,
+    lab: u32,
     web: u32,
     db: u32,
     other: u32,
@@ -174,6 +176,8 @@ fn world() -> World {
     World {
         _dir: dir,
         fabric,
+        prod,
+        lab,
         web,
         db,
         other,
@@ -303,6 +307,96 @@ fn subnets_of_a_vpc_route_and_other_vpcs_stay_apart() {
     ));
     let (_, _, p) = d.recv_ip();
     assert_eq!(p.flow.sport, 5);
+}
+
+#[test]
+fn peered_vpcs_route_to_each_other_and_no_further() {
+    let w = world();
+    let f = &w.fabric;
+    let (prod, lab) = (w.prod, w.lab);
+    let err = f.peer_vpcs(prod, lab).unwrap_err();
+    assert!(err.to_string().contains("overlap"), "{err}");
+    let ops = f.create_vpc("ops").unwrap();
+    let tools = f
+        .create_network("tools", Kind::Flat, Some(ops), false)
+        .unwrap();
+    f.create_subnet(tools, "10.3.0.0/24", SubnetSettings::default())
+        .unwrap();
+    let mut a = w.vm(w.web, "web1", None);
+    let mut t = w.vm(tools, "tool1", None);
+    let mut d = w.vm(w.other, "lab1", None);
+
+    // Not peered: no route.
+    a.send(&ping(&a, w.gateway_mac(w.web), t.ip, 1));
+    a.send(&ping(
+        &a,
+        w.gateway_mac(w.web),
+        Ipv4Addr::new(10, 1, 0, 1),
+        2,
+    ));
+    let (_, _, p) = a.recv_ip();
+    assert_eq!((p.flow.src, p.flow.sport), (Ipv4Addr::new(10, 1, 0, 1), 2));
+    assert_eq!(a.counter("tx_dropped"), 1);
+
+    // Peered: routed both ways, as within a VPC.
+    f.peer_vpcs(ops, prod).unwrap();
+    assert_eq!(f.vpc_peers(prod), vec![ops]);
+    let err = f.peer_vpcs(prod, ops).unwrap_err();
+    assert!(err.to_string().contains("peered already"), "{err}");
+    a.send(&ping(&a, w.gateway_mac(w.web), t.ip, 3));
+    let (src, ttl, p) = t.recv_ip();
+    assert_eq!((src, ttl, p.flow.src), (w.gateway_mac(tools), 63, a.ip));
+    let mut echo = vec![ICMP_ECHO_REPLY, 0, 0, 0, 0, 3, 0, 1];
+    let s = checksum(&echo);
+    echo[2..4].copy_from_slice(&s.to_be_bytes());
+    t.send(&eth(
+        w.gateway_mac(tools),
+        t.mac,
+        0x0800,
+        &ip(t.ip, a.ip, PROTO_ICMP, &echo),
+    ));
+    let (src, _, p) = a.recv_ip();
+    assert_eq!(
+        (src, p.icmp_type, p.flow.src),
+        (w.gateway_mac(w.web), Some(ICMP_ECHO_REPLY), t.ip)
+    );
+    // A peer's subnets may not overlap the VPC's.
+    let spare = f
+        .create_network("spare", Kind::Flat, Some(ops), false)
+        .unwrap();
+    let err = f
+        .create_subnet(spare, "10.1.0.128/25", SubnetSettings::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("a peered VPC"), "{err}");
+
+    // Not transitive: lab peers with ops, yet does not reach prod.
+    f.peer_vpcs(lab, ops).unwrap();
+    d.send(&ping(&d, w.gateway_mac(w.other), a.ip, 4));
+    d.send(&ping(&d, w.gateway_mac(w.other), t.ip, 5));
+    let (_, _, p) = t.recv_ip();
+    assert_eq!((p.flow.src, p.flow.sport), (d.ip, 5));
+    assert_eq!(d.counter("tx_dropped"), 1);
+    assert!(a.fe.try_recv().unwrap().is_none(), "nothing crossed");
+
+    // Parted: no route again. A deleted VPC takes its peerings along.
+    f.unpeer_vpcs(prod, ops).unwrap();
+    assert!(f.unpeer_vpcs(prod, ops).is_err());
+    a.send(&ping(&a, w.gateway_mac(w.web), t.ip, 6));
+    a.send(&ping(
+        &a,
+        w.gateway_mac(w.web),
+        Ipv4Addr::new(10, 1, 0, 1),
+        7,
+    ));
+    let (_, _, p) = a.recv_ip();
+    assert_eq!(p.flow.sport, 7);
+    assert_eq!(a.counter("tx_dropped"), 2);
+    f.delete_port(t.port.port.id.0).unwrap();
+    drop(t);
+    f.delete_network(tools).unwrap();
+    f.delete_network(spare).unwrap();
+    f.delete_vpc(ops).unwrap();
+    assert!(f.vpc_peers(lab).is_empty());
 }
 
 fn dns_query(id: u16, name: &str) -> Vec<u8> {
