@@ -7,6 +7,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use futures_util::StreamExt;
+
 use atoll_tests::contract::wait_owner;
 use atoll_tests::net_frontend::NetFrontend;
 use atoll_tests::TestBus;
@@ -257,6 +259,30 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     assert!(err.to_string().contains("NotFound"), "{err}");
     assert_eq!(router.port_forwards().await.unwrap().len(), 1);
 
+    // Peering with another VPC, whose object hears of it too.
+    let lab = net.create_vpc("lab").await.unwrap();
+    let lab_vpc = VpcProxy::builder(&conn)
+        .path(lab.clone())
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    assert!(lab_vpc.peers().await.unwrap().is_empty());
+    let mut heard = lab_vpc.receive_peers_changed().await;
+    router.peer(&lab).await.unwrap();
+    let changed = tokio::time::timeout(Duration::from_secs(10), heard.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(changed.get().await.unwrap(), vec![vpc.clone()]);
+    assert_eq!(router.peers().await.unwrap(), vec![lab.clone()]);
+    let err = router.peer(&vpc).await.unwrap_err();
+    assert!(err.to_string().contains("itself"), "{err}");
+    router.unpeer(&lab).await.unwrap();
+    let err = router.unpeer(&lab).await.unwrap_err();
+    assert!(err.to_string().contains("not peered"), "{err}");
+    router.peer(&lab).await.unwrap();
+
     let sg = net.create_security_group("www").await.unwrap();
     let group = SecurityGroupProxy::builder(&conn)
         .path(sg.clone())
@@ -368,6 +394,17 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     assert!(err.to_string().contains("has networks"), "{err}");
     net.delete_network(&again).await.unwrap();
     net.delete_vpc(&vpc).await.unwrap();
+    let lab_now = VpcProxy::builder(&conn)
+        .path(lab.clone())
+        .unwrap()
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    assert!(
+        lab_now.peers().await.unwrap().is_empty(),
+        "the peering went with the VPC"
+    );
     let gone = VpcProxy::builder(&conn)
         .path(vpc.clone())
         .unwrap()
