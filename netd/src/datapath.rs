@@ -193,6 +193,7 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
     let mut rings: Vec<TxRing> = Vec::new();
     let mut seen = u64::MAX;
     let mut descs = Vec::with_capacity(MAX_CHAIN);
+    let mut frames = Vec::with_capacity(TX_BATCH);
     let mut kicks = Kicks::default();
     let mut idle_since: Option<Instant> = None;
     let mut asleep = false;
@@ -230,7 +231,7 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
             };
             let mem = atomic.memory();
             let burst = with_ring(&r.vring, &mem, |ring, _| {
-                drain(&r.port, ring, &inner, &mut descs, &mut kicks)
+                drain(&r.port, ring, &inner, (&mut descs, &mut frames), &mut kicks)
             });
             let Some((n, wait)) = burst else {
                 continue;
@@ -378,11 +379,11 @@ fn drain(
     port: &Port,
     ring: &mut Ring<'_>,
     switch: &Inner,
-    descs: &mut Vec<Desc>,
+    scratch: (&mut Vec<Desc>, &mut Vec<Frame>),
     kicks: &mut Kicks,
 ) -> (usize, Duration) {
     let mut done: [u16; TX_BATCH] = [0; TX_BATCH];
-    let r = drain_burst(port, ring, switch, descs, kicks, &mut done);
+    let r = drain_burst(port, ring, switch, scratch, kicks, &mut done);
     for head in &done[..r.0] {
         ring.push_used(*head, 0);
     }
@@ -405,7 +406,7 @@ fn drain_burst(
     port: &Port,
     ring: &mut Ring<'_>,
     switch: &Inner,
-    descs: &mut Vec<Desc>,
+    (descs, frames): (&mut Vec<Desc>, &mut Vec<Frame>),
     kicks: &mut Kicks,
     done: &mut [u16; TX_BATCH],
 ) -> (usize, Duration) {
@@ -445,25 +446,25 @@ fn drain_burst(
         chains[taken] = (start, descs.len());
         taken += 1;
     }
-    let mut frames: [(std::ops::Range<usize>, NetHdr); TX_BATCH] =
-        std::array::from_fn(|_| (0..0, NetHdr::PLAIN));
-    let mut count = 0usize;
+    // A list kept from burst to burst: an array made here was written
+    // element by element through the stack, a stall each.
+    frames.clear();
     for &(start, end) in &chains[..taken] {
         match read_frame(port, ring, &descs[start..end], kicks) {
-            Some(f) => {
-                frames[count] = f;
-                count += 1;
-            }
+            Some(f) => frames.push(f),
             None => {
                 port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
-    kicks.switch_burst(&frames[..count], |frame, hdr, kicks| {
+    kicks.switch_burst(frames, |frame, hdr, kicks| {
         switch.switch_frame(port, frame, hdr, kicks);
     });
     (n, wait)
 }
+
+/// A frame read into the burst: where it is there, and its header.
+type Frame = (std::ops::Range<usize>, NetHdr);
 
 /// Bytes the device may read in `chain`.
 fn readable(chain: &[Desc]) -> usize {
