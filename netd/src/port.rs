@@ -990,11 +990,10 @@ fn serve_loop(port: &Arc<Port>, backend: &Arc<Backend>, listener: &mut Listener)
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner) = None;
         }
-        if let Some(switch) = backend.switch.upgrade() {
-            switch.datapath.forget(port.id);
-        }
-        port.detach();
-        // Its ring threads end on their exit events; then it can go.
+        // Its ring threads end on their exit events, and dropping the
+        // daemon waits for them: a kick one of them still handled cannot
+        // bring this connection's rings back after they are forgotten (the
+        // data path would then keep them and ignore the next frontend's).
         for e in backend
             .exits
             .lock()
@@ -1004,6 +1003,10 @@ fn serve_loop(port: &Arc<Port>, backend: &Arc<Backend>, listener: &mut Listener)
             let _ = e.notify();
         }
         drop(daemon);
+        if let Some(switch) = backend.switch.upgrade() {
+            switch.datapath.forget(port.id);
+        }
+        port.detach();
         if let Err(e) = started {
             return Err(io::Error::other(e.to_string()));
         }

@@ -90,6 +90,20 @@ pub(crate) struct Outbox {
     datagrams: Vec<Datagram>,
     /// Whether a frame is lent.
     lent: bool,
+    /// Lists a send builds, kept for the next.
+    scratch: Scratch,
+}
+
+/// The lists a send builds: kept from send to send (no allocation per
+/// burst).
+#[derive(Debug, Default)]
+struct Scratch {
+    runs: Vec<Run>,
+    addrs: Vec<libc::sockaddr_in>,
+    controls: Vec<Control>,
+    iovs: Vec<libc::iovec>,
+    starts: Vec<usize>,
+    msgs: Vec<libc::mmsghdr>,
 }
 
 #[derive(Debug)]
@@ -230,7 +244,7 @@ fn set_int(fd: libc::c_int, level: libc::c_int, name: libc::c_int, value: libc::
 
 /// Room for one control message with an int (CMSG_SPACE(sizeof(int))),
 /// aligned for a cmsghdr.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 #[repr(C, align(8))]
 struct Control([u8; 24]);
 
@@ -315,7 +329,9 @@ impl Tunnel {
 
     /// Sends the datagrams in `out` and empties it.
     pub(crate) fn send(&self, out: &mut Outbox) {
-        let mut runs: Vec<Run> = Vec::with_capacity(out.len());
+        let mut scratch = std::mem::take(&mut out.scratch);
+        let mut runs = std::mem::take(&mut scratch.runs);
+        runs.clear();
         let limit = self.gso_limit();
         let mut i = 0;
         while i < out.datagrams.len() {
@@ -345,7 +361,7 @@ impl Tunnel {
         }
         let mut k = 0;
         while k < runs.len() {
-            let sent = self.send_runs(out, &runs[k..(k + BATCH).min(runs.len())]);
+            let sent = self.send_runs(out, &runs[k..(k + BATCH).min(runs.len())], &mut scratch);
             k += sent.as_ref().map_or(1, |n| (*n).max(1));
             if let Err(e) = sent {
                 // The first message failed. A GSO run the route refuses
@@ -363,7 +379,7 @@ impl Tunnel {
                         let singles: Vec<Run> = range.map(|d| (to, d..d + 1, None)).collect();
                         let mut m = 0;
                         while m < singles.len() {
-                            match self.send_runs(out, &singles[m..]) {
+                            match self.send_runs(out, &singles[m..], &mut scratch) {
                                 Ok(n) if n > 0 => m += n,
                                 _ => {
                                     self.stats.dropped.fetch_add(1, Ordering::Relaxed);
@@ -381,40 +397,44 @@ impl Tunnel {
             }
         }
         out.clear();
+        scratch.runs = runs;
+        out.scratch = scratch;
     }
 
     /// Sends `runs` (at most [`BATCH`]) with one `sendmmsg`; returns how
     /// many went (an error: the first failed) and counts their datagrams.
-    fn send_runs(&self, out: &Outbox, runs: &[Run]) -> std::io::Result<usize> {
+    fn send_runs(&self, out: &Outbox, runs: &[Run], sc: &mut Scratch) -> std::io::Result<usize> {
         let runs = &runs[..runs.len().min(BATCH)];
-        let mut addrs: Vec<libc::sockaddr_in> = runs.iter().map(|(a, _, _)| sockaddr(*a)).collect();
-        let mut controls = vec![Control([0; 24]); runs.len()];
+        sc.addrs.clear();
+        sc.addrs.extend(runs.iter().map(|(a, _, _)| sockaddr(*a)));
+        sc.controls.clear();
+        sc.controls.resize(runs.len(), Control([0; 24]));
         // Each message's iovecs are neighbours: where each starts.
-        let mut iovs: Vec<libc::iovec> =
-            Vec::with_capacity(2 * runs.iter().map(|r| r.1.len()).sum::<usize>());
-        let mut starts: Vec<usize> = Vec::with_capacity(runs.len() + 1);
+        sc.iovs.clear();
+        sc.starts.clear();
         for (_, r, _) in runs {
-            let msg = iovs.len();
-            starts.push(msg);
+            let msg = sc.iovs.len();
+            sc.starts.push(msg);
             for d in out.datagrams.get(r.clone()).unwrap_or_default() {
-                if !out.add_iovecs(d, &mut iovs, msg) {
+                if !out.add_iovecs(d, &mut sc.iovs, msg) {
                     return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
                 }
             }
         }
-        starts.push(iovs.len());
-        let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(runs.len());
-        for (((a, control), (_, _, seg)), span) in addrs
+        sc.starts.push(sc.iovs.len());
+        sc.msgs.clear();
+        for (((a, control), (_, _, seg)), span) in sc
+            .addrs
             .iter_mut()
-            .zip(controls.iter_mut())
+            .zip(sc.controls.iter_mut())
             .zip(runs)
-            .zip(starts.windows(2))
+            .zip(sc.starts.windows(2))
         {
             // SAFETY: an all-zero mmsghdr is a valid empty one.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
             h.msg_hdr.msg_name = std::ptr::from_mut(a).cast();
             h.msg_hdr.msg_namelen = socklen::<libc::sockaddr_in>();
-            let Some(v) = iovs.get_mut(span[0]..span[1]) else {
+            let Some(v) = sc.iovs.get_mut(span[0]..span[1]) else {
                 return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
             };
             h.msg_hdr.msg_iov = v.as_mut_ptr();
@@ -433,14 +453,14 @@ impl Tunnel {
                     std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), *seg);
                 }
             }
-            msgs.push(h);
+            sc.msgs.push(h);
         }
         let fd = self.socket.as_raw_fd();
-        let count = u32::try_from(msgs.len()).unwrap_or(u32::MAX);
+        let count = u32::try_from(sc.msgs.len()).unwrap_or(u32::MAX);
         // SAFETY: the headers point at addresses, iovecs, control buffers
         // and datagrams that live until this call returns (lent frames:
         // by `push_lent`'s contract).
-        let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), count, 0) };
+        let n = unsafe { libc::sendmmsg(fd, sc.msgs.as_mut_ptr(), count, 0) };
         let Ok(n) = usize::try_from(n) else {
             let e = std::io::Error::last_os_error();
             debug!("tunnel send failed: {e}");
