@@ -4,6 +4,7 @@
 #
 #   bash bench/netd-testpmd.sh     # RUNS=3 SECS=5 WARM=2 SIZES="64 1518" (wire sizes, CRC included)
 #                                  # BACKENDS="peer l2 sg overlay" NETD=<binary>
+#                                  # ENCAP=vxlan|geneve (the overlay's)
 #
 # Driver: dpdk-testpmd (Debian's dpdk-dev) with two net_virtio_user ports
 # (--no-huge), forwarding lcore on CPU 1, mac forwarding with --eth-peer:
@@ -145,7 +146,7 @@ setup() {
         local socks=() me peer n
         for n in 1 2; do
             if [ $n = 1 ]; then export BUS=$bus me=10.98.0.1 peer=10.98.0.2; else export BUS=$bus2 me=10.98.0.2 peer=10.98.0.1; fi
-            call /org/atoll/Net1 org.atoll.Net1 SetTunnelEndpoint sq "$me" 0 >/dev/null
+            call /org/atoll/Net1 org.atoll.Net1 SetTunnelEndpoint sqs "$me" 0 "${ENCAP:-vxlan}" >/dev/null
             net=$(call /org/atoll/Net1 org.atoll.Net1 CreateNetwork ssa{sv} bench overlay 1 vni u 5001 | field 1)
             call "$net" org.atoll.Net1.Network SetRemotes as 1 "$peer" >/dev/null
             socks+=("$(call /org/atoll/Net1 org.atoll.Net1 CreatePort osa{sv} "$net" 02:00:00:00:00:0$n 0 | field 2)")

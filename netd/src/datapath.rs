@@ -259,12 +259,14 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
             for _ in 0..TUNNEL_READS {
                 let mut got = 0usize;
                 let read = kicks.lend_burst(crate::tunnel::RX_AREA, |bufs, kicks| {
-                    receiver.receive(bufs, t.socket(), &t.stats, false, |from, d| {
+                    let read = receiver.receive(bufs, t.socket(), &t.stats, false, |from, d| {
                         got += 1;
                         inner.tunnel_datagram(t, from, d, kicks);
-                    })
+                    });
+                    // Counted before the frames reach their ports.
+                    kicks.end_tunnel_receive(t);
+                    read
                 });
-                kicks.end_tunnel_receive(t);
                 work += got;
                 match read {
                     Ok(true) if got > 0 => {}

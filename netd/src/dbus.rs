@@ -11,6 +11,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue};
 use zbus::{interface, proxy};
 
@@ -20,6 +21,7 @@ use crate::health::Health;
 use crate::objects::{
     FloatingIpObject, GroupObject, NetworkObject, PortObject, SubnetObject, VpcObject,
 };
+use crate::overlay::Encap;
 use crate::secgroup::GroupId;
 
 /// Errors of `org.atoll.Net1` methods.
@@ -308,21 +310,30 @@ impl Net1 {
         Ok((path, ip.to_string()))
     }
 
-    /// Opens this node's VXLAN tunnel endpoint on `address` (an address of
-    /// the node) and UDP `port` (0: 4789), which overlay networks use.
+    /// Opens this node's tunnel endpoint on `address` (an address of the
+    /// node) and UDP `port`, which overlay networks use, speaking
+    /// `encapsulation`: "vxlan" (or "") or "geneve" (every node of a
+    /// cluster the same). Port 0 is the encapsulation's own (4789, 6081).
     /// Returns "address:port".
-    async fn set_tunnel_endpoint(&self, address: String, port: u16) -> Result<String, NetError> {
+    async fn set_tunnel_endpoint(
+        &self,
+        address: String,
+        port: u16,
+        encapsulation: String,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<String, NetError> {
         let ip = parse_ip("address", &address)?;
-        let port = if port == 0 {
-            crate::overlay::VXLAN_PORT
-        } else {
-            port
-        };
+        let encap = Encap::parse(&encapsulation).ok_or_else(|| {
+            NetError::InvalidArgument(format!(
+                "encapsulation {encapsulation:?}: want vxlan or geneve"
+            ))
+        })?;
+        let port = if port == 0 { encap.port() } else { port };
         let fabric = self.fabric.clone();
         let bound = tokio::task::spawn_blocking(move || {
             fabric
                 .switch
-                .set_tunnel(std::net::SocketAddrV4::new(ip, port))
+                .set_tunnel(std::net::SocketAddrV4::new(ip, port), encap)
         })
         .await
         .map_err(|e| NetError::Failed(e.to_string()))?
@@ -334,7 +345,18 @@ impl Net1 {
                     .unwrap_or_default()
             ))
         })?;
+        self.tunnel_encapsulation_changed(&emitter).await?;
         Ok(bound.to_string())
+    }
+
+    /// The tunnel endpoint's encapsulation ("" without an endpoint).
+    #[zbus(property)]
+    fn tunnel_encapsulation(&self) -> String {
+        self.fabric
+            .switch
+            .tunnel_encap()
+            .map(|e| e.name().to_owned())
+            .unwrap_or_default()
     }
 
     /// Datagrams the tunnel endpoint sent ("tx"), received ("rx") and
@@ -374,7 +396,7 @@ impl Net1 {
     }
 
     /// Creates a network (one L2 segment). `kind` is "flat", "vlan" (option
-    /// "vlan": q, 1 to 4094) or "overlay" (option "vni": u, VXLAN across
+    /// "vlan": q, 1 to 4094) or "overlay" (option "vni": u, VXLAN or Geneve across
     /// nodes; see SetTunnelEndpoint and the network's SetRemotes); option
     /// "vpc": o puts it in a VPC, "uplink": b bridges it to the node's
     /// uplink.
@@ -660,7 +682,15 @@ pub trait Net1 {
         ip: &str,
     ) -> zbus::Result<(OwnedObjectPath, String)>;
     /// Opens the tunnel endpoint.
-    fn set_tunnel_endpoint(&self, address: &str, port: u16) -> zbus::Result<String>;
+    fn set_tunnel_endpoint(
+        &self,
+        address: &str,
+        port: u16,
+        encapsulation: &str,
+    ) -> zbus::Result<String>;
+    /// The tunnel endpoint's encapsulation.
+    #[zbus(property)]
+    fn tunnel_encapsulation(&self) -> zbus::Result<String>;
     /// Tunnel counters.
     #[zbus(property)]
     fn tunnel_counters(&self) -> zbus::Result<HashMap<String, u64>>;

@@ -1,6 +1,6 @@
-//! Entry points for fuzzing what guests control: frames as a port receives
-//! them (Ethernet, ARP, IPv4, transport headers, connection tracking, DHCP,
-//! DNS). `netd/fuzz` wraps them as cargo-fuzz targets; the unit tests run them
+//! Entry points for fuzzing what guests and peers control: frames as a port
+//! receives them (Ethernet, ARP, IPv4, transport headers, connection
+//! tracking, DHCP, DNS) and tunnel datagrams (VXLAN, Geneve). `netd/fuzz` wraps them as cargo-fuzz targets; the unit tests run them
 //! over pseudo-random input.
 
 use std::collections::HashMap;
@@ -32,6 +32,12 @@ pub fn frame(data: &[u8]) {
         domain: "lan".into(),
     });
     let _ = dhcp.handle(data, Instant::now());
+    // As a datagram from another node's tunnel endpoint.
+    for encap in [crate::overlay::Encap::Vxlan, crate::overlay::Encap::Geneve] {
+        if let Some((_, inner)) = encap.decap(data) {
+            let _ = Ethernet::parse(inner);
+        }
+    }
     // The first 12 bytes as the virtio-net header a guest sent with the
     // rest: checked, then finished (checksum, segmentation) if it passes.
     if let Some((h, rest)) = data.split_first_chunk::<{ offload::NET_HDR }>() {

@@ -24,7 +24,7 @@ use crate::memo::{Addrs, FlowKey};
 use crate::metadata::{self, Endpoint};
 use crate::nat::{Floating, Gateway, Nat, PortForward};
 use crate::offload::{self, NetHdr};
-use crate::overlay::{self, Overlay};
+use crate::overlay::{self, Encap, Overlay};
 use crate::port::{self, Port};
 use crate::router::VpcId;
 use crate::router::{Host, Subnet, L3};
@@ -440,9 +440,12 @@ impl Kicks {
             // SAFETY: the arena (the burst buffer) is neither written nor
             // moved before the tunnel's datagrams are sent: `reserve` and
             // `lend_burst` send them first.
-            unsafe { self.tunnel_out.push_lent(to, vni, frame) };
+            unsafe {
+                self.tunnel_out
+                    .push_lent(to, endpoint.encap.header(vni), frame);
+            };
         } else {
-            self.tunnel_out.push(to, vni, frame);
+            self.tunnel_out.push(to, endpoint.encap.header(vni), frame);
         }
         if self.tunnel_out.len() >= tunnel::BATCH {
             self.flush_tunnel();
@@ -907,7 +910,7 @@ impl Inner {
         datagram: &[u8],
         kicks: &mut Kicks,
     ) {
-        let decap = overlay::decap(datagram);
+        let decap = t.encap.decap(datagram);
         let addrs = decap.and_then(|(_, inner)| Addrs::of(inner));
         let hit = kicks.rx_memo.as_ref().filter(|m| {
             decap.is_some_and(|(vni, _)| m.vni == vni) && m.from == from && addrs == Some(m.addrs)
@@ -1739,12 +1742,16 @@ impl Switch {
 
     /// Opens this node's tunnel endpoint on `local` (UDP; every endpoint
     /// uses the same port); returns the address bound.
-    pub fn set_tunnel(&self, local: SocketAddrV4) -> Result<SocketAddrV4, SwitchError> {
+    pub fn set_tunnel(
+        &self,
+        local: SocketAddrV4,
+        encap: Encap,
+    ) -> Result<SocketAddrV4, SwitchError> {
         let fail = |source| SwitchError::Tunnel {
             addr: local,
             source,
         };
-        let (tunnel, bound) = Tunnel::open(local).map_err(fail)?;
+        let (tunnel, bound) = Tunnel::open(local, encap).map_err(fail)?;
         let tunnel = Arc::new(tunnel);
         let old = self
             .inner
@@ -1756,6 +1763,11 @@ impl Switch {
         // The data path reads it from its next sweep.
         self.inner.datapath.wake();
         Ok(bound)
+    }
+
+    /// The tunnel endpoint's encapsulation (None without one).
+    pub fn tunnel_encap(&self) -> Option<Encap> {
+        self.inner.tunnel().map(|t| t.encap)
     }
 
     /// The tunnel endpoint's counters (None without one).
@@ -1853,9 +1865,9 @@ mod tests {
     #[test]
     fn lent_frames_are_sent_before_the_burst_buffer_is_reused() {
         let local = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0);
-        let (tx, _) = Tunnel::open(local).unwrap();
+        let (tx, _) = Tunnel::open(local, Encap::Vxlan).unwrap();
         let tx = Arc::new(tx);
-        let (rx, rx_addr) = Tunnel::open(local).unwrap();
+        let (rx, rx_addr) = Tunnel::open(local, Encap::Vxlan).unwrap();
         let mut kicks = Kicks::default();
         let mut frames = Vec::new();
         for fill in [0xa1u8, 0xa2] {
@@ -1888,7 +1900,7 @@ mod tests {
             assert!(more, "the datagrams did not come");
         }
         for (d, fill) in got.iter().zip([0xa1u8, 0xa2]) {
-            let (vni, inner) = overlay::decap(d).unwrap();
+            let (vni, inner) = Encap::Vxlan.decap(d).unwrap();
             assert_eq!(vni, 7);
             assert_eq!(inner.len(), 1000);
             assert!(inner.iter().all(|b| *b == fill));

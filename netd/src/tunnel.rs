@@ -1,5 +1,5 @@
 //! The node's tunnel endpoint: the UDP socket overlay frames travel in
-//! between nodes, in VXLAN (see [`crate::overlay`]).
+//! between nodes, in VXLAN or Geneve (see [`crate::overlay`]).
 //!
 //! The kernel's cost is per datagram, so the endpoint moves datagrams in
 //! as few units as it can:
@@ -68,6 +68,8 @@ pub struct Tunnel {
     socket: UdpSocket,
     /// The UDP port of every endpoint.
     pub(crate) port: u16,
+    /// How frames are wrapped.
+    pub(crate) encap: overlay::Encap,
     /// Counters.
     pub stats: TunnelStats,
     /// Segments up to this size go in GSO messages (0: none).
@@ -119,38 +121,45 @@ enum Bytes {
     Copied(std::ops::Range<usize>),
     /// The header here, the frame in the caller's memory (valid until the
     /// outbox is sent or emptied).
-    Lent([u8; overlay::VXLAN_HEADER], *const u8, usize),
+    Lent([u8; overlay::HEADER], *const u8, usize),
 }
 
 impl Datagram {
     fn len(&self) -> usize {
         match &self.bytes {
             Bytes::Copied(r) => r.len(),
-            Bytes::Lent(_, _, n) => overlay::VXLAN_HEADER + n,
+            Bytes::Lent(_, _, n) => overlay::HEADER + n,
         }
     }
 }
 
 impl Outbox {
-    /// Adds a copy of `frame` in a VXLAN header for `vni`, for `to`.
-    pub(crate) fn push(&mut self, to: SocketAddrV4, vni: u32, frame: &[u8]) {
+    /// Adds a copy of `frame` behind tunnel header `header`, for `to`.
+    pub(crate) fn push(&mut self, to: SocketAddrV4, header: [u8; overlay::HEADER], frame: &[u8]) {
         let start = self.bytes.len();
-        overlay::encap_into(vni, frame, &mut self.bytes);
+        self.bytes.extend_from_slice(&header);
+        self.bytes.extend_from_slice(frame);
         self.datagrams.push(Datagram {
             to,
             bytes: Bytes::Copied(start..self.bytes.len()),
         });
     }
 
-    /// Adds `frame` in a VXLAN header for `vni`, for `to`, without a copy.
+    /// Adds `frame` behind tunnel header `header`, for `to`, without a
+    /// copy.
     ///
     /// # Safety
     /// The bytes of `frame` must stay where they are, unchanged, until the
     /// outbox is next sent ([`Tunnel::send`]) or dropped.
-    pub(crate) unsafe fn push_lent(&mut self, to: SocketAddrV4, vni: u32, frame: &[u8]) {
+    pub(crate) unsafe fn push_lent(
+        &mut self,
+        to: SocketAddrV4,
+        header: [u8; overlay::HEADER],
+        frame: &[u8],
+    ) {
         self.datagrams.push(Datagram {
             to,
-            bytes: Bytes::Lent(overlay::header(vni), frame.as_ptr(), frame.len()),
+            bytes: Bytes::Lent(header, frame.as_ptr(), frame.len()),
         });
         self.lent = true;
     }
@@ -255,9 +264,12 @@ struct Control([u8; 24]);
 type Run = (SocketAddrV4, std::ops::Range<usize>, Option<u16>);
 
 impl Tunnel {
-    /// Binds the endpoint on `local` (port 0: any); returns it and the
-    /// address bound.
-    pub(crate) fn open(local: SocketAddrV4) -> std::io::Result<(Self, SocketAddrV4)> {
+    /// Binds the endpoint on `local` (port 0: any), speaking `encap`;
+    /// returns it and the address bound.
+    pub(crate) fn open(
+        local: SocketAddrV4,
+        encap: overlay::Encap,
+    ) -> std::io::Result<(Self, SocketAddrV4)> {
         let socket = UdpSocket::bind(local)?;
         socket.set_read_timeout(Some(RX_TIMEOUT))?;
         let fd = socket.as_raw_fd();
@@ -288,6 +300,7 @@ impl Tunnel {
         let tunnel = Self {
             socket,
             port: bound.port(),
+            encap,
             stats: TunnelStats::default(),
             gso_limit: AtomicUsize::new(if gso { usize::MAX } else { 0 }),
             gso_retry_at: AtomicU64::new(u64::MAX),
@@ -601,7 +614,11 @@ mod tests {
     use super::*;
 
     fn endpoint() -> (Tunnel, SocketAddrV4) {
-        Tunnel::open(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap()
+        Tunnel::open(
+            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
+            overlay::Encap::Vxlan,
+        )
+        .unwrap()
     }
 
     /// Receives until `want` datagrams came (or a timeout).
@@ -638,7 +655,7 @@ mod tests {
             let frame: Vec<u8> = (0..len)
                 .map(|j| u8::try_from((i as usize + j) % 251).unwrap_or(0))
                 .collect();
-            out.push(b_addr, 5001, &frame);
+            out.push(b_addr, overlay::Encap::Vxlan.header(5001), &frame);
             sent.push(frame);
         }
         a.send(&mut out);
@@ -648,7 +665,7 @@ mod tests {
         let frames: Vec<Vec<u8>> = got
             .iter()
             .map(|d| {
-                let (vni, f) = overlay::decap(d).unwrap();
+                let (vni, f) = overlay::Encap::Vxlan.decap(d).unwrap();
                 assert_eq!(vni, 5001);
                 f.to_vec()
             })
@@ -677,13 +694,11 @@ mod tests {
         let mut out = Outbox::default();
         let frame = vec![7u8; 40_000];
         for _ in 0..3 {
-            out.push(b_addr, 9, &frame);
+            out.push(b_addr, overlay::Encap::Vxlan.header(9), &frame);
         }
         a.send(&mut out);
         let got = gather(&b, 3);
         assert_eq!(got.len(), 3);
-        assert!(got
-            .iter()
-            .all(|d| d.len() == 40_000 + overlay::VXLAN_HEADER));
+        assert!(got.iter().all(|d| d.len() == 40_000 + overlay::HEADER));
     }
 }

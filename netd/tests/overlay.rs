@@ -1,6 +1,7 @@
 //! An overlay network across two nodes: two netd daemons, each in its own
 //! network namespace joined by a veth pair, each on its own private bus,
-//! carry frames between their ports in VXLAN. Needs root (namespaces).
+//! carry frames between their ports in VXLAN or Geneve. Needs root
+//! (namespaces).
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
@@ -92,11 +93,12 @@ fn node(ns: &str, run: &Path) -> Node {
     }
 }
 
-/// Sets up the overlay network `vni` on a node: endpoint `local`, remote
-/// `remote`, one port with `mac`; returns the port's socket.
+/// Sets up the overlay network `vni` on a node: endpoint `local` speaking
+/// `encap` on its own port, remote `remote`, one port with `mac`; returns
+/// the port's socket.
 async fn overlay_port(
     n: &Node,
-    vni: u32,
+    (vni, encap): (u32, &str),
     local: &str,
     remote: &str,
     mac: &str,
@@ -108,8 +110,12 @@ async fn overlay_port(
         .unwrap();
     wait_owner(&conn, netd::BUS_NAME, true).await;
     let net = Net1Proxy::new(&conn).await.unwrap();
-    let bound = net.set_tunnel_endpoint(local, 0).await.unwrap();
-    assert_eq!(bound, format!("{local}:4789"));
+    let err = net.set_tunnel_endpoint(local, 0, "gre").await.unwrap_err();
+    assert!(err.to_string().contains("want vxlan or geneve"), "{err}");
+    let bound = net.set_tunnel_endpoint(local, 0, encap).await.unwrap();
+    let port = if encap == "geneve" { 6081 } else { 4789 };
+    assert_eq!(bound, format!("{local}:{port}"));
+    assert_eq!(net.tunnel_encapsulation().await.unwrap(), encap);
     let opts = HashMap::from([("vni", Value::from(vni))]);
     let path = net.create_network("ov", "overlay", opts).await.unwrap();
     let network = NetworkProxy::builder(&conn)
@@ -144,10 +150,22 @@ async fn two_nodes_carry_an_overlay_network_in_vxlan() {
     let ns = Namespaces::new(1);
     let na = node(&ns.0, &dir.path().join("a"));
     let nb = node(&ns.1, &dir.path().join("b"));
-    let (sock_a, conn_a, _) =
-        overlay_port(&na, 5001, "10.99.1.1", "10.99.1.2", "52:54:00:0e:00:01").await;
-    let (sock_b, conn_b, ov_b) =
-        overlay_port(&nb, 5001, "10.99.1.2", "10.99.1.1", "52:54:00:0e:00:02").await;
+    let (sock_a, conn_a, _) = overlay_port(
+        &na,
+        (5001, "vxlan"),
+        "10.99.1.1",
+        "10.99.1.2",
+        "52:54:00:0e:00:01",
+    )
+    .await;
+    let (sock_b, conn_b, ov_b) = overlay_port(
+        &nb,
+        (5001, "vxlan"),
+        "10.99.1.2",
+        "10.99.1.1",
+        "52:54:00:0e:00:02",
+    )
+    .await;
     // A port of another overlay network on node B must hear nothing.
     let net_b = Net1Proxy::new(&conn_b).await.unwrap();
     let other = net_b
@@ -285,4 +303,104 @@ async fn two_nodes_carry_an_overlay_network_in_vxlan() {
     // and the one B refused.
     assert_eq!(counters.get("tx"), Some(&49), "{counters:?}");
     assert_eq!(counters.get("rx"), Some(&1), "{counters:?}");
+}
+
+/// A UDP socket bound in namespace `ns` (as another Geneve speaker there).
+fn udp_in(ns: &str) -> std::net::UdpSocket {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(path).unwrap();
+        // SAFETY: this thread alone enters the namespace, to open the
+        // socket there; it ends right after.
+        let entered =
+            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        assert_eq!(entered, 0);
+        std::net::UdpSocket::bind("0.0.0.0:0").unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_carry_an_overlay_network_in_geneve() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Namespaces::new(2);
+    let na = node(&ns.0, &dir.path().join("a"));
+    let nb = node(&ns.1, &dir.path().join("b"));
+    let (sock_a, _conn_a, _) = overlay_port(
+        &na,
+        (7001, "geneve"),
+        "10.99.2.1",
+        "10.99.2.2",
+        "52:54:00:0e:00:01",
+    )
+    .await;
+    let (sock_b, conn_b, _) = overlay_port(
+        &nb,
+        (7001, "geneve"),
+        "10.99.2.2",
+        "10.99.2.1",
+        "52:54:00:0e:00:02",
+    )
+    .await;
+    let node_a = ns.0.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut a = NetFrontend::connect(Path::new(&sock_a)).unwrap();
+        let mut b = NetFrontend::connect(Path::new(&sock_b)).unwrap();
+        // Broadcast, the learned answer, and full-size frames in one burst.
+        let who_has = arp(
+            ARP_REQUEST,
+            A,
+            [192, 168, 7, 1],
+            [0; 6],
+            [192, 168, 7, 2],
+            BROADCAST,
+        );
+        a.send(&who_has).unwrap();
+        assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&who_has[..]));
+        let is_at = arp(ARP_REPLY, B, [192, 168, 7, 2], A, [192, 168, 7, 1], A);
+        b.send(&is_at).unwrap();
+        assert_eq!(a.recv(WAIT).unwrap().as_deref(), Some(&is_at[..]));
+        let full: Vec<Vec<u8>> = (0..8u8)
+            .map(|i| {
+                let mut f = arp(ARP_REQUEST, A, [192, 168, 7, 1], B, [192, 168, 7, 2], B);
+                f.resize(1514, i);
+                f
+            })
+            .collect();
+        a.send_burst(&full).unwrap();
+        for f in &full {
+            assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&f[..]));
+        }
+
+        // Another Geneve speaker at node A's address: a datagram with a
+        // (non-critical) option is taken, the frame after the option
+        // delivered; one whose option is critical is refused.
+        let peer = udp_in(&node_a);
+        let frame = arp(ARP_REPLY, A, [192, 168, 7, 1], B, [192, 168, 7, 2], B);
+        let geneve = |flags: u8| {
+            let mut d = vec![2, flags, 0x65, 0x58, 0, 0x1b, 0x59, 0];
+            d.extend_from_slice(&[0x01, 0x02, 0x03, 0x01, 0xde, 0xad, 0xbe, 0xef]);
+            d.extend_from_slice(&frame);
+            d
+        };
+        peer.send_to(&geneve(0x40), "10.99.2.2:6081").unwrap();
+        peer.send_to(&geneve(0), "10.99.2.2:6081").unwrap();
+        assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&frame[..]));
+        assert_eq!(b.try_recv().unwrap(), None);
+    })
+    .await
+    .unwrap();
+    let counters = Net1Proxy::builder(&conn_b)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap()
+        .tunnel_counters()
+        .await
+        .unwrap();
+    // The broadcast, 8 full-size frames and the optioned one; the critical
+    // one refused.
+    assert_eq!(counters.get("rx"), Some(&10), "{counters:?}");
+    assert_eq!(counters.get("dropped"), Some(&1), "{counters:?}");
 }
