@@ -266,9 +266,17 @@ impl Inner {
             return true;
         }
         let mut out = frame.to_vec();
-        match nat.by_fixed.get(&(vpc, ip.src)).copied() {
-            Some(floating) => nat_rewrite(&mut out, Side::Source, floating, None),
-            None => {
+        // A reply through a port forward leaves from the gateway's port,
+        // even from a VM with a floating IP.
+        let forwarded = napt_port(pkt, true).and_then(|p| {
+            let ext = *nat.outbound.get(&(vpc, pkt.flow.proto, ip.src, p))?;
+            let n = nat.inbound.get(&(gw.ip, pkt.flow.proto, ext))?;
+            n.forward.then_some(ext)
+        });
+        match (forwarded, nat.by_fixed.get(&(vpc, ip.src)).copied()) {
+            (Some(ext), _) => nat_rewrite(&mut out, Side::Source, gw.ip, Some(ext)),
+            (None, Some(floating)) => nat_rewrite(&mut out, Side::Source, floating, None),
+            (None, None) => {
                 let Some(port) = napt_port(pkt, true) else {
                     debug!(src = %ip.src, "no translation for this protocol");
                     return true;

@@ -433,14 +433,24 @@ fn floating_ips_snat_port_forwards_and_vlans_meet_the_outside_world() {
         udp_from_outside(8053, b"what is atoll?").as_deref(),
         Some(&b"what is atoll?"[..])
     );
+    // With a floating IP too, the forward's replies still leave from the
+    // router's port.
+    let (svc_fip, _) = f.create_floating_ip(ext, None).unwrap();
+    f.associate_floating_ip(svc_fip, Some(svc.port.id.0))
+        .unwrap();
+    assert_eq!(
+        udp_from_outside(8053, b"still the router").as_deref(),
+        Some(&b"still the router"[..])
+    );
+    f.delete_floating_ip(svc_fip).unwrap();
     // Other ports of the router go nowhere; a removed forward neither.
     assert_eq!(udp_from_outside(8054, b"other port"), None);
     f.remove_port_forward(vpc, fwd).unwrap();
     assert_eq!(udp_from_outside(8053, b"gone"), None);
     assert_eq!(
         responder.stop(),
-        1,
-        "the VM got the allowed datagram and nothing else"
+        2,
+        "the VM got the allowed datagrams and nothing else"
     );
     f.delete_port(svc.port.id.0).unwrap();
 
