@@ -29,8 +29,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::l2::PortId;
 use crate::offload::{NetHdr, NET_HDR};
 use crate::port::{signal_if_wanted, with_ring, Port};
-use crate::ring::{Desc, Ring, MAX_CHAIN};
-use crate::switch::{Inner, Kicks};
+use crate::ring::{Desc, Pieces, Ring, MAX_CHAIN};
+use crate::switch::{Inner, Kicks, PART_READ};
 use crate::tunnel::{Receiver, Tunnel};
 
 /// How long the rings are polled after the last frame before the thread
@@ -45,6 +45,9 @@ const IDLE_WAIT: Duration = Duration::from_millis(100);
 const MAX_SHAPING_SLEEP: Duration = Duration::from_millis(10);
 /// Frames taken from one ring before moving to the next.
 const TX_BATCH: usize = 64;
+/// Frames this long or longer are read in part when their ring's bursts
+/// are (shorter ones cost less to copy twice than to write in pieces).
+const PART_MIN: usize = 512;
 
 /// The rings the thread serves and its wake-up call.
 pub(crate) struct Datapath {
@@ -171,6 +174,9 @@ struct TxRing {
     since: u16,
     /// Over its egress rate: not polled before then.
     resume_at: Option<Instant>,
+    /// Whether its bursts' long frames are read in part (see
+    /// [`Kicks::switch_burst`]): the last burst's went to ports so.
+    in_part: bool,
 }
 
 /// Starts the data-path thread for `switch`; it ends soon after the switch.
@@ -230,8 +236,10 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
                 continue;
             };
             let mem = atomic.memory();
+            let in_part = &mut r.in_part;
             let burst = with_ring(&r.vring, &mem, |ring, _| {
-                drain(&r.port, ring, &inner, (&mut descs, &mut frames), &mut kicks)
+                let scratch = (&mut descs, &mut frames);
+                drain(&r.port, ring, &inner, scratch, &mut kicks, in_part)
             });
             let Some((n, wait)) = burst else {
                 continue;
@@ -364,6 +372,7 @@ fn refresh(dp: &Datapath, rings: &mut Vec<TxRing>) {
                     vring,
                     since,
                     resume_at: None,
+                    in_part: true,
                 });
             }
         }
@@ -376,16 +385,19 @@ fn refresh(dp: &Datapath, rings: &mut Vec<TxRing>) {
 ///
 /// The chains go back to the driver and the port's counters grow once,
 /// after the burst: the locks the switch takes per frame then do not wait
-/// for those writes to memory the driver's CPU holds.
+/// for those writes to memory the driver's CPU holds. With `in_part`, the
+/// burst's long frames are read in part; it tells whether the next
+/// burst's should be.
 fn drain(
     port: &Port,
     ring: &mut Ring<'_>,
     switch: &Inner,
     scratch: (&mut Vec<Desc>, &mut Vec<Frame>),
     kicks: &mut Kicks,
+    in_part: &mut bool,
 ) -> (usize, Duration) {
     let mut done: [u16; TX_BATCH] = [0; TX_BATCH];
-    let r = drain_burst(port, ring, switch, scratch, kicks, &mut done);
+    let r = drain_burst(port, ring, switch, scratch, kicks, &mut done, in_part);
     for head in &done[..r.0] {
         ring.push_used(*head, 0);
     }
@@ -411,6 +423,7 @@ fn drain_burst(
     (descs, frames): (&mut Vec<Desc>, &mut Vec<Frame>),
     kicks: &mut Kicks,
     done: &mut [u16; TX_BATCH],
+    in_part: &mut bool,
 ) -> (usize, Duration) {
     let mut n = 0usize;
     // Each chain taken: where its descriptors are in `descs`.
@@ -452,21 +465,33 @@ fn drain_burst(
     // element by element through the stack, a stall each.
     frames.clear();
     for &(start, end) in &chains[..taken] {
-        match read_frame(port, ring, &descs[start..end], kicks) {
+        match read_frame(port, ring, &descs[start..end], kicks, *in_part) {
             Some(f) => frames.push(f),
             None => {
                 port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
-    kicks.switch_burst(frames, |frame, hdr, kicks| {
-        switch.switch_frame(port, frame, hdr, kicks);
-    });
+    // SAFETY: the rests lie in guest memory mapped while `ring` is
+    // borrowed, and what was staged is written below, before the chains go
+    // back to the driver.
+    let parted = unsafe {
+        kicks.switch_burst(frames, |frame, hdr, kicks| {
+            switch.switch_frame(port, frame, hdr, kicks);
+        })
+    };
+    if *in_part {
+        kicks.flush();
+    }
+    // Read in part while that pays; whole (the reads overlap better) when
+    // no frame went to a port from where it was.
+    *in_part = parted || frames.iter().all(|f| f.2.is_none());
     (n, wait)
 }
 
-/// A frame read into the burst: where it is there, and its header.
-type Frame = (std::ops::Range<usize>, NetHdr);
+/// A frame read into the burst: where it is there, its header, and for a
+/// frame read in part where the rest is.
+type Frame = (std::ops::Range<usize>, NetHdr, Option<Pieces>);
 
 /// Bytes the device may read in `chain`.
 fn readable(chain: &[Desc]) -> usize {
@@ -480,21 +505,33 @@ fn readable(chain: &[Desc]) -> usize {
 /// the burst; where the frame is there, and its header. None (nothing
 /// kept) for a chain longer than a frame, one pointing outside memory,
 /// or a header the driver may not send.
+///
+/// With `in_part`, of a frame of [`PART_MIN`] bytes or more only the first
+/// [`PART_READ`] are read when the rest lies in a few mapped pieces: their
+/// places come back too (the burst has room for them).
 fn read_frame(
     port: &Port,
     ring: &Ring<'_>,
     descs: &[Desc],
     kicks: &mut Kicks,
-) -> Option<(std::ops::Range<usize>, NetHdr)> {
+    in_part: bool,
+) -> Option<Frame> {
     let readable = readable(descs);
     if readable <= NET_HDR {
         return None;
     }
     let len = readable - NET_HDR;
+    let limit = if in_part && len >= PART_MIN {
+        PART_READ
+    } else {
+        len
+    };
+    let mut rest = Pieces::EMPTY;
     let mut hdr = [0u8; NET_HDR];
     let (start, dst) = kicks.reserve(len)?;
     let (mut got, mut at) = (0usize, 0usize);
     let mut ok = true;
+    let mut lendable = true;
     for d in descs.iter().filter(|d| !d.write) {
         let mut left = d.len as usize;
         let mut addr = d.addr;
@@ -513,7 +550,10 @@ fn read_frame(
         if left == 0 {
             continue;
         }
-        let Some(part) = dst.get_mut(at..at + left) else {
+        // The first `now` bytes are read; the rest stay where they are.
+        let now = limit.saturating_sub(at).min(left);
+        let (Some(part), Some(later)) = (dst.get_mut(at..at + now), addr.checked_add(now as u64))
+        else {
             ok = false;
             break;
         };
@@ -521,12 +561,26 @@ fn read_frame(
             ok = false;
             break;
         }
+        if now < left {
+            match ring.host_ptr(later, left - now) {
+                Some(p) if rest.push(p, left - now) => {}
+                _ => {
+                    lendable = false;
+                    break;
+                }
+            }
+        }
         at += left;
+    }
+    if ok && !lendable {
+        // Not in a few mapped pieces (or not in memory): read whole.
+        kicks.unreserve(start);
+        return read_frame(port, ring, descs, kicks, false);
     }
     let hdr = NetHdr::parse(&hdr);
     let valid = ok.then(|| hdr.validate(port.features(), len));
     match valid {
-        Some(Ok(())) => Some((start..start + len, hdr)),
+        Some(Ok(())) => Some((start..start + len, hdr, (limit < len).then_some(rest))),
         other => {
             if let Some(Err(e)) = other {
                 debug!(port = port.id.0, "refused a frame's header: {e}");

@@ -42,7 +42,13 @@ pub(crate) struct FlowKey {
 impl FlowKey {
     /// The key of `frame`, if it is such a frame and well formed.
     pub(crate) fn of(frame: &[u8]) -> Option<Self> {
-        let proto = Self::check(frame)?;
+        Self::key(frame, frame.len())
+    }
+
+    /// The key of a frame of `len` bytes starting with `frame`.
+    #[inline]
+    fn key(frame: &[u8], len: usize) -> Option<Self> {
+        let proto = Self::check(frame, len)?;
         let ends = frame.get(IP + 12..IP + 24)?;
         let (lo, hi) = ends.split_at(8);
         Some(Self {
@@ -58,13 +64,20 @@ impl FlowKey {
     /// no connection-state flags.
     #[inline]
     pub(crate) fn matches(&self, frame: &[u8]) -> bool {
-        Self::of(frame).is_some_and(|k| k == *self)
+        self.matches_start(frame, frame.len())
+    }
+
+    /// [`FlowKey::matches`] for a frame of `len` bytes of which `start`
+    /// holds the first (at least its headers, else no match).
+    #[inline]
+    pub(crate) fn matches_start(&self, start: &[u8], len: usize) -> bool {
+        Self::key(start, len).is_some_and(|k| k == *self)
     }
 
     /// The protocol of a well-formed frame of the kind keys are taken
     /// from; None otherwise (or for TCP with SYN, FIN or RST).
     #[inline]
-    fn check(frame: &[u8]) -> Option<u8> {
+    fn check(frame: &[u8], len: usize) -> Option<u8> {
         let eth = frame.get(12..14)?;
         if u16::from_be_bytes([eth[0], eth[1]]) != ETHERTYPE_IPV4 {
             return None;
@@ -84,7 +97,10 @@ impl FlowKey {
         if total < IP_HEADER + need || checksum(ip) != 0 {
             return None;
         }
-        let l4 = frame.get(IP + IP_HEADER..IP + total)?;
+        if IP + total > len {
+            return None;
+        }
+        let l4 = frame.get(IP + IP_HEADER..(IP + total).min(frame.len()))?;
         if proto == PROTO_TCP && l4.get(13)? & (TCP_SYN | TCP_FIN | TCP_RST) != 0 {
             return None;
         }

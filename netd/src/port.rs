@@ -30,7 +30,7 @@ use crate::l2::{PortId, SegmentId};
 use crate::metadata::Metadata;
 use crate::offload::{self, NetHdr, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_HOST_TSO4, F_MRG_RXBUF};
 use crate::qos::{Limit, Qos};
-use crate::ring::{writable_len, Desc, Ring};
+use crate::ring::{writable_len, Desc, Pieces, Ring};
 use crate::secgroup::PortSecurity;
 use crate::switch::Inner;
 
@@ -118,11 +118,97 @@ struct RxSide {
 
 impl RxSide {
     /// Keeps a copy of `frame` until the guest has room for it.
-    fn hold(&mut self, hdr: &NetHdr, frame: &[u8]) {
+    fn hold(&mut self, hdr: &NetHdr, frame: Out<'_>) {
         let mut buf = self.spare.pop().unwrap_or_default();
         buf.clear();
-        buf.extend_from_slice(frame);
+        frame.append_to(&mut buf);
         self.pending.push_back((*hdr, buf));
+    }
+}
+
+/// A frame to write into a port's receive buffers: in one slice, or its
+/// first bytes and the rest still in the sending guest's memory (written
+/// from there, one copy instead of two).
+#[derive(Clone, Copy)]
+pub(crate) struct Out<'a>(Src<'a>);
+
+#[derive(Clone, Copy)]
+enum Src<'a> {
+    Whole(&'a [u8]),
+    Parted(&'a [u8], &'a Pieces),
+}
+
+impl<'a> Out<'a> {
+    /// A frame in one slice.
+    pub(crate) fn whole(frame: &'a [u8]) -> Self {
+        Self(Src::Whole(frame))
+    }
+
+    /// A frame whose first bytes are `start` and the rest `rest`.
+    ///
+    /// # Safety
+    /// The pieces stay mapped as long as the frame may be written.
+    pub(crate) unsafe fn parted(start: &'a [u8], rest: &'a Pieces) -> Self {
+        Self(Src::Parted(start, rest))
+    }
+
+    /// Its length.
+    pub(crate) fn len(&self) -> usize {
+        match self.0 {
+            Src::Whole(f) => f.len(),
+            Src::Parted(s, r) => s.len() + r.as_slice().iter().map(|(_, n)| n).sum::<usize>(),
+        }
+    }
+
+    /// Its first bytes (all of it, or the headers at least).
+    pub(crate) fn start(&self) -> &'a [u8] {
+        match self.0 {
+            Src::Whole(f) | Src::Parted(f, _) => f,
+        }
+    }
+
+    /// Appends it to `buf`.
+    fn append_to(&self, buf: &mut Vec<u8>) {
+        match self.0 {
+            Src::Whole(f) => buf.extend_from_slice(f),
+            Src::Parted(s, r) => {
+                buf.extend_from_slice(s);
+                let at = buf.len();
+                let rest = self.len() - s.len();
+                buf.resize(at + rest, 0);
+                // SAFETY: the pieces are mapped (`parted`'s contract).
+                let whole = unsafe { r.read(0, &mut buf[at..]) };
+                if !whole {
+                    buf.truncate(at);
+                }
+            }
+        }
+    }
+
+    /// Writes bytes `from..from + len` to guest memory at `addr`; false if
+    /// it cannot.
+    fn write(&self, ring: &Ring<'_>, addr: u64, from: usize, len: usize) -> bool {
+        match self.0 {
+            Src::Whole(f) => f.get(from..from + len).is_some_and(|b| ring.write(addr, b)),
+            Src::Parted(s, r) => {
+                let mut done = 0usize;
+                if from < s.len() {
+                    let n = len.min(s.len() - from);
+                    if !ring.write(addr, &s[from..from + n]) {
+                        return false;
+                    }
+                    done = n;
+                }
+                if done == len {
+                    return true;
+                }
+                let Some(to) = addr.checked_add(done as u64) else {
+                    return false;
+                };
+                // SAFETY: the pieces are mapped (`parted`'s contract).
+                unsafe { r.write_to(ring, to, from + done - s.len(), len - done) }
+            }
+        }
     }
 }
 
@@ -223,10 +309,11 @@ fn fill(
     ring: &mut Ring<'_>,
     taken: &mut Taken,
     hdr: &NetHdr,
-    frame: &[u8],
+    frame: Out<'_>,
     mergeable: bool,
 ) -> Written {
-    let total = NET_HDR + frame.len();
+    let flen = frame.len();
+    let total = NET_HDR + flen;
     taken.descs.clear();
     taken.chains.clear();
     let mut have = 0usize;
@@ -266,15 +353,15 @@ fn fill(
         if d.write && d.len as usize >= total {
             let at_frame = d.addr.checked_add(NET_HDR as u64);
             if let Some(f) = at_frame.filter(|_| ring.write(d.addr, &head)) {
-                if ring.write(f, frame) {
+                if frame.write(ring, f, 0, flen) {
                     ring.push_used(*c, u32::try_from(total).unwrap_or(0));
                     return Written::Done;
                 }
             }
         }
     }
-    let parts: [&[u8]; 2] = [&head, frame];
-    let (mut part, mut at) = (0usize, 0usize);
+    // The header, then the frame, across the chains' buffers.
+    let mut at = 0usize;
     let mut ok = true;
     let mut from = 0usize;
     for (c, end) in &taken.chains {
@@ -284,13 +371,17 @@ fn fill(
         'descs: for d in descs.iter().filter(|d| d.write) {
             let mut room = d.len as usize;
             let mut addr = d.addr;
-            while room > 0 && ok {
-                let Some(src) = parts.get(part) else {
-                    break 'descs;
+            while room > 0 && ok && at < total {
+                let n = if at < NET_HDR {
+                    let n = room.min(NET_HDR - at);
+                    ok = ring.write(addr, &head[at..at + n]);
+                    n
+                } else {
+                    let n = room.min(total - at);
+                    ok = frame.write(ring, addr, at - NET_HDR, n);
+                    n
                 };
-                let n = room.min(src.len() - at);
-                if !ring.write(addr, &src[at..at + n]) {
-                    ok = false;
+                if !ok {
                     break 'descs;
                 }
                 written += n;
@@ -301,15 +392,11 @@ fn fill(
                     break 'descs;
                 };
                 addr = next;
-                if at == src.len() {
-                    part += 1;
-                    at = 0;
-                }
             }
         }
         ring.push_used(*c, u32::try_from(written).unwrap_or(0));
     }
-    if ok && part == parts.len() {
+    if ok && at == total {
         Written::Done
     } else {
         Written::Lost
@@ -558,7 +645,7 @@ impl Port {
     /// Hands `frame` to the guest now (signalled at once): for the
     /// switch's own answers, off the fast path.
     pub(crate) fn deliver(&self, frame: &[u8]) {
-        self.enqueue_batch(&[(&NetHdr::PLAIN, frame)]);
+        self.enqueue_batch(&[(&NetHdr::PLAIN, Out::whole(frame))]);
     }
 
     /// Whether frames wait for the guest's receive buffers.
@@ -597,27 +684,30 @@ impl Port {
     /// once for the frames that go to it, its used index published and the
     /// driver signalled (if it wants) once. Offloads the driver did not
     /// take are finished first; frames with no room wait, in order.
-    pub(crate) fn enqueue_batch(&self, frames: &[(&NetHdr, &[u8])]) {
+    pub(crate) fn enqueue_batch(&self, frames: &[(&NetHdr, Out<'_>)]) {
         let features = self.features();
         let mut finished: Vec<(NetHdr, Vec<u8>)> = Vec::new();
-        let mut done: Vec<(&NetHdr, &[u8])> = Vec::new();
+        let mut done: Vec<(&NetHdr, Out<'_>)> = Vec::new();
         let list = if frames
             .iter()
             .any(|(h, _)| h.needs_features() & !features != 0)
         {
             for (h, f) in frames {
+                let mut whole = Vec::new();
+                f.append_to(&mut whole);
                 if h.needs_features() & !features == 0 {
-                    finished.push((**h, f.to_vec()));
+                    finished.push((**h, whole));
                     continue;
                 }
-                let done =
-                    offload::finish(f, h, |seg| finished.push((NetHdr::PLAIN, seg.to_vec())));
+                let done = offload::finish(&whole, h, |seg| {
+                    finished.push((NetHdr::PLAIN, seg.to_vec()));
+                });
                 if let Err(e) = done {
                     self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
                     debug!(port = self.id.0, "cannot finish an offloaded frame: {e}");
                 }
             }
-            done.extend(finished.iter().map(|(h, f)| (h, &f[..])));
+            done.extend(finished.iter().map(|(h, f)| (h, Out::whole(f))));
             &done[..]
         } else {
             frames
@@ -637,7 +727,7 @@ impl Port {
                 self.stats.rx_dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            rx.hold(hdr, frame);
+            rx.hold(hdr, *frame);
         }
         self.has_pending
             .store(!rx.pending.is_empty(), Ordering::Release);
@@ -647,7 +737,7 @@ impl Port {
     /// once for the frames that go to it, its used index published and the
     /// driver signalled (if it wants) once; returns how many were taken
     /// (written or lost), stopping at the first with no room.
-    fn write_list(&self, rx: &mut RxSide, list: &[(&NetHdr, &[u8])]) -> usize {
+    fn write_list(&self, rx: &mut RxSide, list: &[(&NetHdr, Out<'_>)]) -> usize {
         let mergeable = self.features() & F_MRG_RXBUF != 0;
         // Counted once for the list: an atomic add per frame would wait
         // each time for the writes into the guest's memory to land.
@@ -662,13 +752,13 @@ impl Port {
     fn write_runs(
         &self,
         rx: &mut RxSide,
-        list: &[(&NetHdr, &[u8])],
+        list: &[(&NetHdr, Out<'_>)],
         mergeable: bool,
         counts: &mut RxCounts,
     ) -> usize {
         let mut i = 0;
         while i < list.len() {
-            let Some(q) = pick_queue(&rx.active, list[i].1) else {
+            let Some(q) = pick_queue(&rx.active, list[i].1.start()) else {
                 break;
             };
             let RxSide {
@@ -689,10 +779,10 @@ impl Port {
             let done = with_ring(vring, &mem, |ring, state| {
                 let mut j = from;
                 while let Some((hdr, frame)) = list.get(j) {
-                    if pick_queue(active, frame) != Some(q) {
+                    if pick_queue(active, frame.start()) != Some(q) {
                         break;
                     }
-                    match fill(ring, taken, hdr, frame, mergeable) {
+                    match fill(ring, taken, hdr, *frame, mergeable) {
                         Written::Done => {
                             counts.frames += 1;
                             counts.bytes += frame.len() as u64;
@@ -727,7 +817,7 @@ impl Port {
             // A burst at a time, so a long queue costs what moves, not what
             // stays.
             let mut pending = std::mem::take(&mut rx.pending);
-            let mut list: Vec<(&NetHdr, &[u8])> = Vec::with_capacity(FLUSH_BURST);
+            let mut list: Vec<(&NetHdr, Out<'_>)> = Vec::with_capacity(FLUSH_BURST);
             let mut from = 0;
             loop {
                 list.clear();
@@ -735,7 +825,7 @@ impl Port {
                     pending
                         .range(from..)
                         .take(FLUSH_BURST)
-                        .map(|(h, f)| (h, &f[..])),
+                        .map(|(h, f)| (h, Out::whole(f))),
                 );
                 let taken = self.write_list(rx, &list);
                 from += taken;

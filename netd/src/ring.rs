@@ -198,6 +198,36 @@ impl<'m> Ring<'m> {
         }
     }
 
+    /// Where `len` bytes of guest memory at `addr` are in this process,
+    /// if they lie in one region (mapped while `mem` is borrowed; the guest
+    /// may write them meanwhile).
+    pub fn host_ptr(&self, addr: u64, len: usize) -> Option<*const u8> {
+        self.regions.host(addr, len).map(<*mut u8>::cast_const)
+    }
+
+    /// Copies `len` bytes at `src` to guest memory at `addr`; false if
+    /// outside its memory.
+    ///
+    /// # Safety
+    /// `len` bytes at `src` are mapped (another guest's memory: it may
+    /// write them meanwhile, and the copy then holds some of each).
+    pub unsafe fn write_raw(&self, addr: u64, src: *const u8, len: usize) -> bool {
+        match self.regions.host(addr, len) {
+            // SAFETY: `len` bytes at `p` lie in one region of the guest's
+            // memory; `src` as this function's contract says.
+            Some(p) => unsafe {
+                std::ptr::copy_nonoverlapping(src, p, len);
+                true
+            },
+            None => {
+                let mut tmp = vec![0u8; len];
+                // SAFETY: as above; `tmp` is ours.
+                unsafe { std::ptr::copy_nonoverlapping(src, tmp.as_mut_ptr(), len) };
+                write_guest(self.mem, addr, &tmp)
+            }
+        }
+    }
+
     /// Asks the CPU to start loading the guest memory at `addr` (a frame
     /// about to be read), so that loads for a burst overlap.
     pub fn prefetch(&self, addr: u64) {
@@ -374,6 +404,100 @@ impl<'m> Ring<'m> {
         }
         fence(Ordering::SeqCst);
         self.has_avail()
+    }
+}
+
+/// Most pieces a frame read in part may leave in guest memory.
+pub const PIECES: usize = 4;
+
+/// The part of a frame left where the guest put it: up to [`PIECES`]
+/// ranges of this process's memory, in order (the guest's, mapped while
+/// its ring is served).
+#[derive(Debug, Clone, Copy)]
+pub struct Pieces {
+    at: [(*const u8, usize); PIECES],
+    n: usize,
+}
+
+impl Pieces {
+    /// None yet.
+    pub const EMPTY: Self = Self {
+        at: [(std::ptr::null(), 0); PIECES],
+        n: 0,
+    };
+
+    /// Adds `len` bytes at `p`; false when there is no room for another
+    /// piece.
+    pub fn push(&mut self, p: *const u8, len: usize) -> bool {
+        match self.at.get_mut(self.n) {
+            Some(slot) => {
+                *slot = (p, len);
+                self.n += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The pieces.
+    pub fn as_slice(&self) -> &[(*const u8, usize)] {
+        self.at.get(..self.n).unwrap_or_default()
+    }
+
+    /// Copies bytes `from..from + dst.len()` of the pieces (counted from
+    /// the first) into `dst`; false if they have fewer.
+    ///
+    /// # Safety
+    /// The pieces are mapped.
+    pub unsafe fn read(&self, from: usize, dst: &mut [u8]) -> bool {
+        let (mut base, mut at) = (0usize, 0usize);
+        for &(p, len) in self.as_slice() {
+            if at == dst.len() {
+                break;
+            }
+            let pos = from + at;
+            if pos < base + len {
+                let skip = pos - base;
+                let n = (len - skip).min(dst.len() - at);
+                // SAFETY: `n` bytes from `skip` lie in the piece (mapped,
+                // this function's contract) and `dst` has room for them.
+                unsafe { std::ptr::copy_nonoverlapping(p.add(skip), dst.as_mut_ptr().add(at), n) };
+                at += n;
+            }
+            base += len;
+        }
+        at == dst.len()
+    }
+
+    /// Copies bytes `from..from + len` of the pieces to guest memory at
+    /// `addr` through `ring`; false if they have fewer or `addr` is
+    /// outside its memory.
+    ///
+    /// # Safety
+    /// The pieces are mapped.
+    pub unsafe fn write_to(&self, ring: &Ring<'_>, addr: u64, from: usize, len: usize) -> bool {
+        let (mut base, mut done) = (0usize, 0usize);
+        for &(p, n) in self.as_slice() {
+            if done == len {
+                break;
+            }
+            let pos = from + done;
+            if pos < base + n {
+                let skip = pos - base;
+                let k = (n - skip).min(len - done);
+                let Some(to) = addr.checked_add(done as u64) else {
+                    return false;
+                };
+                // SAFETY: `k` bytes from `skip` lie in the piece, mapped
+                // (this function's contract).
+                if !unsafe { ring.write_raw(to, p.add(skip), k) } {
+                    return false;
+                }
+                done += k;
+            }
+            base += n;
+        }
+        done == len
     }
 }
 

@@ -25,7 +25,8 @@ use crate::metadata::{self, Endpoint};
 use crate::nat::{Floating, Gateway, Nat, PortForward};
 use crate::offload::{self, NetHdr};
 use crate::overlay::{self, Encap, Overlay};
-use crate::port::{self, Port};
+use crate::port::{self, Out, Port};
+use crate::ring::Pieces;
 use crate::router::VpcId;
 use crate::router::{Host, Subnet, L3};
 use crate::secgroup::{GroupId, Groups, PortSecurity, Rule, SecurityGroup};
@@ -222,7 +223,14 @@ const TCP_STATE_FLAGS: u8 = crate::flow::TCP_SYN | crate::flow::TCP_FIN | crate:
 enum Staged {
     Burst(std::ops::Range<usize>),
     Copy(std::ops::Range<usize>),
+    /// The first bytes in the burst, the rest in the sender's guest memory
+    /// (see [`Kicks::switch_burst`]).
+    Parted(std::ops::Range<usize>, Pieces),
 }
+
+/// Bytes of a long frame read at first when its burst is read in part (see
+/// [`Kicks::switch_burst`]): the headers the memo compares.
+pub(crate) const PART_READ: usize = 64;
 
 impl Default for Kicks {
     fn default() -> Self {
@@ -269,18 +277,46 @@ impl Kicks {
         self.burst_len = self.burst_len.min(start);
     }
 
-    /// Switches the frames read into the burst (where each is, its
-    /// header) with `f`; they stay in the burst until the flush.
-    pub(crate) fn switch_burst(
+    /// Switches the frames read into the burst (where each is, its header,
+    /// and for a frame read in part where the rest is) with `f`; they stay
+    /// in the burst until the flush. Returns whether frames went to a port
+    /// from where they were (reading the next burst in part pays).
+    ///
+    /// A frame read in part has its first [`PART_READ`] bytes in the
+    /// burst. When the burst's remembered decision covers it (the same
+    /// addresses as an earlier frame on a plain segment, or the same
+    /// connection past both ports' checks; see [`Memo`]) and names a local
+    /// port, it is staged as it lies: the port's buffers are written from
+    /// the sender's memory, one copy instead of two. Otherwise the rest is
+    /// read into the burst first and the frame switched as any other.
+    ///
+    /// # Safety
+    /// The rests stay mapped until the staged frames are written (the
+    /// caller flushes before it gives the chains back).
+    pub(crate) unsafe fn switch_burst(
         &mut self,
-        frames: &[(std::ops::Range<usize>, NetHdr)],
+        frames: &[(std::ops::Range<usize>, NetHdr, Option<Pieces>)],
         mut f: impl FnMut(&[u8], &NetHdr, &mut Self),
-    ) {
-        let burst = std::mem::take(&mut self.burst);
+    ) -> bool {
+        let mut burst = std::mem::take(&mut self.burst);
         self.arena = (burst.as_ptr() as usize, burst.len());
         self.plain = None;
         self.memo = None;
-        for (range, hdr) in frames {
+        let mut parted = false;
+        for (range, hdr, rest) in frames {
+            if let Some(rest) = rest {
+                if self.stage_in_part(&burst, range, hdr, rest) {
+                    parted = true;
+                    continue;
+                }
+                let Some(dst) = burst.get_mut(range.start + PART_READ..range.end) else {
+                    continue;
+                };
+                // SAFETY: mapped, as this function's contract says.
+                if !unsafe { rest.read(0, dst) } {
+                    continue;
+                }
+            }
             if let Some(frame) = burst.get(range.clone()) {
                 f(frame, hdr, self);
             }
@@ -291,6 +327,49 @@ impl Kicks {
         self.memo = None;
         self.arena = (0, 0);
         self.burst = burst;
+        parted
+    }
+
+    /// Stages the frame at `range` of `burst`, read in part (`rest` still
+    /// in guest memory), for the local port the burst's remembered
+    /// decision names, if it covers the frame; false (nothing done) if not.
+    fn stage_in_part(
+        &mut self,
+        burst: &[u8],
+        range: &std::ops::Range<usize>,
+        hdr: &NetHdr,
+        rest: &Pieces,
+    ) -> bool {
+        let Some(m) = &self.memo else {
+            return false;
+        };
+        let Target::Port(at) = m.to else {
+            return false;
+        };
+        let Some(start) = burst.get(range.start..range.start + PART_READ) else {
+            return false;
+        };
+        let covered = !hdr.offloaded()
+            && Addrs::of(start) == Some(m.addrs)
+            && match (&m.flow, &m.key) {
+                (None, _) => true,
+                (Some(_), Some(k)) => k.matches_start(start, range.len()),
+                (Some(_), None) => false,
+            };
+        if !covered {
+            return false;
+        }
+        self.sent.0 += 1;
+        self.sent.1 += range.len() as u64;
+        let admitted = self
+            .ports
+            .get(at)
+            .is_some_and(|p| p.ingress_admit(range.len(), self.now));
+        if admitted {
+            let head = range.start..range.start + PART_READ;
+            self.staged.push((at, *hdr, Staged::Parted(head, *rest)));
+        }
+        true
     }
 
     /// Whether `frame` lies in the arena.
@@ -393,7 +472,7 @@ impl Kicks {
         // Remembered decisions name places in the batch.
         self.memo = None;
         self.rx_memo = None;
-        let mut frames: Vec<(&NetHdr, &[u8])> = Vec::with_capacity(self.staged.len());
+        let mut frames: Vec<(&NetHdr, Out<'_>)> = Vec::with_capacity(self.staged.len());
         for (at, p) in self.ports.iter().enumerate() {
             frames.clear();
             // Headers by reference: a copy through the stack was stored
@@ -403,8 +482,14 @@ impl Kicks {
                     continue;
                 }
                 let bytes = match src {
-                    Staged::Burst(r) => self.burst.get(r.clone()),
-                    Staged::Copy(r) => self.bytes.get(r.clone()),
+                    Staged::Burst(r) => self.burst.get(r.clone()).map(Out::whole),
+                    Staged::Copy(r) => self.bytes.get(r.clone()).map(Out::whole),
+                    // SAFETY: the rest stays mapped until this flush
+                    // (`switch_burst`'s contract).
+                    Staged::Parted(r, rest) => self
+                        .burst
+                        .get(r.clone())
+                        .map(|start| unsafe { Out::parted(start, rest) }),
                 };
                 if let Some(b) = bytes {
                     frames.push((h, b));
@@ -1873,11 +1958,14 @@ mod tests {
         for fill in [0xa1u8, 0xa2] {
             let (start, dst) = kicks.reserve(1000).unwrap();
             dst.fill(fill);
-            frames.push((start..start + 1000, NetHdr::PLAIN));
+            frames.push((start..start + 1000, NetHdr::PLAIN, None));
         }
-        kicks.switch_burst(&frames, |frame, _, k| {
-            k.gather_datagram(&tx, rx_addr, 7, frame);
-        });
+        // SAFETY: no frame is read in part.
+        unsafe {
+            kicks.switch_burst(&frames, |frame, _, k| {
+                k.gather_datagram(&tx, rx_addr, 7, frame);
+            })
+        };
         assert_eq!(kicks.tunnel_out.len(), 2);
         assert!(kicks.tunnel_out.has_lent());
         // The staged batch is written out (no ports: nothing to write),

@@ -253,3 +253,62 @@ fn a_mirrored_port_copies_what_it_sends_and_receives_to_its_target() {
     assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&out[..]));
     assert_eq!(c.try_recv().unwrap(), None);
 }
+
+/// Long frames of a burst go from the sender's buffers straight into the
+/// receiver's (read in part, see `Kicks::switch_burst`): each arrives
+/// whole and in order, from chains of one or several descriptors, and
+/// still whole when the sender rewrites its buffers as soon as the port
+/// hands them back, or when the receiver has no buffers yet (the frames
+/// wait in the port).
+#[test]
+fn long_frames_of_a_burst_arrive_whole_from_the_senders_buffers() {
+    let (_dir, _sw, p1, p2) = two_ports();
+    let mut a = NetFrontend::connect(&p1.socket).unwrap();
+    let mut b = NetFrontend::connect(&p2.socket).unwrap();
+    // B is learned: A's frames to it go to one port.
+    let hello = frame(A, B, b"here");
+    b.send(&hello).unwrap();
+    assert_eq!(a.recv(WAIT).unwrap().as_deref(), Some(&hello[..]));
+    let burst = |round: usize, pieces: usize| -> Vec<Vec<u8>> {
+        // As many as the ring's 64 descriptors take.
+        let count = u8::try_from((64 / pieces).min(32)).unwrap();
+        (0..count)
+            .map(|i| {
+                let mut f = frame(B, A, &[]);
+                let len = 600 + 29 * usize::from(i);
+                let salt = u8::try_from(round).unwrap().wrapping_mul(37);
+                f.extend((0..len).map(|k| u8::try_from(k % 251).unwrap() ^ i ^ salt));
+                f
+            })
+            .collect()
+    };
+    // B has room: the frames are in its ring by the time A gets its
+    // buffers back (written before the port hands them back).
+    for (round, pieces) in [(0, 1), (1, 2), (2, 3)] {
+        let frames = burst(round, pieces);
+        a.send_burst_in(&frames, pieces).unwrap();
+        a.scribble_tx(0xee);
+        for (i, f) in frames.iter().enumerate() {
+            let got = b.try_recv().unwrap();
+            assert_eq!(got.as_deref(), Some(&f[..]), "round {round}, frame {i}");
+        }
+    }
+    // B reads nothing until all are sent: its 64 buffers fill up, and the
+    // later frames wait in the port.
+    let mut sent = Vec::new();
+    for (round, pieces) in [(3, 1), (4, 1), (5, 3), (6, 4), (7, 6)] {
+        let frames = burst(round, pieces);
+        a.send_burst_in(&frames, pieces).unwrap();
+        a.scribble_tx(0xee);
+        sent.extend(frames);
+    }
+    assert!(sent.len() > 64);
+    for (i, f) in sent.iter().enumerate() {
+        let got = b.recv(WAIT).unwrap();
+        assert_eq!(got.as_deref(), Some(&f[..]), "frame {i}");
+    }
+    assert_eq!(b.try_recv().unwrap(), None);
+    let n = sent.len() as u64 + 32 + 32 + 21;
+    assert_eq!(p2.stats.rx_frames.load(Ordering::Relaxed), n);
+    assert_eq!(p1.stats.tx_frames.load(Ordering::Relaxed), n);
+}

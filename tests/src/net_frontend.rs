@@ -228,7 +228,15 @@ impl NetFrontend {
     /// kicked once, as a busy driver does. Waits until the port has taken
     /// them all.
     pub fn send_burst(&mut self, frames: &[Vec<u8>]) -> Result<(), Error> {
-        if frames.len() > usize::from(QUEUE_SIZE) || frames.iter().any(|f| f.len() + NET_HDR > BUF)
+        self.send_burst_in(frames, 1)
+    }
+
+    /// [`NetFrontend::send_burst`] with each frame's buffer (header and
+    /// frame) in a chain of `pieces` descriptors of about equal length.
+    pub fn send_burst_in(&mut self, frames: &[Vec<u8>], pieces: usize) -> Result<(), Error> {
+        if frames.len() > usize::from(QUEUE_SIZE)
+            || frames.iter().any(|f| f.len() + NET_HDR > BUF)
+            || pieces == 0
         {
             return Err(Error::new(ErrorKind::InvalidInput, "burst too large"));
         }
@@ -239,13 +247,38 @@ impl NetFrontend {
             let buf = unsafe { std::slice::from_raw_parts_mut(base, BUF) };
             buf[..NET_HDR].fill(0);
             buf[NET_HDR..NET_HDR + f.len()].copy_from_slice(f);
-            self.add_tx(TX, base, NET_HDR + f.len())?;
+            let len = NET_HDR + f.len();
+            let step = len.div_ceil(pieces);
+            self.queues[TX].add_request(|req, add| {
+                *req = 0;
+                let mut at = 0;
+                while at < len {
+                    let n = step.min(len - at);
+                    add(
+                        libc::iovec {
+                            // SAFETY: inside the slot.
+                            iov_base: unsafe { base.add(at) }.cast(),
+                            iov_len: n,
+                        },
+                        false,
+                    )?;
+                    at += n;
+                }
+                Ok(())
+            })?;
         }
         self.transport.get_submission_notifier(TX).notify()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Polled first, as a busy driver does (it sees buffers back the
+        // moment the port returns them, before any interrupt).
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(10);
         let mut done = 0;
         while done < frames.len() {
             done += self.queues[TX].completions().count();
+            if done < frames.len() && start.elapsed() < Duration::from_millis(5) {
+                std::hint::spin_loop();
+                continue;
+            }
             if done < frames.len() && !wait(&[&self.calls[TX]], deadline)? {
                 return Err(Error::new(
                     ErrorKind::TimedOut,
@@ -254,6 +287,15 @@ impl NetFrontend {
             }
         }
         Ok(())
+    }
+
+    /// Overwrites every transmit buffer with `byte`, as a driver reusing
+    /// them for its next frames does once the port has taken them.
+    pub fn scribble_tx(&mut self, byte: u8) {
+        let base = self.slot_ptr(TX, 0);
+        // SAFETY: the transmit queue's buffers, QUEUE_BYTES inside our
+        // mapping; no send is outstanding.
+        unsafe { std::ptr::write_bytes(base, byte, QUEUE_BYTES) };
     }
 
     /// Submits one transmit descriptor claiming `len` bytes from the start
