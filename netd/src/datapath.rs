@@ -199,7 +199,7 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
     let mut rings: Vec<TxRing> = Vec::new();
     let mut seen = u64::MAX;
     let mut descs = Vec::with_capacity(MAX_CHAIN);
-    let mut frames = Vec::with_capacity(TX_BATCH);
+    let mut frames = (Vec::with_capacity(TX_BATCH), Vec::with_capacity(TX_BATCH));
     let mut kicks = Kicks::default();
     let mut idle_since: Option<Instant> = None;
     let mut asleep = false;
@@ -392,7 +392,7 @@ fn drain(
     port: &Port,
     ring: &mut Ring<'_>,
     switch: &Inner,
-    scratch: (&mut Vec<Desc>, &mut Vec<Frame>),
+    scratch: (&mut Vec<Desc>, &mut Frames),
     kicks: &mut Kicks,
     in_part: &mut bool,
 ) -> (usize, Duration) {
@@ -420,7 +420,7 @@ fn drain_burst(
     port: &Port,
     ring: &mut Ring<'_>,
     switch: &Inner,
-    (descs, frames): (&mut Vec<Desc>, &mut Vec<Frame>),
+    (descs, (frames, rests)): (&mut Vec<Desc>, &mut Frames),
     kicks: &mut Kicks,
     done: &mut [u16; TX_BATCH],
     in_part: &mut bool,
@@ -464,8 +464,15 @@ fn drain_burst(
     // A list kept from burst to burst: an array made here was written
     // element by element through the stack, a stall each.
     frames.clear();
+    rests.clear();
     for &(start, end) in &chains[..taken] {
-        match read_frame(port, ring, &descs[start..end], kicks, *in_part) {
+        match read_frame(
+            port,
+            ring,
+            &descs[start..end],
+            kicks,
+            in_part.then_some(rests),
+        ) {
             Some(f) => frames.push(f),
             None => {
                 port.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
@@ -476,22 +483,25 @@ fn drain_burst(
     // borrowed, and what was staged is written below, before the chains go
     // back to the driver.
     let parted = unsafe {
-        kicks.switch_burst(frames, |frame, hdr, kicks| {
+        kicks.switch_burst(frames, rests, |frame, hdr, kicks| {
             switch.switch_frame(port, frame, hdr, kicks);
         })
     };
-    if *in_part {
+    if parted {
+        // Their rests must be read before the sender gets its buffers back.
         kicks.flush();
     }
     // Read in part while that pays; whole (the reads overlap better) when
     // no frame went to a port from where it was.
-    *in_part = parted || frames.iter().all(|f| f.2.is_none());
+    *in_part = parted || rests.is_empty();
     (n, wait)
 }
 
 /// A frame read into the burst: where it is there, its header, and for a
-/// frame read in part where the rest is.
-type Frame = (std::ops::Range<usize>, NetHdr, Option<Pieces>);
+/// frame read in part where the rest is (its place in the rests).
+type Frame = (std::ops::Range<usize>, NetHdr, Option<usize>);
+/// A burst's frames and the rests of those read in part.
+type Frames = (Vec<Frame>, Vec<Pieces>);
 
 /// Bytes the device may read in `chain`.
 fn readable(chain: &[Desc]) -> usize {
@@ -506,32 +516,29 @@ fn readable(chain: &[Desc]) -> usize {
 /// kept) for a chain longer than a frame, one pointing outside memory,
 /// or a header the driver may not send.
 ///
-/// With `in_part`, of a frame of [`PART_MIN`] bytes or more only the first
+/// With `rests`, of a frame of [`PART_MIN`] bytes or more only the first
 /// [`PART_READ`] are read when the rest lies in a few mapped pieces: their
-/// places come back too (the burst has room for them).
+/// places go to `rests` (the burst has room for them).
 fn read_frame(
     port: &Port,
     ring: &Ring<'_>,
     descs: &[Desc],
     kicks: &mut Kicks,
-    in_part: bool,
+    rests: Option<&mut Vec<Pieces>>,
 ) -> Option<Frame> {
     let readable = readable(descs);
     if readable <= NET_HDR {
         return None;
     }
     let len = readable - NET_HDR;
-    let limit = if in_part && len >= PART_MIN {
-        PART_READ
-    } else {
-        len
+    let (mut limit, mut rest) = match rests.as_ref() {
+        Some(_) if len >= PART_MIN => (PART_READ, Some(Pieces::EMPTY)),
+        _ => (len, None),
     };
-    let mut rest = Pieces::EMPTY;
     let mut hdr = [0u8; NET_HDR];
     let (start, dst) = kicks.reserve(len)?;
     let (mut got, mut at) = (0usize, 0usize);
     let mut ok = true;
-    let mut lendable = true;
     for d in descs.iter().filter(|d| !d.write) {
         let mut left = d.len as usize;
         let mut addr = d.addr;
@@ -562,25 +569,41 @@ fn read_frame(
             break;
         }
         if now < left {
-            match ring.host_ptr(later, left - now) {
-                Some(p) if rest.push(p, left - now) => {}
-                _ => {
-                    lendable = false;
+            let host = ring.host_ptr(later, left - now);
+            let kept = match (rest.as_mut(), host) {
+                (Some(r), Some(p)) => r.push(p, left - now),
+                _ => false,
+            };
+            if !kept {
+                // Not in a few mapped pieces: read whole after all (what
+                // was left so far, this descriptor's rest, the others).
+                let so_far = dst.get_mut(PART_READ.min(at + now)..at + now);
+                // SAFETY: the pieces were mapped by `ring`, still borrowed.
+                let read = so_far.is_some_and(|d| rest.is_none_or(|r| unsafe { r.read(0, d) }));
+                let tail = dst.get_mut(at + now..at + left);
+                if !read || !tail.is_some_and(|d| ring.read(later, d)) {
+                    ok = false;
                     break;
                 }
+                rest = None;
+                limit = len;
             }
         }
         at += left;
     }
-    if ok && !lendable {
-        // Not in a few mapped pieces (or not in memory): read whole.
-        kicks.unreserve(start);
-        return read_frame(port, ring, descs, kicks, false);
-    }
     let hdr = NetHdr::parse(&hdr);
     let valid = ok.then(|| hdr.validate(port.features(), len));
     match valid {
-        Some(Ok(())) => Some((start..start + len, hdr, (limit < len).then_some(rest))),
+        Some(Ok(())) => {
+            let at = match (rest, rests) {
+                (Some(r), Some(rests)) => {
+                    rests.push(r);
+                    Some(rests.len() - 1)
+                }
+                _ => None,
+            };
+            Some((start..start + len, hdr, at))
+        }
         other => {
             if let Some(Err(e)) = other {
                 debug!(port = port.id.0, "refused a frame's header: {e}");

@@ -295,7 +295,8 @@ impl Kicks {
     /// caller flushes before it gives the chains back).
     pub(crate) unsafe fn switch_burst(
         &mut self,
-        frames: &[(std::ops::Range<usize>, NetHdr, Option<Pieces>)],
+        frames: &[(std::ops::Range<usize>, NetHdr, Option<usize>)],
+        rests: &[Pieces],
         mut f: impl FnMut(&[u8], &NetHdr, &mut Self),
     ) -> bool {
         let mut burst = std::mem::take(&mut self.burst);
@@ -304,7 +305,7 @@ impl Kicks {
         self.memo = None;
         let mut parted = false;
         for (range, hdr, rest) in frames {
-            if let Some(rest) = rest {
+            if let Some(rest) = rest.and_then(|i| rests.get(i)) {
                 if self.stage_in_part(&burst, range, hdr, rest) {
                     parted = true;
                     continue;
@@ -1962,7 +1963,7 @@ mod tests {
         }
         // SAFETY: no frame is read in part.
         unsafe {
-            kicks.switch_burst(&frames, |frame, _, k| {
+            kicks.switch_burst(&frames, &[], |frame, _, k| {
                 k.gather_datagram(&tx, rx_addr, 7, frame);
             })
         };
