@@ -170,6 +170,9 @@ pub(crate) struct Kicks {
     /// to its counter at the end), and where the last one went.
     pub(crate) tunnel_rx: u64,
     rx_memo: Option<RxMemo>,
+    /// Where the rests of frames staged in part are (kept apart: a staged
+    /// entry stays small).
+    rests: Vec<Pieces>,
     /// Tunnel datagrams to send together, and the endpoint.
     tunnel_out: Outbox,
     tunnel: Option<Arc<Tunnel>>,
@@ -224,8 +227,8 @@ enum Staged {
     Burst(std::ops::Range<usize>),
     Copy(std::ops::Range<usize>),
     /// The first bytes in the burst, the rest in the sender's guest memory
-    /// (see [`Kicks::switch_burst`]).
-    Parted(std::ops::Range<usize>, Pieces),
+    /// (see [`Kicks::switch_burst`]; its place in `Kicks::rests`).
+    Parted(std::ops::Range<usize>, usize),
 }
 
 /// Bytes of a long frame read at first when its burst is read in part (see
@@ -247,6 +250,7 @@ impl Default for Kicks {
             memo: None,
             tunnel_rx: 0,
             rx_memo: None,
+            rests: Vec::new(),
             tunnel_out: Outbox::default(),
             tunnel: None,
         }
@@ -368,7 +372,9 @@ impl Kicks {
             .is_some_and(|p| p.ingress_admit(range.len(), self.now));
         if admitted {
             let head = range.start..range.start + PART_READ;
-            self.staged.push((at, *hdr, Staged::Parted(head, *rest)));
+            self.rests.push(*rest);
+            let rest = self.rests.len() - 1;
+            self.staged.push((at, *hdr, Staged::Parted(head, rest)));
         }
         true
     }
@@ -490,7 +496,8 @@ impl Kicks {
                     Staged::Parted(r, rest) => self
                         .burst
                         .get(r.clone())
-                        .map(|start| unsafe { Out::parted(start, rest) }),
+                        .zip(self.rests.get(*rest))
+                        .map(|(start, rest)| unsafe { Out::parted(start, rest) }),
                 };
                 if let Some(b) = bytes {
                     frames.push((h, b));
@@ -500,6 +507,7 @@ impl Kicks {
         }
         self.ports.clear();
         self.staged.clear();
+        self.rests.clear();
         self.bytes.clear();
         self.burst_len = 0;
     }
