@@ -194,21 +194,9 @@ async fn two_nodes_carry_an_overlay_network_in_vxlan() {
         let mut a = NetFrontend::connect(Path::new(&sock_a)).unwrap();
         let mut b = NetFrontend::connect(Path::new(&sock_b)).unwrap();
         let mut c = NetFrontend::connect(Path::new(&sock_c)).unwrap();
-        // A broadcast crosses to the other node...
-        let who_has = arp(
-            ARP_REQUEST,
-            A,
-            [192, 168, 5, 1],
-            [0; 6],
-            [192, 168, 5, 2],
-            BROADCAST,
-        );
-        a.send(&who_has).unwrap();
-        assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&who_has[..]));
-        // ...the unicast answer comes back to the learned address...
-        let is_at = arp(ARP_REPLY, B, [192, 168, 5, 2], A, [192, 168, 5, 1], A);
-        b.send(&is_at).unwrap();
-        assert_eq!(a.recv(WAIT).unwrap().as_deref(), Some(&is_at[..]));
+        // A broadcast crosses to the other node, the unicast answer comes
+        // back to the learned address...
+        let who_has = ask_and_answer(&mut a, &mut b, 5);
         // ...and unicast goes straight to it; big frames too.
         let mut big = arp(ARP_REQUEST, A, [192, 168, 5, 1], B, [192, 168, 5, 2], B);
         big.resize(1400, 0xab);
@@ -305,6 +293,19 @@ async fn two_nodes_carry_an_overlay_network_in_vxlan() {
     assert_eq!(counters.get("rx"), Some(&1), "{counters:?}");
 }
 
+/// A asks for B's address on 192.168.`net`.0/24 by broadcast, B answers
+/// A by unicast; each arrives as sent. Returns the question.
+fn ask_and_answer(a: &mut NetFrontend, b: &mut NetFrontend, net: u8) -> Vec<u8> {
+    let (ip_a, ip_b) = ([192, 168, net, 1], [192, 168, net, 2]);
+    let who_has = arp(ARP_REQUEST, A, ip_a, [0; 6], ip_b, BROADCAST);
+    a.send(&who_has).unwrap();
+    assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&who_has[..]));
+    let is_at = arp(ARP_REPLY, B, ip_b, A, ip_a, A);
+    b.send(&is_at).unwrap();
+    assert_eq!(a.recv(WAIT).unwrap().as_deref(), Some(&is_at[..]));
+    who_has
+}
+
 /// A UDP socket bound in namespace `ns` (as another Geneve speaker there).
 fn udp_in(ns: &str) -> std::net::UdpSocket {
     let path = format!("/var/run/netns/{ns}");
@@ -348,19 +349,7 @@ async fn two_nodes_carry_an_overlay_network_in_geneve() {
         let mut a = NetFrontend::connect(Path::new(&sock_a)).unwrap();
         let mut b = NetFrontend::connect(Path::new(&sock_b)).unwrap();
         // Broadcast, the learned answer, and full-size frames in one burst.
-        let who_has = arp(
-            ARP_REQUEST,
-            A,
-            [192, 168, 7, 1],
-            [0; 6],
-            [192, 168, 7, 2],
-            BROADCAST,
-        );
-        a.send(&who_has).unwrap();
-        assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&who_has[..]));
-        let is_at = arp(ARP_REPLY, B, [192, 168, 7, 2], A, [192, 168, 7, 1], A);
-        b.send(&is_at).unwrap();
-        assert_eq!(a.recv(WAIT).unwrap().as_deref(), Some(&is_at[..]));
+        ask_and_answer(&mut a, &mut b, 7);
         let full: Vec<Vec<u8>> = (0..8u8)
             .map(|i| {
                 let mut f = arp(ARP_REQUEST, A, [192, 168, 7, 1], B, [192, 168, 7, 2], B);

@@ -142,6 +142,20 @@ async fn ports_created_over_dbus_carry_frames_and_count_them() {
     assert!(err.to_string().contains("NotFound"), "{err}");
 }
 
+/// A VPC object's client that reads properties afresh each time.
+async fn vpc_proxy<'a>(
+    conn: &zbus::Connection,
+    path: &zbus::zvariant::OwnedObjectPath,
+) -> VpcProxy<'a> {
+    VpcProxy::builder(conn)
+        .path(path.clone())
+        .unwrap()
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     let dir = tempfile::tempdir().unwrap();
@@ -200,13 +214,7 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     assert_eq!(s.gateway().await.unwrap(), "10.9.0.1");
 
     // Port forwards of the VPC's gateway address.
-    let router = VpcProxy::builder(&conn)
-        .path(vpc.clone())
-        .unwrap()
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .unwrap();
+    let router = vpc_proxy(&conn, &vpc).await;
     let err = router
         .add_port_forward("tcp", 8080, "10.9.0.20", 80)
         .await
@@ -398,24 +406,12 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     assert!(err.to_string().contains("has networks"), "{err}");
     net.delete_network(&again).await.unwrap();
     net.delete_vpc(&vpc).await.unwrap();
-    let lab_now = VpcProxy::builder(&conn)
-        .path(lab.clone())
-        .unwrap()
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .unwrap();
+    let lab_now = vpc_proxy(&conn, &lab).await;
     assert!(
         lab_now.peers().await.unwrap().is_empty(),
         "the peering went with the VPC"
     );
-    let gone = VpcProxy::builder(&conn)
-        .path(vpc.clone())
-        .unwrap()
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .unwrap();
+    let gone = vpc_proxy(&conn, &vpc).await;
     assert!(
         gone.gateway_address().await.is_err(),
         "the VPC object is gone"
