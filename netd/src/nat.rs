@@ -102,7 +102,15 @@ pub struct Nat {
     next_port: u16,
     neighbours: HashMap<(SegmentId, Ipv4Addr), Mac>,
     waiting: HashMap<(SegmentId, Ipv4Addr), Vec<Vec<u8>>>,
+    /// Connections that came in through a port forward and when they were
+    /// last seen: their replies leave through the forward even from a VM
+    /// with a floating IP.
+    forwarded: HashMap<Conn, Instant>,
 }
+
+/// A connection through a port forward: VPC, protocol, the VM's address
+/// and port, the remote's.
+type Conn = (VpcId, u8, Ipv4Addr, u16, Ipv4Addr, u16);
 
 impl Nat {
     /// Sets (or with None removes) `vpc`'s gateway.
@@ -142,6 +150,8 @@ impl Nat {
         if let Some(p) = self.outbound.remove(&inside) {
             self.inbound.remove(&(gw, f.proto, p));
         }
+        let ends = (f.vpc, f.proto, f.inner, f.inner_port);
+        self.forwarded.retain(|c, _| (c.0, c.1, c.2, c.3) != ends);
         if on {
             self.inbound.insert(
                 outside,
@@ -155,6 +165,57 @@ impl Nat {
             );
             self.outbound.insert(inside, f.external_port);
         }
+    }
+
+    /// Where a packet (already translated on its way out) to `dst` on
+    /// external segment `seg` goes when `dst` is an address this node's
+    /// routers hold there: a floating IP's VM, or through a gateway
+    /// address's port forward or translation (TCP and UDP) its VM and
+    /// port. None for anything else. The packet leaves `from` (address and
+    /// port, as translated).
+    fn hairpin(
+        &mut self,
+        seg: SegmentId,
+        pkt: &Packet,
+        dst: Ipv4Addr,
+        from: (Ipv4Addr, u16),
+        now: Instant,
+    ) -> Option<(VpcId, Ipv4Addr, Option<u16>)> {
+        if let Some(f) = self.floating.get(&dst) {
+            let here = self.gateways.get(&f.vpc).is_some_and(|g| g.segment == seg);
+            return here.then_some((f.vpc, f.fixed, None));
+        }
+        if !self
+            .gateways
+            .values()
+            .any(|g| g.segment == seg && g.ip == dst)
+        {
+            return None;
+        }
+        if !matches!(pkt.flow.proto, PROTO_TCP | PROTO_UDP) {
+            return None;
+        }
+        let n = *self.inbound.get(&(dst, pkt.flow.proto, pkt.flow.dport))?;
+        if n.forward {
+            self.came_in(
+                (n.vpc, pkt.flow.proto, n.inner, n.port, from.0, from.1),
+                now,
+            );
+        }
+        Some((n.vpc, n.inner, Some(n.port)))
+    }
+
+    /// Notes that `conn` came in through a port forward (at most
+    /// [`MAX_NAPT`] such, idle ones forgotten after [`NAPT_IDLE`]).
+    fn came_in(&mut self, conn: Conn, now: Instant) {
+        if self.forwarded.len() >= MAX_NAPT && !self.forwarded.contains_key(&conn) {
+            self.forwarded
+                .retain(|_, seen| now.saturating_duration_since(*seen) <= NAPT_IDLE);
+            if self.forwarded.len() >= MAX_NAPT {
+                return;
+            }
+        }
+        self.forwarded.insert(conn, now);
     }
 
     /// The router MAC answering for `ip` on `segment` (a gateway address
@@ -265,17 +326,36 @@ impl Inner {
         if ip.ttl <= 1 {
             return true;
         }
+        // A ping of a gateway address on that network: the router's to
+        // answer.
+        let own = |g: &Gateway| g.segment == gw.segment && g.ip == ip.dst;
+        if pkt.icmp_type == Some(ICMP_ECHO_REQUEST) && nat.gateways.values().any(own) {
+            drop(nat);
+            if let Ok(eth) = Ethernet::parse(frame) {
+                let reply = icmp_echo_reply(frame, ip, eth.dst);
+                self.route_into(vpc, ip.src, reply, kicks);
+            }
+            return true;
+        }
         let mut out = frame.to_vec();
-        // A reply through a port forward leaves from the gateway's port,
-        // even from a VM with a floating IP.
+        // A reply on a connection that came in through a port forward
+        // leaves from the gateway's port, even from a VM with a floating IP.
+        let proto = pkt.flow.proto;
         let forwarded = napt_port(pkt, true).and_then(|p| {
-            let ext = *nat.outbound.get(&(vpc, pkt.flow.proto, ip.src, p))?;
-            let n = nat.inbound.get(&(gw.ip, pkt.flow.proto, ext))?;
-            n.forward.then_some(ext)
+            let conn = (vpc, proto, ip.src, p, ip.dst, pkt.flow.dport);
+            let seen = nat.forwarded.get_mut(&conn)?;
+            *seen = kicks.now;
+            nat.outbound.get(&(vpc, proto, ip.src, p)).copied()
         });
-        match (forwarded, nat.by_fixed.get(&(vpc, ip.src)).copied()) {
-            (Some(ext), _) => nat_rewrite(&mut out, Side::Source, gw.ip, Some(ext)),
-            (None, Some(floating)) => nat_rewrite(&mut out, Side::Source, floating, None),
+        let from = match (forwarded, nat.by_fixed.get(&(vpc, ip.src)).copied()) {
+            (Some(ext), _) => {
+                nat_rewrite(&mut out, Side::Source, gw.ip, Some(ext));
+                (gw.ip, ext)
+            }
+            (None, Some(floating)) => {
+                nat_rewrite(&mut out, Side::Source, floating, None);
+                (floating, pkt.flow.sport)
+            }
             (None, None) => {
                 let Some(port) = napt_port(pkt, true) else {
                     debug!(src = %ip.src, "no translation for this protocol");
@@ -287,7 +367,17 @@ impl Inner {
                     return true;
                 };
                 nat_rewrite(&mut out, Side::Source, gw.ip, Some(ext));
+                (gw.ip, ext)
             }
+        };
+        // To an address this node's routers hold on that network (a
+        // floating IP, a port forward or a translation of a gateway
+        // address): turned around here (hairpin), as the outside would.
+        if let Some((to_vpc, inner, port)) = nat.hairpin(gw.segment, pkt, ip.dst, from, kicks.now) {
+            drop(nat);
+            nat_rewrite(&mut out, Side::Destination, inner, port);
+            self.route_into(to_vpc, inner, out, kicks);
+            return true;
         }
         let hop = if contains(gw.net, gw.prefix, ip.dst) {
             ip.dst
@@ -394,6 +484,17 @@ impl Inner {
         };
         n.used = kicks.now;
         let n = *n;
+        if n.forward {
+            let conn = (
+                n.vpc,
+                pkt.flow.proto,
+                n.inner,
+                n.port,
+                ipv4.src,
+                pkt.flow.sport,
+            );
+            nat.came_in(conn, kicks.now);
+        }
         drop(nat);
         let mut out = frame.to_vec();
         nat_rewrite(&mut out, Side::Destination, n.inner, Some(n.port));

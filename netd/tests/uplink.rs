@@ -435,12 +435,59 @@ fn floating_ips_snat_port_forwards_and_vlans_meet_the_outside_world() {
     );
     // With a floating IP too, the forward's replies still leave from the
     // router's port.
-    let (svc_fip, _) = f.create_floating_ip(ext, None).unwrap();
+    let (svc_fip, svc_fip_ip) = f.create_floating_ip(ext, None).unwrap();
     f.associate_floating_ip(svc_fip, Some(svc.port.id.0))
         .unwrap();
     assert_eq!(
         udp_from_outside(8053, b"still the router").as_deref(),
         Some(&b"still the router"[..])
+    );
+    // From inside the VPC the same addresses work (hairpin): vm2 asks the
+    // forward and the floating IP, and the answers come from the
+    // addresses it asked.
+    let me = vm2.port.security().ip.unwrap();
+    let router = Ipv4Addr::new(192, 0, 2, 2);
+    for (dst, dport, sport) in [(router, 8053u16, 40000u16), (svc_fip_ip, 53, 40001)] {
+        let mut udp = [sport.to_be_bytes(), dport.to_be_bytes(), [0, 14], [0, 0]].concat();
+        udp.extend_from_slice(b"inside");
+        let ip = ipv4_header(me, dst, PROTO_UDP, udp.len());
+        let eth = [
+            &gw_mac[..],
+            &vm2.port.mac[..],
+            &ETHERTYPE_IPV4.to_be_bytes()[..],
+        ]
+        .concat();
+        fe.send(&[&eth[..], &ip[..], &udp[..]].concat()).unwrap();
+        let reply = fe.recv(Duration::from_secs(10)).unwrap().expect("the echo");
+        let e = Ethernet::parse(&reply).unwrap();
+        let i = Ipv4::parse(e.payload).unwrap();
+        let p = Packet::of(&i).unwrap();
+        assert_eq!(
+            (i.src, p.flow.sport, i.dst, p.flow.dport, &i.payload[8..]),
+            (dst, dport, me, sport, &b"inside"[..])
+        );
+    }
+    // And the router's address answers pings from inside.
+    let mut icmp = vec![ICMP_ECHO_REQUEST, 0, 0, 0, 0x55, 0x55, 0, 1];
+    let sum = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let eth = [
+        &gw_mac[..],
+        &vm2.port.mac[..],
+        &ETHERTYPE_IPV4.to_be_bytes()[..],
+    ]
+    .concat();
+    let ip = ipv4_header(me, router, PROTO_ICMP, icmp.len());
+    fe.send(&[&eth[..], &ip[..], &icmp[..]].concat()).unwrap();
+    let reply = fe
+        .recv(Duration::from_secs(10))
+        .unwrap()
+        .expect("the reply");
+    let i = Ipv4::parse(Ethernet::parse(&reply).unwrap().payload).unwrap();
+    let p = Packet::of(&i).unwrap();
+    assert_eq!(
+        (i.src, i.dst, p.icmp_type, p.flow.sport),
+        (router, me, Some(ICMP_ECHO_REPLY), 0x5555)
     );
     f.delete_floating_ip(svc_fip).unwrap();
     // Other ports of the router go nowhere; a removed forward neither.
@@ -449,7 +496,7 @@ fn floating_ips_snat_port_forwards_and_vlans_meet_the_outside_world() {
     assert_eq!(udp_from_outside(8053, b"gone"), None);
     assert_eq!(
         responder.stop(),
-        2,
+        4,
         "the VM got the allowed datagrams and nothing else"
     );
     f.delete_port(svc.port.id.0).unwrap();
