@@ -194,16 +194,14 @@ struct Memo {
 }
 
 /// Where a remembered frame went.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 enum Target {
     /// A local port, by its place in the staged batch's ports.
     Port(usize),
-    /// Another node's tunnel endpoint, in a VXLAN header for `vni`.
-    Remote {
-        to: SocketAddrV4,
-        vni: u32,
-        tunnel: Arc<Tunnel>,
-    },
+    /// Another node's tunnel endpoint, with the header for `vni`, through
+    /// the endpoint the batch's datagrams go through (no reference count
+    /// per frame).
+    Remote { to: SocketAddrV4, vni: u32 },
 }
 
 /// Where the last frame from a tunnel endpoint went, within one receive
@@ -428,9 +426,10 @@ impl Kicks {
     fn again(&mut self, to: &Target, hdr: &NetHdr, frame: &[u8]) {
         match to {
             Target::Port(at) => self.admit_at(*at, hdr, frame),
-            Target::Remote { to, vni, tunnel } => {
-                let (to, vni, tunnel) = (*to, *vni, tunnel.clone());
-                self.gather_datagram(&tunnel, to, vni, frame);
+            Target::Remote { to, vni } => {
+                if let Some(header) = self.tunnel.as_ref().map(|t| t.encap.header(*vni)) {
+                    self.push_datagram(*to, header, frame);
+                }
             }
         }
     }
@@ -530,16 +529,19 @@ impl Kicks {
             self.flush_tunnel();
             self.tunnel = Some(endpoint.clone());
         }
+        self.push_datagram(to, endpoint.encap.header(vni), frame);
+    }
+
+    /// Adds `frame` behind `header` for `to`, through the endpoint of the
+    /// datagrams gathered.
+    fn push_datagram(&mut self, to: SocketAddrV4, header: [u8; overlay::HEADER], frame: &[u8]) {
         if frame.len() >= tunnel::LEND_MIN && self.in_arena(frame) {
             // SAFETY: the arena (the burst buffer) is neither written nor
             // moved before the tunnel's datagrams are sent: `reserve` and
             // `lend_burst` send them first.
-            unsafe {
-                self.tunnel_out
-                    .push_lent(to, endpoint.encap.header(vni), frame);
-            };
+            unsafe { self.tunnel_out.push_lent(to, header, frame) };
         } else {
-            self.tunnel_out.push(to, endpoint.encap.header(vni), frame);
+            self.tunnel_out.push(to, header, frame);
         }
         if self.tunnel_out.len() >= tunnel::BATCH {
             self.flush_tunnel();
@@ -615,7 +617,7 @@ impl Inner {
                         (Some(_), None) => false,
                     }
             });
-            if let Some(to) = hit.map(|m| m.to.clone()) {
+            if let Some(to) = hit.map(|m| m.to) {
                 kicks.sent.0 += 1;
                 kicks.sent.1 += frame.len() as u64;
                 kicks.again(&to, hdr, frame);
@@ -664,7 +666,7 @@ impl Inner {
             }) && addrs == Some(m.addrs)
                 && !hdr.offloaded();
             if same {
-                let to = m.to.clone();
+                let to = m.to;
                 kicks.again(&to, hdr, frame);
                 return;
             }
@@ -759,7 +761,6 @@ impl Inner {
                             to: Target::Remote {
                                 to: SocketAddrV4::new(r, tunnel.port),
                                 vni,
-                                tunnel,
                             },
                         });
                     }
