@@ -720,4 +720,42 @@ mod tests {
         ring.publish();
         assert!(!ring.needs_signal(0));
     }
+
+    /// The pieces of a frame left in guest memory are read and written
+    /// across piece boundaries from any offset, never past their end, and
+    /// a write outside the receiver's memory is refused.
+    #[test]
+    fn pieces_copy_across_their_boundaries_and_no_further() {
+        let src: Vec<u8> = (0..=255u8).collect();
+        let mut pieces = Pieces::EMPTY;
+        // 10 + 20 + 30 bytes from three places.
+        for (at, n) in [(0usize, 10usize), (100, 20), (200, 30)] {
+            assert!(pieces.push(src[at..].as_ptr(), n));
+        }
+        assert!(pieces.push(src.as_ptr(), 1));
+        assert!(!pieces.push(src.as_ptr(), 1), "four pieces at most");
+        let whole: Vec<u8> = [&src[0..10], &src[100..120], &src[200..230], &src[0..1]].concat();
+        for from in [0usize, 5, 10, 29, 30, 59] {
+            let mut dst = vec![0u8; whole.len() - from];
+            // SAFETY: the pieces point into `src`, alive.
+            assert!(unsafe { pieces.read(from, &mut dst) });
+            assert_eq!(dst, whole[from..], "from {from}");
+        }
+        let mut too_long = vec![0u8; whole.len() + 1];
+        // SAFETY: as above.
+        assert!(!unsafe { pieces.read(0, &mut too_long) });
+
+        let (mem, q) = setup(false);
+        let ring = Ring::open(&q, &mem).unwrap();
+        // SAFETY: as above.
+        assert!(unsafe { pieces.write_to(&ring, 0x8000, 7, 40) });
+        let mut got = vec![0u8; 40];
+        mem.read_slice(&mut got, GuestAddress(0x8000)).unwrap();
+        assert_eq!(got, whole[7..47]);
+        // Past the pieces' end, or outside the guest's memory: refused.
+        // SAFETY: as above.
+        assert!(!unsafe { pieces.write_to(&ring, 0x8000, 50, 20) });
+        // SAFETY: as above.
+        assert!(!unsafe { pieces.write_to(&ring, 0xfff0, 0, 40) });
+    }
 }
