@@ -15,7 +15,7 @@ use crate::l2::{PortId, SegmentId};
 use crate::nat::{Floating, Gateway, PortForward};
 use crate::port::Port;
 use crate::router::{gateway_mac, Subnet, VpcId};
-use crate::secgroup::{contains, mask, parse_cidr, GroupId, Rule, RuleError};
+use crate::secgroup::{mask, parse_cidr, GroupId, Rule, RuleError};
 use crate::switch::{Switch, SwitchError};
 
 /// The security group every port is in unless it names others.
@@ -160,14 +160,36 @@ struct Registry {
 pub struct ForwardEntry {
     /// The VPC.
     pub vpc: u32,
-    /// "tcp" or "udp".
-    pub protocol: &'static str,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
     /// The gateway address's port.
     pub external_port: u16,
     /// The VM address it goes to.
     pub address: Ipv4Addr,
     /// And the VM's port.
     pub port: u16,
+}
+
+impl ForwardEntry {
+    /// "tcp" or "udp".
+    pub fn protocol(&self) -> &'static str {
+        if self.proto == PROTO_TCP {
+            "tcp"
+        } else {
+            "udp"
+        }
+    }
+
+    /// What the switch is given.
+    fn switched(&self) -> PortForward {
+        PortForward {
+            vpc: VpcId(self.vpc),
+            proto: self.proto,
+            external_port: self.external_port,
+            inner: self.address,
+            inner_port: self.port,
+        }
+    }
 }
 
 /// A floating IP.
@@ -745,9 +767,9 @@ impl Fabric {
         if !reg.vpcs.contains_key(&vpc) {
             return Err(FabricError::NotFound(format!("no VPC {vpc}")));
         }
-        let (protocol, proto) = match protocol {
-            "tcp" => ("tcp", PROTO_TCP),
-            "udp" => ("udp", PROTO_UDP),
+        let proto = match protocol {
+            "tcp" => PROTO_TCP,
+            "udp" => PROTO_UDP,
             other => return Err(invalid(format!("protocol {other:?}: want tcp or udp"))),
         };
         if external_port == 0 || port == 0 {
@@ -756,13 +778,7 @@ impl Fabric {
         let Some(&(_, gw)) = reg.gateways.get(&vpc) else {
             return Err(invalid("the VPC has no gateway"));
         };
-        let inside = reg
-            .networks
-            .values()
-            .filter(|n| n.vpc == Some(vpc))
-            .filter_map(|n| n.subnet.and_then(|s| reg.subnets.get(&s)))
-            .any(|s| contains(s.subnet.net, s.subnet.prefix, address));
-        if !inside {
+        if !reg.vpc_subnets(vpc).any(|s| s.subnet.contains(address)) {
             return Err(invalid(format!(
                 "{address} is in none of the VPC's subnets"
             )));
@@ -770,7 +786,7 @@ impl Fabric {
         for f in reg
             .forwards
             .values()
-            .filter(|f| f.vpc == vpc && f.protocol == protocol)
+            .filter(|f| f.vpc == vpc && f.proto == proto)
         {
             if f.external_port == external_port {
                 return Err(invalid(format!(
@@ -786,25 +802,14 @@ impl Fabric {
         let id = reg.id();
         let entry = ForwardEntry {
             vpc,
-            protocol,
+            proto,
             external_port,
             address,
             port,
         };
-        self.switch
-            .set_forward(gw, Self::forward_of(&entry, proto), true);
+        self.switch.set_forward(gw, entry.switched(), true);
         reg.forwards.insert(id, entry);
         Ok(id)
-    }
-
-    fn forward_of(f: &ForwardEntry, proto: u8) -> PortForward {
-        PortForward {
-            vpc: VpcId(f.vpc),
-            proto,
-            external_port: f.external_port,
-            inner: f.address,
-            inner_port: f.port,
-        }
     }
 
     /// Removes VPC `vpc`'s port forward `id`; its connections end.
@@ -823,13 +828,8 @@ impl Fabric {
         let Some(f) = reg.forwards.remove(&id) else {
             return;
         };
-        let proto = if f.protocol == "tcp" {
-            PROTO_TCP
-        } else {
-            PROTO_UDP
-        };
         if let Some(&(_, gw)) = reg.gateways.get(&f.vpc) {
-            switch.set_forward(gw, Self::forward_of(&f, proto), false);
+            switch.set_forward(gw, f.switched(), false);
         }
     }
 

@@ -63,6 +63,7 @@ impl FlowKey {
     /// Whether `frame` is well formed and of this key's connection, with
     /// no connection-state flags.
     #[inline]
+    #[cfg(test)]
     pub(crate) fn matches(&self, frame: &[u8]) -> bool {
         self.matches_start(frame, frame.len())
     }

@@ -150,8 +150,7 @@ impl Nat {
         if let Some(p) = self.outbound.remove(&inside) {
             self.inbound.remove(&(gw, f.proto, p));
         }
-        let ends = (f.vpc, f.proto, f.inner, f.inner_port);
-        self.forwarded.retain(|c, _| (c.0, c.1, c.2, c.3) != ends);
+        self.forwarded.retain(|c, _| (c.0, c.1, c.2, c.3) != inside);
         if on {
             self.inbound.insert(
                 outside,
@@ -185,14 +184,7 @@ impl Nat {
             let here = self.gateways.get(&f.vpc).is_some_and(|g| g.segment == seg);
             return here.then_some((f.vpc, f.fixed, None));
         }
-        if !self
-            .gateways
-            .values()
-            .any(|g| g.segment == seg && g.ip == dst)
-        {
-            return None;
-        }
-        if !matches!(pkt.flow.proto, PROTO_TCP | PROTO_UDP) {
+        if self.gateway_at(seg, dst).is_none() || !matches!(pkt.flow.proto, PROTO_TCP | PROTO_UDP) {
             return None;
         }
         let n = *self.inbound.get(&(dst, pkt.flow.proto, pkt.flow.dport))?;
@@ -221,15 +213,18 @@ impl Nat {
     /// The router MAC answering for `ip` on `segment` (a gateway address
     /// or a floating IP of a VPC whose gateway is there).
     fn owner(&self, segment: SegmentId, ip: Ipv4Addr) -> Option<&Gateway> {
-        if let Some(g) = self
-            .gateways
-            .values()
-            .find(|g| g.segment == segment && g.ip == ip)
-        {
+        if let Some(g) = self.gateway_at(segment, ip) {
             return Some(g);
         }
         let f = self.floating.get(&ip)?;
         self.gateways.get(&f.vpc).filter(|g| g.segment == segment)
+    }
+
+    /// The gateway whose address on `segment` is `ip`.
+    fn gateway_at(&self, segment: SegmentId, ip: Ipv4Addr) -> Option<&Gateway> {
+        self.gateways
+            .values()
+            .find(|g| g.segment == segment && g.ip == ip)
     }
 
     /// The external port for (vpc, proto, inner, port) on `gw`, made if
@@ -328,8 +323,8 @@ impl Inner {
         }
         // A ping of a gateway address on that network: the router's to
         // answer.
-        let own = |g: &Gateway| g.segment == gw.segment && g.ip == ip.dst;
-        if pkt.icmp_type == Some(ICMP_ECHO_REQUEST) && nat.gateways.values().any(own) {
+        let own = nat.gateway_at(gw.segment, ip.dst).is_some();
+        if pkt.icmp_type == Some(ICMP_ECHO_REQUEST) && own {
             drop(nat);
             if let Ok(eth) = Ethernet::parse(frame) {
                 let reply = icmp_echo_reply(frame, ip, eth.dst);

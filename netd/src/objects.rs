@@ -106,7 +106,7 @@ impl VpcObject {
             .into_iter()
             .map(|(id, f)| {
                 let addr = f.address.to_string();
-                (id, f.protocol.to_owned(), f.external_port, addr, f.port)
+                (id, f.protocol().to_owned(), f.external_port, addr, f.port)
             })
             .collect()
     }

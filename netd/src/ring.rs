@@ -450,23 +450,13 @@ impl Pieces {
     /// # Safety
     /// The pieces are mapped.
     pub unsafe fn read(&self, from: usize, dst: &mut [u8]) -> bool {
-        let (mut base, mut at) = (0usize, 0usize);
-        for &(p, len) in self.as_slice() {
-            if at == dst.len() {
-                break;
-            }
-            let pos = from + at;
-            if pos < base + len {
-                let skip = pos - base;
-                let n = (len - skip).min(dst.len() - at);
-                // SAFETY: `n` bytes from `skip` lie in the piece (mapped,
-                // this function's contract) and `dst` has room for them.
-                unsafe { std::ptr::copy_nonoverlapping(p.add(skip), dst.as_mut_ptr().add(at), n) };
-                at += n;
-            }
-            base += len;
-        }
-        at == dst.len()
+        let to = dst.as_mut_ptr();
+        self.spans(from, dst.len(), |p, n, at| {
+            // SAFETY: `n` bytes at `p` lie in a piece (mapped, this
+            // function's contract) and `dst` has room for them at `at`.
+            unsafe { std::ptr::copy_nonoverlapping(p, to.add(at), n) };
+            true
+        })
     }
 
     /// Copies bytes `from..from + len` of the pieces to guest memory at
@@ -476,6 +466,23 @@ impl Pieces {
     /// # Safety
     /// The pieces are mapped.
     pub unsafe fn write_to(&self, ring: &Ring<'_>, addr: u64, from: usize, len: usize) -> bool {
+        self.spans(from, len, |p, n, at| {
+            // SAFETY: `n` bytes at `p` lie in a piece, mapped (this
+            // function's contract).
+            addr.checked_add(at as u64)
+                .is_some_and(|to| unsafe { ring.write_raw(to, p, n) })
+        })
+    }
+
+    /// Hands `f` the spans of bytes `from..from + len` of the pieces, in
+    /// order: where each starts, its length and its offset from `from`;
+    /// true if `f` took them all and the pieces had them.
+    fn spans(
+        &self,
+        from: usize,
+        len: usize,
+        mut f: impl FnMut(*const u8, usize, usize) -> bool,
+    ) -> bool {
         let (mut base, mut done) = (0usize, 0usize);
         for &(p, n) in self.as_slice() {
             if done == len {
@@ -485,12 +492,7 @@ impl Pieces {
             if pos < base + n {
                 let skip = pos - base;
                 let k = (n - skip).min(len - done);
-                let Some(to) = addr.checked_add(done as u64) else {
-                    return false;
-                };
-                // SAFETY: `k` bytes from `skip` lie in the piece, mapped
-                // (this function's contract).
-                if !unsafe { ring.write_raw(to, p.add(skip), k) } {
+                if !f(p.wrapping_add(skip), k, done) {
                     return false;
                 }
                 done += k;

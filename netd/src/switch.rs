@@ -193,6 +193,22 @@ struct Memo {
     to: Target,
 }
 
+impl Memo {
+    /// Whether it covers a frame of `len` bytes with addresses `addrs`
+    /// that starts with `start` (its headers at least): the same addresses
+    /// on a plain segment, else also the same connection, from the raw
+    /// header.
+    #[inline]
+    fn covers(&self, addrs: Option<Addrs>, start: &[u8], len: usize) -> bool {
+        addrs == Some(self.addrs)
+            && match (&self.flow, &self.key) {
+                (None, _) => true,
+                (Some(_), Some(k)) => k.matches_start(start, len),
+                (Some(_), None) => false,
+            }
+    }
+}
+
 /// Where a remembered frame went.
 #[derive(Clone, Copy)]
 enum Target {
@@ -352,14 +368,7 @@ impl Kicks {
         let Some(start) = burst.get(range.start..range.start + PART_READ) else {
             return false;
         };
-        let covered = !hdr.offloaded()
-            && Addrs::of(start) == Some(m.addrs)
-            && match (&m.flow, &m.key) {
-                (None, _) => true,
-                (Some(_), Some(k)) => k.matches_start(start, range.len()),
-                (Some(_), None) => false,
-            };
-        if !covered {
+        if hdr.offloaded() || !m.covers(Addrs::of(start), start, range.len()) {
             return false;
         }
         self.sent.0 += 1;
@@ -609,14 +618,10 @@ impl Inner {
             // The same addresses as an earlier frame of this burst on a
             // plain segment, or the same connection where that one passed
             // the security checks: where that one went, unparsed.
-            let hit = kicks.memo.as_ref().filter(|m| {
-                addrs == Some(m.addrs)
-                    && match (&m.flow, &m.key) {
-                        (None, _) => true,
-                        (Some(_), Some(k)) => k.matches(frame),
-                        (Some(_), None) => false,
-                    }
-            });
+            let hit = kicks
+                .memo
+                .as_ref()
+                .filter(|m| m.covers(addrs, frame, frame.len()));
             if let Some(to) = hit.map(|m| m.to) {
                 kicks.sent.0 += 1;
                 kicks.sent.1 += frame.len() as u64;
