@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::flow::{
-    Flow, Packet, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    Flow, Packet, Tracked, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
 };
 
 /// Direction relative to the port's VM.
@@ -37,9 +37,9 @@ const UDP_REPLIED: Duration = Duration::from_secs(180);
 const OTHER: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy)]
-struct Conn {
+struct Conn<F> {
     /// The flow as first seen.
-    orig: Flow,
+    orig: F,
     /// The direction the rules let it through.
     dir: Direction,
     expires: Instant,
@@ -49,9 +49,9 @@ struct Conn {
     reset: bool,
 }
 
-impl Conn {
+impl<F: Tracked> Conn<F> {
     fn timeout(&self) -> Duration {
-        match self.orig.proto {
+        match self.orig.proto() {
             PROTO_TCP if self.reset || self.fins == 3 => TCP_CLOSED,
             PROTO_TCP if self.replied => TCP_ESTABLISHED,
             PROTO_TCP => TCP_OPENING,
@@ -63,16 +63,16 @@ impl Conn {
     }
 }
 
-/// One port's connections.
+/// One port's connections (of one address family: IPv4 by default).
 #[derive(Debug)]
-pub struct Conntrack {
+pub struct Conntrack<F = Flow> {
     /// Randomly keyed, so guests cannot choose colliding flows.
-    conns: HashMap<Flow, Conn, ahash::RandomState>,
+    conns: HashMap<F, Conn<F>, ahash::RandomState>,
     max: usize,
 }
 
 /// The key both directions of a connection share.
-fn key(f: &Flow) -> Flow {
+fn key<F: Tracked>(f: &F) -> F {
     let r = f.reversed();
     if r < *f {
         r
@@ -81,7 +81,7 @@ fn key(f: &Flow) -> Flow {
     }
 }
 
-impl Conntrack {
+impl<F: Tracked> Conntrack<F> {
     /// A tracker holding at most `max` connections.
     pub fn new(max: usize) -> Self {
         Self {
@@ -92,7 +92,7 @@ impl Conntrack {
 
     /// Whether `p` belongs to a tracked connection (either direction); the
     /// connection's state and expiry are updated.
-    pub fn track(&mut self, p: &Packet, now: Instant) -> bool {
+    pub fn track(&mut self, p: &Packet<F>, now: Instant) -> bool {
         let k = key(&p.flow);
         let Some(c) = self.conns.get_mut(&k) else {
             return false;
@@ -103,7 +103,7 @@ impl Conntrack {
         }
         let reply = p.flow != c.orig;
         let syn_only = p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-        if p.flow.proto == PROTO_TCP && syn_only && (c.reset || c.fins == 3) {
+        if p.flow.proto() == PROTO_TCP && syn_only && (c.reset || c.fins == 3) {
             // A new connection on the ports of a closed one: the rules decide
             // again.
             self.conns.remove(&k);
@@ -112,7 +112,7 @@ impl Conntrack {
         if reply {
             c.replied = true;
         }
-        if p.flow.proto == PROTO_TCP {
+        if p.flow.proto() == PROTO_TCP {
             if p.tcp_flags & TCP_RST != 0 {
                 c.reset = true;
             }
@@ -126,7 +126,7 @@ impl Conntrack {
 
     /// Records `p` as the first packet of a connection the rules let
     /// through in `dir`. False if the table is full (the packet is dropped).
-    pub fn commit(&mut self, p: &Packet, dir: Direction, now: Instant) -> bool {
+    pub fn commit(&mut self, p: &Packet<F>, dir: Direction, now: Instant) -> bool {
         if self.conns.len() >= self.max {
             self.conns.retain(|_, c| c.expires > now);
             if self.conns.len() >= self.max {
@@ -148,7 +148,7 @@ impl Conntrack {
 
     /// Keeps the connections `allowed` still lets through (given their
     /// original flow and direction): called when rules change.
-    pub fn revalidate(&mut self, mut allowed: impl FnMut(&Flow, Direction) -> bool) {
+    pub fn revalidate(&mut self, mut allowed: impl FnMut(&F, Direction) -> bool) {
         self.conns.retain(|_, c| allowed(&c.orig, c.dir));
     }
 

@@ -15,7 +15,7 @@ use crate::l2::{PortId, SegmentId};
 use crate::nat::{Floating, Gateway, PortForward};
 use crate::port::Port;
 use crate::router::{gateway_mac, Subnet, VpcId};
-use crate::secgroup::{mask, parse_cidr, GroupId, Rule, RuleError};
+use crate::secgroup::{mask, parse_cidr, parse_cidr6, GroupId, Rule, RuleError};
 use crate::switch::{Switch, SwitchError};
 
 /// The security group every port is in unless it names others.
@@ -1011,24 +1011,26 @@ impl Fabric {
         Ok(())
     }
 
-    /// Lets port `id` also send from `allowed` ("10.0.0.5" or
-    /// "10.0.0.0/29"; replacing the list).
+    /// Lets port `id` also send from `allowed` ("10.0.0.5", "10.0.0.0/29",
+    /// "2001:db8::5" or "2001:db8::/64"; replacing the list).
     pub fn set_allowed_addresses(&self, id: u32, allowed: &[String]) -> Result<()> {
         let reg = self.reg();
         if !reg.ports.contains_key(&id) {
             return Err(FabricError::NotFound(format!("no port {id}")));
         }
-        let prefixes = allowed
-            .iter()
-            .map(|a| {
-                parse_cidr(a).ok_or_else(|| {
-                    invalid(format!(
-                        "allowed address {a:?}: want 10.0.0.5 or 10.0.0.0/29"
-                    ))
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        self.switch.set_port_allowed(PortId(id), prefixes)?;
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for a in allowed {
+            match (parse_cidr(a), parse_cidr6(a)) {
+                (Some(p), _) => v4.push(p),
+                (_, Some(p)) => v6.push(p),
+                _ => {
+                    return Err(invalid(format!(
+                        "allowed address {a:?}: want 10.0.0.5, 10.0.0.0/29, 2001:db8::5 or 2001:db8::/64"
+                    )))
+                }
+            }
+        }
+        self.switch.set_port_allowed(PortId(id), v4, v6)?;
         Ok(())
     }
 

@@ -1,10 +1,11 @@
-//! The transport part of an IPv4 packet as security groups and connection
-//! tracking see it: protocol, addresses, ports (the ICMP echo identifier for
-//! pings), TCP flags. Also the few rewrites the router does in place.
+//! The transport part of an IPv4 or IPv6 packet as security groups and
+//! connection tracking see it: protocol, addresses, ports (the ICMP echo
+//! identifier for pings), TCP flags. Also the few rewrites the router does
+//! in place.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::frame::{checksum, FrameError, Ipv4};
+use crate::frame::{checksum, FrameError, Ipv4, Ipv6, Mac};
 
 /// IP protocol number of ICMP.
 pub const PROTO_ICMP: u8 = 1;
@@ -16,6 +17,12 @@ pub const PROTO_UDP: u8 = 17;
 pub const ICMP_ECHO_REPLY: u8 = 0;
 /// ICMP echo request.
 pub const ICMP_ECHO_REQUEST: u8 = 8;
+/// IPv6 next-header number of ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
+/// ICMPv6 echo request.
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+/// ICMPv6 echo reply.
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
 
 /// TCP SYN flag.
 pub const TCP_SYN: u8 = 0x02;
@@ -68,11 +75,58 @@ impl Flow {
     }
 }
 
+/// An IPv6 connection's identity in one direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Flow6 {
+    /// IP protocol (next header after the extension headers).
+    pub proto: u8,
+    /// Source address.
+    pub src: Ipv6Addr,
+    /// Destination address.
+    pub dst: Ipv6Addr,
+    /// Source port (ICMPv6 echo: the identifier).
+    pub sport: u16,
+    /// Destination port (ICMPv6 echo: the identifier).
+    pub dport: u16,
+}
+
+/// What connection tracking needs of a flow of either family.
+pub trait Tracked: Copy + Eq + Ord + std::hash::Hash + std::fmt::Debug {
+    /// The same connection seen from the other end.
+    fn reversed(&self) -> Self;
+    /// Its IP protocol.
+    fn proto(&self) -> u8;
+}
+
+impl Tracked for Flow {
+    fn reversed(&self) -> Self {
+        Flow::reversed(self)
+    }
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
+impl Tracked for Flow6 {
+    fn reversed(&self) -> Self {
+        Self {
+            proto: self.proto,
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+        }
+    }
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
 /// One packet's flow and the details the tracker needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Packet {
+pub struct Packet<F = Flow> {
     /// Its flow.
-    pub flow: Flow,
+    pub flow: F,
     /// TCP flags (0 for other protocols).
     pub tcp_flags: u8,
     /// ICMP type (None for other protocols).
@@ -85,6 +139,86 @@ fn be16(b: &[u8], at: usize) -> u16 {
 
 fn short(what: &'static str, have: usize, need: usize) -> FrameError {
     FrameError::Truncated { what, have, need }
+}
+
+/// An IPv6 packet's flow and details.
+pub type Packet6 = Packet<Flow6>;
+
+impl Packet6 {
+    /// Reads the upper-layer header of `ip`. Fragments after the first
+    /// carry none: their ports read as 0.
+    pub fn of6(ip: &Ipv6<'_>) -> Result<Self, FrameError> {
+        let p = ip.payload;
+        let mut flow = Flow6 {
+            proto: ip.protocol,
+            src: ip.src,
+            dst: ip.dst,
+            sport: 0,
+            dport: 0,
+        };
+        let (mut tcp_flags, mut icmp_type) = (0, None);
+        if ip.first_fragment {
+            match ip.protocol {
+                PROTO_TCP => {
+                    if p.len() < 20 {
+                        return Err(short("TCP header", p.len(), 20));
+                    }
+                    flow.sport = be16(p, 0);
+                    flow.dport = be16(p, 2);
+                    tcp_flags = p[13];
+                }
+                PROTO_UDP => {
+                    if p.len() < 8 {
+                        return Err(short("UDP header", p.len(), 8));
+                    }
+                    flow.sport = be16(p, 0);
+                    flow.dport = be16(p, 2);
+                }
+                PROTO_ICMPV6 => {
+                    if p.len() < 4 {
+                        return Err(short("ICMPv6 header", p.len(), 4));
+                    }
+                    icmp_type = Some(p[0]);
+                    if matches!(p[0], ICMPV6_ECHO_REQUEST | ICMPV6_ECHO_REPLY) {
+                        if p.len() < 8 {
+                            return Err(short("ICMPv6 echo", p.len(), 8));
+                        }
+                        flow.sport = be16(p, 4);
+                        flow.dport = flow.sport;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(Self {
+            flow,
+            tcp_flags,
+            icmp_type,
+        })
+    }
+}
+
+/// The link-local address (fe80::/64, modified EUI-64) of an interface
+/// with `mac`, as guests form it for themselves.
+pub fn link_local(mac: Mac) -> Ipv6Addr {
+    slaac(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), mac)
+}
+
+/// The address a guest with `mac` forms in the /64 `prefix` (RFC 4862,
+/// modified EUI-64).
+pub fn slaac(prefix: Ipv6Addr, mac: Mac) -> Ipv6Addr {
+    let mut o = prefix.octets();
+    o[8..16].copy_from_slice(&[
+        mac[0] ^ 0x02,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ]);
+    Ipv6Addr::from(o)
 }
 
 impl Packet {

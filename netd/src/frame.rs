@@ -1,8 +1,8 @@
-//! Frames as guests send them: Ethernet (with one optional 802.1Q tag), ARP
-//! and IPv4 headers. Every length and field a guest controls is checked; a
+//! Frames as guests send them: Ethernet (with one optional 802.1Q tag), ARP,
+//! IPv4 and IPv6 headers. Every length and field a guest controls is checked; a
 //! frame that does not parse is an error the switch counts and drops.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// An Ethernet address.
 pub type Mac = [u8; 6];
@@ -17,6 +17,8 @@ pub const MAX_FRAME: usize = 65_550;
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
 /// EtherType of ARP.
 pub const ETHERTYPE_ARP: u16 = 0x0806;
+/// EtherType of IPv6.
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
 /// EtherType of an 802.1Q tag.
 pub const ETHERTYPE_VLAN: u16 = 0x8100;
 
@@ -248,6 +250,87 @@ impl<'a> Ipv4<'a> {
     }
 }
 
+/// An IPv6 packet: the fixed header, then the extension headers a switch
+/// must look past (hop-by-hop, routing, destination options, fragment) to
+/// the upper-layer protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6<'a> {
+    /// Source.
+    pub src: Ipv6Addr,
+    /// Destination.
+    pub dst: Ipv6Addr,
+    /// The upper-layer protocol after the extension headers (6 TCP, 17
+    /// UDP, 58 ICMPv6, 59 none).
+    pub protocol: u8,
+    /// Hop limit.
+    pub hop_limit: u8,
+    /// Whether a fragment header is present.
+    pub fragment: bool,
+    /// Whether the fragment offset is 0 (or there is no fragment header):
+    /// the upper-layer header is here.
+    pub first_fragment: bool,
+    /// The upper-layer part, up to the payload length (link padding cut
+    /// off).
+    pub payload: &'a [u8],
+}
+
+/// Extension headers followed before giving up (a chain longer than this
+/// is refused rather than walked).
+const MAX_EXTENSIONS: usize = 8;
+
+impl<'a> Ipv6<'a> {
+    /// Parses an IPv6 payload (after the Ethernet header).
+    pub fn parse(b: &'a [u8]) -> Result<Self, FrameError> {
+        need("IPv6 header", b, 40)?;
+        if b[0] >> 4 != 6 {
+            return Err(FrameError::Malformed("IPv6: version is not 6"));
+        }
+        let len = usize::from(be16(b, 4));
+        need("IPv6 packet", b, 40 + len)?;
+        let body = &b[40..40 + len];
+        let (mut next, mut at) = (b[6], 0usize);
+        let (mut fragment, mut first_fragment) = (false, true);
+        for _ in 0..MAX_EXTENSIONS {
+            match next {
+                // Hop-by-hop, routing, destination options: length in
+                // 8-byte units after the first 8.
+                0 | 43 | 60 => {
+                    need("IPv6 extension header", &body[at.min(body.len())..], 8)?;
+                    let l = 8 + usize::from(body[at + 1]) * 8;
+                    need("IPv6 extension header", &body[at..], l)?;
+                    next = body[at];
+                    at += l;
+                }
+                44 => {
+                    need("IPv6 fragment header", &body[at.min(body.len())..], 8)?;
+                    fragment = true;
+                    first_fragment = be16(body, at + 2) & 0xfff8 == 0;
+                    next = body[at];
+                    at += 8;
+                }
+                _ => {
+                    return Ok(Self {
+                        src: ipv6_at(b, 8),
+                        dst: ipv6_at(b, 24),
+                        protocol: next,
+                        hop_limit: b[7],
+                        fragment,
+                        first_fragment,
+                        payload: &body[at..],
+                    })
+                }
+            }
+        }
+        Err(FrameError::Malformed("IPv6: too many extension headers"))
+    }
+}
+
+fn ipv6_at(b: &[u8], at: usize) -> Ipv6Addr {
+    let mut o = [0u8; 16];
+    o.copy_from_slice(&b[at..at + 16]);
+    Ipv6Addr::from(o)
+}
+
 /// The Internet checksum (RFC 1071) of `bytes`: 0 over a header whose
 /// checksum field is right.
 #[inline]
@@ -464,5 +547,60 @@ mod tests {
             }
             let _ = Ipv4::parse(&buf);
         }
+    }
+
+    /// An IPv6 header for `len` bytes of payload after it, `next` first.
+    fn ipv6(next: u8, body: &[u8]) -> Vec<u8> {
+        let mut b = vec![0x60, 0, 0, 0];
+        b.extend_from_slice(&u16::try_from(body.len()).unwrap().to_be_bytes());
+        b.extend_from_slice(&[next, 64]);
+        b.extend_from_slice(&Ipv6Addr::LOCALHOST.octets());
+        b.extend_from_slice(&Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).octets());
+        b.extend_from_slice(body);
+        b
+    }
+
+    #[test]
+    fn ipv6_headers_are_walked_to_the_upper_layer() {
+        // Hop-by-hop (8 bytes), a first fragment, then UDP; link padding
+        // after the payload length is cut off.
+        let mut body = vec![44, 0, 1, 4, 0, 0, 0, 0];
+        body.extend_from_slice(&[17, 0, 0, 1, 0, 0, 0, 9]);
+        body.extend_from_slice(&[0x30, 0x39, 0, 53, 0, 8, 0, 0]);
+        let mut b = ipv6(0, &body);
+        b.extend_from_slice(&[0xee; 6]);
+        let ip = Ipv6::parse(&b).unwrap();
+        assert_eq!(
+            (ip.protocol, ip.fragment, ip.first_fragment),
+            (17, true, true)
+        );
+        assert_eq!(ip.payload.len(), 8);
+        assert_eq!(ip.dst, Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
+        // A later fragment carries no upper-layer header.
+        let mut later = body.clone();
+        later[10..12].copy_from_slice(&[0x05, 0x00]);
+        let l = ipv6(0, &later);
+        assert!(!Ipv6::parse(&l).unwrap().first_fragment);
+        // A payload length past the end, an extension header past the end,
+        // a chain of extension headers without end, another version.
+        let mut short = ipv6(17, &[0; 8]);
+        short.truncate(44);
+        assert!(matches!(
+            Ipv6::parse(&short),
+            Err(FrameError::Truncated { .. })
+        ));
+        let ext = ipv6(60, &[17, 4, 0, 0, 0, 0, 0, 0]);
+        assert!(matches!(
+            Ipv6::parse(&ext),
+            Err(FrameError::Truncated { .. })
+        ));
+        let endless = ipv6(60, &[60, 0, 0, 0, 0, 0, 0, 0].repeat(9));
+        assert!(matches!(
+            Ipv6::parse(&endless),
+            Err(FrameError::Malformed(_))
+        ));
+        let mut v4 = ipv6(17, &[0; 8]);
+        v4[0] = 0x45;
+        assert!(matches!(Ipv6::parse(&v4), Err(FrameError::Malformed(_))));
     }
 }

@@ -1,6 +1,6 @@
 //! Entry points for fuzzing what guests and peers control: frames as a port
-//! receives them (Ethernet, ARP, IPv4, transport headers, connection
-//! tracking, DHCP, DNS) and tunnel datagrams (VXLAN, Geneve). `netd/fuzz` wraps them as cargo-fuzz targets; the unit tests run them
+//! receives them (Ethernet, ARP, IPv4, IPv6, transport headers, neighbour
+//! discovery checks, connection tracking, DHCP, DNS) and tunnel datagrams (VXLAN, Geneve). `netd/fuzz` wraps them as cargo-fuzz targets; the unit tests run them
 //! over pseudo-random input.
 
 use std::collections::HashMap;
@@ -10,9 +10,9 @@ use std::time::Instant;
 use crate::conntrack::{Conntrack, Direction};
 use crate::dhcp::{DhcpConfig, DhcpServer};
 use crate::dns;
-use crate::flow::{Packet, PROTO_UDP};
+use crate::flow::{link_local, Packet, Packet6, PROTO_ICMPV6, PROTO_UDP};
 
-use crate::frame::{Arp, Ethernet, Ipv4, ETHERTYPE_ARP, ETHERTYPE_IPV4};
+use crate::frame::{Arp, Ethernet, Ipv4, Ipv6, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 use crate::l2::{MacTable, PortId, SegmentId};
 use crate::offload;
 
@@ -70,6 +70,25 @@ pub fn frame(data: &[u8]) {
                         if let Some(q) = ip.payload.get(8..) {
                             let _ = dns::answer(q, "lan.atoll", |_| Some(Ipv4Addr::LOCALHOST));
                         }
+                    }
+                }
+            }
+        }
+        ETHERTYPE_IPV6 => {
+            if let Ok(ip) = Ipv6::parse(eth.payload) {
+                if let Ok(p) = Packet6::of6(&ip) {
+                    let mut ct = Conntrack::new(4);
+                    let now = Instant::now();
+                    if !ct.track(&p, now) {
+                        ct.commit(&p, Direction::Egress, now);
+                    }
+                    let _ = ct.track(&p, now);
+                    if let (PROTO_ICMPV6, Some(t)) = (p.flow.proto, p.icmp_type) {
+                        let sec = crate::secgroup::PortSecurity {
+                            ip6: vec![link_local(eth.src)],
+                            ..Default::default()
+                        };
+                        let _ = crate::switch::nd_about_itself(t, ip.payload, eth.src, &sec);
                     }
                 }
             }

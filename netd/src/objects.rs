@@ -444,6 +444,27 @@ impl PortObject {
             .allowed
             .iter()
             .map(|(ip, len)| format!("{ip}/{len}"))
+            .chain(
+                self.entry
+                    .port
+                    .security()
+                    .allowed6
+                    .iter()
+                    .map(|(ip, len)| format!("{ip}/{len}")),
+            )
+            .collect()
+    }
+
+    /// The IPv6 addresses the VM forms for itself and may use (empty while
+    /// the port has no address and is unfiltered).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn ipv6_addresses(&self) -> Vec<String> {
+        self.entry
+            .port
+            .security()
+            .ip6
+            .iter()
+            .map(ToString::to_string)
             .collect()
     }
 
@@ -636,6 +657,7 @@ fn rule_tuple(id: u32, r: &Rule) -> RuleTuple {
     let (cidr, group) = match r.remote {
         Remote::Any => (String::new(), String::new()),
         Remote::Cidr(ip, len) => (format!("{ip}/{len}"), String::new()),
+        Remote::Cidr6(ip, len) => (format!("{ip}/{len}"), String::new()),
         Remote::Group(g) => (
             String::new(),
             object_path("security_group", g.0)

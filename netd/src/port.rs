@@ -25,6 +25,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::conntrack::Conntrack;
+use crate::flow::Flow6;
 use crate::frame::Mac;
 use crate::l2::{PortId, SegmentId};
 use crate::metadata::Metadata;
@@ -422,6 +423,8 @@ pub struct Port {
     pub(crate) filtered: AtomicBool,
     /// Connections its security groups let through.
     pub(crate) conntrack: Mutex<Conntrack>,
+    /// Its IPv6 connections.
+    pub(crate) conntrack6: Mutex<Conntrack<Flow6>>,
     /// What the metadata service tells its VM.
     pub(crate) metadata: Mutex<Metadata>,
     /// The port its traffic is mirrored to (0: none).
@@ -566,10 +569,17 @@ impl Port {
 
     /// Connections its security groups currently let through.
     pub fn connections(&self) -> usize {
-        self.conntrack
+        let v4 = self
+            .conntrack
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .len()
+            .len();
+        let v6 = self
+            .conntrack6
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len();
+        v4 + v6
     }
 
     pub(crate) fn new(id: PortId, segment: SegmentId, mac: Mac, socket: PathBuf) -> Self {
@@ -582,6 +592,7 @@ impl Port {
             security: RwLock::new(PortSecurity::default()),
             filtered: AtomicBool::new(false),
             conntrack: Mutex::new(Conntrack::new(MAX_CONNECTIONS)),
+            conntrack6: Mutex::new(Conntrack::new(MAX_CONNECTIONS)),
             metadata: Mutex::new(Metadata {
                 instance_id: format!("atoll-port-{}", id.0),
                 ..Metadata::default()

@@ -4,10 +4,10 @@
 //! port's connection tracker passes the rest and the replies.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::conntrack::Direction;
-use crate::flow::{Flow, PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use crate::flow::{Flow, Flow6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 /// A security group's id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -16,13 +16,13 @@ pub struct GroupId(pub u32);
 /// Which packets a rule is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
-    /// Every IPv4 packet.
+    /// Every IPv4 or IPv6 packet.
     Any,
     /// TCP to a destination port in the rule's range.
     Tcp,
     /// UDP to a destination port in the rule's range.
     Udp,
-    /// ICMP.
+    /// ICMP (ICMPv6 for IPv6).
     Icmp,
 }
 
@@ -31,8 +31,10 @@ pub enum Protocol {
 pub enum Remote {
     /// Any address.
     Any,
-    /// An address in a prefix.
+    /// An address in an IPv4 prefix.
     Cidr(Ipv4Addr, u8),
+    /// An address in an IPv6 prefix.
+    Cidr6(Ipv6Addr, u8),
     /// The address of any port in a group.
     Group(GroupId),
 }
@@ -63,7 +65,7 @@ pub enum RuleError {
     #[error("ports {0}-{1}: {2}")]
     Ports(u16, u16, &'static str),
     /// A CIDR that does not parse.
-    #[error("remote {0:?}: want an IPv4 prefix like 10.0.0.0/24")]
+    #[error("remote {0:?}: want an IPv4 or IPv6 prefix like 10.0.0.0/24 or 2001:db8::/64")]
     Cidr(String),
     /// No such group.
     #[error("no security group {0}")]
@@ -107,10 +109,11 @@ impl Rule {
         let remote = match (cidr, group) {
             ("", None) => Remote::Any,
             ("", Some(g)) => Remote::Group(g),
-            (c, None) => {
-                let (ip, len) = parse_cidr(c).ok_or_else(|| RuleError::Cidr(c.into()))?;
-                Remote::Cidr(ip, len)
-            }
+            (c, None) => match (parse_cidr(c), parse_cidr6(c)) {
+                (Some((ip, len)), _) => Remote::Cidr(ip, len),
+                (_, Some((ip, len))) => Remote::Cidr6(ip, len),
+                _ => return Err(RuleError::Cidr(c.into())),
+            },
             (_, Some(_)) => return Err(RuleError::TwoRemotes),
         };
         Ok(Self {
@@ -132,6 +135,31 @@ pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
         return None;
     }
     Some((ip, len))
+}
+
+/// Parses "2001:db8::/64" (host bits must be zero) or a bare IPv6
+/// address (/128).
+pub fn parse_cidr6(s: &str) -> Option<(Ipv6Addr, u8)> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, len)) => (ip.parse::<Ipv6Addr>().ok()?, len.parse::<u8>().ok()?),
+        None => (s.parse::<Ipv6Addr>().ok()?, 128),
+    };
+    if len > 128 || u128::from(ip) & !mask6(len) != 0 {
+        return None;
+    }
+    Some((ip, len))
+}
+
+/// The netmask of an IPv6 prefix length.
+pub fn mask6(len: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128 - u32::from(len.min(128)))
+        .unwrap_or(0)
+}
+
+/// Whether `ip` is in the IPv6 prefix `net`/`len`.
+pub fn contains6(net: Ipv6Addr, len: u8, ip: Ipv6Addr) -> bool {
+    u128::from(ip) & mask6(len) == u128::from(net)
 }
 
 /// The netmask of a prefix length.
@@ -185,6 +213,11 @@ pub struct PortSecurity {
     pub groups: Vec<GroupId>,
     /// Other source prefixes it may use (a virtual IP, say).
     pub allowed: Vec<(Ipv4Addr, u8)>,
+    /// Its IPv6 addresses (the link-local one its MAC gives, and one per
+    /// IPv6 prefix of its subnet): set with `ip`.
+    pub ip6: Vec<Ipv6Addr>,
+    /// Other IPv6 source prefixes it may use.
+    pub allowed6: Vec<(Ipv6Addr, u8)>,
 }
 
 impl PortSecurity {
@@ -197,6 +230,19 @@ impl PortSecurity {
     pub fn may_use(&self, ip: Ipv4Addr) -> bool {
         self.ip == Some(ip) || self.allowed.iter().any(|(n, l)| contains(*n, *l, ip))
     }
+
+    /// Whether the port may send from the IPv6 address `ip`.
+    pub fn may_use6(&self, ip: Ipv6Addr) -> bool {
+        self.ip6.contains(&ip) || self.allowed6.iter().any(|(n, l)| contains6(*n, *l, ip))
+    }
+
+    /// The addresses remote-group rules know the port by.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        let v4 = self.ip.map(IpAddr::V4);
+        v4.into_iter()
+            .chain(self.ip6.iter().map(|a| IpAddr::V6(*a)))
+            .collect()
+    }
 }
 
 /// Every group, and which addresses belong to each (for remote-group rules).
@@ -204,19 +250,21 @@ impl PortSecurity {
 pub struct Groups {
     /// Groups by id.
     pub groups: HashMap<GroupId, SecurityGroup>,
-    members: HashMap<GroupId, HashSet<Ipv4Addr>>,
+    members: HashMap<GroupId, HashSet<IpAddr>>,
 }
 
 impl Groups {
-    /// Sets the groups the port at `ip` belongs to (replacing `old`).
-    pub fn set_member(&mut self, ip: Ipv4Addr, old: &[GroupId], new: &[GroupId]) {
+    /// Sets the groups the port at `ips` belongs to (replacing `old`).
+    pub fn set_member(&mut self, ips: &[IpAddr], old: &[GroupId], new: &[GroupId]) {
         for g in old {
             if let Some(m) = self.members.get_mut(g) {
-                m.remove(&ip);
+                for ip in ips {
+                    m.remove(ip);
+                }
             }
         }
         for g in new {
-            self.members.entry(*g).or_default().insert(ip);
+            self.members.entry(*g).or_default().extend(ips);
         }
     }
 
@@ -230,26 +278,57 @@ impl Groups {
             .iter()
             .filter_map(|g| self.groups.get(g))
             .flat_map(|g| g.rules.values())
-            .any(|r| r.direction == dir && self.matches(r, flow, remote))
+            .any(|r| {
+                r.direction == dir
+                    && r.admits(flow.proto, PROTO_ICMP, flow.dport)
+                    && self.from(r, IpAddr::V4(remote))
+            })
     }
 
-    fn matches(&self, r: &Rule, flow: &Flow, remote: Ipv4Addr) -> bool {
-        let proto = match r.protocol {
-            Protocol::Any => true,
-            Protocol::Tcp => flow.proto == PROTO_TCP,
-            Protocol::Udp => flow.proto == PROTO_UDP,
-            Protocol::Icmp => flow.proto == PROTO_ICMP,
+    /// Whether the rules of `groups` let the IPv6 `flow` through in `dir`.
+    pub fn allows6(&self, groups: &[GroupId], dir: Direction, flow: &Flow6) -> bool {
+        let remote = match dir {
+            Direction::Ingress => flow.src,
+            Direction::Egress => flow.dst,
         };
-        let ports = match r.protocol {
-            Protocol::Tcp | Protocol::Udp => (r.ports.0..=r.ports.1).contains(&flow.dport),
+        groups
+            .iter()
+            .filter_map(|g| self.groups.get(g))
+            .flat_map(|g| g.rules.values())
+            .any(|r| {
+                r.direction == dir
+                    && r.admits(flow.proto, PROTO_ICMPV6, flow.dport)
+                    && self.from(r, IpAddr::V6(remote))
+            })
+    }
+
+    /// Whether `remote` is the other end `r` admits.
+    fn from(&self, r: &Rule, remote: IpAddr) -> bool {
+        match (r.remote, remote) {
+            (Remote::Any, _) => true,
+            (Remote::Cidr(net, len), IpAddr::V4(ip)) => contains(net, len, ip),
+            (Remote::Cidr6(net, len), IpAddr::V6(ip)) => contains6(net, len, ip),
+            (Remote::Cidr(..) | Remote::Cidr6(..), _) => false,
+            (Remote::Group(g), ip) => self.members.get(&g).is_some_and(|m| m.contains(&ip)),
+        }
+    }
+}
+
+impl Rule {
+    /// Whether the rule's protocol and ports admit a packet of `proto` to
+    /// `dport` (`icmp`: the family's ICMP protocol number).
+    fn admits(&self, proto: u8, icmp: u8, dport: u16) -> bool {
+        let p = match self.protocol {
+            Protocol::Any => true,
+            Protocol::Tcp => proto == PROTO_TCP,
+            Protocol::Udp => proto == PROTO_UDP,
+            Protocol::Icmp => proto == icmp,
+        };
+        let ports = match self.protocol {
+            Protocol::Tcp | Protocol::Udp => (self.ports.0..=self.ports.1).contains(&dport),
             _ => true,
         };
-        let who = match r.remote {
-            Remote::Any => true,
-            Remote::Cidr(net, len) => contains(net, len, remote),
-            Remote::Group(g) => self.members.get(&g).is_some_and(|m| m.contains(&remote)),
-        };
-        proto && ports && who
+        p && ports
     }
 }
 
@@ -278,7 +357,7 @@ mod tests {
         g.add(Rule::parse("ingress", "icmp", (0, 0), "192.168.0.0/16", None).unwrap());
         gs.groups.insert(web, g);
         gs.groups.insert(admin, SecurityGroup::new("admin".into()));
-        gs.set_member(Ipv4Addr::new(10, 0, 0, 9), &[], &[admin]);
+        gs.set_member(&[IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9))], &[], &[admin]);
         let i = Direction::Ingress;
         assert!(gs.allows(
             &[web],
@@ -319,7 +398,7 @@ mod tests {
         ));
         assert!(!gs.allows(&[], i, &flow(PROTO_TCP, [1, 2, 3, 4], [10, 0, 0, 5], 80)));
         // Leaving the group takes the address out.
-        gs.set_member(Ipv4Addr::new(10, 0, 0, 9), &[admin], &[]);
+        gs.set_member(&[IpAddr::V4(Ipv4Addr::new(10, 0, 0, 9))], &[admin], &[]);
         assert!(!gs.allows(
             &[web],
             i,
@@ -358,5 +437,45 @@ mod tests {
             Some((Ipv4Addr::new(10, 1, 0, 0), 16))
         );
         assert_eq!(parse_cidr("0.0.0.0/0"), Some((Ipv4Addr::UNSPECIFIED, 0)));
+    }
+
+    #[test]
+    fn ipv6_flows_meet_ipv6_prefixes_groups_and_icmpv6() {
+        let mut gs = Groups::default();
+        let (web, admin) = (GroupId(1), GroupId(2));
+        let mut g = SecurityGroup::new("web".into());
+        g.add(Rule::parse("ingress", "tcp", (22, 22), "2001:db8::/32", None).unwrap());
+        g.add(Rule::parse("ingress", "tcp", (80, 80), "10.0.0.0/8", None).unwrap());
+        g.add(Rule::parse("ingress", "icmp", (0, 0), "", Some(admin)).unwrap());
+        gs.groups.insert(web, g);
+        let me: Ipv6Addr = "fe80::1".parse().unwrap();
+        let admin_ll: Ipv6Addr = "fe80::9".parse().unwrap();
+        gs.set_member(&[IpAddr::V6(admin_ll)], &[], &[admin]);
+        let f = |proto, src: &str, dport| Flow6 {
+            proto,
+            src: src.parse().unwrap(),
+            dst: me,
+            sport: 40000,
+            dport,
+        };
+        let i = Direction::Ingress;
+        assert!(gs.allows6(&[web], i, &f(PROTO_TCP, "2001:db8:5::1", 22)));
+        assert!(!gs.allows6(&[web], i, &f(PROTO_TCP, "2001:db9::1", 22)));
+        // An IPv4 prefix admits no IPv6 remote.
+        assert!(!gs.allows6(&[web], i, &f(PROTO_TCP, "::ffff:10.0.0.1", 80)));
+        // "icmp" is ICMPv6 here, from the group's IPv6 members.
+        assert!(gs.allows6(&[web], i, &f(PROTO_ICMPV6, "fe80::9", 0)));
+        assert!(!gs.allows6(&[web], i, &f(PROTO_ICMP, "fe80::9", 0)));
+        assert!(!gs.allows6(&[web], i, &f(PROTO_ICMPV6, "fe80::8", 0)));
+        assert_eq!(
+            parse_cidr6("2001:db8::/32"),
+            Some(("2001:db8::".parse().unwrap(), 32))
+        );
+        assert_eq!(parse_cidr6("2001:db8::1/32"), None, "host bits set");
+        assert_eq!(parse_cidr6("::/129"), None);
+        assert!(matches!(
+            Rule::parse("ingress", "any", (0, 0), "2001:db8::1/64", None),
+            Err(RuleError::Cidr(_))
+        ));
     }
 }

@@ -16,9 +16,12 @@ use crate::datapath::{self, Datapath};
 use crate::dhcp::{self, DhcpConfig, DhcpServer, Outcome};
 use crate::dns;
 use crate::flow::{
-    icmp_echo_reply, route_rewrite, udp_frame, Packet, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_UDP,
+    icmp_echo_reply, link_local, route_rewrite, udp_frame, Packet, Packet6, ICMP_ECHO_REQUEST,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP,
 };
-use crate::frame::{Arp, Ethernet, Ipv4, Mac, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4};
+use crate::frame::{
+    Arp, Ethernet, Ipv4, Ipv6, Mac, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6,
+};
 use crate::l2::{Forward, MacTable, PortId, SegmentId};
 use crate::memo::{Addrs, FlowKey};
 use crate::metadata::{self, Endpoint};
@@ -599,15 +602,78 @@ pub(crate) fn parse_l3<'a>(eth: &Ethernet<'a>) -> Result<Parsed<'a>, crate::fram
     })
 }
 
+/// An IPv6 packet's flow and its header, parsed.
+type Parsed6<'a> = (Packet6, Ipv6<'a>);
+
+/// The IPv6 packet in `eth`, if it carries one (None for other protocols).
+fn parse_ipv6<'a>(eth: &Ethernet<'a>) -> Result<Option<Parsed6<'a>>, crate::frame::FrameError> {
+    if eth.ethertype != ETHERTYPE_IPV6 {
+        return Ok(None);
+    }
+    let ip = Ipv6::parse(eth.payload)?;
+    Ok(Some((Packet6::of6(&ip)?, ip)))
+}
+
+/// ICMPv6 types of neighbour discovery and multicast listener discovery:
+/// what IPv6 needs to work on a link at all. They pass ingress without a
+/// rule, as ARP does.
+fn link_control(p: &Packet6) -> bool {
+    p.flow.proto == PROTO_ICMPV6 && matches!(p.icmp_type, Some(130..=137 | 143))
+}
+
 /// Why the switch refused a frame (logged at debug level, counted on the port).
 #[derive(Debug, Clone, Copy, thiserror::Error)]
-enum Refused {
+pub(crate) enum Refused {
     #[error("spoofed {0}")]
     Spoofed(&'static str),
     #[error("no egress rule allows the connection")]
     Egress,
-    #[error("neither IPv4 nor ARP")]
+    #[error("neither IPv4, IPv6 nor ARP")]
     NotIp,
+    #[error("{0} from a VM")]
+    RouterOnly(&'static str),
+    #[error("malformed neighbour discovery: {0}")]
+    Neighbour(&'static str),
+}
+
+/// Checks a router solicitation (133), neighbour solicitation (135) or
+/// advertisement (136) from a port with `mac`: link-layer address options
+/// must name the port's MAC, and an advertisement's target must be an
+/// address the port may use (no answering for another VM's address).
+pub(crate) fn nd_about_itself(
+    kind: u8,
+    icmp: &[u8],
+    mac: Mac,
+    sec: &PortSecurity,
+) -> Result<(), Refused> {
+    // Fixed part: type, code, checksum, then 4 bytes (RS) or 4 bytes and a
+    // 16-byte target (NS, NA).
+    let fixed = if kind == 133 { 8 } else { 24 };
+    let Some(mut opts) = icmp.get(fixed..) else {
+        return Err(Refused::Neighbour("message too short"));
+    };
+    if kind == 136 {
+        let mut t = [0u8; 16];
+        t.copy_from_slice(&icmp[8..24]);
+        if !sec.may_use6(std::net::Ipv6Addr::from(t)) {
+            return Err(Refused::Spoofed("neighbour advertisement target"));
+        }
+    }
+    while !opts.is_empty() {
+        let (Some(&kind), Some(&units)) = (opts.first(), opts.get(1)) else {
+            return Err(Refused::Neighbour("truncated option"));
+        };
+        let len = usize::from(units) * 8;
+        let Some(opt) = opts.get(..len).filter(|_| len > 0) else {
+            return Err(Refused::Neighbour("option length"));
+        };
+        // Source (1) and target (2) link-layer address options.
+        if matches!(kind, 1 | 2) && opt.get(2..8) != Some(&mac[..]) {
+            return Err(Refused::Spoofed("link-layer address option"));
+        }
+        opts = &opts[len..];
+    }
+    Ok(())
 }
 
 impl Inner {
@@ -661,6 +727,14 @@ impl Inner {
                 Err(e) => return self.malformed(from, e),
             }
         };
+        let ip6 = if plain {
+            None
+        } else {
+            match parse_ipv6(&eth) {
+                Ok(p) => p,
+                Err(e) => return self.malformed(from, e),
+            }
+        };
         kicks.sent.0 += 1;
         kicks.sent.1 += frame.len() as u64;
         if let (Some(m), Some((p, _))) = (&kicks.memo, &ip) {
@@ -681,7 +755,8 @@ impl Inner {
         if from.filtered.load(Ordering::Acquire) {
             let sec = from.security.read().unwrap_or_else(PoisonError::into_inner);
             let pkt = ip.as_ref().map(|p| &p.0);
-            if let Err(why) = self.egress(from, &sec, &eth, arp.as_ref(), pkt, now) {
+            let l3 = (arp.as_ref(), pkt, ip6.as_ref());
+            if let Err(why) = self.egress(from, &sec, &eth, l3, now) {
                 from.stats.tx_filtered.fetch_add(1, Ordering::Relaxed);
                 debug!(port = from.id.0, "refused a frame: {why}");
                 return;
@@ -728,6 +803,12 @@ impl Inner {
                 }
                 if let (Some((pkt, ipv4)), true) = (&ip, eth.dst == subnet.gateway_mac) {
                     self.route(from, &l3, subnet, (frame, hdr), pkt, ipv4, now, kicks);
+                    return;
+                }
+                if ip6.is_some() && eth.dst == subnet.gateway_mac {
+                    // The router does not route IPv6: the gateway's MAC is
+                    // no port's, and flooding the packet would help nobody.
+                    from.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             }
@@ -1120,15 +1201,14 @@ impl Inner {
         debug!(port = from.id.0, "dropped a malformed frame: {e}");
     }
 
-    /// What a filtered port may send: its own MAC and address only, ARP and
-    /// IPv4 only, and IPv4 only on connections its groups allow out.
+    /// What a filtered port may send: its own MAC and addresses only, ARP,
+    /// IPv4 and IPv6 only, and IP only on connections its groups allow out.
     fn egress(
         &self,
         from: &Port,
         sec: &PortSecurity,
         eth: &Ethernet<'_>,
-        arp: Option<&Arp>,
-        pkt: Option<&Packet>,
+        (arp, pkt, ip6): (Option<&Arp>, Option<&Packet>, Option<&Parsed6<'_>>),
         now: Instant,
     ) -> Result<(), Refused> {
         if !sec.enabled() {
@@ -1144,7 +1224,10 @@ impl Inner {
             return Ok(());
         }
         let Some(p) = pkt else {
-            return Err(Refused::NotIp);
+            return match ip6 {
+                Some(v6) => self.egress6(from, sec, v6, now),
+                None => Err(Refused::NotIp),
+            };
         };
         // DHCP is always let out, from no address yet or from its own.
         let dhcp = p.flow.proto == PROTO_UDP && p.flow.sport == 68 && p.flow.dport == 67;
@@ -1163,6 +1246,61 @@ impl Inner {
         } else {
             Err(Refused::Egress)
         }
+    }
+
+    /// What a filtered port may send in IPv6: from its own addresses (the
+    /// unspecified address for duplicate address detection and listener
+    /// reports); neighbour discovery only about itself, never as a router
+    /// (router advertisements and redirects are the router's); anything
+    /// else on connections its groups allow out.
+    fn egress6(
+        &self,
+        from: &Port,
+        sec: &PortSecurity,
+        (p, ip): &Parsed6<'_>,
+        now: Instant,
+    ) -> Result<(), Refused> {
+        let own = sec.may_use6(p.flow.src) || (p.flow.src.is_unspecified() && link_control(p));
+        if !own {
+            return Err(Refused::Spoofed("source IPv6"));
+        }
+        if link_control(p) {
+            return match p.icmp_type {
+                Some(134) => Err(Refused::RouterOnly("router advertisement")),
+                Some(137) => Err(Refused::RouterOnly("redirect")),
+                Some(t @ 133..=136) => nd_about_itself(t, ip.payload, from.mac, sec),
+                _ => Ok(()),
+            };
+        }
+        if self.admit6(from, sec, Direction::Egress, p, now) {
+            Ok(())
+        } else {
+            Err(Refused::Egress)
+        }
+    }
+
+    /// [`Inner::admit`] for IPv6.
+    fn admit6(
+        &self,
+        port: &Port,
+        sec: &PortSecurity,
+        dir: Direction,
+        p: &Packet6,
+        now: Instant,
+    ) -> bool {
+        let mut ct = port
+            .conntrack6
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if ct.track(p, now) {
+            return true;
+        }
+        let allowed = self
+            .groups
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .allows6(&sec.groups, dir, &p.flow);
+        allowed && ct.commit(p, dir, now)
     }
 
     /// Whether `port`'s tracker or groups let `p` through in `dir`.
@@ -1214,8 +1352,17 @@ impl Inner {
             };
             let ok = match pkt {
                 Some(p) => self.admit(to, &sec, Direction::Ingress, p, now),
-                // ARP is always let in; anything else is not.
-                None => Ethernet::parse(frame).is_ok_and(|e| e.ethertype == ETHERTYPE_ARP),
+                // ARP is always let in, IPv6 as its rules say; anything else
+                // is not.
+                None => match Ethernet::parse(frame) {
+                    Ok(e) if e.ethertype == ETHERTYPE_ARP => true,
+                    Ok(e) => match parse_ipv6(&e) {
+                        Ok(Some((p, _))) if link_control(&p) => true,
+                        Ok(Some((p, _))) => self.admit6(to, &sec, Direction::Ingress, &p, now),
+                        _ => false,
+                    },
+                    Err(_) => false,
+                },
             };
             if !ok {
                 to.stats.rx_filtered.fetch_add(1, Ordering::Relaxed);
@@ -1551,12 +1698,13 @@ impl Switch {
                 .groups
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
-            if let Some(old) = sec.ip {
-                groups.set_member(old, &sec.groups, &[]);
-            }
-            if let Some(new) = ip {
-                groups.set_member(new, &[], &sec.groups);
-            }
+            groups.set_member(&sec.addresses(), &sec.groups, &[]);
+            sec.ip = ip;
+            sec.ip6 = match ip {
+                Some(_) => vec![link_local(port.mac)],
+                None => Vec::new(),
+            };
+            groups.set_member(&sec.addresses(), &[], &sec.groups);
         }
         if let Some(server) = self
             .inner
@@ -1578,6 +1726,10 @@ impl Switch {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
+        port.conntrack6
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         Ok(())
     }
 
@@ -1587,12 +1739,15 @@ impl Switch {
         &self,
         id: PortId,
         allowed: Vec<(Ipv4Addr, u8)>,
+        allowed6: Vec<(std::net::Ipv6Addr, u8)>,
     ) -> Result<(), SwitchError> {
         let port = self.port(id)?;
-        port.security
+        let mut sec = port
+            .security
             .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .allowed = allowed;
+            .unwrap_or_else(PoisonError::into_inner);
+        sec.allowed = allowed;
+        sec.allowed6 = allowed6;
         Ok(())
     }
 
@@ -1613,9 +1768,7 @@ impl Switch {
             if let Some(g) = groups.iter().find(|g| !all.groups.contains_key(g)) {
                 return Err(SwitchError::NoGroup(g.0));
             }
-            if let Some(ip) = sec.ip {
-                all.set_member(ip, &sec.groups, &groups);
-            }
+            all.set_member(&sec.addresses(), &sec.groups, &groups);
         }
         sec.groups = groups;
         drop(sec);
@@ -1722,6 +1875,10 @@ impl Switch {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .revalidate(|flow, dir| groups.allows(&sec.groups, dir, flow));
+            p.conntrack6
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .revalidate(|flow, dir| groups.allows6(&sec.groups, dir, flow));
         }
     }
 
@@ -1927,7 +2084,7 @@ impl Switch {
                 .groups
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
-                .set_member(ip, &sec.groups, &[]);
+                .set_member(&sec.addresses(), &sec.groups, &[]);
             if let Some(server) = self
                 .inner
                 .dhcp

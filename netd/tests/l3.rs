@@ -5,17 +5,19 @@
 //! handles a port's frames in order, so no waiting on a clock.
 #![allow(clippy::unwrap_used)]
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use atoll_tests::net_frontend::NetFrontend;
 use netd::fabric::{Fabric, Kind, PortEntry, SubnetSettings};
 use netd::flow::{
-    ipv4_header, udp_frame, Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_TCP,
-    TCP_ACK, TCP_FIN, TCP_SYN,
+    ipv4_header, link_local, udp_frame, Packet, ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_SYN,
 };
-use netd::frame::{checksum, Arp, Ethernet, Ipv4, Mac, ARP_REPLY, ARP_REQUEST, BROADCAST};
+use netd::frame::{
+    checksum, Arp, Ethernet, Ipv4, Ipv6, Mac, ARP_REPLY, ARP_REQUEST, BROADCAST, ETHERTYPE_IPV6,
+};
 use netd::secgroup::{GroupId, Rule};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -577,4 +579,212 @@ fn security_groups_allow_what_rules_say_and_return_traffic() {
         tracked - 2,
         "b's side of both HTTP connections (from .2 and from .100) is gone"
     );
+}
+
+/// An IPv6 packet from `src` to `dst` in a frame from `from`, with the
+/// upper-layer checksum (`sum_at`: its offset in `l4`, if it has one).
+fn ip6_frame(
+    from: Mac,
+    dst_mac: Mac,
+    (src, dst): (Ipv6Addr, Ipv6Addr),
+    next: u8,
+    l4: &[u8],
+    sum_at: Option<usize>,
+) -> Vec<u8> {
+    let mut l4 = l4.to_vec();
+    if let Some(at) = sum_at {
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&src.octets());
+        pseudo.extend_from_slice(&dst.octets());
+        pseudo.extend_from_slice(&u32::try_from(l4.len()).unwrap().to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, next]);
+        pseudo.extend_from_slice(&l4);
+        let s = checksum(&pseudo);
+        l4[at..at + 2].copy_from_slice(&s.to_be_bytes());
+    }
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&u16::try_from(l4.len()).unwrap().to_be_bytes());
+    p.extend_from_slice(&[next, if next == PROTO_ICMPV6 { 255 } else { 64 }]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&l4);
+    eth(dst_mac, from, ETHERTYPE_IPV6, &p)
+}
+
+fn tcp6(from: Mac, to: Mac, ends: (Ipv6Addr, Ipv6Addr), ports: (u16, u16), flags: u8) -> Vec<u8> {
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&ports.0.to_be_bytes());
+    t[2..4].copy_from_slice(&ports.1.to_be_bytes());
+    t[12] = 5 << 4;
+    t[13] = flags;
+    ip6_frame(from, to, ends, PROTO_TCP, &t, Some(16))
+}
+
+fn icmp6(from: Mac, to: Mac, ends: (Ipv6Addr, Ipv6Addr), kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![kind, 0, 0, 0];
+    m.extend_from_slice(body);
+    ip6_frame(from, to, ends, PROTO_ICMPV6, &m, Some(2))
+}
+
+/// A neighbour solicitation (135) or advertisement (136) about `target`
+/// with a link-layer address option naming `lladdr`.
+fn nd(kind: u8, target: Ipv6Addr, lladdr: Mac) -> Vec<u8> {
+    let mut b = vec![if kind == 136 { 0x60 } else { 0 }, 0, 0, 0];
+    b.extend_from_slice(&target.octets());
+    b.extend_from_slice(&[if kind == 135 { 1 } else { 2 }, 1]);
+    b.extend_from_slice(&lladdr);
+    b
+}
+
+/// A well-formed router advertisement's body from a router at `mac`.
+fn router_advert(mac: Mac) -> Vec<u8> {
+    let mut b = vec![64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+    b.extend_from_slice(&[1, 1]);
+    b.extend_from_slice(&mac);
+    b
+}
+
+/// The solicited-node multicast address of `ip`, and its MAC.
+fn solicited(ip: Ipv6Addr) -> (Ipv6Addr, Mac) {
+    let o = ip.octets();
+    let group = Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(o[13]),
+        u16::from_be_bytes([o[14], o[15]]),
+    );
+    (group, [0x33, 0x33, 0xff, o[13], o[14], o[15]])
+}
+
+/// The next frame `vm` gets, as an IPv6 packet's (protocol, ICMPv6 type or
+/// TCP flags, source).
+fn recv6(vm: &mut Vm) -> (u8, u8, Ipv6Addr) {
+    let f = vm.recv();
+    let e = Ethernet::parse(&f).unwrap();
+    assert_eq!(e.ethertype, ETHERTYPE_IPV6, "an IPv6 frame");
+    let ip = Ipv6::parse(e.payload).unwrap();
+    let detail = match ip.protocol {
+        PROTO_TCP => ip.payload[13],
+        _ => ip.payload[0],
+    };
+    (ip.protocol, detail, ip.src)
+}
+
+#[test]
+fn ipv6_on_a_subnet_is_held_to_the_ports_addresses_and_groups() {
+    let w = world();
+    let sw = &w.fabric.switch;
+    let (web, client, _http, mut a, mut b) = client_and_server(&w);
+    let (la, lb) = (link_local(a.mac), link_local(b.mac));
+    assert_eq!(a.port.port.security().ip6, vec![la]);
+
+    // Neighbour discovery: duplicate address detection from ::, a
+    // solicitation and its advertisement pass without any rule.
+    let (group, group_mac) = solicited(lb);
+    let dad = icmp6(
+        a.mac,
+        group_mac,
+        (Ipv6Addr::UNSPECIFIED, group),
+        135,
+        &nd(135, la, a.mac)[..20],
+    );
+    a.send(&dad);
+    assert_eq!(recv6(&mut b), (PROTO_ICMPV6, 135, Ipv6Addr::UNSPECIFIED));
+    a.send(&icmp6(
+        a.mac,
+        group_mac,
+        (la, group),
+        135,
+        &nd(135, lb, a.mac),
+    ));
+    assert_eq!(recv6(&mut b), (PROTO_ICMPV6, 135, la));
+    b.send(&icmp6(b.mac, a.mac, (lb, la), 136, &nd(136, lb, b.mac)));
+    assert_eq!(recv6(&mut a), (PROTO_ICMPV6, 136, lb));
+
+    // A connection the server's group allows, and its return traffic.
+    a.send(&tcp6(a.mac, b.mac, (la, lb), (40000, 80), TCP_SYN));
+    assert_eq!(recv6(&mut b), (PROTO_TCP, TCP_SYN, la));
+    b.send(&tcp6(
+        b.mac,
+        a.mac,
+        (lb, la),
+        (80, 40000),
+        TCP_SYN | TCP_ACK,
+    ));
+    assert_eq!(recv6(&mut a), (PROTO_TCP, TCP_SYN | TCP_ACK, lb));
+
+    // What no rule allows: another port, a ping, the server calling out
+    // to the client.
+    let f = tcp6(a.mac, b.mac, (la, lb), (40001, 22), TCP_SYN);
+    assert_blocked(&mut a, &mut b, &f);
+    let ping = |from: &Vm, to: &Vm| {
+        let ends = (link_local(from.mac), link_local(to.mac));
+        icmp6(from.mac, to.mac, ends, ICMPV6_ECHO_REQUEST, &[0, 7, 0, 1])
+    };
+    let f = ping(&a, &b);
+    assert_blocked(&mut a, &mut b, &f);
+    let f = tcp6(b.mac, a.mac, (lb, la), (5000, 6000), TCP_SYN);
+    assert_blocked(&mut b, &mut a, &f);
+    assert_eq!(b.counter("rx_filtered"), 2);
+    assert_eq!(a.counter("rx_filtered"), 1);
+
+    // A remote-group rule knows the client by its IPv6 address too.
+    sw.add_rule(
+        web,
+        Rule::parse("ingress", "icmp", (0, 0), "", Some(client)).unwrap(),
+    )
+    .unwrap();
+    a.send(&ping(&a, &b));
+    assert_eq!(recv6(&mut b), (PROTO_ICMPV6, ICMPV6_ECHO_REQUEST, la));
+
+    // An IPv6 prefix rule, from an address the client was allowed.
+    let extra: Ipv6Addr = "2001:db8:1::5".parse().unwrap();
+    sw.add_rule(
+        web,
+        Rule::parse("ingress", "tcp", (22, 22), "2001:db8:1::/64", None).unwrap(),
+    )
+    .unwrap();
+    let f = tcp6(a.mac, b.mac, (la, lb), (40002, 22), TCP_SYN);
+    assert_blocked(&mut a, &mut b, &f);
+    let f = tcp6(a.mac, b.mac, (extra, lb), (40003, 22), TCP_SYN);
+    assert_blocked(&mut a, &mut b, &f);
+    assert_eq!(a.counter("tx_filtered"), 1, "not its address yet");
+    w.fabric
+        .set_allowed_addresses(a.port.port.id.0, &["2001:db8:1::5".into()])
+        .unwrap();
+    a.send(&f);
+    assert_eq!(recv6(&mut b), (PROTO_TCP, TCP_SYN, extra));
+
+    // What a VM may not say: another's address as its source, a router
+    // advertisement, an advertisement for another VM's address, a
+    // link-layer address that is not its own.
+    let tx = a.counter("tx_filtered");
+    let spoofs = [
+        tcp6(
+            a.mac,
+            b.mac,
+            (link_local([2, 0, 0, 0, 0, 9]), lb),
+            (1, 80),
+            TCP_SYN,
+        ),
+        icmp6(a.mac, b.mac, (la, lb), 134, &router_advert(a.mac)),
+        icmp6(a.mac, b.mac, (la, lb), 136, &nd(136, lb, a.mac)),
+        icmp6(a.mac, group_mac, (la, group), 135, &nd(135, lb, b.mac)),
+    ];
+    for f in &spoofs {
+        assert_blocked(&mut a, &mut b, f);
+    }
+    assert_eq!(a.counter("tx_filtered"), tx + 4);
+    // A malformed option (length 0) is refused too, and the port still
+    // works after all of it.
+    let mut bad = nd(135, lb, a.mac);
+    bad[21] = 0;
+    let f = icmp6(a.mac, group_mac, (la, group), 135, &bad);
+    assert_blocked(&mut a, &mut b, &f);
+    a.send(&tcp6(a.mac, b.mac, (la, lb), (40000, 80), TCP_ACK));
+    assert_eq!(recv6(&mut b), (PROTO_TCP, TCP_ACK, la));
 }
