@@ -464,6 +464,12 @@ impl Net1 {
         }
         settings.domain = o.string("domain")?.unwrap_or_default();
         settings.external = o.bool("external")?.unwrap_or(false);
+        if let Some(v6) = o.string("ipv6")? {
+            let prefix = crate::secgroup::parse_cidr6(&v6).ok_or_else(|| {
+                NetError::InvalidArgument(format!("ipv6 {v6:?}: want a prefix like fd00:1::/64"))
+            })?;
+            settings.ipv6 = Some(prefix);
+        }
         settings.mtu = o.u16("mtu")?.unwrap_or(settings.mtu);
         if let Some(l) = o.u32("lease_seconds")? {
             if l < 60 {

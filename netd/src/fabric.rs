@@ -4,7 +4,7 @@
 //! switch sees it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -101,12 +101,16 @@ pub struct SubnetSettings {
     /// (the VPC gateways' next hop); the switch neither answers for it nor
     /// serves DHCP there.
     pub external: bool,
+    /// An IPv6 /64 for the VMs to form addresses in (SLAAC): the router
+    /// advertises it and routes it within the VPC.
+    pub ipv6: Option<(Ipv6Addr, u8)>,
 }
 
 impl Default for SubnetSettings {
     fn default() -> Self {
         Self {
             external: false,
+            ipv6: None,
             gateway: None,
             dns: Vec::new(),
             domain: String::new(),
@@ -225,7 +229,7 @@ impl Registry {
 
 /// Whether subnets `a` and `b` share addresses.
 fn overlap(a: &Subnet, b: &Subnet) -> bool {
-    a.contains(b.net) || b.contains(a.net)
+    a.contains(b.net) || b.contains(a.net) || (a.prefix6.is_some() && a.prefix6 == b.prefix6)
 }
 
 /// The node's networks.
@@ -460,7 +464,23 @@ impl Fabric {
             gateway,
             gateway_mac: gateway_mac(SegmentId(network)),
             domain: settings.domain.clone(),
+            prefix6: settings.ipv6.map(|(p, _)| p),
+            mtu: settings.mtu,
         };
+        if let Some((p, len)) = settings.ipv6 {
+            let first = p.segments()[0];
+            let unicast = first & 0xe000 == 0x2000 || first & 0xfe00 == 0xfc00;
+            if len != 64 || !unicast {
+                return Err(invalid(format!(
+                    "ipv6 {p}/{len}: want a global or unique-local /64 (guests form their addresses in it)"
+                )));
+            }
+            if settings.external {
+                return Err(invalid(format!(
+                    "ipv6 {p}/{len}: external subnets are IPv4 only"
+                )));
+            }
+        }
         if !sub.contains(gateway) || gateway == net || gateway == broadcast {
             return Err(invalid(format!(
                 "gateway {gateway}: not a host address of {cidr}"
@@ -469,6 +489,16 @@ impl Fabric {
         // Subnets of one VPC, or of peered VPCs, route to each other: they
         // may not overlap.
         if let Some(vpc) = n.vpc {
+            let routed = |s: &&SubnetEntry| s.subnet.vpc.is_some_and(|o| reg.joined(vpc, o.0));
+            let same6 = |s: &&SubnetEntry| sub.prefix6.is_some() && s.subnet.prefix6 == sub.prefix6;
+            if let Some(c) = reg.subnets.values().filter(routed).find(same6) {
+                return Err(invalid(format!(
+                    "ipv6 {}/64 is taken by {}/{} in the VPC or a peered one",
+                    sub.prefix6.unwrap_or(Ipv6Addr::UNSPECIFIED),
+                    c.subnet.net,
+                    c.subnet.prefix
+                )));
+            }
             let clash = reg.subnets.values().find(|s| {
                 s.subnet.vpc.is_some_and(|o| reg.joined(vpc, o.0)) && overlap(&s.subnet, &sub)
             });
@@ -1158,5 +1188,40 @@ mod tests {
         assert!(f
             .create_port(net, None, None, "", Some(vec![GroupId(99)]))
             .is_err());
+    }
+
+    #[test]
+    fn ipv6_prefixes_are_unicast_64s_and_unique_in_the_vpc() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = Fabric::new(dir.path().to_owned()).unwrap();
+        let vpc = f.create_vpc("prod").unwrap();
+        let nets: Vec<u32> = (0..3)
+            .map(|i| {
+                f.create_network(&format!("n{i}"), Kind::Flat, Some(vpc), false)
+                    .unwrap()
+            })
+            .collect();
+        let v6 = |p: &str, len| SubnetSettings {
+            ipv6: Some((p.parse().unwrap(), len)),
+            ..SubnetSettings::default()
+        };
+        for (prefix, len) in [("fd00:1::", 48), ("fe80::", 64), ("ff02::", 64), ("::", 64)] {
+            let e = f.create_subnet(nets[0], "10.0.0.0/24", v6(prefix, len));
+            assert!(
+                e.unwrap_err().to_string().contains("/64"),
+                "{prefix}/{len} refused"
+            );
+        }
+        let external = SubnetSettings {
+            external: true,
+            ..v6("2001:db8::", 64)
+        };
+        assert!(f.create_subnet(nets[0], "10.0.0.0/24", external).is_err());
+        f.create_subnet(nets[0], "10.0.0.0/24", v6("2001:db8:1::", 64))
+            .unwrap();
+        let taken = f.create_subnet(nets[1], "10.0.1.0/24", v6("2001:db8:1::", 64));
+        assert!(taken.unwrap_err().to_string().contains("taken"));
+        f.create_subnet(nets[2], "10.0.2.0/24", v6("fd00:2::", 64))
+            .unwrap();
     }
 }

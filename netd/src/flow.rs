@@ -397,6 +397,44 @@ pub fn icmp_echo_reply(req: &[u8], ip: &Ipv4<'_>, mac: [u8; 6]) -> Vec<u8> {
     out
 }
 
+/// An ICMPv6 message (`body`: type, code, two checksum bytes, the rest)
+/// from `src` to `dst` in a frame from `smac` to `dmac`, hop limit 255 (as
+/// neighbour discovery wants), with its checksum.
+pub fn icmpv6_frame(
+    (smac, dmac): (Mac, Mac),
+    (src, dst): (Ipv6Addr, Ipv6Addr),
+    mut body: Vec<u8>,
+) -> Vec<u8> {
+    let len = u16::try_from(body.len()).unwrap_or(u16::MAX);
+    body[2] = 0;
+    body[3] = 0;
+    let mut pseudo = Vec::with_capacity(40 + body.len());
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&u32::from(len).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, PROTO_ICMPV6]);
+    pseudo.extend_from_slice(&body);
+    let sum = checksum(&pseudo);
+    body[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut out = Vec::with_capacity(14 + 40 + body.len());
+    out.extend_from_slice(&dmac);
+    out.extend_from_slice(&smac);
+    out.extend_from_slice(&crate::frame::ETHERTYPE_IPV6.to_be_bytes());
+    out.extend_from_slice(&[0x60, 0, 0, 0]);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&[PROTO_ICMPV6, 255]);
+    out.extend_from_slice(&src.octets());
+    out.extend_from_slice(&dst.octets());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The Ethernet address IPv6 multicast `group` maps to.
+pub fn multicast_mac(group: Ipv6Addr) -> Mac {
+    let o = group.octets();
+    [0x33, 0x33, o[12], o[13], o[14], o[15]]
+}
+
 /// A 20-byte IPv4 header (TTL 64, don't fragment) with its checksum.
 pub fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload: usize) -> [u8; 20] {
     let total = u16::try_from(20 + payload).unwrap_or(u16::MAX);

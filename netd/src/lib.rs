@@ -17,6 +17,7 @@ pub mod l2;
 pub(crate) mod memo;
 pub mod metadata;
 pub mod nat;
+pub mod ndp;
 pub mod objects;
 pub mod offload;
 pub mod overlay;

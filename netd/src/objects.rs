@@ -357,6 +357,16 @@ impl SubnetObject {
             .unwrap_or_default()
     }
 
+    /// The IPv6 /64 VMs form their addresses in ("" for none).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn ipv6(&self) -> String {
+        self.fabric
+            .subnet(self.id)
+            .and_then(|s| s.subnet.prefix6)
+            .map(|p| format!("{p}/64"))
+            .unwrap_or_default()
+    }
+
     /// The gateway's MAC.
     #[zbus(property(emits_changed_signal = "const"))]
     fn gateway_mac(&self) -> String {
@@ -886,6 +896,9 @@ pub trait Subnet {
     /// Gateway MAC.
     #[zbus(property)]
     fn gateway_mac(&self) -> zbus::Result<String>;
+    /// IPv6 /64.
+    #[zbus(property)]
+    fn ipv6(&self) -> zbus::Result<String>;
 }
 
 /// Typed client of a security group.

@@ -5,17 +5,18 @@
 //! a peer's peer is not reached).
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
+use crate::flow::link_local;
 use crate::frame::Mac;
 use crate::l2::{PortId, SegmentId};
-use crate::secgroup::contains;
+use crate::secgroup::{contains, contains6};
 
 /// A VPC: the subnets that route to each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VpcId(pub u32);
 
-/// An IPv4 subnet on a segment.
+/// An IPv4 subnet on a segment (and its IPv6 /64, if it has one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subnet {
     /// The VPC whose router joins it to other subnets (None: not routed).
@@ -30,12 +31,32 @@ pub struct Subnet {
     pub gateway_mac: Mac,
     /// DNS domain of the VM names (may be empty).
     pub domain: String,
+    /// The IPv6 /64 whose addresses VMs form for themselves (SLAAC from the
+    /// router's advertisements); None: IPv6 link-local only.
+    pub prefix6: Option<Ipv6Addr>,
+    /// The link MTU (advertised to IPv6 guests; DHCP tells IPv4 ones).
+    pub mtu: u16,
 }
 
 impl Subnet {
     /// Whether `ip` is in the subnet.
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         contains(self.net, self.prefix, ip)
+    }
+
+    /// Whether `ip` is in the subnet's IPv6 /64.
+    pub fn contains6(&self, ip: Ipv6Addr) -> bool {
+        self.prefix6.is_some_and(|p| contains6(p, 64, ip))
+    }
+
+    /// The router's IPv6 addresses on the subnet: its link-local one (the
+    /// source of its advertisements) and the first of the /64.
+    pub fn gateway6(&self) -> Option<[Ipv6Addr; 2]> {
+        let p = self.prefix6?;
+        Some([
+            link_local(self.gateway_mac),
+            Ipv6Addr::from(u128::from(p) | 1),
+        ])
     }
 }
 
@@ -55,6 +76,8 @@ pub struct Host {
 pub struct L3 {
     subnets: HashMap<SegmentId, Subnet, ahash::RandomState>,
     hosts: HashMap<(SegmentId, Ipv4Addr), Host, ahash::RandomState>,
+    /// Ports by the address they form in their subnet's IPv6 /64.
+    hosts6: HashMap<(SegmentId, Ipv6Addr), Host, ahash::RandomState>,
     /// Peered VPCs, each pair both ways round.
     peers: HashSet<(VpcId, VpcId), ahash::RandomState>,
 }
@@ -76,6 +99,36 @@ impl L3 {
             Some(h) => self.hosts.insert((segment, ip), h),
             None => self.hosts.remove(&(segment, ip)),
         };
+    }
+
+    /// Records (or with None forgets) the port at the IPv6 `ip` on
+    /// `segment`.
+    pub fn set_host6(&mut self, segment: SegmentId, ip: Ipv6Addr, host: Option<Host>) {
+        match host {
+            Some(h) => self.hosts6.insert((segment, ip), h),
+            None => self.hosts6.remove(&(segment, ip)),
+        };
+    }
+
+    /// Where an IPv6 packet from `segment` to `dst` goes through the router:
+    /// the destination's segment, subnet and port.
+    pub fn route6(&self, segment: SegmentId, dst: Ipv6Addr) -> Option<(SegmentId, &Subnet, &Host)> {
+        let (seg, subnet) = self
+            .reachable(segment, true)
+            .find(|(_, s)| s.contains6(dst))?;
+        Some((seg, subnet, self.hosts6.get(&(seg, dst))?))
+    }
+
+    /// Whether `ip` is an IPv6 address of the router a port on `segment`
+    /// may talk to.
+    pub fn is_gateway6(&self, segment: SegmentId, ip: Ipv6Addr) -> bool {
+        self.reachable(segment, true)
+            .filter_map(|(_, s)| s.gateway6())
+            .any(|g| g[1] == ip)
+            || self
+                .subnet(segment)
+                .and_then(Subnet::gateway6)
+                .is_some_and(|g| g[0] == ip)
     }
 
     /// The port holding `ip` on `segment`.
@@ -177,6 +230,7 @@ impl L3 {
     pub fn remove_segment(&mut self, segment: SegmentId) {
         self.subnets.remove(&segment);
         self.hosts.retain(|(s, _), _| *s != segment);
+        self.hosts6.retain(|(s, _), _| *s != segment);
     }
 }
 
@@ -200,6 +254,8 @@ mod tests {
             gateway: Ipv4Addr::from(u32::from(net) + 1),
             gateway_mac: [2, 0, 0, 0, 0, 1],
             domain: String::new(),
+            prefix6: None,
+            mtu: 1500,
         }
     }
 

@@ -16,8 +16,8 @@ use crate::datapath::{self, Datapath};
 use crate::dhcp::{self, DhcpConfig, DhcpServer, Outcome};
 use crate::dns;
 use crate::flow::{
-    icmp_echo_reply, link_local, route_rewrite, udp_frame, Packet, Packet6, ICMP_ECHO_REQUEST,
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP,
+    icmp_echo_reply, link_local, route_rewrite, slaac, udp_frame, Packet, Packet6,
+    ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP,
 };
 use crate::frame::{
     Arp, Ethernet, Ipv4, Ipv6, Mac, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6,
@@ -26,6 +26,7 @@ use crate::l2::{Forward, MacTable, PortId, SegmentId};
 use crate::memo::{Addrs, FlowKey};
 use crate::metadata::{self, Endpoint};
 use crate::nat::{Floating, Gateway, Nat, PortForward};
+use crate::ndp;
 use crate::offload::{self, NetHdr};
 use crate::overlay::{self, Encap, Overlay};
 use crate::port::{self, Out, Port};
@@ -805,11 +806,18 @@ impl Inner {
                     self.route(from, &l3, subnet, (frame, hdr), pkt, ipv4, now, kicks);
                     return;
                 }
-                if ip6.is_some() && eth.dst == subnet.gateway_mac {
-                    // The router does not route IPv6: the gateway's MAC is
-                    // no port's, and flooding the packet would help nobody.
-                    from.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
-                    return;
+                if let Some((p6, v6)) = &ip6 {
+                    let routes = subnet.vpc.is_some();
+                    let ours = |a| l3.is_gateway6(from.segment, a);
+                    if let Some(reply) = ndp::answer(subnet, routes, from.mac, (p6, v6), ours) {
+                        from.deliver(&reply);
+                        return;
+                    }
+                    if eth.dst == subnet.gateway_mac {
+                        // Without a /64 the router does not route IPv6.
+                        self.route6(from, &l3, (frame, hdr), v6, now, kicks);
+                        return;
+                    }
                 }
             }
         }
@@ -1393,6 +1401,41 @@ impl Inner {
         }
     }
 
+    /// An IPv6 packet to the gateway's MAC: routed to a VM of another
+    /// subnet of the VPC (or of a peer), hop limit one less.
+    fn route6(
+        &self,
+        from: &Port,
+        l3: &L3,
+        (frame, hdr): (&[u8], &NetHdr),
+        ip: &Ipv6<'_>,
+        now: Instant,
+        kicks: &mut Kicks,
+    ) {
+        let route = l3.route6(from.segment, ip.dst).filter(|_| ip.hop_limit > 1);
+        let Some((seg, dst_subnet, host)) = route else {
+            from.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
+            debug!(port = from.id.0, dst = %ip.dst, "no IPv6 route");
+            return;
+        };
+        let to = self
+            .ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&host.port)
+            .filter(|p| p.segment == seg)
+            .cloned();
+        if let Some(to) = to {
+            let mut out = frame.to_vec();
+            out[0..6].copy_from_slice(&host.mac);
+            out[6..12].copy_from_slice(&dst_subnet.gateway_mac);
+            if let Some(h) = out.get_mut(crate::flow::ip_offset(frame) + 7) {
+                *h -= 1;
+            }
+            self.deliver_checked(&to, (&out, hdr), None, now, kicks);
+        }
+    }
+
     /// An IPv4 packet to the gateway's MAC: for the gateway itself (ping,
     /// DNS) or routed to another subnet of the VPC.
     #[allow(clippy::too_many_arguments)]
@@ -1671,6 +1714,7 @@ impl Switch {
             .security
             .write()
             .unwrap_or_else(PoisonError::into_inner);
+        let mut ip6: Vec<std::net::Ipv6Addr>;
         {
             let mut l3 = self
                 .inner
@@ -1680,16 +1724,29 @@ impl Switch {
             if let Some(old) = sec.ip {
                 l3.set_host(port.segment, old, None);
             }
+            for old in sec.ip6.iter().skip(1) {
+                l3.set_host6(port.segment, *old, None);
+            }
+            let host = Host {
+                port: id,
+                mac: port.mac,
+                name: name.to_owned(),
+            };
+            let slaac = l3
+                .subnet(port.segment)
+                .and_then(|s| s.prefix6)
+                .map(|p| slaac(p, port.mac));
+            ip6 = match ip {
+                // Its link-local address first, then the one it forms in the
+                // subnet's /64.
+                Some(_) => std::iter::once(link_local(port.mac)).chain(slaac).collect(),
+                None => Vec::new(),
+            };
+            for new in ip6.iter().skip(1) {
+                l3.set_host6(port.segment, *new, Some(host.clone()));
+            }
             if let Some(new) = ip {
-                l3.set_host(
-                    port.segment,
-                    new,
-                    Some(Host {
-                        port: id,
-                        mac: port.mac,
-                        name: name.to_owned(),
-                    }),
-                );
+                l3.set_host(port.segment, new, Some(host));
             }
         }
         {
@@ -1700,10 +1757,7 @@ impl Switch {
                 .unwrap_or_else(PoisonError::into_inner);
             groups.set_member(&sec.addresses(), &sec.groups, &[]);
             sec.ip = ip;
-            sec.ip6 = match ip {
-                Some(_) => vec![link_local(port.mac)],
-                None => Vec::new(),
-            };
+            sec.ip6 = std::mem::take(&mut ip6);
             groups.set_member(&sec.addresses(), &[], &sec.groups);
         }
         if let Some(server) = self
@@ -2075,11 +2129,16 @@ impl Switch {
             .forget_port(id);
         let sec = port.security();
         if let Some(ip) = sec.ip {
-            self.inner
+            let mut l3 = self
+                .inner
                 .l3
                 .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .set_host(port.segment, ip, None);
+                .unwrap_or_else(PoisonError::into_inner);
+            l3.set_host(port.segment, ip, None);
+            for a in sec.ip6.iter().skip(1) {
+                l3.set_host6(port.segment, *a, None);
+            }
+            drop(l3);
             self.inner
                 .groups
                 .write()

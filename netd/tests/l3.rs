@@ -12,8 +12,9 @@ use std::time::Duration;
 use atoll_tests::net_frontend::NetFrontend;
 use netd::fabric::{Fabric, Kind, PortEntry, SubnetSettings};
 use netd::flow::{
-    ipv4_header, link_local, udp_frame, Packet, ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY,
-    ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_SYN,
+    ipv4_header, link_local, multicast_mac, slaac, udp_frame, Packet, ICMPV6_ECHO_REQUEST,
+    ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, TCP_ACK, TCP_FIN,
+    TCP_SYN,
 };
 use netd::frame::{
     checksum, Arp, Ethernet, Ipv4, Ipv6, Mac, ARP_REPLY, ARP_REQUEST, BROADCAST, ETHERTYPE_IPV6,
@@ -146,8 +147,9 @@ struct World {
     other: u32,
 }
 
-/// VPC "prod" with networks web (10.1.0.0/24) and db (10.2.0.0/24); VPC
-/// "lab" with network other (10.2.0.0/24 again).
+/// VPC "prod" with networks web (10.1.0.0/24, fd00:1::/64) and db
+/// (10.2.0.0/24, fd00:2::/64); VPC "lab" with network other (10.2.0.0/24
+/// again, no IPv6).
 fn world() -> World {
     let dir = tempfile::tempdir().unwrap();
     let fabric = Fabric::new(dir.path().to_owned()).unwrap();
@@ -166,11 +168,15 @@ fn world() -> World {
         domain: d.into(),
         ..SubnetSettings::default()
     };
+    let dual = |d: &str, v6: &str| SubnetSettings {
+        ipv6: Some((v6.parse().unwrap(), 64)),
+        ..domain(d)
+    };
     fabric
-        .create_subnet(web, "10.1.0.0/24", domain("prod.atoll"))
+        .create_subnet(web, "10.1.0.0/24", dual("prod.atoll", "fd00:1::"))
         .unwrap();
     fabric
-        .create_subnet(db, "10.2.0.0/24", domain("prod.atoll"))
+        .create_subnet(db, "10.2.0.0/24", dual("prod.atoll", "fd00:2::"))
         .unwrap();
     fabric
         .create_subnet(other, "10.2.0.0/24", domain("lab.atoll"))
@@ -680,7 +686,7 @@ fn ipv6_on_a_subnet_is_held_to_the_ports_addresses_and_groups() {
     let sw = &w.fabric.switch;
     let (web, client, _http, mut a, mut b) = client_and_server(&w);
     let (la, lb) = (link_local(a.mac), link_local(b.mac));
-    assert_eq!(a.port.port.security().ip6, vec![la]);
+    assert_eq!(a.port.port.security().ip6[0], la, "link-local first");
 
     // Neighbour discovery: duplicate address detection from ::, a
     // solicitation and its advertisement pass without any rule.
@@ -787,4 +793,157 @@ fn ipv6_on_a_subnet_is_held_to_the_ports_addresses_and_groups() {
     assert_blocked(&mut a, &mut b, &f);
     a.send(&tcp6(a.mac, b.mac, (la, lb), (40000, 80), TCP_ACK));
     assert_eq!(recv6(&mut b), (PROTO_TCP, TCP_ACK, la));
+}
+
+#[test]
+fn the_router_advertises_the_prefix_and_routes_ipv6_in_the_vpc() {
+    let w = world();
+    let (web, client, _http, _, _) = client_and_server(&w);
+    let mut a = w.vm(w.web, "client6", Some(vec![client]));
+    let mut b = w.vm(w.db, "server6", Some(vec![web]));
+    let (gw_web, gw_db) = (w.gateway_mac(w.web), w.gateway_mac(w.db));
+    let router = link_local(gw_web);
+    let a6 = slaac("fd00:1::".parse().unwrap(), a.mac);
+    let b6 = slaac("fd00:2::".parse().unwrap(), b.mac);
+    assert_eq!(a.port.port.security().ip6, vec![link_local(a.mac), a6]);
+    let la = link_local(a.mac);
+
+    // A solicitation gets the advertisement: from the router's link-local
+    // address and MAC, a default router (it routes the VPC), the MTU and
+    // the /64 to form addresses in.
+    let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
+    a.send(&icmp6(
+        a.mac,
+        multicast_mac(all_routers),
+        (la, all_routers),
+        133,
+        &[0; 4],
+    ));
+    let f = a.recv();
+    let e = Ethernet::parse(&f).unwrap();
+    assert_eq!((e.src, e.dst), (gw_web, a.mac));
+    let ip = Ipv6::parse(e.payload).unwrap();
+    assert_eq!((ip.src, ip.dst, ip.hop_limit), (router, la, 255));
+    let ra = ip.payload;
+    assert_eq!(ra[0], 134);
+    assert!(checksum_ok6(&ip), "the ICMPv6 checksum holds");
+    assert_eq!(u16::from_be_bytes([ra[6], ra[7]]), 1800, "router lifetime");
+    let opts = &ra[16..];
+    assert_eq!(
+        &opts[..8],
+        &[1, 1, gw_web[0], gw_web[1], gw_web[2], gw_web[3], gw_web[4], gw_web[5]]
+    );
+    assert_eq!(&opts[8..16], &[5, 1, 0, 0, 0, 0, 0x05, 0xdc], "MTU 1500");
+    assert_eq!(
+        &opts[16..20],
+        &[3, 4, 64, 0xc0],
+        "a /64, on-link, autonomous"
+    );
+    assert_eq!(
+        &opts[32..48],
+        &"fd00:1::".parse::<Ipv6Addr>().unwrap().octets()
+    );
+
+    // The router's address is resolved and answers pings.
+    let gw6: Ipv6Addr = "fd00:1::1".parse().unwrap();
+    let (group, group_mac) = solicited(gw6);
+    a.send(&icmp6(
+        a.mac,
+        group_mac,
+        (a6, group),
+        135,
+        &nd(135, gw6, a.mac),
+    ));
+    let f = a.recv();
+    let e = Ethernet::parse(&f).unwrap();
+    let ip = Ipv6::parse(e.payload).unwrap();
+    assert_eq!(
+        (ip.src, ip.dst, ip.payload[0], ip.payload[4]),
+        (gw6, a6, 136, 0xe0)
+    );
+    assert_eq!(&ip.payload[8..24], &gw6.octets());
+    assert_eq!(&ip.payload[26..32], &gw_web);
+    a.send(&icmp6(
+        a.mac,
+        gw_web,
+        (a6, gw6),
+        ICMPV6_ECHO_REQUEST,
+        &[0, 5, 0, 1, b'h', b'i'],
+    ));
+    let f = a.recv();
+    let ip = Ipv6::parse(&f[14..]).unwrap();
+    assert_eq!((ip.src, ip.dst, ip.payload[0]), (gw6, a6, 129));
+    assert!(checksum_ok6(&ip));
+    assert_eq!(&ip.payload[4..], &[0, 5, 0, 1, b'h', b'i']);
+
+    // Routed to the other subnet, as the server's rules allow, and back.
+    a.send(&tcp6(a.mac, gw_web, (a6, b6), (40000, 80), TCP_SYN));
+    let f = b.recv();
+    let e = Ethernet::parse(&f).unwrap();
+    let ip = Ipv6::parse(e.payload).unwrap();
+    assert_eq!((e.src, e.dst), (gw_db, b.mac));
+    assert_eq!((ip.src, ip.hop_limit, ip.payload[13]), (a6, 63, TCP_SYN));
+    b.send(&tcp6(
+        b.mac,
+        gw_db,
+        (b6, a6),
+        (80, 40000),
+        TCP_SYN | TCP_ACK,
+    ));
+    assert_eq!(recv6(&mut a), (PROTO_TCP, TCP_SYN | TCP_ACK, b6));
+    // Not allowed in: port 22.
+    let f = tcp6(a.mac, gw_web, (a6, b6), (40001, 22), TCP_SYN);
+    let filtered = b.counter("rx_filtered");
+    a.send(&f);
+    a.send(&tcp6(a.mac, gw_web, (a6, b6), (40000, 80), TCP_ACK));
+    assert_eq!(
+        recv6(&mut b),
+        (PROTO_TCP, TCP_ACK, a6),
+        "only the allowed one arrived"
+    );
+    assert_eq!(b.counter("rx_filtered"), filtered + 1);
+
+    // An address in the /64 that is not the VM's own does not leave; a
+    // prefix no subnet of the VPC has is not routed.
+    let tx = a.counter("tx_filtered");
+    let dropped = a.counter("tx_dropped");
+    a.send(&tcp6(
+        a.mac,
+        gw_web,
+        ("fd00:1::99".parse().unwrap(), b6),
+        (1, 80),
+        TCP_SYN,
+    ));
+    a.send(&tcp6(
+        a.mac,
+        gw_web,
+        (a6, "fd00:3::5".parse().unwrap()),
+        (1, 80),
+        TCP_SYN,
+    ));
+    a.send(&icmp6(
+        a.mac,
+        gw_web,
+        (a6, gw6),
+        ICMPV6_ECHO_REQUEST,
+        &[0, 6, 0, 1],
+    ));
+    assert_eq!(
+        recv6(&mut a),
+        (PROTO_ICMPV6, 129, gw6),
+        "the ping after them is the next answer"
+    );
+    assert_eq!(a.counter("tx_filtered"), tx + 1);
+    assert_eq!(a.counter("tx_dropped"), dropped + 1);
+}
+
+/// Whether the ICMPv6 checksum of `ip` holds.
+fn checksum_ok6(ip: &Ipv6<'_>) -> bool {
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&ip.src.octets());
+    pseudo.extend_from_slice(&ip.dst.octets());
+    pseudo.extend_from_slice(&u32::try_from(ip.payload.len()).unwrap().to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, PROTO_ICMPV6]);
+    pseudo.extend_from_slice(ip.payload);
+    checksum(&pseudo) == 0
 }

@@ -192,10 +192,26 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("want type q"), "{err}");
+    for (v6, why) in [
+        ("fd00:9::/48", "/64"),
+        ("fd00:9::", "/64"),
+        ("nine", "like fd00:1::/64"),
+    ] {
+        let err = net
+            .create_subnet(
+                &web,
+                "10.9.0.0/24",
+                HashMap::from([("ipv6", Value::from(v6))]),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(why), "{v6}: {err}");
+    }
     let opts = HashMap::from([
         ("domain", Value::from("prod.atoll")),
         ("dns", Value::from(vec!["1.1.1.1"])),
         ("mtu", Value::from(1400u16)),
+        ("ipv6", Value::from("fd00:9::/64")),
     ]);
     let subnet = net.create_subnet(&web, "10.9.0.0/24", opts).await.unwrap();
     let err = net
@@ -212,6 +228,7 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
         .unwrap();
     assert_eq!(s.cidr().await.unwrap(), "10.9.0.0/24");
     assert_eq!(s.gateway().await.unwrap(), "10.9.0.1");
+    assert_eq!(s.ipv6().await.unwrap(), "fd00:9::/64");
 
     // Port forwards of the VPC's gateway address.
     let router = vpc_proxy(&conn, &vpc).await;
