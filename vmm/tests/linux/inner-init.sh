@@ -115,10 +115,20 @@ nic() {
     atoll-port-*) ;;
     *) echo "ATOLL-INNER: metadata: ${md:-nothing} routes: $(ip route | tr '\n' ';')" ;;
   esac
+  # IPv6: the router's advertisement gives the NIC an address in the
+  # subnet's fd00:a7::/64 (SLAAC, after duplicate address detection), and
+  # the router answers pings there.
+  ping6=missing
+  for _ in $(seq 50); do
+    grep -q '^fd0000a7' /proc/net/if_inet6 && break
+    sleep 0.1
+  done
+  ping6 -c 2 -W 2 fd00:a7::1 > /dev/null 2>&1 && ping6=ok
+  [ "$ping6" = ok ] || echo "ATOLL-INNER: ipv6: $(tr '\n' ';' < /proc/net/if_inet6)"
   # The virtio feature bits the driver took (bit 0 CSUM, 11 HOST_TSO4, 15
   # MRG_RXBUF, counting from the left).
   feat=$(cat /sys/class/net/eth0/device/features 2>/dev/null)
-  echo "ATOLL-INNER: NIC eth0 mac=$mac echo=$echo tx=$tx rx=$rx ping=$ping md=${md:-none} features=$feat"
+  echo "ATOLL-INNER: NIC eth0 mac=$mac echo=$echo tx=$tx rx=$rx ping=$ping md=${md:-none} ping6=$ping6 features=$feat"
 }
 nic
 

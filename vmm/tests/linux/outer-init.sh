@@ -104,7 +104,8 @@ until busctl --address=unix:path=/tmp/bus --timeout=2 call org.freedesktop.DBus 
   sleep 0.1
 done
 NET=$(net_call /org/atoll/Net1 org.atoll.Net1 CreateNetwork 'ssa{sv}' l1 flat 0 | awk -F'"' '{print $2}')
-net_call /org/atoll/Net1 org.atoll.Net1 CreateSubnet 'osa{sv}' "$NET" 192.0.2.0/24 1 gateway s 192.0.2.2 > /dev/null ||
+net_call /org/atoll/Net1 org.atoll.Net1 CreateSubnet 'osa{sv}' "$NET" 192.0.2.0/24 2 gateway s 192.0.2.2 \
+  ipv6 s fd00:a7::/64 > /dev/null ||
   say "INFRA no subnet: $(tail -n 5 /tmp/netd.log)"
 say "netd ready network=$NET uptime=$(up)"
 
@@ -196,12 +197,16 @@ nic_twice() { [ "$(grep -c 'ATOLL-INNER: NIC eth0 mac=52:54:00:a7:00:0'"$1"' ech
 # The guest pinged the gateway and fetched its instance id over TCP from the
 # metadata service (checksums left to the device, finished by netd).
 nic_services() { grep -q "ATOLL-INNER: NIC eth0 .* ping=ok md=atoll-port-" "/tmp/boot$1.txt"; }
+# IPv6: the guest formed its address from the router's advertisement and
+# pinged the router there.
+nic_ipv6() { grep -q "ATOLL-INNER: NIC eth0 .* ping6=ok" "/tmp/boot$1.txt"; }
 exit_poweroff() { grep '{"exit"' "/tmp/boot$1.txt" | grep -q '"reason":"poweroff"'; }
 
 boot 1 write
 check boot1-userspace has 1 'ATOLL-INNER: userspace mode=write'
 check boot1-nic has 1 'ATOLL-INNER: NIC eth0 mac=52:54:00:a7:00:01 echo=ok'
 check boot1-nic-services nic_services 1
+check boot1-nic-ipv6 nic_ipv6 1
 check boot1-file-written has 1 'ATOLL-INNER: WRITE-OK'
 check boot1-exit-reset exit_reset 1
 
