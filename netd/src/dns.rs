@@ -1,13 +1,15 @@
 //! The DNS answers the gateway gives for the VMs of a network: A records for
-//! port names (`web1` and `web1.<domain>`). A name outside the network's
+//! port names (`web1` and `web1.<domain>`), AAAA records where the VM has an
+//! address in its subnet's IPv6 /64. A name outside the network's
 //! domain gets REFUSED, so that a resolver moves on to the next server the
 //! DHCP options list; an unknown name inside it gets NXDOMAIN.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// DNS over UDP.
 pub const PORT: u16 = 53;
 const TYPE_A: u16 = 1;
+const TYPE_AAAA: u16 = 28;
 const TYPE_ANY: u16 = 255;
 const CLASS_IN: u16 = 1;
 const RCODE_FORMERR: u8 = 1;
@@ -74,7 +76,7 @@ fn question(msg: &[u8]) -> Option<Question> {
 pub fn answer(
     msg: &[u8],
     domain: &str,
-    lookup: impl Fn(&str) -> Option<Ipv4Addr>,
+    lookup: impl Fn(&str) -> Option<(Ipv4Addr, Option<Ipv6Addr>)>,
 ) -> Option<Vec<u8>> {
     if msg.len() < 12 || msg[2] & 0x80 != 0 {
         return None;
@@ -118,20 +120,30 @@ pub fn answer(
     let Some(host) = host else {
         return Some(header(RCODE_REFUSED, 0, Some(&q)));
     };
-    let Some(ip) = (!host.is_empty()).then(|| lookup(host)).flatten() else {
+    let Some((v4, v6)) = (!host.is_empty()).then(|| lookup(host)).flatten() else {
         return Some(header(RCODE_NXDOMAIN, 0, Some(&q)));
     };
-    if q.qclass != CLASS_IN || !(q.qtype == TYPE_A || q.qtype == TYPE_ANY) {
-        // The name exists, without records of that type.
-        return Some(header(0, 0, Some(&q)));
+    // The records of the type asked for (none: the name exists without
+    // them).
+    let mut records: Vec<(u16, Vec<u8>)> = Vec::with_capacity(2);
+    if q.qclass == CLASS_IN {
+        if matches!(q.qtype, TYPE_A | TYPE_ANY) {
+            records.push((TYPE_A, v4.octets().to_vec()));
+        }
+        if let (TYPE_AAAA | TYPE_ANY, Some(v6)) = (q.qtype, v6) {
+            records.push((TYPE_AAAA, v6.octets().to_vec()));
+        }
     }
-    let mut out = header(0, 1, Some(&q));
-    out.extend_from_slice(&[0xc0, 12]); // the name in the question
-    out.extend_from_slice(&TYPE_A.to_be_bytes());
-    out.extend_from_slice(&CLASS_IN.to_be_bytes());
-    out.extend_from_slice(&TTL.to_be_bytes());
-    out.extend_from_slice(&4u16.to_be_bytes());
-    out.extend_from_slice(&ip.octets());
+    let count = u16::try_from(records.len()).unwrap_or(0);
+    let mut out = header(0, count, Some(&q));
+    for (kind, data) in records {
+        out.extend_from_slice(&[0xc0, 12]); // the name in the question
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&CLASS_IN.to_be_bytes());
+        out.extend_from_slice(&TTL.to_be_bytes());
+        out.extend_from_slice(&u16::try_from(data.len()).unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(&data);
+    }
     Some(out)
 }
 
@@ -151,8 +163,13 @@ mod tests {
         m
     }
 
-    fn lookup(h: &str) -> Option<Ipv4Addr> {
-        (h == "web1").then_some(Ipv4Addr::new(10, 0, 0, 5))
+    fn lookup(h: &str) -> Option<(Ipv4Addr, Option<Ipv6Addr>)> {
+        let v6 = "fd00::5".parse().ok();
+        match h {
+            "web1" => Some((Ipv4Addr::new(10, 0, 0, 5), None)),
+            "dual1" => Some((Ipv4Addr::new(10, 0, 0, 6), v6)),
+            _ => None,
+        }
     }
 
     #[test]
@@ -168,8 +185,17 @@ mod tests {
         assert_eq!(r[3] & 0x0f, RCODE_NXDOMAIN);
         let r = answer(&query("example.com", TYPE_A), "lan.atoll", lookup).unwrap();
         assert_eq!(r[3] & 0x0f, RCODE_REFUSED);
-        let r = answer(&query("web1", 28), "lan.atoll", lookup).unwrap();
-        assert_eq!((r[3] & 0x0f, be16(&r, 6)), (0, Some(0)));
+        let r = answer(&query("web1", TYPE_AAAA), "lan.atoll", lookup).unwrap();
+        assert_eq!((r[3] & 0x0f, be16(&r, 6)), (0, Some(0)), "no IPv6: no data");
+        // A VM with an IPv6 address: AAAA alone, or both for ANY.
+        let r = answer(&query("dual1", TYPE_AAAA), "lan.atoll", lookup).unwrap();
+        assert_eq!(be16(&r, 6), Some(1));
+        let v6: Ipv6Addr = "fd00::5".parse().unwrap();
+        assert_eq!(&r[r.len() - 16..], &v6.octets());
+        assert_eq!(be16(&r, r.len() - 18), Some(16), "RDLENGTH");
+        let r = answer(&query("dual1", TYPE_ANY), "lan.atoll", lookup).unwrap();
+        assert_eq!(be16(&r, 6), Some(2));
+        assert_eq!(&r[r.len() - 16..], &v6.octets());
     }
 
     #[test]

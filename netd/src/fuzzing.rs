@@ -68,7 +68,9 @@ pub fn frame(data: &[u8]) {
                     let _ = ct.track(&p, now);
                     if p.flow.proto == PROTO_UDP {
                         if let Some(q) = ip.payload.get(8..) {
-                            let _ = dns::answer(q, "lan.atoll", |_| Some(Ipv4Addr::LOCALHOST));
+                            let _ = dns::answer(q, "lan.atoll", |_| {
+                                Some((Ipv4Addr::LOCALHOST, Some(std::net::Ipv6Addr::LOCALHOST)))
+                            });
                         }
                     }
                 }

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::flow::link_local;
+use crate::flow::{link_local, slaac};
 use crate::frame::Mac;
 use crate::l2::{PortId, SegmentId};
 use crate::secgroup::{contains, contains6};
@@ -207,20 +207,26 @@ impl L3 {
         Some((*seg, subnet, self.hosts.get(&(*seg, dst))?))
     }
 
-    /// The address of the VM named `name` that a port on `segment` can
-    /// reach (its own network first).
-    pub fn resolve(&self, segment: SegmentId, name: &str) -> Option<Ipv4Addr> {
+    /// The addresses of the VM named `name` that a port on `segment` can
+    /// reach (its own network first): IPv4, and IPv6 where its subnet has
+    /// a /64.
+    pub fn resolve(&self, segment: SegmentId, name: &str) -> Option<(Ipv4Addr, Option<Ipv6Addr>)> {
         let mut found = None;
         for ((seg, ip), h) in &self.hosts {
             if !h.name.eq_ignore_ascii_case(name) {
                 continue;
             }
+            let v6 = self
+                .subnets
+                .get(seg)
+                .and_then(|s| s.prefix6)
+                .map(|p| slaac(p, h.mac));
             if *seg == segment {
-                return Some(*ip);
+                return Some((*ip, v6));
             }
             // Names are the VPC's own: a peer's are not resolved.
             if self.reachable(segment, false).any(|(s, _)| s == *seg) {
-                found = Some(*ip);
+                found = Some((*ip, v6));
             }
         }
         found
@@ -282,7 +288,10 @@ mod tests {
         assert!(l3.route(a, Ipv4Addr::new(10, 0, 2, 6)).is_none());
         assert!(l3.is_gateway(a, Ipv4Addr::new(10, 0, 2, 1)));
         assert!(!l3.is_gateway(c, Ipv4Addr::new(10, 0, 1, 1)));
-        assert_eq!(l3.resolve(a, "DB"), Some(Ipv4Addr::new(10, 0, 2, 5)));
+        assert_eq!(
+            l3.resolve(a, "DB"),
+            Some((Ipv4Addr::new(10, 0, 2, 5), None))
+        );
         assert_eq!(l3.resolve(a, "other"), None);
         l3.remove_segment(b);
         assert!(l3.route(a, Ipv4Addr::new(10, 0, 2, 5)).is_none());

@@ -407,14 +407,14 @@ fn peered_vpcs_route_to_each_other_and_no_further() {
     assert!(f.vpc_peers(lab).is_empty());
 }
 
-fn dns_query(id: u16, name: &str) -> Vec<u8> {
+fn dns_query(id: u16, name: &str, qtype: u8) -> Vec<u8> {
     let mut m = id.to_be_bytes().to_vec();
     m.extend_from_slice(&[0x01, 0, 0, 1, 0, 0, 0, 0, 0, 0]);
     for l in name.split('.') {
         m.push(u8::try_from(l.len()).unwrap());
         m.extend_from_slice(l.as_bytes());
     }
-    m.extend_from_slice(&[0, 0, 1, 0, 1]);
+    m.extend_from_slice(&[0, 0, qtype, 0, 1]);
     m
 }
 
@@ -425,7 +425,7 @@ fn the_gateway_resolves_vm_names_of_the_vpc() {
     let c = w.vm(w.db, "db1", None);
     let _d = w.vm(w.other, "lab1", None);
     let gw = Ipv4Addr::new(10, 1, 0, 1);
-    let mut ask = |name: &str| {
+    let mut ask_type = |name: &str, qtype: u8| {
         let q = udp_frame(
             a.mac,
             w.gateway_mac(w.web),
@@ -433,7 +433,7 @@ fn the_gateway_resolves_vm_names_of_the_vpc() {
             gw,
             40000,
             53,
-            &dns_query(9, name),
+            &dns_query(9, name, qtype),
         );
         a.send(&q);
         let f = a.recv();
@@ -442,6 +442,11 @@ fn the_gateway_resolves_vm_names_of_the_vpc() {
         assert_eq!((i.src, &i.payload[0..2]), (gw, &53u16.to_be_bytes()[..]));
         i.payload[8..].to_vec()
     };
+    // AAAA: the address db1 forms in its subnet's /64.
+    let r = ask_type("db1", 28);
+    let db6 = slaac("fd00:2::".parse().unwrap(), c.mac);
+    assert_eq!((r[7], &r[r.len() - 16..]), (1, &db6.octets()[..]));
+    let mut ask = |name: &str| ask_type(name, 1);
     let r = ask("db1.prod.atoll");
     assert_eq!((r[3] & 0x0f, &r[r.len() - 4..]), (0, &c.ip.octets()[..]));
     let r = ask("db1");
