@@ -1,14 +1,17 @@
 //! The virtio-net header and the offloads it carries: a checksum the sender
-//! left to the device (NEEDS_CSUM) and TCP segmentation (GSO TCPv4).
+//! left to the device (NEEDS_CSUM) and TCP segmentation (GSO TCPv4 and
+//! TCPv6).
 //!
 //! A frame keeps its header through the switch as long as it goes to ports
 //! whose drivers accept the offload; for anything else (a driver without the
 //! feature, the uplink, the tunnel, the switch's own services) it is
 //! finished here: the checksum is computed and a large TCP segment is cut
-//! into MSS-sized frames, each with its own IP id, sequence number and
-//! checksums.
+//! into MSS-sized frames, each with its own sequence number, lengths,
+//! checksums and (IPv4) id.
 
-use crate::frame::{checksum, fold, ones_sum, Ethernet, FrameError, ETHERTYPE_IPV4};
+use crate::frame::{
+    checksum, fold, ones_sum, Ethernet, FrameError, ETHERTYPE_IPV4, ETHERTYPE_IPV6,
+};
 
 /// Size of the header with VIRTIO_F_VERSION_1 (or MRG_RXBUF).
 pub const NET_HDR: usize = 12;
@@ -19,8 +22,12 @@ pub const F_CSUM: u64 = 1 << 0;
 pub const F_GUEST_CSUM: u64 = 1 << 1;
 /// VIRTIO_NET_F_GUEST_TSO4: the driver accepts TCPv4 segmentation offload.
 pub const F_GUEST_TSO4: u64 = 1 << 7;
+/// VIRTIO_NET_F_GUEST_TSO6: the driver accepts TCPv6 segmentation offload.
+pub const F_GUEST_TSO6: u64 = 1 << 8;
 /// VIRTIO_NET_F_HOST_TSO4: the device accepts TCPv4 segmentation offload.
 pub const F_HOST_TSO4: u64 = 1 << 11;
+/// VIRTIO_NET_F_HOST_TSO6: the device accepts TCPv6 segmentation offload.
+pub const F_HOST_TSO6: u64 = 1 << 12;
 /// VIRTIO_NET_F_MRG_RXBUF: a received frame may span several buffers.
 pub const F_MRG_RXBUF: u64 = 1 << 15;
 
@@ -30,6 +37,8 @@ pub const FLAG_NEEDS_CSUM: u8 = 1;
 pub const GSO_NONE: u8 = 0;
 /// VIRTIO_NET_HDR_GSO_TCPV4.
 pub const GSO_TCPV4: u8 = 1;
+/// VIRTIO_NET_HDR_GSO_TCPV6.
+pub const GSO_TCPV6: u8 = 4;
 /// VIRTIO_NET_HDR_GSO_ECN, or-ed into the GSO type.
 pub const GSO_ECN: u8 = 0x80;
 /// The smallest segment size accepted: below it, one frame would turn into
@@ -121,16 +130,18 @@ impl NetHdr {
         if self.needs_csum() {
             f |= F_GUEST_CSUM;
         }
-        if self.is_gso() {
-            f |= F_GUEST_TSO4 | F_GUEST_CSUM;
+        match self.gso_type & !GSO_ECN {
+            GSO_TCPV4 => f |= F_GUEST_TSO4 | F_GUEST_CSUM,
+            GSO_TCPV6 => f |= F_GUEST_TSO6 | F_GUEST_CSUM,
+            _ => {}
         }
         f
     }
 
     /// Checks a header a guest sent with a frame of `len` bytes, against
     /// the `features` its driver acked: offloads it did not negotiate, GSO
-    /// types other than TCPv4, GSO without NEEDS_CSUM and a checksum
-    /// position outside the frame are refused.
+    /// types other than TCPv4 and TCPv6, GSO without NEEDS_CSUM and a
+    /// checksum position outside the frame are refused.
     pub fn validate(&self, features: u64, len: usize) -> Result<(), FrameError> {
         if self.needs_csum() {
             if features & F_CSUM == 0 {
@@ -144,11 +155,15 @@ impl NetHdr {
             }
         }
         if self.is_gso() {
-            if self.gso_type & !GSO_ECN != GSO_TCPV4 {
-                return Err(FrameError::Malformed("virtio-net: GSO type not offered"));
-            }
-            if features & F_HOST_TSO4 == 0 {
-                return Err(FrameError::Malformed("virtio-net: TSO4 not negotiated"));
+            match self.gso_type & !GSO_ECN {
+                GSO_TCPV4 if features & F_HOST_TSO4 == 0 => {
+                    return Err(FrameError::Malformed("virtio-net: TSO4 not negotiated"));
+                }
+                GSO_TCPV6 if features & F_HOST_TSO6 == 0 => {
+                    return Err(FrameError::Malformed("virtio-net: TSO6 not negotiated"));
+                }
+                GSO_TCPV4 | GSO_TCPV6 => {}
+                _ => return Err(FrameError::Malformed("virtio-net: GSO type not offered")),
             }
             if !self.needs_csum() {
                 return Err(FrameError::Malformed("virtio-net: GSO without NEEDS_CSUM"));
@@ -179,30 +194,43 @@ pub fn complete_checksum(frame: &mut [u8], hdr: &NetHdr) -> Result<(), FrameErro
     Ok(())
 }
 
-/// Where the headers of a TCPv4 frame sit.
+/// Where the headers of a TCP frame sit.
 struct TcpLayout {
-    /// Start of the IPv4 header.
+    /// Start of the IP header.
     ip: usize,
     /// Start of the TCP header.
     tcp: usize,
     /// Start of the payload.
     payload: usize,
+    /// IPv6 (else IPv4).
+    v6: bool,
 }
 
 fn tcp_layout(frame: &[u8]) -> Result<TcpLayout, FrameError> {
     let eth = Ethernet::parse(frame)?;
-    if eth.ethertype != ETHERTYPE_IPV4 {
-        return Err(FrameError::Malformed("GSO: not IPv4"));
-    }
     let ip = frame.len() - eth.payload.len();
     let b = eth.payload;
-    if b.len() < 20 || b[0] >> 4 != 4 {
-        return Err(FrameError::Malformed("GSO: bad IPv4 header"));
-    }
-    let ihl = usize::from(b[0] & 0x0f) * 4;
-    if ihl < 20 || b.len() < ihl + 20 || b[9] != PROTO_TCP {
-        return Err(FrameError::Malformed("GSO: not a TCP segment"));
-    }
+    let (ihl, v6) = match eth.ethertype {
+        ETHERTYPE_IPV4 => {
+            if b.len() < 20 || b[0] >> 4 != 4 {
+                return Err(FrameError::Malformed("GSO: bad IPv4 header"));
+            }
+            let ihl = usize::from(b[0] & 0x0f) * 4;
+            if ihl < 20 || b.len() < ihl + 20 || b[9] != PROTO_TCP {
+                return Err(FrameError::Malformed("GSO: not a TCP segment"));
+            }
+            (ihl, false)
+        }
+        // TCP right after the fixed header: drivers put no extension
+        // headers in the segments they leave to the device.
+        ETHERTYPE_IPV6 => {
+            if b.len() < 60 || b[0] >> 4 != 6 || b[6] != PROTO_TCP {
+                return Err(FrameError::Malformed("GSO: not a TCP segment in IPv6"));
+            }
+            (40, true)
+        }
+        _ => return Err(FrameError::Malformed("GSO: neither IPv4 nor IPv6")),
+    };
     let tcp = ip + ihl;
     let doff = usize::from(frame[tcp + 12] >> 4) * 4;
     if doff < 20 || frame.len() < tcp + doff {
@@ -212,12 +240,19 @@ fn tcp_layout(frame: &[u8]) -> Result<TcpLayout, FrameError> {
         ip,
         tcp,
         payload: tcp + doff,
+        v6,
     })
 }
 
-/// The pseudo-header sum of a TCP or UDP segment of `l4_len` bytes.
+/// The pseudo-header sum of a TCP or UDP segment of `l4_len` bytes after
+/// the IPv4 or IPv6 header `ip_header`.
 fn pseudo_sum(ip_header: &[u8], proto: u8, l4_len: usize) -> u32 {
-    let mut sum = ones_sum(0, &ip_header[12..20]);
+    let addrs = if ip_header[0] >> 4 == 6 {
+        &ip_header[8..40]
+    } else {
+        &ip_header[12..20]
+    };
+    let mut sum = ones_sum(0, addrs);
     sum += u32::from(proto);
     sum += u32::try_from(l4_len).unwrap_or(0);
     u32::from(fold(sum))
@@ -263,14 +298,20 @@ pub fn finish(frame: &[u8], hdr: &NetHdr, mut out: impl FnMut(&[u8])) -> Result<
         let tcp_len = seg.len() - l.tcp;
         let n = u16::try_from(i).unwrap_or(u16::MAX);
         let off = u32::try_from(i * mss).unwrap_or(0);
-        // IPv4: length, id, checksum.
-        let ip_total =
-            u16::try_from(ip_len).map_err(|_| FrameError::Malformed("GSO: segment too long"))?;
-        seg[l.ip + 2..l.ip + 4].copy_from_slice(&ip_total.to_be_bytes());
-        seg[l.ip + 4..l.ip + 6].copy_from_slice(&ip_id.wrapping_add(n).to_be_bytes());
-        seg[l.ip + 10..l.ip + 12].fill(0);
-        let ip_sum = checksum(&seg[l.ip..l.tcp]);
-        seg[l.ip + 10..l.ip + 12].copy_from_slice(&ip_sum.to_be_bytes());
+        let too_long = |_| FrameError::Malformed("GSO: segment too long");
+        if l.v6 {
+            // IPv6: the payload length.
+            let len = u16::try_from(ip_len - 40).map_err(too_long)?;
+            seg[l.ip + 4..l.ip + 6].copy_from_slice(&len.to_be_bytes());
+        } else {
+            // IPv4: length, id, checksum.
+            let ip_total = u16::try_from(ip_len).map_err(too_long)?;
+            seg[l.ip + 2..l.ip + 4].copy_from_slice(&ip_total.to_be_bytes());
+            seg[l.ip + 4..l.ip + 6].copy_from_slice(&ip_id.wrapping_add(n).to_be_bytes());
+            seg[l.ip + 10..l.ip + 12].fill(0);
+            let ip_sum = checksum(&seg[l.ip..l.tcp]);
+            seg[l.ip + 10..l.ip + 12].copy_from_slice(&ip_sum.to_be_bytes());
+        }
         // TCP: sequence, flags (FIN and PSH on the last only, CWR on the
         // first only), checksum.
         seg[l.tcp + 4..l.tcp + 8].copy_from_slice(&seq.wrapping_add(off).to_be_bytes());
@@ -293,22 +334,27 @@ pub fn finish(frame: &[u8], hdr: &NetHdr, mut out: impl FnMut(&[u8])) -> Result<
     Ok(())
 }
 
-/// Whether the TCP or UDP checksum of an IPv4 frame holds (tests and
-/// diagnostics).
+/// Whether the TCP or UDP checksum of an IPv4 or IPv6 frame (no
+/// extension headers) holds (tests and diagnostics).
 pub fn transport_checksum_ok(frame: &[u8]) -> bool {
     let Ok(eth) = Ethernet::parse(frame) else {
         return false;
     };
     let b = eth.payload;
-    if eth.ethertype != ETHERTYPE_IPV4 || b.len() < 20 {
-        return false;
-    }
-    let ihl = usize::from(b[0] & 0x0f) * 4;
-    let total = usize::from(u16::from_be_bytes([b[2], b[3]]));
+    let (ihl, total, proto) = match eth.ethertype {
+        ETHERTYPE_IPV4 if b.len() >= 20 => (
+            usize::from(b[0] & 0x0f) * 4,
+            usize::from(u16::from_be_bytes([b[2], b[3]])),
+            b[9],
+        ),
+        ETHERTYPE_IPV6 if b.len() >= 40 => {
+            (40, 40 + usize::from(u16::from_be_bytes([b[4], b[5]])), b[6])
+        }
+        _ => return false,
+    };
     let (Some(ip), Some(l4)) = (b.get(..ihl), b.get(ihl..total)) else {
         return false;
     };
-    let proto = ip[9];
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return false;
     }
@@ -422,6 +468,16 @@ mod tests {
         assert!(gso.validate(F_CSUM | F_HOST_TSO4, 100).is_ok());
         let udp = NetHdr { gso_type: 3, ..gso };
         assert!(udp.validate(F_CSUM | F_HOST_TSO4, 100).is_err());
+        let v6 = NetHdr {
+            gso_type: GSO_TCPV6,
+            ..gso
+        };
+        assert!(
+            v6.validate(F_CSUM | F_HOST_TSO4, 100).is_err(),
+            "TSO6 not negotiated"
+        );
+        assert!(v6.validate(F_CSUM | F_HOST_TSO6, 100).is_ok());
+        assert_eq!(v6.needs_features(), F_GUEST_TSO6 | F_GUEST_CSUM);
         let tiny = NetHdr { gso_size: 1, ..gso };
         assert!(tiny.validate(F_CSUM | F_HOST_TSO4, 100).is_err());
         let no_csum = NetHdr { flags: 0, ..gso };

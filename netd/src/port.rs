@@ -29,7 +29,10 @@ use crate::flow::Flow6;
 use crate::frame::Mac;
 use crate::l2::{PortId, SegmentId};
 use crate::metadata::Metadata;
-use crate::offload::{self, NetHdr, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_HOST_TSO4, F_MRG_RXBUF};
+use crate::offload::{
+    self, NetHdr, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6,
+    F_MRG_RXBUF,
+};
 use crate::qos::{Limit, Qos};
 use crate::ring::{writable_len, Desc, Pieces, Ring};
 use crate::secgroup::PortSecurity;
@@ -955,7 +958,9 @@ impl VhostUserBackend for Backend {
             | F_CSUM
             | F_GUEST_CSUM
             | F_GUEST_TSO4
+            | F_GUEST_TSO6
             | F_HOST_TSO4
+            | F_HOST_TSO6
             | F_MRG_RXBUF
             | F_MQ
             | F_MAC

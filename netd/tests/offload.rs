@@ -13,7 +13,7 @@ use netd::frame::{checksum, Mac, BROADCAST, ETHERTYPE_IPV4};
 use netd::l2::SegmentId;
 use netd::offload::{
     transport_checksum_ok, NetHdr, FLAG_NEEDS_CSUM, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4,
-    F_HOST_TSO4, GSO_TCPV4,
+    F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6, GSO_TCPV4, GSO_TCPV6,
 };
 use netd::switch::Switch;
 
@@ -64,6 +64,38 @@ fn tcp(dst: Mac, payload: usize, gso: bool) -> (Vec<u8>, NetHdr) {
         hdr.gso_type = GSO_TCPV4;
         hdr.gso_size = MSS;
         hdr.hdr_len = 54;
+    }
+    (f, hdr)
+}
+
+/// [`tcp`] over IPv6 (fd00::1 to fd00::2).
+fn tcp6(dst: Mac, payload: usize, gso: bool) -> (Vec<u8>, NetHdr) {
+    let (v4, mut hdr) = tcp(dst, payload, gso);
+    let mut f = v4[..12].to_vec();
+    f.extend_from_slice(&0x86ddu16.to_be_bytes());
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&u16::try_from(20 + payload).unwrap().to_be_bytes());
+    ip.extend_from_slice(&[6, 64]);
+    let (src, dst6) = (
+        [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+    );
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst6);
+    f.extend_from_slice(&ip);
+    let mut tcp = v4[34..54].to_vec();
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst6);
+    pseudo.extend_from_slice(&u32::try_from(20 + payload).unwrap().to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 6]);
+    tcp[16..18].copy_from_slice(&(!checksum(&pseudo)).to_be_bytes());
+    f.extend_from_slice(&tcp);
+    f.extend_from_slice(&v4[54..]);
+    hdr.csum_start = 54;
+    if gso {
+        hdr.gso_type = GSO_TCPV6;
+        hdr.hdr_len = 74;
     }
     (f, hdr)
 }
@@ -226,4 +258,68 @@ fn offloads_a_driver_did_not_negotiate_are_refused() {
     let got = drain(&mut t);
     assert_eq!(got.len(), 4);
     assert!(got.iter().all(|(_, f)| transport_checksum_ok(f)));
+}
+
+#[test]
+fn tcp_over_ipv6_is_segmented_for_drivers_without_tso6() {
+    let dir = tempfile::tempdir().unwrap();
+    let sw = Switch::new(dir.path().to_owned()).unwrap();
+    let ports: Vec<_> = [S, T, P]
+        .iter()
+        .map(|m| sw.add_port(SegmentId(1), *m).unwrap())
+        .collect();
+    let mut s = NetFrontend::connect_with(&ports[0].socket, F_CSUM | F_HOST_TSO6).unwrap();
+    let mut t =
+        NetFrontend::connect_with(&ports[1].socket, F_GUEST_CSUM | F_GUEST_TSO6 | F_MRG_RXBUF)
+            .unwrap();
+    // P takes TSO for IPv4 only.
+    let mut p =
+        NetFrontend::connect_with(&ports[2].socket, F_GUEST_CSUM | F_GUEST_TSO4 | F_MRG_RXBUF)
+            .unwrap();
+    assert_eq!(
+        s.features() & F_HOST_TSO6,
+        F_HOST_TSO6,
+        "the port offers it"
+    );
+    for (f, m) in [(&mut t, T), (&mut p, P)] {
+        f.send(&hello(m)).unwrap();
+    }
+    drain(&mut s);
+    drain(&mut t);
+    drain(&mut p);
+
+    // Whole to T.
+    let (big, hdr) = tcp6(T, 20_000, true);
+    s.send_with_header(hdr.to_bytes(), &big).unwrap();
+    let (h, frame) = t.recv_with_header(WAIT).unwrap().unwrap();
+    assert_eq!(frame, big);
+    assert_eq!(NetHdr::parse(&h).gso_type, GSO_TCPV6);
+
+    // Cut for P: every segment's payload length and checksum right, the
+    // sequence numbers follow the data.
+    let (big, hdr) = tcp6(P, 20_000, true);
+    s.send_with_header(hdr.to_bytes(), &big).unwrap();
+    let segs = drain(&mut p);
+    assert_eq!(segs.len(), 20_000usize.div_ceil(usize::from(MSS)));
+    let mut data = Vec::new();
+    for (i, (h, f)) in segs.iter().enumerate() {
+        assert_eq!(NetHdr::parse(h).gso_type, 0, "segment {i} is plain");
+        assert!(transport_checksum_ok(f), "segment {i}");
+        let len = usize::from(u16::from_be_bytes([f[18], f[19]]));
+        assert_eq!(len, f.len() - 54, "payload length of segment {i}");
+        let seq = u32::from_be_bytes([f[58], f[59], f[60], f[61]]);
+        assert_eq!(seq as usize, 7 + data.len(), "sequence of segment {i}");
+        data.extend_from_slice(&f[74..]);
+    }
+    assert_eq!(data, big[74..]);
+
+    // A driver that did not take HOST_TSO6 may not send it.
+    let pu = sw.add_port(SegmentId(1), G).unwrap();
+    let mut u = NetFrontend::connect_with(&pu.socket, F_CSUM | F_HOST_TSO4).unwrap();
+    let (big, hdr) = tcp6(T, 3000, true);
+    u.send_with_header(hdr.to_bytes(), &big).unwrap();
+    u.send(&hello(G)).unwrap();
+    let (_, f) = t.recv_with_header(WAIT).unwrap().unwrap();
+    assert_eq!(f, hello(G), "the TSO6 frame was dropped");
+    assert_eq!(pu.stats.tx_dropped.load(Ordering::Relaxed), 1);
 }
