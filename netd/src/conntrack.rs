@@ -124,6 +124,19 @@ impl<F: Tracked> Conntrack<F> {
         true
     }
 
+    /// Whether `p` passes in `dir`: part of a tracked connection, or the
+    /// first packet of one that `allowed` (the rules, asked only then) lets
+    /// through, which is then tracked.
+    pub fn admit(
+        &mut self,
+        p: &Packet<F>,
+        dir: Direction,
+        now: Instant,
+        allowed: impl FnOnce() -> bool,
+    ) -> bool {
+        self.track(p, now) || (allowed() && self.commit(p, dir, now))
+    }
+
     /// Records `p` as the first packet of a connection the rules let
     /// through in `dir`. False if the table is full (the packet is dropped).
     pub fn commit(&mut self, p: &Packet<F>, dir: Direction, now: Instant) -> bool {

@@ -148,53 +148,71 @@ impl Packet6 {
     /// Reads the upper-layer header of `ip`. Fragments after the first
     /// carry none: their ports read as 0.
     pub fn of6(ip: &Ipv6<'_>) -> Result<Self, FrameError> {
-        let p = ip.payload;
-        let mut flow = Flow6 {
-            proto: ip.protocol,
-            src: ip.src,
-            dst: ip.dst,
-            sport: 0,
-            dport: 0,
-        };
-        let (mut tcp_flags, mut icmp_type) = (0, None);
-        if ip.first_fragment {
-            match ip.protocol {
-                PROTO_TCP => {
-                    if p.len() < 20 {
-                        return Err(short("TCP header", p.len(), 20));
-                    }
-                    flow.sport = be16(p, 0);
-                    flow.dport = be16(p, 2);
-                    tcp_flags = p[13];
-                }
-                PROTO_UDP => {
-                    if p.len() < 8 {
-                        return Err(short("UDP header", p.len(), 8));
-                    }
-                    flow.sport = be16(p, 0);
-                    flow.dport = be16(p, 2);
-                }
-                PROTO_ICMPV6 => {
-                    if p.len() < 4 {
-                        return Err(short("ICMPv6 header", p.len(), 4));
-                    }
-                    icmp_type = Some(p[0]);
-                    if matches!(p[0], ICMPV6_ECHO_REQUEST | ICMPV6_ECHO_REPLY) {
-                        if p.len() < 8 {
-                            return Err(short("ICMPv6 echo", p.len(), 8));
-                        }
-                        flow.sport = be16(p, 4);
-                        flow.dport = flow.sport;
-                    }
-                }
-                _ => {}
-            }
-        }
+        let echo = (PROTO_ICMPV6, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY);
+        let t = Transport::of(ip.protocol, ip.payload, ip.first_fragment, echo)?;
         Ok(Self {
-            flow,
-            tcp_flags,
-            icmp_type,
+            flow: Flow6 {
+                proto: ip.protocol,
+                src: ip.src,
+                dst: ip.dst,
+                sport: t.sport,
+                dport: t.dport,
+            },
+            tcp_flags: t.tcp_flags,
+            icmp_type: t.icmp_type,
         })
+    }
+}
+
+/// What security groups and tracking read of an upper-layer header.
+#[derive(Default)]
+struct Transport {
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+    icmp_type: Option<u8>,
+}
+
+impl Transport {
+    /// Reads the header of protocol `proto` at the start of `p` (nothing
+    /// unless `first`: later fragments carry none). `icmp` names the
+    /// family's ICMP protocol and its echo request and reply types, whose
+    /// identifier stands for both ports.
+    #[inline(always)]
+    fn of(proto: u8, p: &[u8], first: bool, icmp: (u8, u8, u8)) -> Result<Self, FrameError> {
+        let mut t = Self::default();
+        if !first {
+            return Ok(t);
+        }
+        match proto {
+            PROTO_TCP => {
+                if p.len() < 20 {
+                    return Err(short("TCP header", p.len(), 20));
+                }
+                t.sport = be16(p, 0);
+                t.dport = be16(p, 2);
+                t.tcp_flags = p[13];
+            }
+            PROTO_UDP => {
+                if p.len() < 8 {
+                    return Err(short("UDP header", p.len(), 8));
+                }
+                t.sport = be16(p, 0);
+                t.dport = be16(p, 2);
+            }
+            _ if proto == icmp.0 => {
+                if p.len() < 8 {
+                    return Err(short("ICMP header", p.len(), 8));
+                }
+                t.icmp_type = Some(p[0]);
+                if p[0] == icmp.1 || p[0] == icmp.2 {
+                    t.sport = be16(p, 4);
+                    t.dport = t.sport;
+                }
+            }
+            _ => {}
+        }
+        Ok(t)
     }
 }
 
@@ -226,49 +244,19 @@ impl Packet {
     /// no transport header: their ports read as 0.
     #[inline(always)]
     pub fn of(ip: &Ipv4<'_>) -> Result<Self, FrameError> {
-        let p = ip.payload;
-        let mut flow = Flow {
-            proto: ip.protocol,
-            src: ip.src,
-            dst: ip.dst,
-            sport: 0,
-            dport: 0,
-        };
-        let (mut tcp_flags, mut icmp_type) = (0, None);
-        if !ip.fragment || ip.first_fragment {
-            match ip.protocol {
-                PROTO_TCP => {
-                    if p.len() < 20 {
-                        return Err(short("TCP header", p.len(), 20));
-                    }
-                    flow.sport = be16(p, 0);
-                    flow.dport = be16(p, 2);
-                    tcp_flags = p[13];
-                }
-                PROTO_UDP => {
-                    if p.len() < 8 {
-                        return Err(short("UDP header", p.len(), 8));
-                    }
-                    flow.sport = be16(p, 0);
-                    flow.dport = be16(p, 2);
-                }
-                PROTO_ICMP => {
-                    if p.len() < 8 {
-                        return Err(short("ICMP header", p.len(), 8));
-                    }
-                    icmp_type = Some(p[0]);
-                    if matches!(p[0], ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY) {
-                        flow.sport = be16(p, 4);
-                        flow.dport = flow.sport;
-                    }
-                }
-                _ => {}
-            }
-        }
+        let first = !ip.fragment || ip.first_fragment;
+        let echo = (PROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY);
+        let t = Transport::of(ip.protocol, ip.payload, first, echo)?;
         Ok(Self {
-            flow,
-            tcp_flags,
-            icmp_type,
+            flow: Flow {
+                proto: ip.protocol,
+                src: ip.src,
+                dst: ip.dst,
+                sport: t.sport,
+                dport: t.dport,
+            },
+            tcp_flags: t.tcp_flags,
+            icmp_type: t.icmp_type,
         })
     }
 }

@@ -274,15 +274,8 @@ impl Groups {
             Direction::Ingress => flow.src,
             Direction::Egress => flow.dst,
         };
-        groups
-            .iter()
-            .filter_map(|g| self.groups.get(g))
-            .flat_map(|g| g.rules.values())
-            .any(|r| {
-                r.direction == dir
-                    && r.admits(flow.proto, PROTO_ICMP, flow.dport)
-                    && self.from(r, IpAddr::V4(remote))
-            })
+        let what = (flow.proto, PROTO_ICMP, flow.dport);
+        self.allow(groups, dir, what, IpAddr::V4(remote))
     }
 
     /// Whether the rules of `groups` let the IPv6 `flow` through in `dir`.
@@ -291,15 +284,25 @@ impl Groups {
             Direction::Ingress => flow.src,
             Direction::Egress => flow.dst,
         };
+        let what = (flow.proto, PROTO_ICMPV6, flow.dport);
+        self.allow(groups, dir, what, IpAddr::V6(remote))
+    }
+
+    /// Whether a rule of `groups` in `dir` admits a packet of `(protocol,
+    /// the family's ICMP protocol, destination port)` with `remote` at the
+    /// other end.
+    fn allow(
+        &self,
+        groups: &[GroupId],
+        dir: Direction,
+        (proto, icmp, dport): (u8, u8, u16),
+        remote: IpAddr,
+    ) -> bool {
         groups
             .iter()
             .filter_map(|g| self.groups.get(g))
             .flat_map(|g| g.rules.values())
-            .any(|r| {
-                r.direction == dir
-                    && r.admits(flow.proto, PROTO_ICMPV6, flow.dport)
-                    && self.from(r, IpAddr::V6(remote))
-            })
+            .any(|r| r.direction == dir && r.admits(proto, icmp, dport) && self.from(r, remote))
     }
 
     /// Whether `remote` is the other end `r` admits.

@@ -1296,19 +1296,16 @@ impl Inner {
         p: &Packet6,
         now: Instant,
     ) -> bool {
-        let mut ct = port
-            .conntrack6
+        let groups = || {
+            self.groups
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .allows6(&sec.groups, dir, &p.flow)
+        };
+        port.conntrack6
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if ct.track(p, now) {
-            return true;
-        }
-        let allowed = self
-            .groups
-            .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .allows6(&sec.groups, dir, &p.flow);
-        allowed && ct.commit(p, dir, now)
+            .admit(p, dir, now, groups)
     }
 
     /// Whether `port`'s tracker or groups let `p` through in `dir`.
@@ -1320,19 +1317,16 @@ impl Inner {
         p: &Packet,
         now: Instant,
     ) -> bool {
-        let mut ct = port
-            .conntrack
+        let groups = || {
+            self.groups
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .allows(&sec.groups, dir, &p.flow)
+        };
+        port.conntrack
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if ct.track(p, now) {
-            return true;
-        }
-        let allowed = self
-            .groups
-            .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .allows(&sec.groups, dir, &p.flow);
-        allowed && ct.commit(p, dir, now)
+            .admit(p, dir, now, groups)
     }
 
     /// Hands `frame` to `to` if its ingress allows it.
@@ -1412,7 +1406,11 @@ impl Inner {
         now: Instant,
         kicks: &mut Kicks,
     ) {
-        let route = l3.route6(from.segment, ip.dst).filter(|_| ip.hop_limit > 1);
+        // Link-local and unspecified sources stay on their link (RFC 4291).
+        let scoped = ip.src.is_unspecified() || ip.src.is_unicast_link_local();
+        let route = l3
+            .route6(from.segment, ip.dst)
+            .filter(|_| ip.hop_limit > 1 && !scoped);
         let Some((seg, dst_subnet, host)) = route else {
             from.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
             debug!(port = from.id.0, dst = %ip.dst, "no IPv6 route");

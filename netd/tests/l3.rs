@@ -919,6 +919,7 @@ fn the_router_advertises_the_prefix_and_routes_ipv6_in_the_vpc() {
         (1, 80),
         TCP_SYN,
     ));
+    a.send(&tcp6(a.mac, gw_web, (la, b6), (1, 80), TCP_SYN));
     a.send(&tcp6(
         a.mac,
         gw_web,
@@ -939,7 +940,11 @@ fn the_router_advertises_the_prefix_and_routes_ipv6_in_the_vpc() {
         "the ping after them is the next answer"
     );
     assert_eq!(a.counter("tx_filtered"), tx + 1);
-    assert_eq!(a.counter("tx_dropped"), dropped + 1);
+    assert_eq!(
+        a.counter("tx_dropped"),
+        dropped + 2,
+        "no route to fd00:3::/64, none for a link-local source"
+    );
 }
 
 /// Whether the ICMPv6 checksum of `ip` holds.
