@@ -16,6 +16,8 @@ pub struct Options {
     pub node_id: String,
     /// Where port sockets go.
     pub run_dir: std::path::PathBuf,
+    /// Data-path threads (at least one).
+    pub datapath_threads: usize,
 }
 
 /// Why the network daemon stopped with an error.
@@ -77,7 +79,10 @@ async fn connect(
 pub async fn run(opts: Options) -> Result<Exit, Error> {
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
-    let fabric = crate::fabric::Fabric::new(opts.run_dir.clone()).map_err(Error::Switch)?;
+    let fabric =
+        crate::fabric::Fabric::with_datapath_threads(opts.run_dir.clone(), opts.datapath_threads)
+            .map_err(Error::Switch)?;
+    info!(threads = opts.datapath_threads, "data path started");
     let conn = connect(&opts, std::sync::Arc::new(fabric))
         .await
         .map_err(Error::Connect)?;

@@ -1,7 +1,10 @@
-//! The data-path thread: one thread polls the transmit rings of every
-//! connected port in turn, a burst from each, and switches what it finds.
-//! No thread per port competes for the CPU, and frames for a port from
-//! all the rings of a sweep reach it in batches.
+//! The data-path threads: each polls the transmit rings it was given in
+//! turn, a burst from each, and switches what it finds. No thread per port
+//! competes for the CPU, and frames for a port from all the rings of a
+//! sweep reach it in batches. With more than one thread (`netd
+//! --datapath-threads`), a port's queue pairs go to consecutive threads,
+//! so a multi-queue NIC is served by as many CPUs; the first thread also
+//! reads the tunnel endpoint and retries frames that wait for buffers.
 //!
 //! A ring joins on its driver's first kick (the vhost-user worker thread
 //! hands it over) and leaves when its frontend goes. The node's tunnel
@@ -93,6 +96,14 @@ impl Datapath {
         self.wake();
     }
 
+    /// How many transmit rings the thread polls.
+    pub(crate) fn ring_count(&self) -> usize {
+        self.rings
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
     /// Stops serving `port`'s rings (its frontend went, or it was deleted).
     pub(crate) fn forget(&self, port: PortId) {
         let mut rings = self.rings.lock().unwrap_or_else(PoisonError::into_inner);
@@ -179,15 +190,21 @@ struct TxRing {
     in_part: bool,
 }
 
-/// Starts the data-path thread for `switch`; it ends soon after the switch.
-pub(crate) fn start(dp: Arc<Datapath>, switch: Weak<Inner>) -> std::io::Result<()> {
+/// Starts data-path thread `index` for `switch`; it ends soon after the
+/// switch. Thread 0 also serves the tunnel endpoint and waiting frames.
+pub(crate) fn start(dp: Arc<Datapath>, switch: Weak<Inner>, index: usize) -> std::io::Result<()> {
+    let name = if index == 0 {
+        "netd-datapath".to_owned()
+    } else {
+        format!("netd-datapath{index}")
+    };
     std::thread::Builder::new()
-        .name("netd-datapath".into())
-        .spawn(move || run(&dp, &switch))
+        .name(name)
+        .spawn(move || run(&dp, &switch, index == 0))
         .map(|_| ())
 }
 
-fn run(dp: &Datapath, switch: &Weak<Inner>) {
+fn run(dp: &Datapath, switch: &Weak<Inner>, first: bool) {
     let mut sleeper = match Sleep::new(dp) {
         Ok(s) => s,
         Err(e) => {
@@ -261,7 +278,7 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
             }
         }
         // Frames from other nodes.
-        let tunnel = inner.tunnel();
+        let tunnel = if first { inner.tunnel() } else { None };
         sleeper.watch(tunnel.as_ref());
         if let Some(t) = &tunnel {
             for _ in 0..TUNNEL_READS {
@@ -287,14 +304,18 @@ fn run(dp: &Datapath, switch: &Weak<Inner>) {
             }
         }
         // Frames that wait for receive buffers, for any port.
-        let waiting: Vec<Arc<Port>> = inner
-            .ports
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .filter(|p| p.has_pending())
-            .cloned()
-            .collect();
+        let waiting: Vec<Arc<Port>> = if first {
+            inner
+                .ports
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .filter(|p| p.has_pending())
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
         for p in &waiting {
             if p.retry_pending() {
                 work += 1;

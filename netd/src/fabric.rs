@@ -254,7 +254,12 @@ impl Fabric {
     /// security group: every port in it may reach the others, and anything
     /// may go out.
     pub fn new(run_dir: std::path::PathBuf) -> Result<Self> {
-        let switch = Switch::new(run_dir)?;
+        Self::with_datapath_threads(run_dir, 1)
+    }
+
+    /// [`Fabric::new`] with `threads` data-path threads.
+    pub fn with_datapath_threads(run_dir: std::path::PathBuf, threads: usize) -> Result<Self> {
+        let switch = Switch::with_threads(run_dir, threads)?;
         switch.create_group(DEFAULT_GROUP, "default".into());
         for rule in [
             Rule::parse("egress", "any", (0, 0), "", None),

@@ -19,6 +19,10 @@ struct Cli {
     /// Directory for the ports' vhost-user sockets.
     #[arg(long, value_name = "DIR", default_value = "/run/atoll/netd")]
     run_dir: std::path::PathBuf,
+    /// Data-path threads polling the ports' queues (default: a quarter of
+    /// the CPUs this process may use, 1 to 4).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    datapath_threads: Option<u16>,
 }
 
 fn main() -> ExitCode {
@@ -34,6 +38,9 @@ fn main() -> ExitCode {
         bus: cli.bus,
         node_id: cli.node_id.unwrap_or_else(machine_id),
         run_dir: cli.run_dir,
+        datapath_threads: cli
+            .datapath_threads
+            .map_or_else(default_datapath_threads, usize::from),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -69,6 +76,14 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         first.trim_start_matches("error: ")
     );
     ExitCode::from(2)
+}
+
+/// A quarter of the CPUs the process may run on (its affinity), 1 to 4:
+/// polling threads leave the rest to the VMs.
+fn default_datapath_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get() / 4)
+        .clamp(1, 4)
 }
 
 fn machine_id() -> String {

@@ -1030,7 +1030,9 @@ impl VhostUserBackend for Backend {
         if device_event == 1 {
             // The transmit ring is the data-path thread's to poll.
             if let (Some(tx), Some(switch)) = (vrings.get(1), self.switch.upgrade()) {
-                switch.datapath.kicked(&self.port, thread_id, tx);
+                switch
+                    .datapath_for(self.port.id, thread_id)
+                    .kicked(&self.port, thread_id, tx);
             }
         }
         Ok(())
@@ -1110,7 +1112,7 @@ fn serve_loop(port: &Arc<Port>, backend: &Arc<Backend>, listener: &mut Listener)
         }
         drop(daemon);
         if let Some(switch) = backend.switch.upgrade() {
-            switch.datapath.forget(port.id);
+            switch.forget_rings(port.id);
         }
         port.detach();
         if let Err(e) = started {

@@ -105,8 +105,27 @@ pub(crate) struct Inner {
     started: Instant,
     /// Whether any VPC has a gateway (else no frame needs the NAT lock).
     pub(crate) nat_on: std::sync::atomic::AtomicBool,
-    /// The transmit rings the data-path thread polls.
-    pub(crate) datapath: Arc<Datapath>,
+    /// The data-path threads and the transmit rings each polls (the first
+    /// also reads the tunnel endpoint and retries waiting frames).
+    pub(crate) datapaths: Vec<Arc<Datapath>>,
+}
+
+impl Inner {
+    /// The data-path thread that polls `port`'s transmit ring of queue pair
+    /// `pair`: a port's pairs go to consecutive threads, ports round the
+    /// threads by id.
+    pub(crate) fn datapath_for(&self, port: PortId, pair: usize) -> &Arc<Datapath> {
+        let n = self.datapaths.len().max(1);
+        let i = (port.0 as usize).wrapping_add(pair) % n;
+        &self.datapaths[i]
+    }
+
+    /// Stops polling `port`'s rings on every thread.
+    pub(crate) fn forget_rings(&self, port: PortId) {
+        for dp in &self.datapaths {
+            dp.forget(port);
+        }
+    }
 }
 
 /// Reads frames from the uplink until the switch goes or it is replaced.
@@ -1529,10 +1548,19 @@ pub struct Switch {
 }
 
 impl Switch {
-    /// A switch whose port sockets live in `dir`, with its data-path
+    /// A switch whose port sockets live in `dir`, with one data-path
     /// thread running.
     pub fn new(dir: PathBuf) -> Result<Self, SwitchError> {
-        let datapath = Arc::new(Datapath::new().map_err(SwitchError::DataPath)?);
+        Self::with_threads(dir, 1)
+    }
+
+    /// A switch whose port sockets live in `dir`, with `threads` data-path
+    /// threads (at least one) sharing the ports' transmit rings.
+    pub fn with_threads(dir: PathBuf, threads: usize) -> Result<Self, SwitchError> {
+        let datapaths = (0..threads.max(1))
+            .map(|_| Datapath::new().map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(SwitchError::DataPath)?;
         let inner = Arc::new(Inner {
             table: Mutex::new(MacTable::new(MAC_AGEING, MAC_TABLE_SIZE)),
             ports: RwLock::new(BTreeMap::new()),
@@ -1548,10 +1576,12 @@ impl Switch {
             nat_on: std::sync::atomic::AtomicBool::new(false),
             metadata: Mutex::new(HashMap::new()),
             started: Instant::now(),
-            datapath,
+            datapaths,
         });
-        datapath::start(inner.datapath.clone(), Arc::downgrade(&inner))
-            .map_err(SwitchError::DataPath)?;
+        for (i, dp) in inner.datapaths.iter().enumerate() {
+            datapath::start(dp.clone(), Arc::downgrade(&inner), i)
+                .map_err(SwitchError::DataPath)?;
+        }
         let weak = Arc::downgrade(&inner);
         let timers = std::thread::Builder::new()
             .name("metadata".into())
@@ -2069,8 +2099,10 @@ impl Switch {
             .unwrap_or_else(PoisonError::into_inner)
             .replace(tunnel.clone());
         drop(old);
-        // The data path reads it from its next sweep.
-        self.inner.datapath.wake();
+        // The first data-path thread reads it from its next sweep.
+        if let Some(dp) = self.inner.datapaths.first() {
+            dp.wake();
+        }
         Ok(bound)
     }
 
@@ -2109,6 +2141,15 @@ impl Switch {
         Ok(())
     }
 
+    /// How many transmit rings each data-path thread polls now.
+    pub fn datapath_rings(&self) -> Vec<usize> {
+        self.inner
+            .datapaths
+            .iter()
+            .map(|d| d.ring_count())
+            .collect()
+    }
+
     /// Deletes port `id`: no more frames to or from it, its frontend is
     /// disconnected and its socket removed.
     pub fn remove_port(&self, id: PortId) -> Result<(), SwitchError> {
@@ -2119,7 +2160,7 @@ impl Switch {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&id)
             .ok_or(SwitchError::NoPort(id.0))?;
-        self.inner.datapath.forget(id);
+        self.inner.forget_rings(id);
         self.inner
             .table
             .lock()
