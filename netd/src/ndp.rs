@@ -1,8 +1,9 @@
 //! The distributed router's IPv6 side on a subnet with a /64: it answers
 //! router solicitations with an advertisement of the prefix (guests form
 //! their addresses from it, SLAAC), neighbour solicitations for its own
-//! addresses, and pings of them. Every node answers the same way, from the
-//! subnet's gateway MAC and its link-local address.
+//! addresses, and pings of them, and tells senders what it cannot route
+//! (ICMPv6 errors). Every node answers the same way, from the subnet's
+//! gateway MAC and its addresses.
 
 use std::net::Ipv6Addr;
 
@@ -100,4 +101,122 @@ fn advertisement(subnet: &Subnet, routes: bool) -> Vec<u8> {
         b.extend_from_slice(&p.octets());
     }
     b
+}
+
+/// ICMPv6 destination unreachable.
+pub const UNREACHABLE: u8 = 1;
+/// ICMPv6 time exceeded.
+pub const TIME_EXCEEDED: u8 = 3;
+/// Unreachable code: no route to the destination.
+pub const NO_ROUTE: u8 = 0;
+/// Unreachable code: the address is in a subnet but nobody has it.
+pub const ADDRESS_UNREACHABLE: u8 = 3;
+/// Of the packet that caused an error, at most this much goes back (the
+/// error then fits the IPv6 minimum MTU, RFC 4443).
+const ERROR_QUOTE: usize = 1280 - 40 - 8;
+
+/// The ICMPv6 error `(kind, code)` from the router on `subnet` to the guest
+/// at `mac` about its IPv6 `packet` (parsed as `ip`), quoting it; None
+/// where RFC 4443 forbids one: about an error, a multicast destination, or
+/// a source that names no one.
+pub fn error(
+    subnet: &Subnet,
+    mac: Mac,
+    packet: &[u8],
+    ip: &Ipv6<'_>,
+    (kind, code): (u8, u8),
+) -> Option<Vec<u8>> {
+    let [_, me] = subnet.gateway6()?;
+    let about_error = ip.protocol == PROTO_ICMPV6 && ip.payload.first().is_some_and(|t| *t < 128);
+    if about_error || ip.dst.is_multicast() || ip.src.is_multicast() || ip.src.is_unspecified() {
+        return None;
+    }
+    let mut b = vec![kind, code, 0, 0, 0, 0, 0, 0];
+    b.extend_from_slice(&packet[..packet.len().min(ERROR_QUOTE)]);
+    Some(icmpv6_frame((subnet.gateway_mac, mac), (me, ip.src), b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::link_local;
+    use std::net::Ipv4Addr;
+
+    fn subnet() -> Subnet {
+        Subnet {
+            vpc: None,
+            net: Ipv4Addr::new(10, 0, 0, 0),
+            prefix: 24,
+            gateway: Ipv4Addr::new(10, 0, 0, 1),
+            gateway_mac: [2, 0xa7, 0, 0, 0, 1],
+            domain: String::new(),
+            prefix6: "fd00:1::".parse().ok(),
+            mtu: 9000,
+        }
+    }
+
+    /// An IPv6 packet from `src` to `dst` carrying `next` and `body`.
+    fn packet(src: &str, dst: &str, next: u8, body: &[u8]) -> Vec<u8> {
+        let mut p = vec![0x60, 0, 0, 0];
+        p.extend_from_slice(&u16::try_from(body.len()).unwrap().to_be_bytes());
+        p.extend_from_slice(&[next, 64]);
+        p.extend_from_slice(&src.parse::<Ipv6Addr>().unwrap().octets());
+        p.extend_from_slice(&dst.parse::<Ipv6Addr>().unwrap().octets());
+        p.extend_from_slice(body);
+        p
+    }
+
+    #[test]
+    fn errors_are_not_sent_where_rfc_4443_forbids_them() {
+        let s = subnet();
+        let mac = [0x52, 0x54, 0, 0, 0, 5];
+        let tcp = packet("fd00:1::5", "fd00:9::1", 6, &[0; 20]);
+        let ip = Ipv6::parse(&tcp).unwrap();
+        let e = error(&s, mac, &tcp, &ip, (UNREACHABLE, NO_ROUTE)).unwrap();
+        assert_eq!(&e[0..12], &[0x52, 0x54, 0, 0, 0, 5, 2, 0xa7, 0, 0, 0, 1]);
+        let long = packet("fd00:1::5", "fd00:9::1", 17, &[0; 1400]);
+        let ip = Ipv6::parse(&long).unwrap();
+        let e = error(&s, mac, &long, &ip, (UNREACHABLE, NO_ROUTE)).unwrap();
+        assert_eq!(e.len(), 14 + 1280, "fits the minimum MTU");
+        for (p, why) in [
+            (
+                packet("fd00:1::5", "fd00:9::1", 58, &[1, 0, 0, 0, 0, 0, 0, 0]),
+                "about an error",
+            ),
+            (packet("fd00:1::5", "ff0e::1", 17, &[0; 8]), "to a group"),
+            (packet("::", "fd00:9::1", 17, &[0; 8]), "from nobody"),
+        ] {
+            let ip = Ipv6::parse(&p).unwrap();
+            assert!(
+                error(&s, mac, &p, &ip, (UNREACHABLE, NO_ROUTE)).is_none(),
+                "{why}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_advertisement_carries_prefix_mtu_and_router() {
+        let s = subnet();
+        let mac = [0x52, 0x54, 0, 0, 0, 5];
+        let rs = packet(
+            &link_local(mac).to_string(),
+            "ff02::2",
+            58,
+            &[133, 0, 0, 0, 0, 0, 0, 0],
+        );
+        let ip = Ipv6::parse(&rs).unwrap();
+        let p = Packet6::of6(&ip).unwrap();
+        // Outside a VPC the router is no default router.
+        let ra = answer(&s, false, mac, (&p, &ip), |_| false).unwrap();
+        let ra = Ipv6::parse(&ra[14..]).unwrap();
+        assert_eq!(ra.src, link_local(s.gateway_mac));
+        assert_eq!(&ra.payload[6..8], &[0, 0], "router lifetime 0");
+        assert_eq!(&ra.payload[28..32], &9000u32.to_be_bytes(), "the MTU");
+        // A subnet without a /64 has no IPv6 router.
+        let bare = Subnet {
+            prefix6: None,
+            ..subnet()
+        };
+        assert!(answer(&bare, true, mac, (&p, &ip), |_| true).is_none());
+    }
 }

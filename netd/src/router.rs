@@ -119,6 +119,12 @@ impl L3 {
         Some((seg, subnet, self.hosts6.get(&(seg, dst))?))
     }
 
+    /// Whether `ip` is in a /64 a port on `segment` is routed to (whether
+    /// anyone has it or not).
+    pub fn covers6(&self, segment: SegmentId, ip: Ipv6Addr) -> bool {
+        self.reachable(segment, true).any(|(_, s)| s.contains6(ip))
+    }
+
     /// Whether `ip` is an IPv6 address of the router a port on `segment`
     /// may talk to.
     pub fn is_gateway6(&self, segment: SegmentId, ip: Ipv6Addr) -> bool {

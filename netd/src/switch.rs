@@ -105,9 +105,35 @@ pub(crate) struct Inner {
     started: Instant,
     /// Whether any VPC has a gateway (else no frame needs the NAT lock).
     pub(crate) nat_on: std::sync::atomic::AtomicBool,
+    /// ICMPv6 errors the router may still send this second.
+    icmp6_errors: ErrorRate,
     /// The data-path threads and the transmit rings each polls (the first
     /// also reads the tunnel endpoint and retries waiting frames).
     pub(crate) datapaths: Vec<Arc<Datapath>>,
+}
+
+/// ICMPv6 errors per second the router sends at most (RFC 4443 wants a
+/// limit; a guest scanning a /64 gets a trickle, not a flood).
+const ICMP6_ERRORS_PER_SECOND: u32 = 100;
+
+/// A budget of errors per second.
+#[derive(Debug)]
+struct ErrorRate(Mutex<(Instant, u32)>);
+
+impl ErrorRate {
+    fn new() -> Self {
+        Self(Mutex::new((Instant::now(), 0)))
+    }
+
+    /// Whether one more may go at `now`.
+    fn allow(&self, now: Instant) -> bool {
+        let mut b = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if now.saturating_duration_since(b.0) >= Duration::from_secs(1) {
+            *b = (now, 0);
+        }
+        b.1 += 1;
+        b.1 <= ICMP6_ERRORS_PER_SECOND
+    }
 }
 
 impl Inner {
@@ -1433,6 +1459,27 @@ impl Inner {
         let Some((seg, dst_subnet, host)) = route else {
             from.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
             debug!(port = from.id.0, dst = %ip.dst, "no IPv6 route");
+            // The sender learns why at once (traceroute, a connection that
+            // fails fast instead of timing out), within a rate.
+            let why = if ip.hop_limit <= 1 {
+                (ndp::TIME_EXCEEDED, 0)
+            } else if l3.covers6(from.segment, ip.dst) {
+                (ndp::UNREACHABLE, ndp::ADDRESS_UNREACHABLE)
+            } else {
+                (ndp::UNREACHABLE, ndp::NO_ROUTE)
+            };
+            let at = crate::flow::ip_offset(frame);
+            let len = frame
+                .get(at + 4..at + 6)
+                .map_or(0, |b| 40 + usize::from(u16::from_be_bytes([b[0], b[1]])));
+            let packet = frame.get(at..at + len).unwrap_or_default();
+            let error = l3
+                .subnet(from.segment)
+                .filter(|_| !scoped && self.icmp6_errors.allow(now))
+                .and_then(|s| ndp::error(s, from.mac, packet, ip, why));
+            if let Some(e) = error {
+                from.deliver(&e);
+            }
             return;
         };
         let to = self
@@ -1576,6 +1623,7 @@ impl Switch {
             nat_on: std::sync::atomic::AtomicBool::new(false),
             metadata: Mutex::new(HashMap::new()),
             started: Instant::now(),
+            icmp6_errors: ErrorRate::new(),
             datapaths,
         });
         for (i, dp) in inner.datapaths.iter().enumerate() {

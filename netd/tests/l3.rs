@@ -909,24 +909,40 @@ fn the_router_advertises_the_prefix_and_routes_ipv6_in_the_vpc() {
     assert_eq!(b.counter("rx_filtered"), filtered + 1);
 
     // An address in the /64 that is not the VM's own does not leave; a
-    // prefix no subnet of the VPC has is not routed.
+    // link-local source is not routed (silently); what cannot be routed is
+    // answered with an ICMPv6 error quoting it: no route (a prefix no
+    // subnet of the VPC has), address unreachable (nobody has it), time
+    // exceeded (hop limit 1).
     let tx = a.counter("tx_filtered");
     let dropped = a.counter("tx_dropped");
-    a.send(&tcp6(
-        a.mac,
-        gw_web,
-        ("fd00:1::99".parse().unwrap(), b6),
-        (1, 80),
-        TCP_SYN,
-    ));
+    let spoofed: Ipv6Addr = "fd00:1::99".parse().unwrap();
+    a.send(&tcp6(a.mac, gw_web, (spoofed, b6), (1, 80), TCP_SYN));
     a.send(&tcp6(a.mac, gw_web, (la, b6), (1, 80), TCP_SYN));
-    a.send(&tcp6(
+    let nowhere = tcp6(
         a.mac,
         gw_web,
         (a6, "fd00:3::5".parse().unwrap()),
         (1, 80),
         TCP_SYN,
-    ));
+    );
+    let nobody = tcp6(
+        a.mac,
+        gw_web,
+        (a6, "fd00:2::99".parse().unwrap()),
+        (1, 80),
+        TCP_SYN,
+    );
+    let mut last_hop = tcp6(a.mac, gw_web, (a6, b6), (2, 80), TCP_SYN);
+    last_hop[14 + 7] = 1;
+    for (sent, want) in [(&nowhere, (1, 0)), (&nobody, (1, 3)), (&last_hop, (3, 0))] {
+        a.send(sent);
+        let f = a.recv();
+        let ip = Ipv6::parse(&f[14..]).unwrap();
+        assert_eq!((ip.src, ip.dst), (gw6, a6), "from the router's address");
+        assert_eq!((ip.payload[0], ip.payload[1]), want);
+        assert!(checksum_ok6(&ip));
+        assert_eq!(&ip.payload[8..], &sent[14..], "the packet quoted whole");
+    }
     a.send(&icmp6(
         a.mac,
         gw_web,
@@ -940,11 +956,7 @@ fn the_router_advertises_the_prefix_and_routes_ipv6_in_the_vpc() {
         "the ping after them is the next answer"
     );
     assert_eq!(a.counter("tx_filtered"), tx + 1);
-    assert_eq!(
-        a.counter("tx_dropped"),
-        dropped + 2,
-        "no route to fd00:3::/64, none for a link-local source"
-    );
+    assert_eq!(a.counter("tx_dropped"), dropped + 4);
 }
 
 /// Whether the ICMPv6 checksum of `ip` holds.
