@@ -41,7 +41,8 @@ pub fn answer(
     (p, ip): (&Packet6, &Ipv6<'_>),
     ours: impl Fn(Ipv6Addr) -> bool,
 ) -> Option<Vec<u8>> {
-    let [me, _] = subnet.gateway6()?;
+    // No /64, no IPv6 router.
+    subnet.gateway6()?;
     if p.flow.proto != PROTO_ICMPV6 {
         return None;
     }
@@ -54,11 +55,7 @@ pub fn answer(
     };
     let macs = (subnet.gateway_mac, mac);
     match p.icmp_type? {
-        ROUTER_SOLICITATION => Some(icmpv6_frame(
-            macs,
-            (me, back),
-            advertisement(subnet, routes),
-        )),
+        ROUTER_SOLICITATION => advertise(subnet, routes, (mac, back)),
         NEIGHBOUR_SOLICITATION => {
             let target = Ipv6Addr::from(<[u8; 16]>::try_from(ip.payload.get(8..24)?).ok()?);
             if !ours(target) {
@@ -80,6 +77,23 @@ pub fn answer(
         _ => None,
     }
 }
+
+/// A router advertisement for `subnet` to `to` (a guest's MAC and address,
+/// or all nodes); None without a /64.
+pub fn advertise(subnet: &Subnet, routes: bool, to: (Mac, Ipv6Addr)) -> Option<Vec<u8>> {
+    let [me, _] = subnet.gateway6()?;
+    let body = advertisement(subnet, routes);
+    Some(icmpv6_frame((subnet.gateway_mac, to.0), (me, to.1), body))
+}
+
+/// All nodes on the link and the MAC that group maps to: where unsolicited
+/// advertisements go.
+pub const ALL_NODES_TO: (Mac, Ipv6Addr) = ([0x33, 0x33, 0, 0, 0, 1], ALL_NODES);
+
+/// How often the router advertises unsolicited, at least and at most
+/// (RFC 4861's defaults; the router lifetime is three times the most, so
+/// guests never lose their default route between two).
+pub const ADVERT_INTERVAL: (u64, u64) = (200, 600);
 
 /// A router advertisement for `subnet`: its /64 on-link and for address
 /// configuration, the link MTU, the router's link-layer address.

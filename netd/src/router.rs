@@ -101,6 +101,14 @@ impl L3 {
         };
     }
 
+    /// The subnets with an IPv6 /64, by segment.
+    pub fn subnets6(&self) -> impl Iterator<Item = (SegmentId, &Subnet)> {
+        self.subnets
+            .iter()
+            .filter(|(_, s)| s.prefix6.is_some())
+            .map(|(seg, s)| (*seg, s))
+    }
+
     /// Records (or with None forgets) the port at the IPv6 `ip` on
     /// `segment`.
     pub fn set_host6(&mut self, segment: SegmentId, ip: Ipv6Addr, host: Option<Host>) {

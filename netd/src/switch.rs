@@ -107,9 +107,22 @@ pub(crate) struct Inner {
     pub(crate) nat_on: std::sync::atomic::AtomicBool,
     /// ICMPv6 errors the router may still send this second.
     icmp6_errors: ErrorRate,
+    /// When the router next advertises on its IPv6 subnets unasked.
+    next_advert: Mutex<Instant>,
     /// The data-path threads and the transmit rings each polls (the first
     /// also reads the tunnel endpoint and retries waiting frames).
     pub(crate) datapaths: Vec<Arc<Datapath>>,
+}
+
+/// The wait until the next unsolicited router advertisement: somewhere in
+/// [`ndp::ADVERT_INTERVAL`], so that nodes and subnets do not advertise in
+/// step.
+fn advert_interval() -> Duration {
+    let (lo, hi) = ndp::ADVERT_INTERVAL;
+    let jitter = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::from(d.subsec_nanos()));
+    Duration::from_secs(lo + jitter % (hi - lo + 1))
 }
 
 /// ICMPv6 errors per second the router sends at most (RFC 4443 wants a
@@ -1249,6 +1262,47 @@ impl Inner {
         }
     }
 
+    /// Advertises on every IPv6 subnet when it is time.
+    fn advert_timer(&self, now: Instant) {
+        {
+            let mut next = self
+                .next_advert
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if now < *next {
+                return;
+            }
+            *next = now + advert_interval();
+        }
+        self.advertise();
+    }
+
+    /// An unsolicited router advertisement to every local port on a subnet
+    /// with an IPv6 /64.
+    fn advertise(&self) {
+        let adverts: Vec<(SegmentId, Vec<u8>)> = self
+            .l3
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .subnets6()
+            .filter_map(|(seg, s)| {
+                ndp::advertise(s, s.vpc.is_some(), ndp::ALL_NODES_TO).map(|f| (seg, f))
+            })
+            .collect();
+        let ports: Vec<Arc<Port>> = self
+            .ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for (seg, frame) in &adverts {
+            for p in ports.iter().filter(|p| p.segment == *seg) {
+                p.deliver(frame);
+            }
+        }
+    }
+
     fn malformed(&self, from: &Port, e: crate::frame::FrameError) {
         from.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
         debug!(port = from.id.0, "dropped a malformed frame: {e}");
@@ -1624,6 +1678,7 @@ impl Switch {
             metadata: Mutex::new(HashMap::new()),
             started: Instant::now(),
             icmp6_errors: ErrorRate::new(),
+            next_advert: Mutex::new(Instant::now() + advert_interval()),
             datapaths,
         });
         for (i, dp) in inner.datapaths.iter().enumerate() {
@@ -1632,10 +1687,11 @@ impl Switch {
         }
         let weak = Arc::downgrade(&inner);
         let timers = std::thread::Builder::new()
-            .name("metadata".into())
+            .name("netd-timers".into())
             .spawn(move || {
                 while let Some(inner) = weak.upgrade() {
                     inner.metadata_timers();
+                    inner.advert_timer(Instant::now());
                     drop(inner);
                     std::thread::sleep(METADATA_TICK);
                 }
@@ -2187,6 +2243,12 @@ impl Switch {
         }
         port.set_mirror_target(target);
         Ok(())
+    }
+
+    /// Sends every IPv6 subnet's router advertisement to its local ports
+    /// now (it also goes every few minutes unasked).
+    pub fn advertise_now(&self) {
+        self.inner.advertise();
     }
 
     /// How many transmit rings each data-path thread polls now.

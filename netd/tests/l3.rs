@@ -802,6 +802,7 @@ fn ipv6_on_a_subnet_is_held_to_the_ports_addresses_and_groups() {
 
 #[test]
 fn the_router_advertises_the_prefix_and_routes_ipv6_in_the_vpc() {
+    const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
     let w = world();
     let (web, client, _http, _, _) = client_and_server(&w);
     let mut a = w.vm(w.web, "client6", Some(vec![client]));
@@ -847,6 +848,23 @@ fn the_router_advertises_the_prefix_and_routes_ipv6_in_the_vpc() {
     assert_eq!(
         &opts[32..48],
         &"fd00:1::".parse::<Ipv6Addr>().unwrap().octets()
+    );
+
+    // It also advertises unasked (every few minutes; here on demand), to
+    // all nodes, so guests keep their default route and addresses.
+    w.fabric.switch.advertise_now();
+    let f = a.recv();
+    let e = Ethernet::parse(&f).unwrap();
+    assert_eq!((e.src, e.dst), (gw_web, multicast_mac(ALL_NODES)));
+    let ip = Ipv6::parse(e.payload).unwrap();
+    assert_eq!((ip.src, ip.dst, ip.payload[0]), (router, ALL_NODES, 134));
+    assert_eq!(&ip.payload[16..], opts, "the same advertisement");
+    let f = b.recv();
+    let ip = Ipv6::parse(&f[14..]).unwrap();
+    assert_eq!(
+        (ip.src, ip.payload[0]),
+        (link_local(gw_db), 134),
+        "db's own"
     );
 
     // The router's address is resolved and answers pings.
