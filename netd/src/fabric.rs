@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::dhcp::DhcpConfig;
-use crate::flow::{PROTO_TCP, PROTO_UDP};
+use crate::flow::{slaac, PROTO_TCP, PROTO_UDP};
 use crate::frame::Mac;
 use crate::l2::{PortId, SegmentId};
-use crate::nat::{Floating, Gateway, PortForward};
+use crate::nat::{Floating, Gateway, Gateway6, PortForward};
 use crate::port::Port;
 use crate::router::{gateway_mac, Subnet, VpcId};
 use crate::secgroup::{mask, parse_cidr, parse_cidr6, GroupId, Rule, RuleError};
@@ -480,11 +480,6 @@ impl Fabric {
                     "ipv6 {p}/{len}: want a global or unique-local /64 (guests form their addresses in it)"
                 )));
             }
-            if settings.external {
-                return Err(invalid(format!(
-                    "ipv6 {p}/{len}: external subnets are IPv4 only"
-                )));
-            }
         }
         if !sub.contains(gateway) || gateway == net || gateway == broadcast {
             return Err(invalid(format!(
@@ -711,15 +706,23 @@ impl Fabric {
             .ok_or_else(|| invalid(format!("network {:?} has no external subnet", n.name)))?;
         let ip = Self::take_address(&mut reg, network, ip)?;
         let v = vpc.to_be_bytes();
+        let mac = [0x02, 0xa7, 0xfe, v[1], v[2], v[3]];
         self.switch.set_gateway(
             VpcId(vpc),
             Some(Gateway {
                 segment: SegmentId(network),
                 ip,
-                mac: [0x02, 0xa7, 0xfe, v[1], v[2], v[3]],
+                mac,
                 net: sub.subnet.net,
                 prefix: sub.subnet.prefix,
                 next_hop: sub.subnet.gateway,
+                // On the external /64: the address its MAC gives, the
+                // outside router at ::1.
+                v6: sub.subnet.prefix6.map(|p| Gateway6 {
+                    ip: slaac(p, mac),
+                    net: p,
+                    next_hop: Ipv6Addr::from(u128::from(p) | 1),
+                }),
             }),
         );
         reg.gateways.insert(vpc, (network, ip));
@@ -1217,11 +1220,6 @@ mod tests {
                 "{prefix}/{len} refused"
             );
         }
-        let external = SubnetSettings {
-            external: true,
-            ..v6("2001:db8::", 64)
-        };
-        assert!(f.create_subnet(nets[0], "10.0.0.0/24", external).is_err());
         f.create_subnet(nets[0], "10.0.0.0/24", v6("2001:db8:1::", 64))
             .unwrap();
         let taken = f.create_subnet(nets[1], "10.0.1.0/24", v6("2001:db8:1::", 64));

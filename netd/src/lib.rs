@@ -8,6 +8,7 @@ pub mod datapath;
 pub mod dbus;
 pub mod dhcp;
 pub mod dns;
+pub mod external6;
 pub mod fabric;
 pub mod flow;
 pub mod frame;

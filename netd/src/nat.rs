@@ -28,7 +28,7 @@ use crate::switch::{parse_l3, Inner, Kicks};
 use crate::uplink::{self, UPLINK_PORT};
 
 /// Packets held per next hop while the router asks for its MAC.
-const MAX_WAITING: usize = 8;
+pub(crate) const MAX_WAITING: usize = 8;
 /// Translations at most per gateway address.
 const MAX_NAPT: usize = 28_000;
 /// A translation unused this long may be reused.
@@ -51,6 +51,20 @@ pub struct Gateway {
     /// Where everything off that subnet goes (the external subnet's
     /// gateway).
     pub next_hop: Ipv4Addr,
+    /// Its IPv6 leg, where the external subnet has a /64: routed, no NAT.
+    pub v6: Option<Gateway6>,
+}
+
+/// A VPC router's IPv6 address on an external network's /64: the VPC's
+/// /64s are routed through it (the outside routes them to this address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gateway6 {
+    /// The router's address there.
+    pub ip: std::net::Ipv6Addr,
+    /// The external /64.
+    pub net: std::net::Ipv6Addr,
+    /// Where everything off that /64 goes (the outside router).
+    pub next_hop: std::net::Ipv6Addr,
 }
 
 /// A floating IP bound to a VM's address.
@@ -102,6 +116,9 @@ pub struct Nat {
     next_port: u16,
     neighbours: HashMap<(SegmentId, Ipv4Addr), Mac>,
     waiting: HashMap<(SegmentId, Ipv4Addr), Vec<Vec<u8>>>,
+    /// IPv6 neighbours on external networks, and packets waiting for one.
+    pub(crate) neighbours6: HashMap<(SegmentId, std::net::Ipv6Addr), Mac>,
+    pub(crate) waiting6: HashMap<(SegmentId, std::net::Ipv6Addr), Vec<Vec<u8>>>,
     /// Connections that came in through a port forward and when they were
     /// last seen: their replies leave through the forward even from a VM
     /// with a floating IP.
@@ -119,6 +136,21 @@ impl Nat {
             Some(g) => self.gateways.insert(vpc, g),
             None => self.gateways.remove(&vpc),
         };
+    }
+
+    /// The VPCs whose routers have an IPv6 leg on `seg`, with it.
+    pub(crate) fn gateways6(&self, seg: SegmentId) -> Vec<(VpcId, Mac, Gateway6)> {
+        self.gateways
+            .iter()
+            .filter(|(_, g)| g.segment == seg)
+            .filter_map(|(v, g)| g.v6.map(|g6| (*v, g.mac, g6)))
+            .collect()
+    }
+
+    /// `vpc`'s router's IPv6 leg: its segment, MAC and addresses.
+    pub(crate) fn gateway6(&self, vpc: VpcId) -> Option<(SegmentId, Mac, Gateway6)> {
+        let g = self.gateways.get(&vpc)?;
+        g.v6.map(|g6| (g.segment, g.mac, g6))
     }
 
     /// Whether any VPC has a gateway.
@@ -625,6 +657,11 @@ impl Inner {
             .forward(seg, UPLINK_PORT, eth.src, eth.dst, kicks.now);
         if self.external_frame(seg, &inner, &eth, arp.as_ref(), ip.as_ref(), kicks) {
             return;
+        }
+        if let Ok(Some((p6, v6))) = crate::switch::parse_ipv6(&eth) {
+            if self.external_frame6(seg, &inner, &eth, (&p6, &v6), kicks) {
+                return;
+            }
         }
         let pkt = ip.as_ref().map(|p| &p.0);
         let plain = (&inner[..], &NetHdr::PLAIN);

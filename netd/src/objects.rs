@@ -12,6 +12,7 @@ use crate::conntrack::Direction;
 use crate::dbus::{format_mac, group_ids, id_in, object_path, NetError};
 use crate::fabric::{Fabric, Kind, PortEntry};
 use crate::qos::Limit;
+use crate::router::VpcId;
 use crate::secgroup::{GroupId, Protocol, Remote, Rule};
 
 /// A VPC on the bus.
@@ -40,6 +41,17 @@ impl VpcObject {
             .unwrap_or_default()
     }
 
+    /// The router's IPv6 address on its external network, where that has a
+    /// /64 ("" otherwise): the outside routes the VPC's /64s to it.
+    #[zbus(property)]
+    fn gateway_ipv6_address(&self) -> String {
+        self.fabric
+            .switch
+            .gateway6(VpcId(self.id))
+            .map(|ip| ip.to_string())
+            .unwrap_or_default()
+    }
+
     /// Gives the VPC a way out on `network` (one with an external subnet):
     /// the router takes `address` there ("" for the first free one) and
     /// its VMs reach the outside with SNAT to it. Returns the address.
@@ -59,6 +71,7 @@ impl VpcObject {
         };
         let ip = self.fabric.set_vpc_gateway(self.id, net, want)?;
         self.gateway_address_changed(&emitter).await?;
+        self.gateway_ipv6_address_changed(&emitter).await?;
         Ok(ip.to_string())
     }
 

@@ -221,6 +221,16 @@ impl L3 {
         Some((*seg, subnet, self.hosts.get(&(*seg, dst))?))
     }
 
+    /// The segment, subnet and port of the IPv6 `dst` among the subnets of
+    /// `vpc`.
+    pub fn route_in_vpc6(&self, vpc: VpcId, dst: Ipv6Addr) -> Option<(SegmentId, &Subnet, &Host)> {
+        let (seg, subnet) = self
+            .subnets
+            .iter()
+            .find(|(_, s)| s.vpc == Some(vpc) && s.contains6(dst))?;
+        Some((*seg, subnet, self.hosts6.get(&(*seg, dst))?))
+    }
+
     /// The addresses of the VM named `name` that a port on `segment` can
     /// reach (its own network first): IPv4, and IPv6 where its subnet has
     /// a /64.

@@ -665,7 +665,9 @@ pub(crate) fn parse_l3<'a>(eth: &Ethernet<'a>) -> Result<Parsed<'a>, crate::fram
 type Parsed6<'a> = (Packet6, Ipv6<'a>);
 
 /// The IPv6 packet in `eth`, if it carries one (None for other protocols).
-fn parse_ipv6<'a>(eth: &Ethernet<'a>) -> Result<Option<Parsed6<'a>>, crate::frame::FrameError> {
+pub(crate) fn parse_ipv6<'a>(
+    eth: &Ethernet<'a>,
+) -> Result<Option<Parsed6<'a>>, crate::frame::FrameError> {
     if eth.ethertype != ETHERTYPE_IPV6 {
         return Ok(None);
     }
@@ -886,6 +888,11 @@ impl Inner {
             .forward(from.segment, from.id, eth.src, eth.dst, now);
         if self.external_frame(from.segment, frame, &eth, arp.as_ref(), ip.as_ref(), kicks) {
             return;
+        }
+        if let Some((p6, v6)) = &ip6 {
+            if self.external_frame6(from.segment, frame, &eth, (p6, v6), kicks) {
+                return;
+            }
         }
         let pkt = ip.as_ref().map(|p| &p.0);
         let staged = kicks.staged.len();
@@ -1511,6 +1518,14 @@ impl Inner {
             .route6(from.segment, ip.dst)
             .filter(|_| ip.hop_limit > 1 && !scoped);
         let Some((seg, dst_subnet, host)) = route else {
+            // Outside the VPC: through its router's IPv6 leg, if it has one.
+            let vpc = l3.subnet(from.segment).and_then(|s| s.vpc);
+            let out = ip.hop_limit > 1 && !scoped && !l3.covers6(from.segment, ip.dst);
+            if let (Some(vpc), true) = (vpc, out) {
+                if self.route_external6(vpc, frame, ip, kicks) {
+                    return;
+                }
+            }
             from.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
             debug!(port = from.id.0, dst = %ip.dst, "no IPv6 route");
             // The sender learns why at once (traceroute, a connection that
@@ -2119,6 +2134,17 @@ impl Switch {
             ("rx", g(&s.rx)),
             ("dropped", g(&s.dropped)),
         ]
+    }
+
+    /// `vpc`'s router's IPv6 address on its external network, if it has
+    /// one.
+    pub fn gateway6(&self, vpc: VpcId) -> Option<std::net::Ipv6Addr> {
+        self.inner
+            .nat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .gateway6(vpc)
+            .map(|(_, _, g)| g.ip)
     }
 
     /// Sets (or removes) the external gateway of `vpc`.

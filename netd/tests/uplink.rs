@@ -18,9 +18,13 @@ use std::time::Duration;
 use atoll_tests::net_frontend::NetFrontend;
 use netd::fabric::{Fabric, Kind, PortEntry, SubnetSettings};
 use netd::flow::{
-    icmp_echo_reply, ipv4_header, Packet, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_UDP,
+    icmp_echo_reply, icmpv6_frame, ipv4_header, Packet, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST,
+    ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP,
 };
-use netd::frame::{checksum, Arp, Ethernet, Ipv4, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4};
+use netd::frame::{
+    checksum, Arp, Ethernet, Ipv4, Ipv6, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6,
+};
+use netd::router::VpcId;
 use netd::secgroup::Rule;
 
 const NS: &str = "atoll-uplink1";
@@ -247,6 +251,7 @@ impl Responder {
     fn start(port: &PortEntry) -> Self {
         let mut fe = NetFrontend::connect(&port.port.socket).unwrap();
         let (mac, ip) = (port.port.mac, port.port.security().ip.unwrap());
+        let ip6 = port.port.security().ip6;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
@@ -272,6 +277,17 @@ impl Responder {
                         }
                         if i.dst == ip && i.protocol == PROTO_UDP {
                             fe.send(&udp_echo(&e, &i, mac)).unwrap();
+                        }
+                    }
+                    ETHERTYPE_IPV6 => {
+                        let i = Ipv6::parse(e.payload).unwrap();
+                        let echo = i.protocol == PROTO_ICMPV6
+                            && i.payload.first() == Some(&ICMPV6_ECHO_REQUEST);
+                        if echo && ip6.contains(&i.dst) {
+                            let mut b = i.payload.to_vec();
+                            b[0] = ICMPV6_ECHO_REPLY;
+                            fe.send(&icmpv6_frame((mac, e.src), (i.dst, i.src), b))
+                                .unwrap();
                         }
                     }
                     _ => {}
@@ -314,6 +330,7 @@ fn floating_ips_snat_port_forwards_and_vlans_meet_the_outside_world() {
     let ext = f.create_network("ext", Kind::Flat, None, true).unwrap();
     let external = SubnetSettings {
         external: true,
+        ipv6: Some(("fd00:ee::".parse().unwrap(), 64)),
         ..SubnetSettings::default()
     };
     f.create_subnet(ext, "192.0.2.0/24", external).unwrap();
@@ -321,8 +338,11 @@ fn floating_ips_snat_port_forwards_and_vlans_meet_the_outside_world() {
     let web = f
         .create_network("web", Kind::Flat, Some(vpc), false)
         .unwrap();
-    f.create_subnet(web, "10.1.0.0/24", SubnetSettings::default())
-        .unwrap();
+    let dual = SubnetSettings {
+        ipv6: Some(("fd00:1::".parse().unwrap(), 64)),
+        ..SubnetSettings::default()
+    };
+    f.create_subnet(web, "10.1.0.0/24", dual).unwrap();
     let gw = f.set_vpc_gateway(vpc, ext, None).unwrap();
     assert_eq!(gw, Ipv4Addr::new(192, 0, 2, 2));
     let open = f.create_group("open").unwrap();
@@ -579,6 +599,39 @@ fn floating_ips_snat_port_forwards_and_vlans_meet_the_outside_world() {
         counters.iter().any(|(k, v)| *k == "rx" && *v > 0),
         "{counters:?}"
     );
+
+    // IPv6 is routed, not translated: the outside routes the VPC's /64 to
+    // the router's address on the external /64, and a VM there answers
+    // pings from outside (its group lets ICMP in); the router answers its
+    // own address too. The kernel finds the router by neighbour discovery,
+    // the router the outside's by its own.
+    let gw6 = f.switch.gateway6(VpcId(vpc)).unwrap();
+    for key in ["all", TAP] {
+        let set = format!("net.ipv6.conf.{key}.disable_ipv6=0");
+        assert!(in_ns(&["sysctl", "-qw", &set]).status.success());
+    }
+    let gw6s = gw6.to_string();
+    for args in [
+        &["-6", "addr", "add", "fd00:ee::1/64", "dev", TAP, "nodad"][..],
+        &["-6", "route", "add", "fd00:1::/64", "via", &gw6s],
+    ] {
+        let mut full = vec!["ip", "-n", NS];
+        full.extend_from_slice(args);
+        ok(&full);
+    }
+    let vm6 = f
+        .create_port(web, None, None, "vm6", Some(vec![open]))
+        .unwrap();
+    let addr6 = vm6.port.security().ip6[1];
+    let responder = Responder::start(&vm6);
+    assert!(ping_from_outside(&["-6", &gw6s]), "the router's address");
+    assert!(ping_from_outside(&["-6", &addr6.to_string()]), "the VM");
+    assert!(
+        !ping_from_outside(&["-6", "-c", "1", "-W", "1", "fd00:1::99"]),
+        "nobody there"
+    );
+    assert!(responder.stop() >= 2);
+    f.delete_port(vm6.port.id.0).unwrap();
 
     // The VPC goes once its network has; its router address stops
     // answering and is free again.
