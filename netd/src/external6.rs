@@ -14,7 +14,7 @@ use crate::flow::{icmpv6_frame, multicast_mac, Packet6, ICMPV6_ECHO_REPLY, ICMPV
 use crate::frame::{Ethernet, Ipv6, Mac};
 use crate::l2::SegmentId;
 use crate::nat::{Gateway6, MAX_WAITING};
-use crate::ndp::{NEIGHBOUR_ADVERTISEMENT, NEIGHBOUR_SOLICITATION};
+use crate::ndp::{neighbour_advert, ALL_NODES, NEIGHBOUR_ADVERTISEMENT, NEIGHBOUR_SOLICITATION};
 use crate::offload::NetHdr;
 use crate::router::VpcId;
 use crate::secgroup::contains6;
@@ -168,22 +168,12 @@ impl Inner {
                 }
             }
             if let (Some((_, mac, g)), NEIGHBOUR_SOLICITATION) = (ours, kind) {
-                // Router, solicited (unless for a tried address), override.
-                let (flags, back) = if ip.src.is_unspecified() {
-                    (0xa0, Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1))
+                let (back, to_mac) = if ip.src.is_unspecified() {
+                    (ALL_NODES, multicast_mac(ALL_NODES))
                 } else {
-                    (0xe0, ip.src)
+                    (ip.src, eth.src)
                 };
-                let mut b = vec![NEIGHBOUR_ADVERTISEMENT, 0, 0, 0, flags, 0, 0, 0];
-                b.extend_from_slice(&g.ip.octets());
-                b.extend_from_slice(&[2, 1]);
-                b.extend_from_slice(&mac);
-                let to_mac = if back == ip.src {
-                    eth.src
-                } else {
-                    multicast_mac(back)
-                };
-                let na = icmpv6_frame((mac, to_mac), (g.ip, back), b);
+                let na = neighbour_advert((mac, to_mac), g.ip, ip.src, back);
                 self.emit(seg, &na, kicks);
                 return true;
             }
@@ -221,13 +211,7 @@ impl Inner {
         let Some((seg, gw_mac, port, mac)) = target else {
             return;
         };
-        let to = self
-            .ports
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&port)
-            .filter(|p| p.segment == seg)
-            .cloned();
+        let to = self.port_on(seg, port);
         let Some(to) = to else { return };
         let mut out = frame.to_vec();
         forward_rewrite(&mut out, gw_mac, mac);

@@ -541,13 +541,7 @@ impl Inner {
             return;
         };
         route_rewrite(&mut out, gw_mac, mac);
-        let to = self
-            .ports
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&port)
-            .filter(|p| p.segment == seg)
-            .cloned();
+        let to = self.port_on(seg, port);
         let Some(to) = to else { return };
         let at = crate::flow::ip_offset(&out);
         let Some(pkt) = out

@@ -21,7 +21,7 @@ pub const NEIGHBOUR_SOLICITATION: u8 = 135;
 pub const NEIGHBOUR_ADVERTISEMENT: u8 = 136;
 
 /// All nodes on the link.
-const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+pub const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 /// How long guests may use the router as their default one, when it routes
 /// (seconds).
 const ROUTER_LIFETIME: u16 = 1800;
@@ -61,13 +61,7 @@ pub fn answer(
             if !ours(target) {
                 return None;
             }
-            // Router, solicited (unless for a tried address), override.
-            let flags = if ip.src.is_unspecified() { 0xa0 } else { 0xe0 };
-            let mut b = vec![NEIGHBOUR_ADVERTISEMENT, 0, 0, 0, flags, 0, 0, 0];
-            b.extend_from_slice(&target.octets());
-            b.extend_from_slice(&[2, 1]);
-            b.extend_from_slice(&subnet.gateway_mac);
-            Some(icmpv6_frame(macs, (target, back), b))
+            Some(neighbour_advert(macs, target, ip.src, back))
         }
         ICMPV6_ECHO_REQUEST if ours(ip.dst) => {
             let mut b = ip.payload.to_vec();
@@ -76,6 +70,24 @@ pub fn answer(
         }
         _ => None,
     }
+}
+
+/// The router's neighbour advertisement from `macs.0` for its address
+/// `target`, to `back` (at `macs.1`), answering a solicitation from
+/// `asker`: router, override, and solicited unless it was a tried address
+/// (from `::`).
+pub fn neighbour_advert(
+    macs: (Mac, Mac),
+    target: Ipv6Addr,
+    asker: Ipv6Addr,
+    back: Ipv6Addr,
+) -> Vec<u8> {
+    let flags = if asker.is_unspecified() { 0xa0 } else { 0xe0 };
+    let mut b = vec![NEIGHBOUR_ADVERTISEMENT, 0, 0, 0, flags, 0, 0, 0];
+    b.extend_from_slice(&target.octets());
+    b.extend_from_slice(&[2, 1]);
+    b.extend_from_slice(&macs.0);
+    icmpv6_frame(macs, (target, back), b)
 }
 
 /// A router advertisement for `subnet` to `to` (a guest's MAC and address,

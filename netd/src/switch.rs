@@ -159,6 +159,17 @@ impl Inner {
         &self.datapaths[i]
     }
 
+    /// Port `id`, if it is on `seg` (it may have gone, or a route be
+    /// stale).
+    pub(crate) fn port_on(&self, seg: SegmentId, id: PortId) -> Option<Arc<Port>> {
+        self.ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .filter(|p| p.segment == seg)
+            .cloned()
+    }
+
     /// Stops polling `port`'s rings on every thread.
     pub(crate) fn forget_rings(&self, port: PortId) {
         for dp in &self.datapaths {
@@ -1551,13 +1562,7 @@ impl Inner {
             }
             return;
         };
-        let to = self
-            .ports
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&host.port)
-            .filter(|p| p.segment == seg)
-            .cloned();
+        let to = self.port_on(seg, host.port);
         if let Some(to) = to {
             let mut out = frame.to_vec();
             out[0..6].copy_from_slice(&host.mac);
@@ -1607,13 +1612,7 @@ impl Inner {
             from.stats.tx_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let to = self
-            .ports
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&host.port)
-            .filter(|p| p.segment == seg)
-            .cloned();
+        let to = self.port_on(seg, host.port);
         if let Some(to) = to {
             let mut out = frame.to_vec();
             route_rewrite(&mut out, dst_subnet.gateway_mac, host.mac);
