@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use crate::conntrack::Direction;
+use crate::conntrack::{Conntrack, Direction};
 use crate::datapath::{self, Datapath};
 use crate::dhcp::{self, DhcpConfig, DhcpServer, Outcome};
 use crate::dns;
 use crate::flow::{
-    icmp_echo_reply, link_local, route_rewrite, slaac, udp_frame, Packet, Packet6,
+    icmp_echo_reply, link_local, route_rewrite, slaac, udp_frame, Packet, Packet6, Tracked,
     ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP,
 };
 use crate::frame::{
@@ -1413,16 +1413,9 @@ impl Inner {
         p: &Packet6,
         now: Instant,
     ) -> bool {
-        let groups = || {
-            self.groups
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .allows6(&sec.groups, dir, &p.flow)
-        };
-        port.conntrack6
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .admit(p, dir, now, groups)
+        self.admit_by(&port.conntrack6, p, dir, now, |g| {
+            g.allows6(&sec.groups, dir, &p.flow)
+        })
     }
 
     /// Whether `port`'s tracker or groups let `p` through in `dir`.
@@ -1434,14 +1427,23 @@ impl Inner {
         p: &Packet,
         now: Instant,
     ) -> bool {
-        let groups = || {
-            self.groups
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .allows(&sec.groups, dir, &p.flow)
-        };
-        port.conntrack
-            .lock()
+        self.admit_by(&port.conntrack, p, dir, now, |g| {
+            g.allows(&sec.groups, dir, &p.flow)
+        })
+    }
+
+    /// Whether tracker `ct` passes `p` in `dir`, else whether `rules` (asked
+    /// of the groups only then) do.
+    fn admit_by<F: Tracked>(
+        &self,
+        ct: &Mutex<Conntrack<F>>,
+        p: &Packet<F>,
+        dir: Direction,
+        now: Instant,
+        rules: impl FnOnce(&Groups) -> bool,
+    ) -> bool {
+        let groups = || rules(&self.groups.read().unwrap_or_else(PoisonError::into_inner));
+        ct.lock()
             .unwrap_or_else(PoisonError::into_inner)
             .admit(p, dir, now, groups)
     }
