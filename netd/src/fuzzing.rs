@@ -90,7 +90,13 @@ pub fn frame(data: &[u8]) {
                             ip6: vec![link_local(eth.src)],
                             ..Default::default()
                         };
-                        let _ = crate::switch::nd_about_itself(t, ip.payload, eth.src, &sec);
+                        let _ = crate::switch::nd_about_itself(
+                            t,
+                            ip.payload,
+                            eth.src,
+                            &sec,
+                            ip.src.is_unspecified(),
+                        );
                     }
                 }
             }

@@ -712,11 +712,16 @@ pub(crate) enum Refused {
 /// advertisement (136) from a port with `mac`: link-layer address options
 /// must name the port's MAC, and an advertisement's target must be an
 /// address the port may use (no answering for another VM's address).
+///
+/// A solicitation from `::` (`dad`: duplicate address detection) must be
+/// for an address the port may use too: another's tentative address would
+/// otherwise look taken to its owner, who would give it up.
 pub(crate) fn nd_about_itself(
     kind: u8,
     icmp: &[u8],
     mac: Mac,
     sec: &PortSecurity,
+    dad: bool,
 ) -> Result<(), Refused> {
     // Fixed part: type, code, checksum, then 4 bytes (RS) or 4 bytes and a
     // 16-byte target (NS, NA).
@@ -724,11 +729,11 @@ pub(crate) fn nd_about_itself(
     let Some(mut opts) = icmp.get(fixed..) else {
         return Err(Refused::Neighbour("message too short"));
     };
-    if kind == 136 {
+    if kind == 136 || (kind == 135 && dad) {
         let mut t = [0u8; 16];
         t.copy_from_slice(&icmp[8..24]);
         if !sec.may_use6(std::net::Ipv6Addr::from(t)) {
-            return Err(Refused::Spoofed("neighbour advertisement target"));
+            return Err(Refused::Spoofed("neighbour discovery target"));
         }
     }
     while !opts.is_empty() {
@@ -1315,7 +1320,12 @@ impl Inner {
             .cloned()
             .collect();
         for (seg, frame) in &adverts {
-            for p in ports.iter().filter(|p| p.segment == *seg) {
+            // Only to connected guests: one without a frontend would find a
+            // pile of stale ones when it comes.
+            for p in ports
+                .iter()
+                .filter(|p| p.segment == *seg && p.memory().is_some())
+            {
                 p.deliver(frame);
             }
         }
@@ -1393,7 +1403,10 @@ impl Inner {
             return match p.icmp_type {
                 Some(134) => Err(Refused::RouterOnly("router advertisement")),
                 Some(137) => Err(Refused::RouterOnly("redirect")),
-                Some(t @ 133..=136) => nd_about_itself(t, ip.payload, from.mac, sec),
+                Some(t @ 133..=136) => {
+                    let dad = p.flow.src.is_unspecified();
+                    nd_about_itself(t, ip.payload, from.mac, sec, dad)
+                }
                 _ => Ok(()),
             };
         }

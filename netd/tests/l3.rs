@@ -785,11 +785,20 @@ fn ipv6_on_a_subnet_is_held_to_the_ports_addresses_and_groups() {
         icmp6(a.mac, b.mac, (la, lb), 134, &router_advert(a.mac)),
         icmp6(a.mac, b.mac, (la, lb), 136, &nd(136, lb, a.mac)),
         icmp6(a.mac, group_mac, (la, group), 135, &nd(135, lb, b.mac)),
+        // Duplicate address detection for another's address, which would
+        // make its owner give it up.
+        icmp6(
+            a.mac,
+            group_mac,
+            (Ipv6Addr::UNSPECIFIED, group),
+            135,
+            &nd(135, lb, a.mac)[..20],
+        ),
     ];
     for f in &spoofs {
         assert_blocked(&mut a, &mut b, f);
     }
-    assert_eq!(a.counter("tx_filtered"), tx + 4);
+    assert_eq!(a.counter("tx_filtered"), tx + 5);
     // A malformed option (length 0) is refused too, and the port still
     // works after all of it.
     let mut bad = nd(135, lb, a.mac);
