@@ -996,3 +996,44 @@ fn checksum_ok6(ip: &Ipv6<'_>) -> bool {
     pseudo.extend_from_slice(ip.payload);
     checksum(&pseudo) == 0
 }
+
+#[test]
+fn malformed_ipv6_is_dropped_and_counted_and_the_port_keeps_working() {
+    let w = world();
+    let (_, _, _, mut a, mut b) = client_and_server(&w);
+    let (la, lb) = (link_local(a.mac), link_local(b.mac));
+    let good = tcp6(a.mac, b.mac, (la, lb), (40000, 80), TCP_SYN);
+    let mut bad: Vec<Vec<u8>> = Vec::new();
+    // A header cut short; a payload length past the frame's end.
+    bad.push(good[..14 + 30].to_vec());
+    let mut long = good.clone();
+    long[18..20].copy_from_slice(&500u16.to_be_bytes());
+    bad.push(long);
+    // Extension headers without end: nine destination-options headers.
+    let mut opts = Vec::new();
+    for _ in 0..9 {
+        opts.extend_from_slice(&[60, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    bad.push(ip6_frame(a.mac, b.mac, (la, lb), 60, &opts, None));
+    // A TCP header of 10 bytes; an ICMPv6 echo of 5; version 4 in an
+    // IPv6 frame.
+    bad.push(ip6_frame(a.mac, b.mac, (la, lb), PROTO_TCP, &[0; 10], None));
+    bad.push(ip6_frame(
+        a.mac,
+        b.mac,
+        (la, lb),
+        PROTO_ICMPV6,
+        &[128, 0, 0, 0, 1],
+        None,
+    ));
+    let mut v4 = good.clone();
+    v4[14] = 0x45;
+    bad.push(v4);
+    let dropped = a.counter("tx_dropped");
+    for f in &bad {
+        assert_blocked(&mut a, &mut b, f);
+    }
+    assert_eq!(a.counter("tx_dropped"), dropped + bad.len() as u64);
+    a.send(&good);
+    assert_eq!(recv6(&mut b), (PROTO_TCP, TCP_SYN, la), "still working");
+}
