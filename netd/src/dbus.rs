@@ -250,6 +250,18 @@ impl Net1 {
         self.health.tun_available
     }
 
+    /// How many transmit rings each data-path thread polls now (one entry
+    /// per thread; `netd --datapath-threads`).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn datapath_rings(&self) -> Vec<u32> {
+        self.fabric
+            .switch
+            .datapath_rings()
+            .into_iter()
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+            .collect()
+    }
+
     /// Opens (creating if need be) the TAP interface `interface` as this
     /// node's uplink: networks created with option "uplink" meet the host's
     /// network there (flat untagged, vlan with its 802.1Q tag).
@@ -676,6 +688,9 @@ pub trait Net1 {
     /// Whether /dev/net/tun can be opened, which TAP uplinks need.
     #[zbus(property)]
     fn tun_available(&self) -> zbus::Result<bool>;
+    /// Transmit rings per data-path thread.
+    #[zbus(property)]
+    fn datapath_rings(&self) -> zbus::Result<Vec<u32>>;
     /// Opens the uplink.
     fn set_uplink(&self, interface: &str) -> zbus::Result<()>;
     /// Uplink counters.

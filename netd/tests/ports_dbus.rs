@@ -229,6 +229,13 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     assert_eq!(s.cidr().await.unwrap(), "10.9.0.0/24");
     assert_eq!(s.gateway().await.unwrap(), "10.9.0.1");
     assert_eq!(s.ipv6().await.unwrap(), "fd00:9::/64");
+    // One data-path thread here (netd's default on this machine's CPUs, or
+    // what the test daemon was given), polling no ring yet.
+    let rings = net.datapath_rings().await.unwrap();
+    assert!(
+        !rings.is_empty() && rings.iter().all(|n| *n == 0),
+        "{rings:?}"
+    );
 
     // Port forwards of the VPC's gateway address.
     let router = vpc_proxy(&conn, &vpc).await;
