@@ -137,6 +137,13 @@ impl<F: Tracked> Conntrack<F> {
         self.track(p, now) || (allowed() && self.commit(p, dir, now))
     }
 
+    /// Whether `flow` (either direction) is a live tracked connection: an
+    /// ICMP error about one of its packets is let in with it. Nothing is
+    /// updated.
+    pub fn related(&self, flow: &F, now: Instant) -> bool {
+        self.conns.get(&key(flow)).is_some_and(|c| c.expires > now)
+    }
+
     /// Records `p` as the first packet of a connection the rules let
     /// through in `dir`. False if the table is full (the packet is dropped).
     pub fn commit(&mut self, p: &Packet<F>, dir: Direction, now: Instant) -> bool {

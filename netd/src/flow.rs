@@ -216,6 +216,73 @@ impl Transport {
     }
 }
 
+/// Whether an ICMP message of `kind` is an error about a packet it quotes
+/// (destination unreachable, time exceeded, parameter problem).
+pub fn icmp_error(kind: u8) -> bool {
+    matches!(kind, 3 | 11 | 12)
+}
+
+/// Whether an ICMPv6 message of `kind` is an error about a packet it
+/// quotes (unreachable, packet too big, time exceeded, parameter problem).
+pub fn icmpv6_error(kind: u8) -> bool {
+    (1..=4).contains(&kind)
+}
+
+/// The flow of the IPv4 packet an ICMP error `icmp` quotes (its header and
+/// the 8 bytes after it, as its sender sent them); None if the quote is
+/// too short or not IPv4.
+pub fn quoted(icmp: &[u8]) -> Option<Flow> {
+    let b = icmp.get(8..)?;
+    if b.first()? >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(b[0] & 0x0f) * 4;
+    let ends = |at: usize| Ipv4Addr::new(b[at], b[at + 1], b[at + 2], b[at + 3]);
+    let l4 = b.get(ihl..ihl + 8).filter(|_| ihl >= 20)?;
+    let (sport, dport) = quoted_ports(b[9], l4, (PROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY));
+    Some(Flow {
+        proto: b[9],
+        src: ends(12),
+        dst: ends(16),
+        sport,
+        dport,
+    })
+}
+
+/// [`quoted`] for an ICMPv6 error quoting an IPv6 packet (no extension
+/// headers).
+pub fn quoted6(icmp: &[u8]) -> Option<Flow6> {
+    let b = icmp.get(8..)?;
+    if b.first()? >> 4 != 6 {
+        return None;
+    }
+    let l4 = b.get(40..48)?;
+    let addr = |at: usize| {
+        <[u8; 16]>::try_from(&b[at..at + 16])
+            .ok()
+            .map(Ipv6Addr::from)
+    };
+    let echo = (PROTO_ICMPV6, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY);
+    let (sport, dport) = quoted_ports(b[6], l4, echo);
+    Some(Flow6 {
+        proto: b[6],
+        src: addr(8)?,
+        dst: addr(24)?,
+        sport,
+        dport,
+    })
+}
+
+/// Ports of a quoted transport header `l4` (8 bytes) of `proto`; an echo
+/// (`icmp`: protocol, request and reply types) gives its identifier twice.
+fn quoted_ports(proto: u8, l4: &[u8], icmp: (u8, u8, u8)) -> (u16, u16) {
+    match proto {
+        PROTO_TCP | PROTO_UDP => (be16(l4, 0), be16(l4, 2)),
+        _ if proto == icmp.0 && (l4[0] == icmp.1 || l4[0] == icmp.2) => (be16(l4, 4), be16(l4, 4)),
+        _ => (0, 0),
+    }
+}
+
 /// The link-local address (fe80::/64, modified EUI-64) of an interface
 /// with `mac`, as guests form it for themselves.
 pub fn link_local(mac: Mac) -> Ipv6Addr {

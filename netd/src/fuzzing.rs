@@ -66,6 +66,7 @@ pub fn frame(data: &[u8]) {
                         ct.commit(&p, Direction::Egress, now);
                     }
                     let _ = ct.track(&p, now);
+                    let _ = crate::flow::quoted(ip.payload);
                     if p.flow.proto == PROTO_UDP {
                         if let Some(q) = ip.payload.get(8..) {
                             let _ = dns::answer(q, "lan.atoll", |_| {
@@ -85,6 +86,7 @@ pub fn frame(data: &[u8]) {
                         ct.commit(&p, Direction::Egress, now);
                     }
                     let _ = ct.track(&p, now);
+                    let _ = crate::flow::quoted6(ip.payload);
                     if let (PROTO_ICMPV6, Some(t)) = (p.flow.proto, p.icmp_type) {
                         let sec = crate::secgroup::PortSecurity {
                             ip6: vec![link_local(eth.src)],

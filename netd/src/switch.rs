@@ -686,6 +686,38 @@ pub(crate) fn parse_ipv6<'a>(
     Ok(Some((Packet6::of6(&ip)?, ip)))
 }
 
+/// Whether `p` (in `frame`, to port `to`) is an ICMP error about a
+/// connection `to` has (a path MTU too small, a port unreachable): let in
+/// with it, whatever the rules (path MTU discovery depends on it).
+fn related(to: &Port, frame: &[u8], p: &Packet, now: Instant) -> bool {
+    if p.flow.proto != PROTO_ICMP || !p.icmp_type.is_some_and(crate::flow::icmp_error) {
+        return false;
+    }
+    let quoted = Ethernet::parse(frame)
+        .ok()
+        .and_then(|e| Ipv4::parse(e.payload).ok())
+        .and_then(|ip| crate::flow::quoted(ip.payload));
+    quoted.is_some_and(|f| {
+        to.conntrack
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .related(&f, now)
+    })
+}
+
+/// [`related`] for ICMPv6 errors (packet too big above all).
+fn related6(to: &Port, p: &Packet6, ip: &Ipv6<'_>, now: Instant) -> bool {
+    if p.flow.proto != PROTO_ICMPV6 || !p.icmp_type.is_some_and(crate::flow::icmpv6_error) {
+        return false;
+    }
+    crate::flow::quoted6(ip.payload).is_some_and(|f| {
+        to.conntrack6
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .related(&f, now)
+    })
+}
+
 /// ICMPv6 types of neighbour discovery and multicast listener discovery:
 /// what IPv6 needs to work on a link at all. They pass ingress without a
 /// rule, as ARP does.
@@ -1485,14 +1517,19 @@ impl Inner {
                 }
             };
             let ok = match pkt {
-                Some(p) => self.admit(to, &sec, Direction::Ingress, p, now),
+                Some(p) => {
+                    self.admit(to, &sec, Direction::Ingress, p, now) || related(to, frame, p, now)
+                }
                 // ARP is always let in, IPv6 as its rules say; anything else
                 // is not.
                 None => match Ethernet::parse(frame) {
                     Ok(e) if e.ethertype == ETHERTYPE_ARP => true,
                     Ok(e) => match parse_ipv6(&e) {
                         Ok(Some((p, _))) if link_control(&p) => true,
-                        Ok(Some((p, _))) => self.admit6(to, &sec, Direction::Ingress, &p, now),
+                        Ok(Some((p, ip))) => {
+                            self.admit6(to, &sec, Direction::Ingress, &p, now)
+                                || related6(to, &p, &ip, now)
+                        }
                         _ => false,
                     },
                     Err(_) => false,

@@ -1037,3 +1037,45 @@ fn malformed_ipv6_is_dropped_and_counted_and_the_port_keeps_working() {
     a.send(&good);
     assert_eq!(recv6(&mut b), (PROTO_TCP, TCP_SYN, la), "still working");
 }
+
+#[test]
+fn icmp_errors_about_a_connection_pass_with_it() {
+    let w = world();
+    let (_, _, _, mut a, mut b) = client_and_server(&w);
+    // The client (nothing allowed in) opens a connection to the server.
+    let syn = tcp(&a, b.mac, b.ip, 40000, 80, TCP_SYN);
+    a.send(&syn);
+    b.recv();
+    // An error from the server's side quoting that packet (fragmentation
+    // needed: path MTU discovery) comes in; one quoting a connection the
+    // client never opened does not.
+    let (am, bm, aip, bip) = (a.mac, b.mac, a.ip, b.ip);
+    let error = |quote: &[u8]| {
+        let mut m = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78];
+        m.extend_from_slice(&quote[14..14 + 28]);
+        let s = checksum(&m);
+        m[2..4].copy_from_slice(&s.to_be_bytes());
+        eth(am, bm, 0x0800, &ip(bip, aip, PROTO_ICMP, &m))
+    };
+    let ok = error(&syn);
+    b.send(&ok);
+    assert_eq!(a.recv(), ok, "frag needed for a's connection");
+    let other = error(&tcp(&a, b.mac, b.ip, 40999, 80, TCP_SYN));
+    assert_blocked(&mut b, &mut a, &other);
+
+    // IPv6: packet too big about the client's connection.
+    let (la, lb) = (link_local(a.mac), link_local(b.mac));
+    let syn6 = tcp6(a.mac, b.mac, (la, lb), (40000, 80), TCP_SYN);
+    a.send(&syn6);
+    recv6(&mut b);
+    let too_big = |quote: &[u8]| {
+        let mut m = 1280u32.to_be_bytes().to_vec();
+        m.extend_from_slice(&quote[14..]);
+        icmp6(bm, am, (lb, la), 2, &m)
+    };
+    let ok = too_big(&syn6);
+    b.send(&ok);
+    assert_eq!(recv6(&mut a), (PROTO_ICMPV6, 2, lb));
+    let other = too_big(&tcp6(a.mac, b.mac, (la, lb), (40999, 80), TCP_SYN));
+    assert_blocked(&mut b, &mut a, &other);
+}
