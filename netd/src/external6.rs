@@ -86,10 +86,13 @@ impl Inner {
             gw.next_hop
         };
         let mut out = frame.to_vec();
-        match nat.neighbours6.get(&(seg, hop)).copied() {
-            Some(to) => {
+        // From the router, one hop less; the next hop's MAC comes now or
+        // when it answers.
+        let known = nat.neighbours6.get(&(seg, hop)).copied();
+        forward_rewrite(&mut out, mac, known.unwrap_or([0; 6]));
+        match known {
+            Some(_) => {
                 drop(nat);
-                forward_rewrite(&mut out, mac, to);
                 self.emit(seg, &out, kicks);
             }
             None => {
@@ -156,14 +159,11 @@ impl Inner {
                 }
             }
             drop(nat);
+            // Held frames are the router's already (source, hop limit):
+            // only the next hop's MAC was missing.
             for mut f in held {
                 if let Some(to) = at {
-                    let src = legs
-                        .iter()
-                        .find(|(_, m, _)| m[..] == f[6..12])
-                        .map_or([f[6], f[7], f[8], f[9], f[10], f[11]], |l| l.1);
                     f[0..6].copy_from_slice(&to);
-                    f[6..12].copy_from_slice(&src);
                     self.emit(seg, &f, kicks);
                 }
             }

@@ -7,7 +7,7 @@
 //! Needs root (namespaces, TAP).
 #![allow(clippy::unwrap_used)]
 
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -631,6 +631,55 @@ fn floating_ips_snat_port_forwards_and_vlans_meet_the_outside_world() {
         "nobody there"
     );
     assert!(responder.stop() >= 2);
+    // The VM calls out first, to an outside address the router has not
+    // met: the packet waits for neighbour discovery and then leaves as the
+    // router's (its MAC, one hop less); the answer comes back in.
+    ok(&[
+        "ip",
+        "-n",
+        NS,
+        "-6",
+        "addr",
+        "add",
+        "fd00:ee::7/64",
+        "dev",
+        TAP,
+        "nodad",
+    ]);
+    let raw = Raw::open();
+    let mut fe6 = NetFrontend::connect(&vm6.port.socket).unwrap();
+    let web_subnet = f.network(web).unwrap().subnet.unwrap();
+    let web_gateway_mac = f.subnet(web_subnet).unwrap().subnet.gateway_mac;
+    let there: Ipv6Addr = "fd00:ee::7".parse().unwrap();
+    let ping = icmpv6_frame(
+        (vm6.port.mac, web_gateway_mac),
+        (addr6, there),
+        vec![ICMPV6_ECHO_REQUEST, 0, 0, 0, 0, 9, 0, 1],
+    );
+    fe6.send(&ping).unwrap();
+    let (out, _) = raw.recv(|fr, _| {
+        Ethernet::parse(fr).is_ok_and(|e| e.ethertype == ETHERTYPE_IPV6)
+            && Ipv6::parse(&fr[14..]).is_ok_and(|i| i.dst == there && i.protocol == PROTO_ICMPV6)
+    });
+    let gw_mac = out[6..12].to_vec();
+    assert_ne!(gw_mac, vm6.port.mac.to_vec(), "from the router's MAC");
+    assert_eq!(Ipv6::parse(&out[14..]).unwrap().hop_limit, 254);
+    let (back, _) = raw.recv(|fr, _| {
+        Ethernet::parse(fr).is_ok_and(|e| e.ethertype == ETHERTYPE_IPV6)
+            && Ipv6::parse(&fr[14..]).is_ok_and(|i| i.src == there)
+    });
+    assert_eq!(&back[..6], &gw_mac[..], "the outside answers the router");
+    let reply = loop {
+        let r = fe6
+            .recv(Duration::from_secs(10))
+            .unwrap()
+            .expect("the answer");
+        if Ipv6::parse(&r[14..]).is_ok_and(|i| i.src == there) {
+            break r;
+        }
+    };
+    assert_eq!(reply[14 + 40], ICMPV6_ECHO_REPLY);
+    drop(fe6);
     f.delete_port(vm6.port.id.0).unwrap();
 
     // The VPC goes once its network has; its router address stops
