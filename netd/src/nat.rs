@@ -411,10 +411,13 @@ impl Inner {
         } else {
             gw.next_hop
         };
-        match nat.neighbours.get(&(gw.segment, hop)).copied() {
-            Some(mac) => {
+        // From the router, TTL one less; the next hop's MAC comes now or
+        // when it answers.
+        let known = nat.neighbours.get(&(gw.segment, hop)).copied();
+        route_rewrite(&mut out, gw.mac, known.unwrap_or([0; 6]));
+        match known {
+            Some(_) => {
                 drop(nat);
-                route_rewrite(&mut out, gw.mac, mac);
                 self.emit(gw.segment, &out, kicks);
             }
             None => {
@@ -462,11 +465,11 @@ impl Inner {
                 // what waited for it.
                 nat.neighbours.insert((seg, a.spa), a.sha);
                 let held = nat.waiting.remove(&(seg, a.spa)).unwrap_or_default();
-                let gw_mac = ours.as_ref().map(|g| g.mac);
                 drop(nat);
+                // Held frames are the router's already (source, TTL): only
+                // the next hop's MAC was missing.
                 for mut f in held {
-                    let src = gw_mac.unwrap_or([f[6], f[7], f[8], f[9], f[10], f[11]]);
-                    route_rewrite(&mut f, src, a.sha);
+                    f[0..6].copy_from_slice(&a.sha);
                     self.emit(seg, &f, kicks);
                 }
                 if let (Some(g), ARP_REQUEST) = (ours, a.op) {
