@@ -1,6 +1,6 @@
 //! The virtio-net header and the offloads it carries: a checksum the sender
-//! left to the device (NEEDS_CSUM) and TCP segmentation (GSO TCPv4 and
-//! TCPv6).
+//! left to the device (NEEDS_CSUM), TCP segmentation (GSO TCPv4 and
+//! TCPv6) and UDP segmentation (GSO UDP_L4, both families).
 //!
 //! A frame keeps its header through the switch as long as it goes to ports
 //! whose drivers accept the offload; for anything else (a driver without the
@@ -28,6 +28,12 @@ pub const F_GUEST_TSO6: u64 = 1 << 8;
 pub const F_HOST_TSO4: u64 = 1 << 11;
 /// VIRTIO_NET_F_HOST_TSO6: the device accepts TCPv6 segmentation offload.
 pub const F_HOST_TSO6: u64 = 1 << 12;
+/// VIRTIO_NET_F_GUEST_USO4: the driver accepts UDP segmentation over IPv4.
+pub const F_GUEST_USO4: u64 = 1 << 54;
+/// VIRTIO_NET_F_GUEST_USO6: the driver accepts UDP segmentation over IPv6.
+pub const F_GUEST_USO6: u64 = 1 << 55;
+/// VIRTIO_NET_F_HOST_USO: the device accepts UDP segmentation offload.
+pub const F_HOST_USO: u64 = 1 << 56;
 /// VIRTIO_NET_F_MRG_RXBUF: a received frame may span several buffers.
 pub const F_MRG_RXBUF: u64 = 1 << 15;
 
@@ -39,6 +45,8 @@ pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
 /// VIRTIO_NET_HDR_GSO_TCPV6.
 pub const GSO_TCPV6: u8 = 4;
+/// VIRTIO_NET_HDR_GSO_UDP_L4: UDP datagrams of `gso_size` bytes each.
+pub const GSO_UDP_L4: u8 = 5;
 /// VIRTIO_NET_HDR_GSO_ECN, or-ed into the GSO type.
 pub const GSO_ECN: u8 = 0x80;
 /// The smallest segment size accepted: below it, one frame would turn into
@@ -133,6 +141,8 @@ impl NetHdr {
         match self.gso_type & !GSO_ECN {
             GSO_TCPV4 => f |= F_GUEST_TSO4 | F_GUEST_CSUM,
             GSO_TCPV6 => f |= F_GUEST_TSO6 | F_GUEST_CSUM,
+            // Either family: the header does not say which.
+            GSO_UDP_L4 => f |= F_GUEST_USO4 | F_GUEST_USO6 | F_GUEST_CSUM,
             _ => {}
         }
         f
@@ -140,8 +150,8 @@ impl NetHdr {
 
     /// Checks a header a guest sent with a frame of `len` bytes, against
     /// the `features` its driver acked: offloads it did not negotiate, GSO
-    /// types other than TCPv4 and TCPv6, GSO without NEEDS_CSUM and a
-    /// checksum position outside the frame are refused.
+    /// types other than TCPv4, TCPv6 and UDP_L4, GSO without NEEDS_CSUM and
+    /// a checksum position outside the frame are refused.
     pub fn validate(&self, features: u64, len: usize) -> Result<(), FrameError> {
         if self.needs_csum() {
             if features & F_CSUM == 0 {
@@ -162,7 +172,10 @@ impl NetHdr {
                 GSO_TCPV6 if features & F_HOST_TSO6 == 0 => {
                     return Err(FrameError::Malformed("virtio-net: TSO6 not negotiated"));
                 }
-                GSO_TCPV4 | GSO_TCPV6 => {}
+                GSO_UDP_L4 if features & F_HOST_USO == 0 => {
+                    return Err(FrameError::Malformed("virtio-net: USO not negotiated"));
+                }
+                GSO_TCPV4 | GSO_TCPV6 | GSO_UDP_L4 => {}
                 _ => return Err(FrameError::Malformed("virtio-net: GSO type not offered")),
             }
             if !self.needs_csum() {
@@ -194,11 +207,11 @@ pub fn complete_checksum(frame: &mut [u8], hdr: &NetHdr) -> Result<(), FrameErro
     Ok(())
 }
 
-/// Where the headers of a TCP frame sit.
+/// Where the headers of a TCP or UDP frame sit.
 struct TcpLayout {
     /// Start of the IP header.
     ip: usize,
-    /// Start of the TCP header.
+    /// Start of the TCP (or UDP) header.
     tcp: usize,
     /// Start of the payload.
     payload: usize,
@@ -207,6 +220,11 @@ struct TcpLayout {
 }
 
 fn tcp_layout(frame: &[u8]) -> Result<TcpLayout, FrameError> {
+    l4_layout(frame, PROTO_TCP)
+}
+
+/// Where the headers of a frame of transport `proto` (TCP or UDP) sit.
+fn l4_layout(frame: &[u8], proto: u8) -> Result<TcpLayout, FrameError> {
     let eth = Ethernet::parse(frame)?;
     let ip = frame.len() - eth.payload.len();
     let b = eth.payload;
@@ -216,26 +234,33 @@ fn tcp_layout(frame: &[u8]) -> Result<TcpLayout, FrameError> {
                 return Err(FrameError::Malformed("GSO: bad IPv4 header"));
             }
             let ihl = usize::from(b[0] & 0x0f) * 4;
-            if ihl < 20 || b.len() < ihl + 20 || b[9] != PROTO_TCP {
-                return Err(FrameError::Malformed("GSO: not a TCP segment"));
+            if ihl < 20 || b.len() < ihl + 8 || b[9] != proto {
+                return Err(FrameError::Malformed("GSO: not the protocol of its type"));
             }
             (ihl, false)
         }
         // TCP right after the fixed header: drivers put no extension
         // headers in the segments they leave to the device.
         ETHERTYPE_IPV6 => {
-            if b.len() < 60 || b[0] >> 4 != 6 || b[6] != PROTO_TCP {
-                return Err(FrameError::Malformed("GSO: not a TCP segment in IPv6"));
+            if b.len() < 48 || b[0] >> 4 != 6 || b[6] != proto {
+                return Err(FrameError::Malformed(
+                    "GSO: not the protocol of its type in IPv6",
+                ));
             }
             (40, true)
         }
         _ => return Err(FrameError::Malformed("GSO: neither IPv4 nor IPv6")),
     };
     let tcp = ip + ihl;
-    let doff = usize::from(frame[tcp + 12] >> 4) * 4;
-    if doff < 20 || frame.len() < tcp + doff {
-        return Err(FrameError::Malformed("GSO: bad TCP header"));
-    }
+    let doff = if proto == PROTO_UDP {
+        8
+    } else {
+        let doff = frame.get(tcp + 12).map_or(0, |b| usize::from(b >> 4) * 4);
+        if doff < 20 || frame.len() < tcp + doff {
+            return Err(FrameError::Malformed("GSO: bad TCP header"));
+        }
+        doff
+    };
     Ok(TcpLayout {
         ip,
         tcp,
@@ -272,6 +297,9 @@ pub fn finish(frame: &[u8], hdr: &NetHdr, mut out: impl FnMut(&[u8])) -> Result<
         out(&f);
         return Ok(());
     }
+    if hdr.gso_type & !GSO_ECN == GSO_UDP_L4 {
+        return finish_udp(frame, hdr, out);
+    }
     let l = tcp_layout(frame)?;
     let mss = usize::from(hdr.gso_size.max(MIN_GSO_SIZE));
     let payload = &frame[l.payload..];
@@ -294,24 +322,9 @@ pub fn finish(frame: &[u8], hdr: &NetHdr, mut out: impl FnMut(&[u8])) -> Result<
         seg.clear();
         seg.extend_from_slice(headers);
         seg.extend_from_slice(chunk);
-        let ip_len = seg.len() - l.ip;
         let tcp_len = seg.len() - l.tcp;
-        let n = u16::try_from(i).unwrap_or(u16::MAX);
         let off = u32::try_from(i * mss).unwrap_or(0);
-        let too_long = |_| FrameError::Malformed("GSO: segment too long");
-        if l.v6 {
-            // IPv6: the payload length.
-            let len = u16::try_from(ip_len - 40).map_err(too_long)?;
-            seg[l.ip + 4..l.ip + 6].copy_from_slice(&len.to_be_bytes());
-        } else {
-            // IPv4: length, id, checksum.
-            let ip_total = u16::try_from(ip_len).map_err(too_long)?;
-            seg[l.ip + 2..l.ip + 4].copy_from_slice(&ip_total.to_be_bytes());
-            seg[l.ip + 4..l.ip + 6].copy_from_slice(&ip_id.wrapping_add(n).to_be_bytes());
-            seg[l.ip + 10..l.ip + 12].fill(0);
-            let ip_sum = checksum(&seg[l.ip..l.tcp]);
-            seg[l.ip + 10..l.ip + 12].copy_from_slice(&ip_sum.to_be_bytes());
-        }
+        fix_ip(&mut seg, &l, u16::try_from(i).unwrap_or(u16::MAX), ip_id)?;
         // TCP: sequence, flags (FIN and PSH on the last only, CWR on the
         // first only), checksum.
         seg[l.tcp + 4..l.tcp + 8].copy_from_slice(&seq.wrapping_add(off).to_be_bytes());
@@ -329,6 +342,60 @@ pub fn finish(frame: &[u8], hdr: &NetHdr, mut out: impl FnMut(&[u8])) -> Result<
             &seg[l.tcp..],
         );
         seg[l.tcp + 16..l.tcp + 18].copy_from_slice(&(!fold(sum)).to_be_bytes());
+        out(&seg);
+    }
+    Ok(())
+}
+
+/// Sets the IP header's lengths (and for IPv4 its id and checksum) for a
+/// segment `seg` cut from a larger one: segment `n`, the first's id `id`.
+fn fix_ip(seg: &mut [u8], l: &TcpLayout, n: u16, id: u16) -> Result<(), FrameError> {
+    let ip_len = seg.len() - l.ip;
+    let too_long = |_| FrameError::Malformed("GSO: segment too long");
+    if l.v6 {
+        let len = u16::try_from(ip_len - 40).map_err(too_long)?;
+        seg[l.ip + 4..l.ip + 6].copy_from_slice(&len.to_be_bytes());
+    } else {
+        let ip_total = u16::try_from(ip_len).map_err(too_long)?;
+        seg[l.ip + 2..l.ip + 4].copy_from_slice(&ip_total.to_be_bytes());
+        seg[l.ip + 4..l.ip + 6].copy_from_slice(&id.wrapping_add(n).to_be_bytes());
+        seg[l.ip + 10..l.ip + 12].fill(0);
+        let ip_sum = checksum(&seg[l.ip..l.tcp]);
+        seg[l.ip + 10..l.ip + 12].copy_from_slice(&ip_sum.to_be_bytes());
+    }
+    Ok(())
+}
+
+/// [`finish`] for a UDP segmentation frame: datagrams of `gso_size`
+/// payload bytes, each with its own length and checksum.
+fn finish_udp(frame: &[u8], hdr: &NetHdr, mut out: impl FnMut(&[u8])) -> Result<(), FrameError> {
+    let l = l4_layout(frame, PROTO_UDP)?;
+    let size = usize::from(hdr.gso_size.max(MIN_GSO_SIZE));
+    let payload = &frame[l.payload..];
+    let headers = &frame[..l.payload];
+    let ip_id = u16::from_be_bytes([frame[l.ip + 4], frame[l.ip + 5]]);
+    let mut seg = Vec::with_capacity(headers.len() + size);
+    for (i, chunk) in payload
+        .chunks(size)
+        .chain(payload.is_empty().then_some(&[][..]))
+        .enumerate()
+    {
+        seg.clear();
+        seg.extend_from_slice(headers);
+        seg.extend_from_slice(chunk);
+        fix_ip(&mut seg, &l, u16::try_from(i).unwrap_or(u16::MAX), ip_id)?;
+        let udp_len = seg.len() - l.tcp;
+        let len =
+            u16::try_from(udp_len).map_err(|_| FrameError::Malformed("GSO: segment too long"))?;
+        seg[l.tcp + 4..l.tcp + 6].copy_from_slice(&len.to_be_bytes());
+        seg[l.tcp + 6..l.tcp + 8].fill(0);
+        let sum = !fold(ones_sum(
+            pseudo_sum(&seg[l.ip..l.tcp], PROTO_UDP, udp_len),
+            &seg[l.tcp..],
+        ));
+        // A computed 0 goes as all ones (0 means no checksum).
+        let sum = if sum == 0 { 0xffff } else { sum };
+        seg[l.tcp + 6..l.tcp + 8].copy_from_slice(&sum.to_be_bytes());
         out(&seg);
     }
     Ok(())
@@ -478,6 +545,15 @@ mod tests {
         );
         assert!(v6.validate(F_CSUM | F_HOST_TSO6, 100).is_ok());
         assert_eq!(v6.needs_features(), F_GUEST_TSO6 | F_GUEST_CSUM);
+        let uso = NetHdr {
+            gso_type: GSO_UDP_L4,
+            ..gso
+        };
+        assert!(
+            uso.validate(F_CSUM | F_HOST_TSO4, 100).is_err(),
+            "USO not negotiated"
+        );
+        assert!(uso.validate(F_CSUM | F_HOST_USO, 100).is_ok());
         let tiny = NetHdr { gso_size: 1, ..gso };
         assert!(tiny.validate(F_CSUM | F_HOST_TSO4, 100).is_err());
         let no_csum = NetHdr { flags: 0, ..gso };

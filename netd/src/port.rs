@@ -30,8 +30,8 @@ use crate::frame::Mac;
 use crate::l2::{PortId, SegmentId};
 use crate::metadata::Metadata;
 use crate::offload::{
-    self, NetHdr, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6,
-    F_MRG_RXBUF,
+    self, NetHdr, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_USO4, F_GUEST_USO6,
+    F_HOST_TSO4, F_HOST_TSO6, F_HOST_USO, F_MRG_RXBUF,
 };
 use crate::qos::{Limit, Qos};
 use crate::ring::{writable_len, Desc, Pieces, Ring};
@@ -961,6 +961,9 @@ impl VhostUserBackend for Backend {
             | F_GUEST_TSO6
             | F_HOST_TSO4
             | F_HOST_TSO6
+            | F_GUEST_USO4
+            | F_GUEST_USO6
+            | F_HOST_USO
             | F_MRG_RXBUF
             | F_MQ
             | F_MAC

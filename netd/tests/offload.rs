@@ -13,7 +13,8 @@ use netd::frame::{checksum, Mac, BROADCAST, ETHERTYPE_IPV4};
 use netd::l2::SegmentId;
 use netd::offload::{
     transport_checksum_ok, NetHdr, FLAG_NEEDS_CSUM, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4,
-    F_GUEST_TSO6, F_HOST_TSO4, F_HOST_TSO6, GSO_TCPV4, GSO_TCPV6,
+    F_GUEST_TSO6, F_GUEST_USO4, F_GUEST_USO6, F_HOST_TSO4, F_HOST_TSO6, F_HOST_USO, GSO_TCPV4,
+    GSO_TCPV6, GSO_UDP_L4,
 };
 use netd::switch::Switch;
 
@@ -322,4 +323,72 @@ fn tcp_over_ipv6_is_segmented_for_drivers_without_tso6() {
     let (_, f) = t.recv_with_header(WAIT).unwrap().unwrap();
     assert_eq!(f, hello(G), "the TSO6 frame was dropped");
     assert_eq!(pu.stats.tx_dropped.load(Ordering::Relaxed), 1);
+}
+
+/// A UDP frame from S to `dst` of `payload` bytes over IPv4 with the
+/// pseudo-header sum in its checksum field, and the header that asks for
+/// UDP segmentation into `size`-byte datagrams.
+fn udp_gso(dst: Mac, payload: usize, size: u16) -> (Vec<u8>, NetHdr) {
+    let (mut f, mut hdr) = tcp(dst, payload, false);
+    // The TCP frame's 20-byte header becomes an 8-byte UDP one.
+    f.drain(14 + 20 + 8..14 + 20 + 20);
+    let total = u16::try_from(20 + 8 + payload).unwrap();
+    f[14 + 2..14 + 4].copy_from_slice(&total.to_be_bytes());
+    f[14 + 9] = 17;
+    f[14 + 10..14 + 12].fill(0);
+    let s = checksum(&f[14..34]);
+    f[14 + 10..14 + 12].copy_from_slice(&s.to_be_bytes());
+    let ulen = u16::try_from(8 + payload).unwrap();
+    f[34 + 4..34 + 6].copy_from_slice(&ulen.to_be_bytes());
+    let mut pseudo = f[26..34].to_vec();
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&ulen.to_be_bytes());
+    f[34 + 6..34 + 8].copy_from_slice(&(!checksum(&pseudo)).to_be_bytes());
+    hdr.csum_offset = 6;
+    hdr.gso_type = GSO_UDP_L4;
+    hdr.gso_size = size;
+    hdr.hdr_len = 42;
+    (f, hdr)
+}
+
+#[test]
+fn udp_segmentation_is_kept_for_drivers_that_take_it_and_done_for_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let sw = Switch::new(dir.path().to_owned()).unwrap();
+    let ports: Vec<_> = [S, T, P]
+        .iter()
+        .map(|m| sw.add_port(SegmentId(1), *m).unwrap())
+        .collect();
+    let mut s = NetFrontend::connect_with(&ports[0].socket, F_CSUM | F_HOST_USO).unwrap();
+    let uso = F_GUEST_CSUM | F_GUEST_USO4 | F_GUEST_USO6 | F_MRG_RXBUF;
+    let mut t = NetFrontend::connect_with(&ports[1].socket, uso).unwrap();
+    let mut p = NetFrontend::connect(&ports[2].socket).unwrap();
+    assert_eq!(s.features() & F_HOST_USO, F_HOST_USO, "the port offers it");
+    for (f, m) in [(&mut t, T), (&mut p, P)] {
+        f.send(&hello(m)).unwrap();
+    }
+    drain(&mut s);
+    drain(&mut t);
+    drain(&mut p);
+
+    let (big, hdr) = udp_gso(T, 10_000, 1400);
+    s.send_with_header(hdr.to_bytes(), &big).unwrap();
+    let (h, frame) = t.recv_with_header(WAIT).unwrap().unwrap();
+    assert_eq!(frame, big, "whole to the driver that takes it");
+    assert_eq!(NetHdr::parse(&h).gso_type, GSO_UDP_L4);
+
+    let (big, hdr) = udp_gso(P, 10_000, 1400);
+    s.send_with_header(hdr.to_bytes(), &big).unwrap();
+    let segs = drain(&mut p);
+    assert_eq!(segs.len(), 8);
+    let mut data = Vec::new();
+    for (i, (_, f)) in segs.iter().enumerate() {
+        assert!(transport_checksum_ok(f), "datagram {i}");
+        assert_eq!(checksum(&f[14..34]), 0, "IP header of datagram {i}");
+        let ulen = usize::from(u16::from_be_bytes([f[38], f[39]]));
+        assert_eq!(ulen, f.len() - 34, "UDP length of datagram {i}");
+        assert!(ulen <= 8 + 1400);
+        data.extend_from_slice(&f[42..]);
+    }
+    assert_eq!(data, big[42..]);
 }
