@@ -14,7 +14,9 @@ use crate::flow::{icmpv6_frame, multicast_mac, Packet6, ICMPV6_ECHO_REPLY, ICMPV
 use crate::frame::{Ethernet, Ipv6, Mac};
 use crate::l2::SegmentId;
 use crate::nat::{Gateway6, MAX_WAITING};
-use crate::ndp::{neighbour_advert, ALL_NODES, NEIGHBOUR_ADVERTISEMENT, NEIGHBOUR_SOLICITATION};
+use crate::ndp::{
+    self, neighbour_advert, ALL_NODES, NEIGHBOUR_ADVERTISEMENT, NEIGHBOUR_SOLICITATION,
+};
 use crate::offload::NetHdr;
 use crate::router::VpcId;
 use crate::secgroup::contains6;
@@ -194,28 +196,53 @@ impl Inner {
             }
             return true;
         }
-        if ip.hop_limit > 1 {
-            self.route_into6(vpc, ip.dst, frame, kicks);
+        let why = if ip.hop_limit <= 1 {
+            Some((ndp::TIME_EXCEEDED, 0))
+        } else if self.route_into6(vpc, ip.dst, frame, kicks) {
+            None
+        } else if self
+            .l3
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .vpc_covers6(vpc, ip.dst)
+        {
+            Some((ndp::UNREACHABLE, ndp::ADDRESS_UNREACHABLE))
+        } else {
+            Some((ndp::UNREACHABLE, ndp::NO_ROUTE))
+        };
+        // The sender learns why, within the router's error rate.
+        if let Some(why) = why.filter(|_| self.icmp6_errors.allow(kicks.now)) {
+            let at = crate::flow::ip_offset(frame);
+            let len = frame
+                .get(at + 4..at + 6)
+                .map_or(0, |b| 40 + usize::from(u16::from_be_bytes([b[0], b[1]])));
+            let packet = frame.get(at..at + len).unwrap_or_default();
+            if let Some(e) = ndp::error_from((mac, eth.src), g.ip, packet, ip, why) {
+                self.emit(seg, &e, kicks);
+            }
         }
         true
     }
 
     /// Hands an IPv6 packet from outside to the VM of `vpc` holding `dst`,
     /// through its ingress checks.
-    fn route_into6(&self, vpc: VpcId, dst: Ipv6Addr, frame: &[u8], kicks: &mut Kicks) {
+    /// False if no VM of the VPC holds `dst` (here).
+    fn route_into6(&self, vpc: VpcId, dst: Ipv6Addr, frame: &[u8], kicks: &mut Kicks) -> bool {
         let target = {
             let l3 = self.l3.read().unwrap_or_else(PoisonError::into_inner);
             l3.route_in_vpc6(vpc, dst)
                 .map(|(seg, sub, host)| (seg, sub.gateway_mac, host.port, host.mac))
         };
         let Some((seg, gw_mac, port, mac)) = target else {
-            return;
+            return false;
         };
-        let to = self.port_on(seg, port);
-        let Some(to) = to else { return };
+        let Some(to) = self.port_on(seg, port) else {
+            return false;
+        };
         let mut out = frame.to_vec();
         forward_rewrite(&mut out, gw_mac, mac);
         self.deliver_checked(&to, (&out, &NetHdr::PLAIN), None, kicks.now, kicks);
+        true
     }
 }
 

@@ -153,13 +153,24 @@ pub fn error(
     (kind, code): (u8, u8),
 ) -> Option<Vec<u8>> {
     let [_, me] = subnet.gateway6()?;
+    error_from((subnet.gateway_mac, mac), me, packet, ip, (kind, code))
+}
+
+/// [`error`] from the router's address `me` and MAC `macs.0` to `macs.1`.
+pub fn error_from(
+    macs: (Mac, Mac),
+    me: Ipv6Addr,
+    packet: &[u8],
+    ip: &Ipv6<'_>,
+    (kind, code): (u8, u8),
+) -> Option<Vec<u8>> {
     let about_error = ip.protocol == PROTO_ICMPV6 && ip.payload.first().is_some_and(|t| *t < 128);
     if about_error || ip.dst.is_multicast() || ip.src.is_multicast() || ip.src.is_unspecified() {
         return None;
     }
     let mut b = vec![kind, code, 0, 0, 0, 0, 0, 0];
     b.extend_from_slice(&packet[..packet.len().min(ERROR_QUOTE)]);
-    Some(icmpv6_frame((subnet.gateway_mac, mac), (me, ip.src), b))
+    Some(icmpv6_frame(macs, (me, ip.src), b))
 }
 
 #[cfg(test)]

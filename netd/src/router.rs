@@ -133,6 +133,13 @@ impl L3 {
         self.reachable(segment, true).any(|(_, s)| s.contains6(ip))
     }
 
+    /// Whether `ip` is in a /64 of `vpc`'s subnets.
+    pub fn vpc_covers6(&self, vpc: VpcId, ip: Ipv6Addr) -> bool {
+        self.subnets
+            .values()
+            .any(|s| s.vpc == Some(vpc) && s.contains6(ip))
+    }
+
     /// Whether `ip` is an IPv6 address of the router a port on `segment`
     /// may talk to.
     pub fn is_gateway6(&self, segment: SegmentId, ip: Ipv6Addr) -> bool {

@@ -106,7 +106,7 @@ pub(crate) struct Inner {
     /// Whether any VPC has a gateway (else no frame needs the NAT lock).
     pub(crate) nat_on: std::sync::atomic::AtomicBool,
     /// ICMPv6 errors the router may still send this second.
-    icmp6_errors: ErrorRate,
+    pub(crate) icmp6_errors: ErrorRate,
     /// When the router next advertises on its IPv6 subnets unasked.
     next_advert: Mutex<Instant>,
     /// The data-path threads and the transmit rings each polls (the first
@@ -131,7 +131,7 @@ const ICMP6_ERRORS_PER_SECOND: u32 = 100;
 
 /// A budget of errors per second.
 #[derive(Debug)]
-struct ErrorRate(Mutex<(Instant, u32)>);
+pub(crate) struct ErrorRate(Mutex<(Instant, u32)>);
 
 impl ErrorRate {
     fn new() -> Self {
@@ -139,7 +139,7 @@ impl ErrorRate {
     }
 
     /// Whether one more may go at `now`.
-    fn allow(&self, now: Instant) -> bool {
+    pub(crate) fn allow(&self, now: Instant) -> bool {
         let mut b = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if now.saturating_duration_since(b.0) >= Duration::from_secs(1) {
             *b = (now, 0);

@@ -614,6 +614,7 @@ fn floating_ips_snat_port_forwards_and_vlans_meet_the_outside_world() {
     for args in [
         &["-6", "addr", "add", "fd00:ee::1/64", "dev", TAP, "nodad"][..],
         &["-6", "route", "add", "fd00:1::/64", "via", &gw6s],
+        &["-6", "route", "add", "fd00:9::/64", "via", &gw6s],
     ] {
         let mut full = vec!["ip", "-n", NS];
         full.extend_from_slice(args);
@@ -626,10 +627,16 @@ fn floating_ips_snat_port_forwards_and_vlans_meet_the_outside_world() {
     let responder = Responder::start(&vm6);
     assert!(ping_from_outside(&["-6", &gw6s]), "the router's address");
     assert!(ping_from_outside(&["-6", &addr6.to_string()]), "the VM");
-    assert!(
-        !ping_from_outside(&["-6", "-c", "1", "-W", "1", "fd00:1::99"]),
-        "nobody there"
-    );
+    // Nobody there, or outside the VPC's /64s: the router says so.
+    for (to, why) in [
+        ("fd00:1::99", "Address unreachable"),
+        ("fd00:9::1", "No route"),
+    ] {
+        let out = in_ns(&["ping", "-6", "-c", "1", "-W", "2", to]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{to}: {text}");
+        assert!(text.contains(why), "{to}: {text}");
+    }
     assert!(responder.stop() >= 2);
     // The VM calls out first, to an outside address the router has not
     // met: the packet waits for neighbour discovery and then leaves as the
