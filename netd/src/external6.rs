@@ -10,7 +10,9 @@ use std::net::Ipv6Addr;
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
-use crate::flow::{icmpv6_frame, multicast_mac, Packet6, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST};
+use crate::flow::{
+    icmpv6_frame, multicast_mac, solicited_node, Packet6, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST,
+};
 use crate::frame::{Ethernet, Ipv6, Mac};
 use crate::l2::SegmentId;
 use crate::nat::{Gateway6, MAX_WAITING};
@@ -21,21 +23,6 @@ use crate::offload::NetHdr;
 use crate::router::VpcId;
 use crate::secgroup::contains6;
 use crate::switch::{Inner, Kicks};
-
-/// The solicited-node group of `ip` (where a neighbour solicitation goes).
-fn solicited_node(ip: Ipv6Addr) -> Ipv6Addr {
-    let o = ip.octets();
-    Ipv6Addr::new(
-        0xff02,
-        0,
-        0,
-        0,
-        0,
-        1,
-        0xff00 | u16::from(o[13]),
-        u16::from_be_bytes([o[14], o[15]]),
-    )
-}
 
 /// The target of a neighbour solicitation or advertisement and the
 /// link-layer address option it carries (source for a solicitation, target
@@ -212,11 +199,7 @@ impl Inner {
         };
         // The sender learns why, within the router's error rate.
         if let Some(why) = why.filter(|_| self.icmp6_errors.allow(kicks.now)) {
-            let at = crate::flow::ip_offset(frame);
-            let len = frame
-                .get(at + 4..at + 6)
-                .map_or(0, |b| 40 + usize::from(u16::from_be_bytes([b[0], b[1]])));
-            let packet = frame.get(at..at + len).unwrap_or_default();
+            let packet = crate::flow::ipv6_packet(frame);
             if let Some(e) = ndp::error_from((mac, eth.src), g.ip, packet, ip, why) {
                 self.emit(seg, &e, kicks);
             }

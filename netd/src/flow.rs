@@ -216,6 +216,33 @@ impl Transport {
     }
 }
 
+/// The IPv6 packet in `frame` as its header's payload length bounds it
+/// (link padding cut off; empty if the header is not there): what an
+/// ICMPv6 error quotes.
+pub fn ipv6_packet(frame: &[u8]) -> &[u8] {
+    let at = ip_offset(frame);
+    let len = frame
+        .get(at + 4..at + 6)
+        .map_or(0, |b| 40 + usize::from(u16::from_be_bytes([b[0], b[1]])));
+    frame.get(at..at + len).unwrap_or_default()
+}
+
+/// The solicited-node multicast group of `ip`: where a neighbour
+/// solicitation for it goes.
+pub fn solicited_node(ip: Ipv6Addr) -> Ipv6Addr {
+    let o = ip.octets();
+    Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(o[13]),
+        u16::from_be_bytes([o[14], o[15]]),
+    )
+}
+
 /// Whether an ICMP message of `kind` is an error about a packet it quotes
 /// (destination unreachable, time exceeded, parameter problem).
 pub fn icmp_error(kind: u8) -> bool {

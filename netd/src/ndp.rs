@@ -19,6 +19,8 @@ pub const ROUTER_ADVERTISEMENT: u8 = 134;
 pub const NEIGHBOUR_SOLICITATION: u8 = 135;
 /// ICMPv6 neighbour advertisement.
 pub const NEIGHBOUR_ADVERTISEMENT: u8 = 136;
+/// ICMPv6 redirect.
+pub const REDIRECT: u8 = 137;
 
 /// All nodes on the link.
 pub const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);

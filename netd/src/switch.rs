@@ -757,11 +757,15 @@ pub(crate) fn nd_about_itself(
 ) -> Result<(), Refused> {
     // Fixed part: type, code, checksum, then 4 bytes (RS) or 4 bytes and a
     // 16-byte target (NS, NA).
-    let fixed = if kind == 133 { 8 } else { 24 };
+    let fixed = if kind == ndp::ROUTER_SOLICITATION {
+        8
+    } else {
+        24
+    };
     let Some(mut opts) = icmp.get(fixed..) else {
         return Err(Refused::Neighbour("message too short"));
     };
-    if kind == 136 || (kind == 135 && dad) {
+    if kind == ndp::NEIGHBOUR_ADVERTISEMENT || (kind == ndp::NEIGHBOUR_SOLICITATION && dad) {
         let mut t = [0u8; 16];
         t.copy_from_slice(&icmp[8..24]);
         if !sec.may_use6(std::net::Ipv6Addr::from(t)) {
@@ -1433,9 +1437,9 @@ impl Inner {
         }
         if link_control(p) {
             return match p.icmp_type {
-                Some(134) => Err(Refused::RouterOnly("router advertisement")),
-                Some(137) => Err(Refused::RouterOnly("redirect")),
-                Some(t @ 133..=136) => {
+                Some(ndp::ROUTER_ADVERTISEMENT) => Err(Refused::RouterOnly("router advertisement")),
+                Some(ndp::REDIRECT) => Err(Refused::RouterOnly("redirect")),
+                Some(t @ ndp::ROUTER_SOLICITATION..=ndp::NEIGHBOUR_ADVERTISEMENT) => {
                     let dad = p.flow.src.is_unspecified();
                     nd_about_itself(t, ip.payload, from.mac, sec, dad)
                 }
@@ -1600,11 +1604,7 @@ impl Inner {
             } else {
                 (ndp::UNREACHABLE, ndp::NO_ROUTE)
             };
-            let at = crate::flow::ip_offset(frame);
-            let len = frame
-                .get(at + 4..at + 6)
-                .map_or(0, |b| 40 + usize::from(u16::from_be_bytes([b[0], b[1]])));
-            let packet = frame.get(at..at + len).unwrap_or_default();
+            let packet = crate::flow::ipv6_packet(frame);
             let error = l3
                 .subnet(from.segment)
                 .filter(|_| !scoped && self.icmp6_errors.allow(now))

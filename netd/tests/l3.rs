@@ -12,9 +12,9 @@ use std::time::Duration;
 use atoll_tests::net_frontend::NetFrontend;
 use netd::fabric::{Fabric, Kind, PortEntry, SubnetSettings};
 use netd::flow::{
-    ipv4_header, link_local, multicast_mac, slaac, udp_frame, Packet, ICMPV6_ECHO_REQUEST,
-    ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, TCP_ACK, TCP_FIN,
-    TCP_SYN,
+    ipv4_header, link_local, multicast_mac, slaac, solicited_node, udp_frame, Packet,
+    ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    TCP_ACK, TCP_FIN, TCP_SYN,
 };
 use netd::frame::{
     checksum, Arp, Ethernet, Ipv4, Ipv6, Mac, ARP_REPLY, ARP_REQUEST, BROADCAST, ETHERTYPE_IPV6,
@@ -657,18 +657,8 @@ fn router_advert(mac: Mac) -> Vec<u8> {
 
 /// The solicited-node multicast address of `ip`, and its MAC.
 fn solicited(ip: Ipv6Addr) -> (Ipv6Addr, Mac) {
-    let o = ip.octets();
-    let group = Ipv6Addr::new(
-        0xff02,
-        0,
-        0,
-        0,
-        0,
-        1,
-        0xff00 | u16::from(o[13]),
-        u16::from_be_bytes([o[14], o[15]]),
-    );
-    (group, [0x33, 0x33, 0xff, o[13], o[14], o[15]])
+    let group = solicited_node(ip);
+    (group, multicast_mac(group))
 }
 
 /// The next frame `vm` gets, as an IPv6 packet's (protocol, ICMPv6 type or

@@ -261,33 +261,43 @@ fn offloads_a_driver_did_not_negotiate_are_refused() {
     assert!(got.iter().all(|(_, f)| transport_checksum_ok(f)));
 }
 
+/// Ports S, T and P on one segment with frontends: S's driver acks
+/// `s`, T's and P's `t` and `p` (None: the frontend's defaults); T and P
+/// have announced themselves, and everything they sent is drained.
+fn sender_and_two(sw: &Switch, s: u64, t: Option<u64>, p: Option<u64>) -> [NetFrontend; 3] {
+    let connect = |mac: Mac, features: Option<u64>| {
+        let port = sw.add_port(SegmentId(1), mac).unwrap();
+        match features {
+            Some(f) => NetFrontend::connect_with(&port.socket, f).unwrap(),
+            None => NetFrontend::connect(&port.socket).unwrap(),
+        }
+    };
+    let mut fes = [connect(S, Some(s)), connect(T, t), connect(P, p)];
+    for (f, m) in fes[1..].iter_mut().zip([T, P]) {
+        f.send(&hello(m)).unwrap();
+    }
+    for f in &mut fes {
+        drain(f);
+    }
+    fes
+}
+
 #[test]
 fn tcp_over_ipv6_is_segmented_for_drivers_without_tso6() {
     let dir = tempfile::tempdir().unwrap();
     let sw = Switch::new(dir.path().to_owned()).unwrap();
-    let ports: Vec<_> = [S, T, P]
-        .iter()
-        .map(|m| sw.add_port(SegmentId(1), *m).unwrap())
-        .collect();
-    let mut s = NetFrontend::connect_with(&ports[0].socket, F_CSUM | F_HOST_TSO6).unwrap();
-    let mut t =
-        NetFrontend::connect_with(&ports[1].socket, F_GUEST_CSUM | F_GUEST_TSO6 | F_MRG_RXBUF)
-            .unwrap();
     // P takes TSO for IPv4 only.
-    let mut p =
-        NetFrontend::connect_with(&ports[2].socket, F_GUEST_CSUM | F_GUEST_TSO4 | F_MRG_RXBUF)
-            .unwrap();
+    let [mut s, mut t, mut p] = sender_and_two(
+        &sw,
+        F_CSUM | F_HOST_TSO6,
+        Some(F_GUEST_CSUM | F_GUEST_TSO6 | F_MRG_RXBUF),
+        Some(F_GUEST_CSUM | F_GUEST_TSO4 | F_MRG_RXBUF),
+    );
     assert_eq!(
         s.features() & F_HOST_TSO6,
         F_HOST_TSO6,
         "the port offers it"
     );
-    for (f, m) in [(&mut t, T), (&mut p, P)] {
-        f.send(&hello(m)).unwrap();
-    }
-    drain(&mut s);
-    drain(&mut t);
-    drain(&mut p);
 
     // Whole to T.
     let (big, hdr) = tcp6(T, 20_000, true);
@@ -355,21 +365,9 @@ fn udp_gso(dst: Mac, payload: usize, size: u16) -> (Vec<u8>, NetHdr) {
 fn udp_segmentation_is_kept_for_drivers_that_take_it_and_done_for_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let sw = Switch::new(dir.path().to_owned()).unwrap();
-    let ports: Vec<_> = [S, T, P]
-        .iter()
-        .map(|m| sw.add_port(SegmentId(1), *m).unwrap())
-        .collect();
-    let mut s = NetFrontend::connect_with(&ports[0].socket, F_CSUM | F_HOST_USO).unwrap();
     let uso = F_GUEST_CSUM | F_GUEST_USO4 | F_GUEST_USO6 | F_MRG_RXBUF;
-    let mut t = NetFrontend::connect_with(&ports[1].socket, uso).unwrap();
-    let mut p = NetFrontend::connect(&ports[2].socket).unwrap();
+    let [mut s, mut t, mut p] = sender_and_two(&sw, F_CSUM | F_HOST_USO, Some(uso), None);
     assert_eq!(s.features() & F_HOST_USO, F_HOST_USO, "the port offers it");
-    for (f, m) in [(&mut t, T), (&mut p, P)] {
-        f.send(&hello(m)).unwrap();
-    }
-    drain(&mut s);
-    drain(&mut t);
-    drain(&mut p);
 
     let (big, hdr) = udp_gso(T, 10_000, 1400);
     s.send_with_header(hdr.to_bytes(), &big).unwrap();
