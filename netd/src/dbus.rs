@@ -454,10 +454,12 @@ impl Net1 {
     }
 
     /// Creates the IPv4 subnet `cidr` on `network`. Options: "gateway" s
-    /// (default the first address), "dns" as (servers after the gateway's
-    /// own), "domain" s (of VM names), "mtu" q, "lease_seconds" u,
-    /// "external" b (the gateway is a router outside: VPC gateways and
-    /// floating IPs take their addresses here).
+    /// (default the first address), "dns" as (IPv4 or IPv6 servers after
+    /// the gateway's own), "domain" s (of VM names), "mtu" q,
+    /// "lease_seconds" u, "external" b (the gateway is a router outside:
+    /// VPC gateways and floating IPs take their addresses here), "ipv6" s
+    /// (a /64 for the VMs), "ipv6_mode" s ("slaac", the default: VMs form
+    /// their addresses; "dhcpv6": DHCPv6 assigns them).
     async fn create_subnet(
         &self,
         network: OwnedObjectPath,
@@ -472,7 +474,10 @@ impl Net1 {
             settings.gateway = Some(parse_ip("gateway", &g)?);
         }
         for d in o.strings("dns")?.unwrap_or_default() {
-            settings.dns.push(parse_ip("dns", &d)?);
+            match d.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V6(a)) => settings.dns6.push(a),
+                _ => settings.dns.push(parse_ip("dns", &d)?),
+            }
         }
         settings.domain = o.string("domain")?.unwrap_or_default();
         settings.external = o.bool("external")?.unwrap_or(false);
@@ -482,6 +487,15 @@ impl Net1 {
             })?;
             settings.ipv6 = Some(prefix);
         }
+        settings.dhcp6 = match o.string("ipv6_mode")?.as_deref() {
+            None | Some("slaac") => false,
+            Some("dhcpv6") => true,
+            Some(m) => {
+                return Err(NetError::InvalidArgument(format!(
+                    "ipv6_mode {m:?}: want \"slaac\" or \"dhcpv6\""
+                )))
+            }
+        };
         settings.mtu = o.u16("mtu")?.unwrap_or(settings.mtu);
         if let Some(l) = o.u32("lease_seconds")? {
             if l < 60 {

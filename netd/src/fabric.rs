@@ -104,6 +104,10 @@ pub struct SubnetSettings {
     /// An IPv6 /64 for the VMs to form addresses in (SLAAC): the router
     /// advertises it and routes it within the VPC.
     pub ipv6: Option<(Ipv6Addr, u8)>,
+    /// Guests get their IPv6 address by DHCPv6 instead of SLAAC.
+    pub dhcp6: bool,
+    /// IPv6 DNS servers after the router's own.
+    pub dns6: Vec<Ipv6Addr>,
 }
 
 impl Default for SubnetSettings {
@@ -111,6 +115,8 @@ impl Default for SubnetSettings {
         Self {
             external: false,
             ipv6: None,
+            dhcp6: false,
+            dns6: Vec::new(),
             gateway: None,
             dns: Vec::new(),
             domain: String::new(),
@@ -471,6 +477,8 @@ impl Fabric {
             domain: settings.domain.clone(),
             prefix6: settings.ipv6.map(|(p, _)| p),
             mtu: settings.mtu,
+            dhcp6: settings.dhcp6,
+            dns6: settings.dns6.clone(),
         };
         if let Some((p, len)) = settings.ipv6 {
             let first = p.segments()[0];
@@ -480,6 +488,23 @@ impl Fabric {
                     "ipv6 {p}/{len}: want a global or unique-local /64 (guests form their addresses in it)"
                 )));
             }
+        }
+        if settings.ipv6.is_none() {
+            if settings.dhcp6 {
+                return Err(invalid("ipv6_mode dhcpv6: the subnet has no ipv6 /64"));
+            }
+            if let Some(d) = settings.dns6.first() {
+                return Err(invalid(format!(
+                    "dns {d}: an IPv6 server needs the subnet's ipv6 /64"
+                )));
+            }
+        }
+        if let Some(d) = settings
+            .dns6
+            .iter()
+            .find(|d| d.is_unspecified() || d.is_multicast())
+        {
+            return Err(invalid(format!("dns {d}: not a unicast address")));
         }
         if !sub.contains(gateway) || gateway == net || gateway == broadcast {
             return Err(invalid(format!(

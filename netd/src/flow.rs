@@ -482,29 +482,63 @@ pub fn icmp_echo_reply(req: &[u8], ip: &Ipv4<'_>, mac: [u8; 6]) -> Vec<u8> {
 /// An ICMPv6 message (`body`: type, code, two checksum bytes, the rest)
 /// from `src` to `dst` in a frame from `smac` to `dmac`, hop limit 255 (as
 /// neighbour discovery wants), with its checksum.
-pub fn icmpv6_frame(
+pub fn icmpv6_frame(macs: (Mac, Mac), ends: (Ipv6Addr, Ipv6Addr), body: Vec<u8>) -> Vec<u8> {
+    ipv6_frame(macs, ends, (PROTO_ICMPV6, 255), body, 2)
+}
+
+/// A UDP datagram carrying `payload` from `src` port `ports.0` to `dst`
+/// port `ports.1` in a frame from `smac` to `dmac`, with its checksum.
+pub fn udp6_frame(
+    macs: (Mac, Mac),
+    ends: (Ipv6Addr, Ipv6Addr),
+    ports: (u16, u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let len = u16::try_from(8 + payload.len()).unwrap_or(u16::MAX);
+    let mut body = Vec::with_capacity(8 + payload.len());
+    body.extend_from_slice(&ports.0.to_be_bytes());
+    body.extend_from_slice(&ports.1.to_be_bytes());
+    body.extend_from_slice(&len.to_be_bytes());
+    body.extend_from_slice(&[0, 0]);
+    body.extend_from_slice(payload);
+    ipv6_frame(macs, ends, (PROTO_UDP, 64), body, 6)
+}
+
+/// An IPv6 packet from `src` to `dst` (protocol and hop limit `next`)
+/// carrying `body`, whose checksum (over the pseudo-header, at `sum_at`)
+/// is filled in, in a frame from `smac` to `dmac`.
+fn ipv6_frame(
     (smac, dmac): (Mac, Mac),
     (src, dst): (Ipv6Addr, Ipv6Addr),
+    (proto, hop_limit): (u8, u8),
     mut body: Vec<u8>,
+    sum_at: usize,
 ) -> Vec<u8> {
     let len = u16::try_from(body.len()).unwrap_or(u16::MAX);
-    body[2] = 0;
-    body[3] = 0;
+    if let Some(field) = body.get_mut(sum_at..sum_at + 2) {
+        field.fill(0);
+    }
     let mut pseudo = Vec::with_capacity(40 + body.len());
     pseudo.extend_from_slice(&src.octets());
     pseudo.extend_from_slice(&dst.octets());
     pseudo.extend_from_slice(&u32::from(len).to_be_bytes());
-    pseudo.extend_from_slice(&[0, 0, 0, PROTO_ICMPV6]);
+    pseudo.extend_from_slice(&[0, 0, 0, proto]);
     pseudo.extend_from_slice(&body);
-    let sum = checksum(&pseudo);
-    body[2..4].copy_from_slice(&sum.to_be_bytes());
+    // A sum of 0 is sent as all ones (for UDP, 0 means none).
+    let sum = match checksum(&pseudo) {
+        0 => 0xffff,
+        s => s,
+    };
+    if let Some(field) = body.get_mut(sum_at..sum_at + 2) {
+        field.copy_from_slice(&sum.to_be_bytes());
+    }
     let mut out = Vec::with_capacity(14 + 40 + body.len());
     out.extend_from_slice(&dmac);
     out.extend_from_slice(&smac);
     out.extend_from_slice(&crate::frame::ETHERTYPE_IPV6.to_be_bytes());
     out.extend_from_slice(&[0x60, 0, 0, 0]);
     out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(&[PROTO_ICMPV6, 255]);
+    out.extend_from_slice(&[proto, hop_limit]);
     out.extend_from_slice(&src.octets());
     out.extend_from_slice(&dst.octets());
     out.extend_from_slice(&body);

@@ -1,6 +1,6 @@
 //! Entry points for fuzzing what guests and peers control: frames as a port
 //! receives them (Ethernet, ARP, IPv4, IPv6, transport headers, neighbour
-//! discovery checks, connection tracking, DHCP, DNS) and tunnel datagrams (VXLAN, Geneve). `netd/fuzz` wraps them as cargo-fuzz targets; the unit tests run them
+//! discovery checks, connection tracking, DHCP, DHCPv6, DNS) and tunnel datagrams (VXLAN, Geneve). `netd/fuzz` wraps them as cargo-fuzz targets; the unit tests run them
 //! over pseudo-random input.
 
 use std::collections::HashMap;
@@ -32,6 +32,7 @@ pub fn frame(data: &[u8]) {
         domain: "lan".into(),
     });
     let _ = dhcp.handle(data, Instant::now());
+    dhcp6_answers(data);
     // As a datagram from another node's tunnel endpoint.
     for encap in [crate::overlay::Encap::Vxlan, crate::overlay::Encap::Geneve] {
         if let Some((_, inner)) = encap.decap(data) {
@@ -87,6 +88,11 @@ pub fn frame(data: &[u8]) {
                     }
                     let _ = ct.track(&p, now);
                     let _ = crate::flow::quoted6(ip.payload);
+                    if p.flow.proto == PROTO_UDP {
+                        if let Some(m) = ip.payload.get(8..) {
+                            dhcp6_answers(m);
+                        }
+                    }
                     if let (PROTO_ICMPV6, Some(t)) = (p.flow.proto, p.icmp_type) {
                         let sec = crate::secgroup::PortSecurity {
                             ip6: vec![link_local(eth.src)],
@@ -110,6 +116,22 @@ pub fn frame(data: &[u8]) {
     let seg = SegmentId(u32::from(eth.vlan.unwrap_or(0)));
     let _ = table.forward(seg, PortId(1), eth.src, eth.dst, now);
     let _ = table.forward(seg, PortId(2), eth.dst, eth.src, now);
+}
+
+/// Offers `msg` to a DHCPv6 server that assigns addresses and to one that
+/// does not.
+fn dhcp6_answers(msg: &[u8]) {
+    let dns = [std::net::Ipv6Addr::LOCALHOST];
+    for address in [None, Some(std::net::Ipv6Addr::LOCALHOST)] {
+        let cfg = crate::dhcp6::Config {
+            server_mac: [0x52, 0x54, 0, 0, 0, 0xfe],
+            prefix: std::net::Ipv6Addr::UNSPECIFIED,
+            address,
+            dns: &dns,
+            domain: "lan.atoll",
+        };
+        let _ = crate::dhcp6::answer(&cfg, msg);
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod dbus;
 pub mod dhcp;
+pub mod dhcp6;
 pub mod dns;
 pub mod external6;
 pub mod fabric;

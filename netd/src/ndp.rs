@@ -27,6 +27,12 @@ pub const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
 /// How long guests may use the router as their default one, when it routes
 /// (seconds).
 const ROUTER_LIFETIME: u16 = 1800;
+/// Neighbour discovery options: recursive DNS servers, DNS search list.
+const RDNSS: u8 = 25;
+const DNSSL: u8 = 31;
+/// How long advertised DNS servers and domains hold (seconds): three times
+/// the longest interval between advertisements, as RFC 8106 advises.
+const DNS_LIFETIME: u32 = 1800;
 /// Prefix lifetimes (seconds): valid, preferred.
 const PREFIX_VALID: u32 = 86_400;
 const PREFIX_PREFERRED: u32 = 14_400;
@@ -109,11 +115,14 @@ pub const ALL_NODES_TO: (Mac, Ipv6Addr) = ([0x33, 0x33, 0, 0, 0, 1], ALL_NODES);
 /// guests never lose their default route between two).
 pub const ADVERT_INTERVAL: (u64, u64) = (200, 600);
 
-/// A router advertisement for `subnet`: its /64 on-link and for address
-/// configuration, the link MTU, the router's link-layer address.
+/// A router advertisement for `subnet`: its /64 on-link (and for address
+/// configuration, unless DHCPv6 assigns addresses: then "managed"), "other
+/// configuration" by DHCPv6, the link MTU, the router's link-layer
+/// address, the DNS servers and search domain (RFC 8106).
 fn advertisement(subnet: &Subnet, routes: bool) -> Vec<u8> {
     let lifetime = if routes { ROUTER_LIFETIME } else { 0 };
-    let mut b = vec![ROUTER_ADVERTISEMENT, 0, 0, 0, 64, 0];
+    let flags = if subnet.dhcp6 { 0xc0 } else { 0x40 };
+    let mut b = vec![ROUTER_ADVERTISEMENT, 0, 0, 0, 64, flags];
     b.extend_from_slice(&lifetime.to_be_bytes());
     b.extend_from_slice(&[0; 8]);
     b.extend_from_slice(&[1, 1]);
@@ -121,12 +130,33 @@ fn advertisement(subnet: &Subnet, routes: bool) -> Vec<u8> {
     b.extend_from_slice(&[5, 1, 0, 0]);
     b.extend_from_slice(&u32::from(subnet.mtu).to_be_bytes());
     if let Some(p) = subnet.prefix6 {
-        // On-link and autonomous.
-        b.extend_from_slice(&[3, 4, 64, 0xc0]);
+        // On-link, and autonomous unless DHCPv6 assigns addresses.
+        let flags = if subnet.dhcp6 { 0x80 } else { 0xc0 };
+        b.extend_from_slice(&[3, 4, 64, flags]);
         b.extend_from_slice(&PREFIX_VALID.to_be_bytes());
         b.extend_from_slice(&PREFIX_PREFERRED.to_be_bytes());
         b.extend_from_slice(&[0; 4]);
         b.extend_from_slice(&p.octets());
+    }
+    let servers = subnet.dns6_servers();
+    // At most 7 servers fit the option's length (16 bytes each, in units
+    // of 8).
+    let servers = &servers[..servers.len().min(7)];
+    if !servers.is_empty() {
+        let units = u8::try_from(1 + 2 * servers.len()).unwrap_or(u8::MAX);
+        b.extend_from_slice(&[RDNSS, units, 0, 0]);
+        b.extend_from_slice(&DNS_LIFETIME.to_be_bytes());
+        for s in servers {
+            b.extend_from_slice(&s.octets());
+        }
+    }
+    if let Some(mut name) = crate::dhcp6::dns_name(&subnet.domain) {
+        name.resize(name.len().div_ceil(8) * 8, 0);
+        if let Ok(units) = u8::try_from(1 + name.len() / 8) {
+            b.extend_from_slice(&[DNSSL, units, 0, 0]);
+            b.extend_from_slice(&DNS_LIFETIME.to_be_bytes());
+            b.extend_from_slice(&name);
+        }
     }
     b
 }
@@ -191,6 +221,8 @@ mod tests {
             domain: String::new(),
             prefix6: "fd00:1::".parse().ok(),
             mtu: 9000,
+            dhcp6: false,
+            dns6: Vec::new(),
         }
     }
 

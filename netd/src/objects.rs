@@ -380,6 +380,33 @@ impl SubnetObject {
             .unwrap_or_default()
     }
 
+    /// How VMs get their IPv6 addresses: "slaac" (they form them from the
+    /// router's advertisements), "dhcpv6" (DHCPv6 assigns them), "" (no
+    /// /64).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn ipv6_mode(&self) -> String {
+        match self.fabric.subnet(self.id).map(|s| s.subnet) {
+            Some(s) if s.prefix6.is_some() => if s.dhcp6 { "dhcpv6" } else { "slaac" }.into(),
+            _ => String::new(),
+        }
+    }
+
+    /// IPv6 DNS servers VMs are told of: the router's own, then the
+    /// subnet's others.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn dns6(&self) -> Vec<String> {
+        self.fabric
+            .subnet(self.id)
+            .map(|s| {
+                s.subnet
+                    .dns6_servers()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The gateway's MAC.
     #[zbus(property(emits_changed_signal = "const"))]
     fn gateway_mac(&self) -> String {
@@ -912,6 +939,12 @@ pub trait Subnet {
     /// IPv6 /64.
     #[zbus(property)]
     fn ipv6(&self) -> zbus::Result<String>;
+    /// How VMs get IPv6 addresses.
+    #[zbus(property)]
+    fn ipv6_mode(&self) -> zbus::Result<String>;
+    /// IPv6 DNS servers told to VMs.
+    #[zbus(property)]
+    fn dns6(&self) -> zbus::Result<Vec<String>>;
 }
 
 /// Typed client of a security group.

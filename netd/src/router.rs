@@ -36,6 +36,12 @@ pub struct Subnet {
     pub prefix6: Option<Ipv6Addr>,
     /// The link MTU (advertised to IPv6 guests; DHCP tells IPv4 ones).
     pub mtu: u16,
+    /// Whether guests get their IPv6 address from DHCPv6 (the router
+    /// advertises the /64 as managed) rather than forming it (SLAAC).
+    pub dhcp6: bool,
+    /// IPv6 DNS servers after the router's own (advertised and given by
+    /// DHCPv6).
+    pub dns6: Vec<Ipv6Addr>,
 }
 
 impl Subnet {
@@ -57,6 +63,19 @@ impl Subnet {
             link_local(self.gateway_mac),
             Ipv6Addr::from(u128::from(p) | 1),
         ])
+    }
+
+    /// The IPv6 DNS servers guests are told of: the router's own (which
+    /// answers for VM names), then the subnet's others; empty without a
+    /// /64.
+    pub fn dns6_servers(&self) -> Vec<Ipv6Addr> {
+        self.gateway6()
+            .map(|[_, own]| {
+                std::iter::once(own)
+                    .chain(self.dns6.iter().copied())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -293,6 +312,8 @@ mod tests {
             domain: String::new(),
             prefix6: None,
             mtu: 1500,
+            dhcp6: false,
+            dns6: Vec::new(),
         }
     }
 

@@ -14,10 +14,11 @@ use tracing::{debug, warn};
 use crate::conntrack::{Conntrack, Direction};
 use crate::datapath::{self, Datapath};
 use crate::dhcp::{self, DhcpConfig, DhcpServer, Outcome};
+use crate::dhcp6;
 use crate::dns;
 use crate::flow::{
-    icmp_echo_reply, link_local, route_rewrite, slaac, udp_frame, Packet, Packet6, Tracked,
-    ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP,
+    icmp_echo_reply, link_local, route_rewrite, slaac, udp6_frame, udp_frame, Packet, Packet6,
+    Tracked, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP,
 };
 use crate::frame::{
     Arp, Ethernet, Ipv4, Ipv6, Mac, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6,
@@ -919,6 +920,14 @@ impl Inner {
                     return;
                 }
                 if let Some((p6, v6)) = &ip6 {
+                    match self.service6(from, &l3, subnet, p6, v6) {
+                        Service::Reply(reply) => {
+                            from.deliver(&reply);
+                            return;
+                        }
+                        Service::Taken => return,
+                        Service::Pass => {}
+                    }
                     let routes = subnet.vpc.is_some();
                     let ours = |a| l3.is_gateway6(from.segment, a);
                     if let Some(reply) = ndp::answer(subnet, routes, from.mac, (p6, v6), ours) {
@@ -1400,7 +1409,11 @@ impl Inner {
                 None => Err(Refused::NotIp),
             };
         };
-        // DHCP is always let out, from no address yet or from its own.
+        // DHCP is always let out, from no address yet or from its own; a
+        // DHCP server's messages are the router's.
+        if p.flow.proto == PROTO_UDP && p.flow.sport == 67 && p.flow.dport == 68 {
+            return Err(Refused::RouterOnly("DHCP server message"));
+        }
         let dhcp = p.flow.proto == PROTO_UDP && p.flow.sport == 68 && p.flow.dport == 67;
         if !sec.may_use(p.flow.src) {
             return if dhcp && p.flow.src.is_unspecified() {
@@ -1445,6 +1458,17 @@ impl Inner {
                 }
                 _ => Ok(()),
             };
+        }
+        // DHCPv6 clients are always let out (from their link-local
+        // address); servers' messages are the router's.
+        if p.flow.proto == PROTO_UDP {
+            match (p.flow.sport, p.flow.dport) {
+                (dhcp6::SERVER_PORT, dhcp6::CLIENT_PORT) => {
+                    return Err(Refused::RouterOnly("DHCPv6 server message"))
+                }
+                (dhcp6::CLIENT_PORT, dhcp6::SERVER_PORT) => return Ok(()),
+                _ => {}
+            }
         }
         if self.admit6(from, sec, Direction::Egress, p, now) {
             Ok(())
@@ -1703,6 +1727,78 @@ impl Inner {
             }
             _ => None,
         }
+    }
+}
+
+/// What the router's services made of a packet.
+enum Service {
+    /// Not for them: switched as usual.
+    Pass,
+    /// Theirs, without an answer (malformed, or not to be answered).
+    Taken,
+    /// Theirs: the answer for the sender.
+    Reply(Vec<u8>),
+}
+
+impl Inner {
+    /// The router's IPv6 services on `subnet` (with a /64) for `from`:
+    /// DHCPv6 (to all servers or the router) and DNS (to the router's
+    /// addresses). Client messages to all DHCPv6 servers reach no other
+    /// port, answered or not.
+    fn service6(
+        &self,
+        from: &Port,
+        l3: &L3,
+        subnet: &Subnet,
+        p: &Packet6,
+        ip: &Ipv6<'_>,
+    ) -> Service {
+        let Some([router, _]) = subnet.gateway6() else {
+            return Service::Pass;
+        };
+        let (Some(prefix), PROTO_UDP, false) = (subnet.prefix6, p.flow.proto, ip.fragment) else {
+            return Service::Pass;
+        };
+        let payload = ip.payload.get(8..).unwrap_or_default();
+        let macs = (subnet.gateway_mac, from.mac);
+        let reply_to = (ip.dst, ip.src);
+        let ports = (p.flow.dport, p.flow.sport);
+        if p.flow.dport == dhcp6::SERVER_PORT
+            && p.flow.sport == dhcp6::CLIENT_PORT
+            && (ip.dst == dhcp6::ALL_SERVERS || ip.dst == router)
+        {
+            let servers = subnet.dns6_servers();
+            let cfg = dhcp6::Config {
+                server_mac: subnet.gateway_mac,
+                prefix,
+                address: subnet.dhcp6.then(|| slaac(prefix, from.mac)),
+                dns: &servers,
+                domain: &subnet.domain,
+            };
+            if dhcp6::is_decline(payload) {
+                warn!(
+                    port = from.id.0,
+                    "a guest declined its DHCPv6 address (in use?)"
+                );
+            }
+            return match dhcp6::answer(&cfg, payload) {
+                Ok(reply) => Service::Reply(udp6_frame(macs, (router, ip.src), ports, &reply)),
+                Err(e) => {
+                    debug!(port = from.id.0, "DHCPv6 message ignored: {e}");
+                    Service::Taken
+                }
+            };
+        }
+        if p.flow.dport == dns::PORT && l3.is_gateway6(from.segment, ip.dst) {
+            let answer = dns::answer(payload, &subnet.domain, |name| {
+                l3.resolve(from.segment, name)
+            });
+            return match answer {
+                Some(a) => Service::Reply(udp6_frame(macs, reply_to, ports, &a)),
+                None => Service::Taken,
+            };
+        }
+        Service::Pass
     }
 }
 

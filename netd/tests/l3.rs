@@ -14,7 +14,7 @@ use netd::fabric::{Fabric, Kind, PortEntry, SubnetSettings};
 use netd::flow::{
     ipv4_header, link_local, multicast_mac, slaac, solicited_node, udp_frame, Packet,
     ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-    TCP_ACK, TCP_FIN, TCP_SYN,
+    PROTO_UDP, TCP_ACK, TCP_FIN, TCP_SYN,
 };
 use netd::frame::{
     checksum, Arp, Ethernet, Ipv4, Ipv6, Mac, ARP_REPLY, ARP_REQUEST, BROADCAST, ETHERTYPE_IPV6,
@@ -982,7 +982,7 @@ fn checksum_ok6(ip: &Ipv6<'_>) -> bool {
     pseudo.extend_from_slice(&ip.src.octets());
     pseudo.extend_from_slice(&ip.dst.octets());
     pseudo.extend_from_slice(&u32::try_from(ip.payload.len()).unwrap().to_be_bytes());
-    pseudo.extend_from_slice(&[0, 0, 0, PROTO_ICMPV6]);
+    pseudo.extend_from_slice(&[0, 0, 0, ip.protocol]);
     pseudo.extend_from_slice(ip.payload);
     checksum(&pseudo) == 0
 }
@@ -1068,4 +1068,262 @@ fn icmp_errors_about_a_connection_pass_with_it() {
     assert_eq!(recv6(&mut a), (PROTO_ICMPV6, 2, lb));
     let other = too_big(&tcp6(a.mac, b.mac, (la, lb), (40999, 80), TCP_SYN));
     assert_blocked(&mut b, &mut a, &other);
+}
+
+const ALL_DHCP_SERVERS: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 2);
+
+fn udp6(from: Mac, to: Mac, ends: (Ipv6Addr, Ipv6Addr), ports: (u16, u16), body: &[u8]) -> Vec<u8> {
+    let mut u = ports.0.to_be_bytes().to_vec();
+    u.extend_from_slice(&ports.1.to_be_bytes());
+    u.extend_from_slice(&u16::try_from(8 + body.len()).unwrap().to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(body);
+    ip6_frame(from, to, ends, PROTO_UDP, &u, Some(6))
+}
+
+/// DHCPv6 options as (code, body).
+type Options6 = Vec<(u16, Vec<u8>)>;
+
+fn options6(mut b: &[u8]) -> Options6 {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let len = usize::from(u16::from_be_bytes([b[2], b[3]]));
+        out.push((u16::from_be_bytes([b[0], b[1]]), b[4..4 + len].to_vec()));
+        b = &b[4 + len..];
+    }
+    assert!(b.is_empty(), "options fill the message");
+    out
+}
+
+fn option6(opts: &Options6, code: u16) -> Option<&[u8]> {
+    opts.iter()
+        .find(|(c, _)| *c == code)
+        .map(|(_, b)| b.as_slice())
+}
+
+/// A DHCPv6 client message of `kind` (transaction 0x010203) with `opts`,
+/// from `vm`'s link-local address to all servers.
+fn dhcp6_from(vm: &Vm, kind: u8, opts: &[(u16, &[u8])]) -> Vec<u8> {
+    let mut m = vec![kind, 1, 2, 3];
+    for (c, b) in opts {
+        m.extend_from_slice(&c.to_be_bytes());
+        m.extend_from_slice(&u16::try_from(b.len()).unwrap().to_be_bytes());
+        m.extend_from_slice(b);
+    }
+    udp6(
+        vm.mac,
+        multicast_mac(ALL_DHCP_SERVERS),
+        (link_local(vm.mac), ALL_DHCP_SERVERS),
+        (546, 547),
+        &m,
+    )
+}
+
+/// The router's DHCPv6 answer `vm` gets next: its type and options, after
+/// checking it comes from the router's link-local address and port 547 to
+/// the VM's and port 546, for transaction 0x010203.
+fn dhcp6_reply(vm: &mut Vm, gw_mac: Mac) -> (u8, Options6) {
+    let f = vm.recv();
+    let e = Ethernet::parse(&f).unwrap();
+    assert_eq!((e.src, e.dst), (gw_mac, vm.mac));
+    let ip = Ipv6::parse(e.payload).unwrap();
+    assert_eq!((ip.src, ip.dst), (link_local(gw_mac), link_local(vm.mac)));
+    assert_eq!(
+        (ip.protocol, &ip.payload[..4]),
+        (PROTO_UDP, &[2, 0x23, 2, 0x22][..])
+    );
+    assert!(checksum_ok6(&ip), "the UDP checksum holds");
+    let m = &ip.payload[8..];
+    assert_eq!(&m[1..4], &[1, 2, 3], "the transaction");
+    (m[0], options6(&m[4..]))
+}
+
+/// The router advertisement `vm` gets for its solicitation: flags, the
+/// prefix option's flags, and the RDNSS and DNSSL options' bodies.
+fn solicit_router(vm: &mut Vm) -> (u8, u8, Vec<u8>, Vec<u8>) {
+    let all_routers: Ipv6Addr = "ff02::2".parse().unwrap();
+    let la = link_local(vm.mac);
+    vm.send(&icmp6(
+        vm.mac,
+        multicast_mac(all_routers),
+        (la, all_routers),
+        133,
+        &[0; 4],
+    ));
+    let f = vm.recv();
+    let ip = Ipv6::parse(&f[14..]).unwrap();
+    assert_eq!(ip.payload[0], 134);
+    let (mut prefix_flags, mut rdnss, mut dnssl) = (0, Vec::new(), Vec::new());
+    let mut opts = &ip.payload[16..];
+    while !opts.is_empty() {
+        let len = usize::from(opts[1]) * 8;
+        match opts[0] {
+            3 => prefix_flags = opts[3],
+            25 => rdnss = opts[8..len].to_vec(),
+            31 => dnssl = opts[8..len].to_vec(),
+            _ => {}
+        }
+        opts = &opts[len..];
+    }
+    (ip.payload[5], prefix_flags, rdnss, dnssl)
+}
+
+const CLIENT_ID: &[u8] = &[0, 3, 0, 1, 0x52, 0x54, 0, 0, 0, 1];
+
+#[test]
+fn slaac_subnets_tell_guests_their_dns_and_answer_it_over_ipv6() {
+    let w = world();
+    let mut a = w.vm(w.web, "web6", None);
+    let mut b = w.vm(w.web, "peer6", None);
+    let gw = w.gateway_mac(w.web);
+    let gw6: Ipv6Addr = "fd00:1::1".parse().unwrap();
+
+    // The advertisement: "other configuration" by DHCPv6, an autonomous
+    // prefix, the router as DNS server, the domain to search.
+    let (flags, prefix_flags, rdnss, dnssl) = solicit_router(&mut a);
+    assert_eq!((flags, prefix_flags), (0x40, 0xc0));
+    assert_eq!(rdnss, gw6.octets());
+    assert_eq!(&dnssl[..12], b"\x04prod\x05atoll\x00");
+
+    // Stateless DHCPv6: the same, asked for. No other port sees the
+    // request.
+    let info = dhcp6_from(&a, 11, &[(1, CLIENT_ID), (6, &[0, 23, 0, 24])]);
+    assert_blocked(&mut a, &mut b, &info);
+    let (kind, opts) = dhcp6_reply(&mut a, gw);
+    assert_eq!(kind, 7, "a reply");
+    assert_eq!(option6(&opts, 1), Some(CLIENT_ID));
+    assert_eq!(
+        option6(&opts, 2),
+        Some(&[0, 3, 0, 1, gw[0], gw[1], gw[2], gw[3], gw[4], gw[5]][..])
+    );
+    assert_eq!(option6(&opts, 23), Some(&gw6.octets()[..]));
+    assert_eq!(option6(&opts, 24), Some(&b"\x04prod\x05atoll\x00"[..]));
+    // Asked for an address, it says there is none to give here.
+    let ia = [0u8, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+    a.send(&dhcp6_from(&a, 1, &[(1, CLIENT_ID), (3, &ia)]));
+    let (kind, opts) = dhcp6_reply(&mut a, gw);
+    assert_eq!(kind, 2, "an advertise");
+    let ia = option6(&opts, 3).unwrap();
+    assert_eq!(&ia[12..18], &[0, 13, 0, 36, 0, 2], "NoAddrsAvail");
+
+    // DNS to the router's IPv6 address: VM names, AAAA from their /64.
+    let (a6, b6) = (
+        slaac("fd00:1::".parse().unwrap(), a.mac),
+        slaac("fd00:1::".parse().unwrap(), b.mac),
+    );
+    a.send(&udp6(
+        a.mac,
+        gw,
+        (a6, gw6),
+        (40000, 53),
+        &dns_query(7, "peer6.prod.atoll", 28),
+    ));
+    let f = a.recv();
+    let ip = Ipv6::parse(&f[14..]).unwrap();
+    assert_eq!((ip.src, ip.dst, ip.protocol), (gw6, a6, PROTO_UDP));
+    assert!(checksum_ok6(&ip));
+    assert_eq!(&ip.payload[..4], &[0, 53, 0x9c, 0x40]);
+    let r = &ip.payload[8..];
+    assert_eq!((r[3] & 0x0f, r[7]), (0, 1), "one answer, no error");
+    assert_eq!(&r[r.len() - 16..], &b6.octets());
+
+    // A VM may not play DHCPv6 server to another.
+    let before = b.counter("tx_filtered");
+    let rogue = udp6(
+        b.mac,
+        a.mac,
+        (link_local(b.mac), link_local(a.mac)),
+        (547, 546),
+        &[7, 1, 2, 3],
+    );
+    assert_blocked(&mut b, &mut a, &rogue);
+    assert_eq!(b.counter("tx_filtered"), before + 1);
+}
+
+#[test]
+fn dhcpv6_subnets_assign_each_port_its_address() {
+    let w = world();
+    let net = w
+        .fabric
+        .create_network("managed", Kind::Flat, Some(w.prod), false)
+        .unwrap();
+    let dns6: Ipv6Addr = "2001:db8::53".parse().unwrap();
+    w.fabric
+        .create_subnet(
+            net,
+            "10.3.0.0/24",
+            SubnetSettings {
+                ipv6: Some(("fd00:3::".parse().unwrap(), 64)),
+                dhcp6: true,
+                dns6: vec![dns6],
+                ..SubnetSettings::default()
+            },
+        )
+        .unwrap();
+    let mut a = w.vm(net, "m1", None);
+    let mut b = w.vm(net, "m2", None);
+    let gw = w.gateway_mac(net);
+    let gw6: Ipv6Addr = "fd00:3::1".parse().unwrap();
+    let mine = slaac("fd00:3::".parse().unwrap(), a.mac);
+
+    // Managed: the prefix is on-link only, addresses come from DHCPv6.
+    let (flags, prefix_flags, rdnss, dnssl) = solicit_router(&mut a);
+    assert_eq!((flags, prefix_flags), (0xc0, 0x80));
+    assert_eq!(rdnss, [gw6.octets(), dns6.octets()].concat());
+    assert!(dnssl.is_empty(), "no domain, no search list");
+
+    // Solicit: the port's address is advertised; nobody else hears it.
+    let ia = [0u8, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 0];
+    let solicit = dhcp6_from(&a, 1, &[(1, CLIENT_ID), (3, &ia), (8, &[0, 0])]);
+    assert_blocked(&mut a, &mut b, &solicit);
+    let (kind, opts) = dhcp6_reply(&mut a, gw);
+    assert_eq!(kind, 2);
+    assert_eq!(
+        option6(&opts, 7),
+        Some(&[255][..]),
+        "preference: no need to wait"
+    );
+    let advertised = option6(&opts, 3).unwrap().to_vec();
+    assert_eq!(&advertised[..4], &[0, 0, 0, 9], "the client's IAID");
+    assert_eq!(&advertised[12..16], &[0, 5, 0, 24], "one address");
+    assert_eq!(&advertised[16..32], &mine.octets());
+    assert_eq!(
+        option6(&opts, 23),
+        Some(&[gw6.octets(), dns6.octets()].concat()[..])
+    );
+    let server = option6(&opts, 2).unwrap().to_vec();
+
+    // A request to another server gets nothing: the next answer is the
+    // information request's that follows it.
+    let elsewhere = [0u8, 3, 0, 1, 1, 2, 3, 4, 5, 6];
+    a.send(&dhcp6_from(
+        &a,
+        3,
+        &[(1, CLIENT_ID), (2, &elsewhere), (3, &ia)],
+    ));
+    a.send(&dhcp6_from(&a, 11, &[]));
+    let (kind, opts) = dhcp6_reply(&mut a, gw);
+    assert_eq!(kind, 7);
+    assert!(option6(&opts, 3).is_none() && option6(&opts, 32).is_some());
+
+    // The request to this one gets the address.
+    a.send(&dhcp6_from(
+        &a,
+        3,
+        &[(1, CLIENT_ID), (2, &server), (3, &advertised)],
+    ));
+    let (kind, opts) = dhcp6_reply(&mut a, gw);
+    assert_eq!(kind, 7);
+    assert_eq!(option6(&opts, 3), Some(&advertised[..]));
+
+    // And the address works: the router answers a ping from it.
+    a.send(&icmp6(
+        a.mac,
+        gw,
+        (mine, gw6),
+        ICMPV6_ECHO_REQUEST,
+        &[0, 1, 0, 1],
+    ));
+    let (proto, kind, from) = recv6(&mut a);
+    assert_eq!((proto, kind, from), (PROTO_ICMPV6, 129, gw6));
 }

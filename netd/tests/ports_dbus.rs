@@ -207,11 +207,42 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
             .unwrap_err();
         assert!(err.to_string().contains(why), "{v6}: {err}");
     }
+    for (opts, why) in [
+        (
+            vec![("ipv6_mode", Value::from("dhcpv6"))],
+            "ipv6_mode dhcpv6: the subnet has no ipv6 /64",
+        ),
+        (
+            vec![
+                ("ipv6", Value::from("fd00:9::/64")),
+                ("ipv6_mode", Value::from("stateful")),
+            ],
+            "want \"slaac\" or \"dhcpv6\"",
+        ),
+        (
+            vec![("dns", Value::from(vec!["2001:db8::53"]))],
+            "an IPv6 server needs the subnet's ipv6 /64",
+        ),
+        (
+            vec![
+                ("ipv6", Value::from("fd00:9::/64")),
+                ("dns", Value::from(vec!["ff02::1"])),
+            ],
+            "not a unicast address",
+        ),
+    ] {
+        let err = net
+            .create_subnet(&web, "10.9.0.0/24", opts.into_iter().collect())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(why), "{err}");
+    }
     let opts = HashMap::from([
         ("domain", Value::from("prod.atoll")),
-        ("dns", Value::from(vec!["1.1.1.1"])),
+        ("dns", Value::from(vec!["1.1.1.1", "2001:db8::53"])),
         ("mtu", Value::from(1400u16)),
         ("ipv6", Value::from("fd00:9::/64")),
+        ("ipv6_mode", Value::from("dhcpv6")),
     ]);
     let subnet = net.create_subnet(&web, "10.9.0.0/24", opts).await.unwrap();
     let err = net
@@ -229,6 +260,8 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     assert_eq!(s.cidr().await.unwrap(), "10.9.0.0/24");
     assert_eq!(s.gateway().await.unwrap(), "10.9.0.1");
     assert_eq!(s.ipv6().await.unwrap(), "fd00:9::/64");
+    assert_eq!(s.ipv6_mode().await.unwrap(), "dhcpv6");
+    assert_eq!(s.dns6().await.unwrap(), ["fd00:9::1", "2001:db8::53"]);
     // One data-path thread here (netd's default on this machine's CPUs, or
     // what the test daemon was given), polling no ring yet.
     let rings = net.datapath_rings().await.unwrap();
