@@ -125,10 +125,24 @@ nic() {
   done
   ping6 -c 2 -W 2 fd00:a7::1 > /dev/null 2>&1 && ping6=ok
   [ "$ping6" = ok ] || echo "ATOLL-INNER: ipv6: $(tr '\n' ';' < /proc/net/if_inet6)"
+  # The router answers DNS over IPv6 too: the guest's own name (linux1)
+  # resolves to the address it formed (compared as 32 hex digits, as
+  # /proc/net/if_inet6 lists it).
+  dns6=missing
+  ns=$(nslookup -type=AAAA linux1 fd00:a7::1 2>&1)
+  got=$(echo "$ns" | awk '/^Address: fd00:a7:/ { print $2 }' | awk -F: '{
+    out = ""; done = 0
+    for (i = 1; i <= NF; i++) {
+      if ($i == "") { if (!done) { for (j = 0; j <= 8 - NF; j++) out = out "0000"; done = 1 } }
+      else out = out substr("0000" $i, length($i) + 1)
+    }
+    print out }')
+  [ -n "$got" ] && grep -q "^$got " /proc/net/if_inet6 && dns6=ok
+  [ "$dns6" = ok ] || echo "ATOLL-INNER: dns6: $(echo "$ns" | tr '\n' ';') have: $(cut -d' ' -f1 /proc/net/if_inet6 | tr '\n' ' ')"
   # The virtio feature bits the driver took (bit 0 CSUM, 11 HOST_TSO4, 15
   # MRG_RXBUF, counting from the left).
   feat=$(cat /sys/class/net/eth0/device/features 2>/dev/null)
-  echo "ATOLL-INNER: NIC eth0 mac=$mac echo=$echo tx=$tx rx=$rx ping=$ping md=${md:-none} ping6=$ping6 features=$feat"
+  echo "ATOLL-INNER: NIC eth0 mac=$mac echo=$echo tx=$tx rx=$rx ping=$ping md=${md:-none} ping6=$ping6 dns6=$dns6 features=$feat"
 }
 nic
 

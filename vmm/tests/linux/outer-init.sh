@@ -200,6 +200,9 @@ nic_services() { grep -q "ATOLL-INNER: NIC eth0 .* ping=ok md=atoll-port-" "/tmp
 # IPv6: the guest formed its address from the router's advertisement and
 # pinged the router there.
 nic_ipv6() { grep -q "ATOLL-INNER: NIC eth0 .* ping6=ok" "/tmp/boot$1.txt"; }
+# The router answered the guest's DNS query over IPv6 with the address the
+# guest formed.
+nic_dns6() { grep -q "ATOLL-INNER: NIC eth0 .* dns6=ok" "/tmp/boot$1.txt"; }
 exit_poweroff() { grep '{"exit"' "/tmp/boot$1.txt" | grep -q '"reason":"poweroff"'; }
 
 boot 1 write
@@ -207,6 +210,7 @@ check boot1-userspace has 1 'ATOLL-INNER: userspace mode=write'
 check boot1-nic has 1 'ATOLL-INNER: NIC eth0 mac=52:54:00:a7:00:01 echo=ok'
 check boot1-nic-services nic_services 1
 check boot1-nic-ipv6 nic_ipv6 1
+check boot1-nic-dns6 nic_dns6 1
 check boot1-file-written has 1 'ATOLL-INNER: WRITE-OK'
 check boot1-exit-reset exit_reset 1
 
