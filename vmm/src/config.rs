@@ -116,7 +116,9 @@ pub struct VhostUserConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    /// The backend's socket (one RX/TX queue pair is used for now).
+    /// The backend's socket; `num_queues` counts data queues, two per
+    /// queue pair (default one pair; more pairs add a control queue the
+    /// vmm answers).
     #[serde(flatten)]
     pub vhost: VhostUserConfig,
     /// MAC address offered to the guest, `52:54:00:12:34:56` form.

@@ -66,13 +66,28 @@ fn a_vm_nic_talks_to_another_port_through_the_netd_switch() {
 /// and checks what it printed: it broadcasts one frame and reports the first
 /// frame it receives.
 fn run_net_guest(dir: &Path, socket: &Path) {
+    let lines = run_guest(dir, "net", socket, 2);
+    assert_eq!(
+        lines[..],
+        [
+            "status 0f mac 52:54:00:12:34:56 link 1",
+            // 12-byte virtio-net header + 14-byte Ethernet header + 10 bytes.
+            "tx used 0 rx len 36 type 88b5 payload atoll echo",
+            r#"{"exit":{"detail":0,"reason":"guest-exit"},"text":"guest-exit(0)"}"#,
+        ],
+    );
+}
+
+/// Runs test guest `name` with a NIC on `socket` (MAC 52:54:00:12:34:56,
+/// `queues` data queues); its output lines.
+fn run_guest(dir: &Path, name: &str, socket: &Path, queues: u16) -> Vec<String> {
     let cfg = serde_json::json!({
         "memory_mib": 64,
-        "boot": {"kernel": common::guest("net")},
+        "boot": {"kernel": common::guest(name)},
         "debug_exit": true,
-        "nets": [{"socket": socket, "mac": "52:54:00:12:34:56"}],
+        "nets": [{"socket": socket, "mac": "52:54:00:12:34:56", "num_queues": queues}],
     });
-    let path = dir.join("net.json");
+    let path = dir.join(format!("{name}.json"));
     std::fs::write(&path, cfg.to_string()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
         .args(["run", "--config"])
@@ -81,16 +96,56 @@ fn run_net_guest(dir: &Path, socket: &Path) {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
-    let lines: Vec<&str> = text.lines().collect();
+    if !text.contains("guest-exit(0)") {
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    text.lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn a_multi_queue_nic_sets_its_pairs_on_the_control_queue_and_sends_on_the_second() {
+    use netd::l2::SegmentId;
+    use netd::switch::Switch;
+    const VM_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+    const PEER_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x99];
+    let dir = tempfile::tempdir().unwrap();
+    let sw = Switch::new(dir.path().join("ports")).unwrap();
+    let vm_port = sw.add_port(SegmentId(7), VM_MAC).unwrap();
+    let peer_port = sw.add_port(SegmentId(7), PEER_MAC).unwrap();
+    let mut peer = atoll_tests::net_frontend::NetFrontend::connect(&peer_port.socket).unwrap();
+    let answer = std::thread::spawn(move || {
+        let got = peer.recv(Duration::from_secs(60)).unwrap().unwrap();
+        let mut back = got.clone();
+        back[..6].copy_from_slice(&VM_MAC);
+        back[6..12].copy_from_slice(&PEER_MAC);
+        peer.send(&back).unwrap();
+        got
+    });
+    let lines = run_guest(dir.path(), "netmq", &vm_port.socket, 4);
     assert_eq!(
-        lines,
+        lines[..],
         [
-            "status 0f mac 52:54:00:12:34:56 link 1",
-            // 12-byte virtio-net header + 14-byte Ethernet header + 10 bytes.
-            "tx used 0 rx len 36 type 88b5 payload atoll echo",
+            // Two pairs offered (netd serves four), the control queue after
+            // their four queues.
+            "mq 1 ctrl 1 pairs 2 queues 5",
+            // Three pairs, none, a receive-mode command (not offered) and a
+            // command cut short are refused (VIRTIO_NET_ERR); two are taken.
+            "ctrl three 1 zero 1 promisc 1 short 1 two 0",
+            // 12-byte header + 14-byte Ethernet header + 8 bytes.
+            "tx1 used 0 rx len 34 payload atoll mq",
             r#"{"exit":{"detail":0,"reason":"guest-exit"},"text":"guest-exit(0)"}"#,
         ],
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    );
+    let sent = answer.join().unwrap();
+    assert_eq!(&sent[6..12], &VM_MAC);
+    assert_eq!(&sent[14..], b"atoll mq");
+    // One frame, from the only transmit queue the guest used (the second
+    // pair's).
+    assert_eq!(
+        vm_port
+            .stats
+            .tx_frames
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
     );
 }

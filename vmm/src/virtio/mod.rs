@@ -1,6 +1,7 @@
 //! Virtio devices behind the virtio-pci (modern) transport.
 
 pub mod block;
+pub mod net_ctrl;
 pub mod pci;
 pub mod rng;
 pub mod vhost_user;

@@ -3,6 +3,7 @@
 //! memfd and is kicked and interrupts through eventfds KVM wires directly.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tracing::{info, warn};
 use vhost::vhost_user::message::VhostUserConfigFlags;
@@ -11,6 +12,8 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::net_ctrl::{self, Control, Pairs, NET_F_CTRL_VQ, NET_F_MQ};
+use super::worker::Served;
 use super::{features, host_address, types, Activation, VirtioDevice, VirtioError};
 use crate::config::VhostUserConfig;
 use crate::memory::GuestRam;
@@ -37,6 +40,8 @@ pub struct VhostUserDevice {
     frontend: Frontend,
     device_type: u32,
     offered: u64,
+    /// What the backend offered (only those bits are acked to it).
+    backend_features: u64,
     protocol: VhostUserProtocolFeatures,
     has_protocol: bool,
     config: Vec<u8>,
@@ -48,6 +53,13 @@ pub struct VhostUserDevice {
     /// The rings as the driver set them up, to restart them after a pause.
     rings: Vec<Ring>,
     paused: bool,
+    /// A multi-queue NIC's pairs (None: one pair, no control queue).
+    pairs: Option<Arc<Pairs>>,
+    /// Whether the driver took more than one pair (rings beyond the pairs in
+    /// use stay disabled in the backend).
+    multiqueue: bool,
+    /// The control queue's worker (the VMM answers it, not the backend).
+    control: Served,
 }
 
 /// One ring's setup: what the backend needs to (re)start it.
@@ -84,7 +96,7 @@ pub enum Kind {
 }
 
 /// virtio-net feature bits passed through from a backend: checksum and
-/// segmentation offloads, mergeable receive buffers.
+/// segmentation offloads (TCP and UDP), mergeable receive buffers.
 const NET_FEATURES: u64 = (1 << 0) // CSUM
     | (1 << 1) // GUEST_CSUM
     | (1 << 7) // GUEST_TSO4
@@ -95,7 +107,10 @@ const NET_FEATURES: u64 = (1 << 0) // CSUM
     | (1 << 12) // HOST_TSO6
     | (1 << 13) // HOST_ECN
     | (1 << 14) // HOST_UFO
-    | (1 << 15); // MRG_RXBUF
+    | (1 << 15) // MRG_RXBUF
+    | (1 << 54) // GUEST_USO4
+    | (1 << 55) // GUEST_USO6
+    | (1 << 56); // HOST_USO
 /// Offered by the VMM itself: the MAC and link status live in our config space.
 const NET_F_MAC: u64 = 1 << 5;
 const NET_F_STATUS: u64 = 1 << 16;
@@ -161,6 +176,7 @@ impl VhostUserDevice {
             num_queues = 1;
         }
         let common = features::VERSION_1 | features::RING_INDIRECT_DESC | features::RING_EVENT_IDX;
+        let mut pairs = None;
         let (device_type, offered, config) = match kind {
             Kind::Block => {
                 let mut config = vec![0u8; BLK_CONFIG_LEN as usize];
@@ -187,19 +203,32 @@ impl VhostUserDevice {
                 (types::BLOCK, offered, config)
             }
             Kind::Net(mac) => {
-                // One RX/TX pair: more need the control queue (not offered yet).
-                if num_queues > 2 {
+                // num_queues counts data queues, two per pair; more than one
+                // pair needs the backend to say how many it serves (MQ) and
+                // a control queue (ours).
+                let mq = protocol.contains(VhostUserProtocolFeatures::MQ);
+                let max = if mq {
+                    (num_queues / 2).clamp(1, net_ctrl::MAX_PAIRS)
+                } else {
+                    1
+                };
+                if max == 1 && num_queues > 2 {
                     warn!(path = %path.display(), "using one queue pair of {num_queues} queues");
                 }
-                num_queues = 2;
-                let offered =
+                let mut offered =
                     (backend_features & (NET_FEATURES | common)) | NET_F_MAC | NET_F_STATUS;
+                if max > 1 {
+                    offered |= NET_F_MQ | NET_F_CTRL_VQ;
+                    pairs = Some(Pairs::new(max));
+                }
+                // The control queue comes after the data queues.
+                num_queues = 2 * max + u16::from(max > 1);
                 let mut config = vec![0u8; 12];
                 config[..6].copy_from_slice(&mac);
                 config[6..8].copy_from_slice(&1u16.to_le_bytes()); // link up
-                config[8..10].copy_from_slice(&1u16.to_le_bytes()); // one pair
+                config[8..10].copy_from_slice(&max.to_le_bytes());
                 config[10..12].copy_from_slice(&1500u16.to_le_bytes());
-                info!(path = %path.display(), mac = ?mac, "vhost-user-net backend connected");
+                info!(path = %path.display(), mac = ?mac, pairs = max, "vhost-user-net backend connected");
                 (types::NET, offered, config)
             }
         };
@@ -219,6 +248,7 @@ impl VhostUserDevice {
             frontend,
             device_type,
             offered,
+            backend_features,
             protocol,
             has_protocol,
             config,
@@ -229,15 +259,47 @@ impl VhostUserDevice {
             active: Vec::new(),
             rings: Vec::new(),
             paused: false,
+            pairs,
+            multiqueue: false,
+            control: Served::default(),
         })
     }
 
-    fn start(&mut self, a: &Activation) -> Result<(), VirtioError> {
+    fn start(&mut self, mut a: Activation) -> Result<(), VirtioError> {
         let path = self.path.clone();
-        // MAC and STATUS are ours, not the backend's.
-        let mut acked = a.features & self.offered & !(NET_F_MAC | NET_F_STATUS);
-        if self.device_type == types::BLOCK {
-            acked = a.features & self.offered;
+        // MAC, STATUS and the control queue are ours, not the backend's.
+        let mut acked = a.features & self.offered & self.backend_features;
+        if self.device_type == types::NET {
+            acked &= !(NET_F_MAC | NET_F_STATUS | NET_F_CTRL_VQ);
+        }
+        self.multiqueue = a.features & NET_F_MQ != 0 && self.pairs.is_some();
+        if let Some(p) = &self.pairs {
+            p.used.store(1, std::sync::atomic::Ordering::Release);
+        }
+        if a.features & NET_F_CTRL_VQ != 0 {
+            // The control queue: 2N with N pairs offered when the driver
+            // took MQ, 2 otherwise.
+            let at = if self.multiqueue {
+                self.pairs.as_ref().map_or(2, |p| 2 * p.max)
+            } else {
+                2
+            };
+            let ctrl = a.queues.iter().position(|q| q.index == at);
+            if let (Some(i), Some(pairs)) = (ctrl, &self.pairs) {
+                let q = a.queues.swap_remove(i);
+                let handler = Control {
+                    frontend: self.frontend.clone(),
+                    pairs: pairs.clone(),
+                    multiqueue: self.multiqueue,
+                    name: path.display().to_string(),
+                };
+                let ctl = Activation {
+                    features: a.features,
+                    queues: vec![q],
+                };
+                self.control
+                    .start("net-ctrl", self.mem.clone(), ctl, self.queue_size, handler)?;
+            }
         }
         if self.has_protocol {
             acked |= features::VHOST_USER_PROTOCOL;
@@ -309,8 +371,10 @@ impl VhostUserDevice {
                 .set_vring_kick(i, &r.kick)
                 .map_err(step(&path, "SET_VRING_KICK"))?;
             if self.has_protocol {
+                // Pairs the driver does not use stay off.
+                let on = !self.multiqueue || self.pairs.as_ref().is_none_or(|p| p.enabled(r.index));
                 self.frontend
-                    .set_vring_enable(i, true)
+                    .set_vring_enable(i, on)
                     .map_err(step(&path, "SET_VRING_ENABLE"))?;
             }
             self.active.push(r.index);
@@ -360,13 +424,12 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), VirtioError> {
-        let r = self.start(&a);
-        // The eventfds were duplicated into the backend; ours can go.
-        drop(a);
-        r
+        // The eventfds are duplicated into the backend; ours go at the end.
+        self.start(a)
     }
 
     fn reset(&mut self) {
+        self.control.stop();
         // GET_VRING_BASE stops each ring in the backend.
         self.stop_rings();
         self.rings.clear();
@@ -378,6 +441,7 @@ impl VirtioDevice for VhostUserDevice {
         if self.paused || self.active.is_empty() {
             return;
         }
+        self.control.pause();
         for (q, base) in self.stop_rings() {
             if let Some(r) = self.rings.iter_mut().find(|r| r.index == q) {
                 r.base = base;
@@ -390,7 +454,10 @@ impl VirtioDevice for VhostUserDevice {
         if !std::mem::take(&mut self.paused) {
             return Ok(());
         }
-        self.start_rings()
+        let r = self.start_rings();
+        // After the rings: a command it takes meanwhile sees them all.
+        self.control.resume();
+        r
     }
 
     fn describe(&self) -> String {
@@ -403,6 +470,15 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        vec![("queues_started", self.active.len() as u64)]
+        let pairs = self
+            .pairs
+            .as_ref()
+            .filter(|_| self.multiqueue)
+            .map_or(1, |p| p.used.load(std::sync::atomic::Ordering::Acquire));
+        let mut c = vec![("queues_started", self.active.len() as u64)];
+        if self.device_type == types::NET {
+            c.push(("queue_pairs", u64::from(pairs)));
+        }
+        c
     }
 }

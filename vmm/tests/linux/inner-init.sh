@@ -125,11 +125,11 @@ nic() {
   done
   ping6 -c 2 -W 2 fd00:a7::1 > /dev/null 2>&1 && ping6=ok
   [ "$ping6" = ok ] || echo "ATOLL-INNER: ipv6: $(tr '\n' ';' < /proc/net/if_inet6)"
-  # The router answers DNS over IPv6 too: the guest's own name (linux1)
-  # resolves to the address it formed (compared as 32 hex digits, as
-  # /proc/net/if_inet6 lists it).
+  # The router answers DNS over IPv6 too: the guest's own name (linuxN,
+  # N the last byte of its MAC) resolves to the address it formed
+  # (compared as 32 hex digits, as /proc/net/if_inet6 lists it).
   dns6=missing
-  ns=$(nslookup -type=AAAA linux1 fd00:a7::1 2>&1)
+  ns=$(nslookup -type=AAAA "linux$((0x${mac##*:}))" fd00:a7::1 2>&1)
   got=$(echo "$ns" | awk '/^Address: fd00:a7:/ { print $2 }' | awk -F: '{
     out = ""; done = 0
     for (i = 1; i <= NF; i++) {
@@ -142,7 +142,8 @@ nic() {
   # The virtio feature bits the driver took (bit 0 CSUM, 11 HOST_TSO4, 15
   # MRG_RXBUF, counting from the left).
   feat=$(cat /sys/class/net/eth0/device/features 2>/dev/null)
-  echo "ATOLL-INNER: NIC eth0 mac=$mac echo=$echo tx=$tx rx=$rx ping=$ping md=${md:-none} ping6=$ping6 dns6=$dns6 features=$feat"
+  queues=$(ls /sys/class/net/eth0/queues | tr '\n' ,)
+  echo "ATOLL-INNER: NIC eth0 mac=$mac echo=$echo tx=$tx rx=$rx ping=$ping md=${md:-none} ping6=$ping6 dns6=$dns6 queues=$queues features=$feat"
 }
 nic
 

@@ -148,7 +148,7 @@ boot() {
   "cmdline":"console=ttyS0 reboot=k panic=-1 $quiet $INNER_CMDLINE_EXTRA $extra atoll.mode=$mode atoll.text=$TEXT"},
  "acpi":${INNER_ACPI:-true},
  "disks":[{"socket":"/tmp/qsd.sock"}],
- "nets":[{"socket":"/tmp/net$n.sock","mac":"52:54:00:a7:00:0$n"}]}
+ "nets":[{"socket":"/tmp/net$n.sock","mac":"52:54:00:a7:00:0$n","num_queues":4}]}
 EOF
   # The NIC's vhost-user-net backend: a netd port on the subnet with the
   # guest's address 192.0.2.1, one per boot; its socket as /tmp/net$n.sock.
@@ -203,6 +203,9 @@ nic_ipv6() { grep -q "ATOLL-INNER: NIC eth0 .* ping6=ok" "/tmp/boot$1.txt"; }
 # The router answered the guest's DNS query over IPv6 with the address the
 # guest formed.
 nic_dns6() { grep -q "ATOLL-INNER: NIC eth0 .* dns6=ok" "/tmp/boot$1.txt"; }
+# The NIC has two queue pairs (the guest's two CPUs; the vmm answered the
+# driver's control command) and every check above ran over them.
+nic_multiqueue() { grep -q "ATOLL-INNER: NIC eth0 .* queues=rx-0,rx-1,tx-0,tx-1, " "/tmp/boot$1.txt"; }
 exit_poweroff() { grep '{"exit"' "/tmp/boot$1.txt" | grep -q '"reason":"poweroff"'; }
 
 boot 1 write
@@ -211,6 +214,7 @@ check boot1-nic has 1 'ATOLL-INNER: NIC eth0 mac=52:54:00:a7:00:01 echo=ok'
 check boot1-nic-services nic_services 1
 check boot1-nic-ipv6 nic_ipv6 1
 check boot1-nic-dns6 nic_dns6 1
+check boot1-nic-multiqueue nic_multiqueue 1
 check boot1-file-written has 1 'ATOLL-INNER: WRITE-OK'
 check boot1-exit-reset exit_reset 1
 

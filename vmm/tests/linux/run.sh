@@ -62,7 +62,7 @@ VMM_LOG_LEVEL=${VMM_LOG_LEVEL:-info}
 VERBOSE=${VERBOSE:-0}
 VCPUS=2
 MEMORY_MIB=512
-CHECKS=(boot1-userspace boot1-nic boot1-nic-services boot1-nic-ipv6 boot1-nic-dns6 boot1-file-written boot1-exit-reset
+CHECKS=(boot1-userspace boot1-nic boot1-nic-services boot1-nic-ipv6 boot1-nic-dns6 boot1-nic-multiqueue boot1-file-written boot1-exit-reset
         boot2-userspace boot2-nic boot2-read-back boot2-paused boot2-power-button
         boot2-disk-after-resume boot2-nic-after-resume boot2-exit-poweroff
         disk-has-text)
