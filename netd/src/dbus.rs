@@ -523,7 +523,8 @@ impl Net1 {
 
     /// Creates a port on `network` for one VM NIC; `mac` "" picks one.
     /// Options: "ip" s (on a network with a subnet; default the first free
-    /// address), "name" s (the VM's DNS name), "security_groups" ao (default
+    /// address), "ipv6" s (its address in the subnet's /64; default the one
+    /// its MAC gives), "name" s (the VM's DNS name), "security_groups" ao (default
     /// the default group), "allowed_addresses" as (other source addresses or
     /// prefixes the VM may use, e.g. a virtual IP). Returns the port's object path, the vhost-user
     /// socket the VM's NIC connects to, and the MAC.
@@ -552,15 +553,25 @@ impl Net1 {
             .map(|g| group_ids(&g))
             .transpose()?;
         let allowed = o.strings("allowed_addresses")?;
+        let ip6 = o
+            .string("ipv6")?
+            .map(|s| {
+                s.parse::<std::net::Ipv6Addr>().map_err(|_| {
+                    NetError::InvalidArgument(format!("ipv6 {s:?}: not an IPv6 address"))
+                })
+            })
+            .transpose()?;
         o.done()?;
         let fabric = self.fabric.clone();
         let entry = tokio::task::spawn_blocking(move || {
             let entry = fabric.create_port(net, mac, ip, &name, groups)?;
-            if let Some(a) = allowed {
-                if let Err(e) = fabric.set_allowed_addresses(entry.port.id.0, &a) {
-                    let _ = fabric.delete_port(entry.port.id.0);
-                    return Err(e);
-                }
+            let id = entry.port.id.0;
+            let more = allowed
+                .map_or(Ok(()), |a| fabric.set_allowed_addresses(id, &a))
+                .and_then(|()| ip6.map_or(Ok(()), |a| fabric.set_port_ipv6(id, a)));
+            if let Err(e) = more {
+                let _ = fabric.delete_port(id);
+                return Err(e);
             }
             Ok::<_, FabricError>(entry)
         })

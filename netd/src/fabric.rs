@@ -1097,6 +1097,40 @@ impl Fabric {
         Ok(())
     }
 
+    /// Gives port `id` the IPv6 address `ip6` in its subnet's /64 instead
+    /// of the one its MAC gives: a host address there (not the router's
+    /// `::1` or the subnet-router `::`), not another port's.
+    pub fn set_port_ipv6(&self, id: u32, ip6: Ipv6Addr) -> Result<()> {
+        let reg = self.reg();
+        let p = reg
+            .ports
+            .get(&id)
+            .ok_or_else(|| FabricError::NotFound(format!("no port {id}")))?;
+        let prefix = reg
+            .networks
+            .get(&p.network)
+            .and_then(|n| n.subnet)
+            .and_then(|s| reg.subnets.get(&s))
+            .and_then(|s| s.subnet.prefix6)
+            .ok_or_else(|| invalid(format!("ipv6 {ip6}: the port's subnet has no ipv6 /64")))?;
+        if !crate::secgroup::contains6(prefix, 64, ip6) {
+            return Err(invalid(format!(
+                "ipv6 {ip6}: not in the subnet's {prefix}/64"
+            )));
+        }
+        if u128::from(ip6) & 0xffff_ffff_ffff_ffff <= 1 {
+            return Err(invalid(format!("ipv6 {ip6}: the router's")));
+        }
+        let taken = reg.ports.iter().find(|(other, o)| {
+            **other != id && o.network == p.network && o.port.security().ip6.get(1) == Some(&ip6)
+        });
+        if let Some((_, o)) = taken {
+            return Err(invalid(format!("ipv6 {ip6}: port {} has it", o.port.id.0)));
+        }
+        self.switch.set_port_ipv6(PortId(id), Some(ip6))?;
+        Ok(())
+    }
+
     /// Puts port `id` in `groups`.
     pub fn set_port_groups(&self, id: u32, groups: Vec<GroupId>) -> Result<()> {
         let reg = self.reg();

@@ -884,6 +884,9 @@ pub trait Port {
     /// Fixed address.
     #[zbus(property)]
     fn ip(&self) -> zbus::Result<String>;
+    /// IPv6 addresses (link-local, then the one in the subnet's /64).
+    #[zbus(property)]
+    fn ipv6_addresses(&self) -> zbus::Result<Vec<String>>;
     /// DNS name.
     #[zbus(property)]
     fn name(&self) -> zbus::Result<String>;

@@ -7,7 +7,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::flow::{link_local, slaac};
+use crate::flow::link_local;
 use crate::frame::Mac;
 use crate::l2::{PortId, SegmentId};
 use crate::secgroup::{contains, contains6};
@@ -88,6 +88,8 @@ pub struct Host {
     pub mac: Mac,
     /// Its VM's name in DNS (may be empty).
     pub name: String,
+    /// Its address in the subnet's /64, if the subnet has one.
+    pub ip6: Option<Ipv6Addr>,
 }
 
 /// Subnets by segment and the addressed ports in them.
@@ -266,11 +268,7 @@ impl L3 {
             if !h.name.eq_ignore_ascii_case(name) {
                 continue;
             }
-            let v6 = self
-                .subnets
-                .get(seg)
-                .and_then(|s| s.prefix6)
-                .map(|p| slaac(p, h.mac));
+            let v6 = h.ip6;
             if *seg == segment {
                 return Some((*ip, v6));
             }
@@ -322,6 +320,7 @@ mod tests {
             port: PortId(port),
             mac: [0x52, 0, 0, 0, 0, 1],
             name: name.into(),
+            ip6: None,
         })
     }
 

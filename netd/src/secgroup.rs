@@ -218,6 +218,9 @@ pub struct PortSecurity {
     pub ip6: Vec<Ipv6Addr>,
     /// Other IPv6 source prefixes it may use.
     pub allowed6: Vec<(Ipv6Addr, u8)>,
+    /// The address in its subnet's /64 chosen for it (None: the one its
+    /// MAC gives, SLAAC's).
+    pub chosen6: Option<Ipv6Addr>,
 }
 
 impl PortSecurity {

@@ -2,7 +2,7 @@
 //! each frame a guest sends (in the sending port's thread, in order).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -34,7 +34,7 @@ use crate::port::{self, Out, Port};
 use crate::ring::Pieces;
 use crate::router::VpcId;
 use crate::router::{Host, Subnet, L3};
-use crate::secgroup::{GroupId, Groups, PortSecurity, Rule, SecurityGroup};
+use crate::secgroup::{contains6, GroupId, Groups, PortSecurity, Rule, SecurityGroup};
 use crate::tunnel::{self, Outbox, Tunnel, TunnelStats};
 use crate::uplink::{Tap, UplinkError, UPLINK_PORT};
 
@@ -1771,7 +1771,10 @@ impl Inner {
             let cfg = dhcp6::Config {
                 server_mac: subnet.gateway_mac,
                 prefix,
-                address: subnet.dhcp6.then(|| slaac(prefix, from.mac)),
+                address: subnet
+                    .dhcp6
+                    .then(|| from.security().ip6.get(1).copied())
+                    .flatten(),
                 dns: &servers,
                 domain: &subnet.domain,
             };
@@ -1994,6 +1997,23 @@ impl Switch {
             .collect()
     }
 
+    /// Chooses `ip6` (in its subnet's /64) as port `id`'s IPv6 address
+    /// instead of the one its MAC gives (None: that one again): the source
+    /// it may use, its route, its DNS answer and its DHCPv6 address.
+    pub fn set_port_ipv6(&self, id: PortId, ip6: Option<Ipv6Addr>) -> Result<(), SwitchError> {
+        let port = self.port(id)?;
+        let (ip, name) = {
+            let mut sec = port
+                .security
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            sec.chosen6 = ip6;
+            let md = port.metadata.lock().unwrap_or_else(PoisonError::into_inner);
+            (sec.ip, md.hostname.clone())
+        };
+        self.set_port_address(id, ip, &name)
+    }
+
     /// Gives port `id` the fixed address `ip` (None: none; the port is then
     /// unfiltered) and the DNS name `name`: its DHCP reservation, its host
     /// route and the only source address it may use.
@@ -2021,19 +2041,24 @@ impl Switch {
             for old in sec.ip6.iter().skip(1) {
                 l3.set_host6(port.segment, *old, None);
             }
+            // Its address in the subnet's /64: the one chosen for it, or
+            // the one it forms (SLAAC).
+            let global = l3.subnet(port.segment).and_then(|s| s.prefix6).map(|p| {
+                sec.chosen6
+                    .filter(|c| contains6(p, 64, *c))
+                    .unwrap_or(slaac(p, port.mac))
+            });
             let host = Host {
                 port: id,
                 mac: port.mac,
                 name: name.to_owned(),
+                ip6: global,
             };
-            let slaac = l3
-                .subnet(port.segment)
-                .and_then(|s| s.prefix6)
-                .map(|p| slaac(p, port.mac));
             ip6 = match ip {
-                // Its link-local address first, then the one it forms in the
-                // subnet's /64.
-                Some(_) => std::iter::once(link_local(port.mac)).chain(slaac).collect(),
+                // Its link-local address first, then the global one.
+                Some(_) => std::iter::once(link_local(port.mac))
+                    .chain(global)
+                    .collect(),
                 None => Vec::new(),
             };
             for new in ip6.iter().skip(1) {

@@ -1326,4 +1326,62 @@ fn dhcpv6_subnets_assign_each_port_its_address() {
     ));
     let (proto, kind, from) = recv6(&mut a);
     assert_eq!((proto, kind, from), (PROTO_ICMPV6, 129, gw6));
+
+    // A port may have an address chosen for it instead: DHCPv6 gives that
+    // one, DNS answers with it, the port may send from it and no longer
+    // from the one its MAC gives.
+    let chosen: Ipv6Addr = "fd00:3::100".parse().unwrap();
+    for (bad, why) in [
+        ("fd00:3::1", "the router's"),
+        ("fd00:4::100", "not in the subnet's fd00:3::/64"),
+    ] {
+        let err = w
+            .fabric
+            .set_port_ipv6(b.port.port.id.0, bad.parse().unwrap())
+            .unwrap_err();
+        assert!(err.to_string().contains(why), "{bad}: {err}");
+    }
+    w.fabric.set_port_ipv6(b.port.port.id.0, chosen).unwrap();
+    let err = w
+        .fabric
+        .set_port_ipv6(a.port.port.id.0, chosen)
+        .unwrap_err();
+    assert!(err.to_string().contains("has it"), "{err}");
+    assert_eq!(b.port.port.security().ip6, vec![link_local(b.mac), chosen]);
+    b.send(&dhcp6_from(&b, 1, &[(1, CLIENT_ID), (3, &ia)]));
+    let (_, opts) = dhcp6_reply(&mut b, gw);
+    assert_eq!(&option6(&opts, 3).unwrap()[16..32], &chosen.octets());
+    a.send(&udp6(
+        a.mac,
+        gw,
+        (mine, gw6),
+        (40000, 53),
+        &dns_query(8, "m2", 28),
+    ));
+    let f = a.recv();
+    let ip = Ipv6::parse(&f[14..]).unwrap();
+    assert_eq!(&ip.payload[ip.payload.len() - 16..], &chosen.octets());
+    b.send(&icmp6(
+        b.mac,
+        gw,
+        (chosen, gw6),
+        ICMPV6_ECHO_REQUEST,
+        &[0, 2, 0, 1],
+    ));
+    assert_eq!(recv6(&mut b), (PROTO_ICMPV6, 129, gw6));
+    let old = slaac("fd00:3::".parse().unwrap(), b.mac);
+    let before = b.counter("tx_filtered");
+    let spoofed = icmp6(
+        b.mac,
+        a.mac,
+        (old, mine),
+        ICMPV6_ECHO_REQUEST,
+        &[0, 3, 0, 1],
+    );
+    assert_blocked(&mut b, &mut a, &spoofed);
+    assert_eq!(
+        b.counter("tx_filtered"),
+        before + 1,
+        "the MAC's address is not b's now"
+    );
 }

@@ -404,8 +404,20 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     group.remove_rule(http).await.unwrap();
     assert!(group.remove_rule(http).await.is_err());
 
+    // A chosen IPv6 address must be a host of the /64 (a refused one leaves
+    // no port behind: its IPv4 address is free again).
+    for (v6, why) in [
+        ("fd00:9::1", "the router's"),
+        ("fd00:8::7", "not in the subnet's"),
+        ("seven", "not an IPv6 address"),
+    ] {
+        let opts = HashMap::from([("ip", Value::from("10.9.0.7")), ("ipv6", Value::from(v6))]);
+        let err = net.create_port(&web, "", opts).await.unwrap_err();
+        assert!(err.to_string().contains(why), "{v6}: {err}");
+    }
     let opts = HashMap::from([
         ("ip", Value::from("10.9.0.7")),
+        ("ipv6", Value::from("fd00:9::7")),
         ("name", Value::from("www1")),
         ("security_groups", Value::from(vec![sg.as_ref()])),
     ]);
@@ -423,6 +435,12 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
         .await
         .unwrap();
     assert_eq!(port.ip().await.unwrap(), "10.9.0.7");
+    let v6 = port.ipv6_addresses().await.unwrap();
+    assert_eq!(v6.len(), 2);
+    assert!(
+        v6[0].starts_with("fe80::") && v6[1] == "fd00:9::7",
+        "{v6:?}"
+    );
     assert_eq!(port.name().await.unwrap(), "www1");
     assert_eq!(port.security_groups().await.unwrap(), vec![sg.clone()]);
     let err = net.delete_security_group(&sg).await.unwrap_err();
