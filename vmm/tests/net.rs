@@ -27,19 +27,24 @@ fn a_frame_round_trips_through_a_vhost_user_net_backend() {
     drop(server);
 }
 
-#[test]
-fn a_vm_nic_talks_to_another_port_through_the_netd_switch() {
+const VM_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+const PEER_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x99];
+
+/// A netd switch with the VM's port and a peer port on one segment; the
+/// peer answers the first frame it gets (the VM's broadcast) with the same
+/// payload, addressed back to the VM, and hands the frame back when joined.
+struct SwitchWithPeer {
+    _switch: netd::switch::Switch,
+    vm_port: std::sync::Arc<netd::port::Port>,
+    answer: std::thread::JoinHandle<Vec<u8>>,
+}
+
+fn switch_with_peer(dir: &Path) -> SwitchWithPeer {
     use netd::l2::SegmentId;
-    use netd::switch::Switch;
-    const VM_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
-    const PEER_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x99];
-    let dir = tempfile::tempdir().unwrap();
-    let sw = Switch::new(dir.path().join("ports")).unwrap();
+    let sw = netd::switch::Switch::new(dir.join("ports")).unwrap();
     let vm_port = sw.add_port(SegmentId(7), VM_MAC).unwrap();
     let peer_port = sw.add_port(SegmentId(7), PEER_MAC).unwrap();
     let mut peer = atoll_tests::net_frontend::NetFrontend::connect(&peer_port.socket).unwrap();
-    // The peer answers the VM's broadcast with the same payload, addressed
-    // back to the VM.
     let answer = std::thread::spawn(move || {
         let got = peer.recv(Duration::from_secs(60)).unwrap().unwrap();
         let mut back = got.clone();
@@ -48,13 +53,24 @@ fn a_vm_nic_talks_to_another_port_through_the_netd_switch() {
         peer.send(&back).unwrap();
         got
     });
-    run_net_guest(dir.path(), &vm_port.socket);
-    let sent = answer.join().unwrap();
+    SwitchWithPeer {
+        _switch: sw,
+        vm_port,
+        answer,
+    }
+}
+
+#[test]
+fn a_vm_nic_talks_to_another_port_through_the_netd_switch() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = switch_with_peer(dir.path());
+    run_net_guest(dir.path(), &w.vm_port.socket);
+    let sent = w.answer.join().unwrap();
     assert_eq!(&sent[..6], &[0xff; 6], "the VM broadcast");
     assert_eq!(&sent[6..12], &VM_MAC);
     assert_eq!(&sent[14..], b"atoll echo");
     assert_eq!(
-        vm_port
+        w.vm_port
             .stats
             .tx_frames
             .load(std::sync::atomic::Ordering::Relaxed),
@@ -104,24 +120,9 @@ fn run_guest(dir: &Path, name: &str, socket: &Path, queues: u16) -> Vec<String> 
 
 #[test]
 fn a_multi_queue_nic_sets_its_pairs_on_the_control_queue_and_sends_on_the_second() {
-    use netd::l2::SegmentId;
-    use netd::switch::Switch;
-    const VM_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
-    const PEER_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x99];
     let dir = tempfile::tempdir().unwrap();
-    let sw = Switch::new(dir.path().join("ports")).unwrap();
-    let vm_port = sw.add_port(SegmentId(7), VM_MAC).unwrap();
-    let peer_port = sw.add_port(SegmentId(7), PEER_MAC).unwrap();
-    let mut peer = atoll_tests::net_frontend::NetFrontend::connect(&peer_port.socket).unwrap();
-    let answer = std::thread::spawn(move || {
-        let got = peer.recv(Duration::from_secs(60)).unwrap().unwrap();
-        let mut back = got.clone();
-        back[..6].copy_from_slice(&VM_MAC);
-        back[6..12].copy_from_slice(&PEER_MAC);
-        peer.send(&back).unwrap();
-        got
-    });
-    let lines = run_guest(dir.path(), "netmq", &vm_port.socket, 4);
+    let w = switch_with_peer(dir.path());
+    let lines = run_guest(dir.path(), "netmq", &w.vm_port.socket, 4);
     assert_eq!(
         lines[..],
         [
@@ -136,13 +137,13 @@ fn a_multi_queue_nic_sets_its_pairs_on_the_control_queue_and_sends_on_the_second
             r#"{"exit":{"detail":0,"reason":"guest-exit"},"text":"guest-exit(0)"}"#,
         ],
     );
-    let sent = answer.join().unwrap();
+    let sent = w.answer.join().unwrap();
     assert_eq!(&sent[6..12], &VM_MAC);
     assert_eq!(&sent[14..], b"atoll mq");
     // One frame, from the only transmit queue the guest used (the second
     // pair's).
     assert_eq!(
-        vm_port
+        w.vm_port
             .stats
             .tx_frames
             .load(std::sync::atomic::Ordering::Relaxed),
