@@ -459,7 +459,9 @@ impl Net1 {
     /// "lease_seconds" u, "external" b (the gateway is a router outside:
     /// VPC gateways and floating IPs take their addresses here), "ipv6" s
     /// (a /64 for the VMs), "ipv6_mode" s ("slaac", the default: VMs form
-    /// their addresses; "dhcpv6": DHCPv6 assigns them).
+    /// their addresses; "dhcpv6": DHCPv6 assigns them), "ipv6_snat" b (the
+    /// /64 leaves the VPC translated to the router's IPv6 address, NAT66,
+    /// instead of routed: for unique-local /64s).
     async fn create_subnet(
         &self,
         network: OwnedObjectPath,
@@ -487,6 +489,7 @@ impl Net1 {
             })?;
             settings.ipv6 = Some(prefix);
         }
+        settings.snat6 = o.bool("ipv6_snat")?.unwrap_or(false);
         settings.dhcp6 = match o.string("ipv6_mode")?.as_deref() {
             None | Some("slaac") => false,
             Some("dhcpv6") => true,

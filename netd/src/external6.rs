@@ -10,12 +10,15 @@ use std::net::Ipv6Addr;
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
+use tracing::debug;
+
 use crate::flow::{
-    icmpv6_frame, multicast_mac, solicited_node, Packet6, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST,
+    icmpv6_frame, multicast_mac, nat_rewrite6, solicited_node, Packet6, Side, ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST, PROTO_ICMPV6,
 };
 use crate::frame::{Ethernet, Ipv6, Mac};
 use crate::l2::SegmentId;
-use crate::nat::{Gateway6, MAX_WAITING};
+use crate::nat::{translated_port, Gateway6, MAX_WAITING};
 use crate::ndp::{
     self, neighbour_advert, ALL_NODES, NEIGHBOUR_ADVERTISEMENT, NEIGHBOUR_SOLICITATION,
 };
@@ -44,6 +47,19 @@ fn nd_fields(icmp: &[u8]) -> Option<(Ipv6Addr, Option<Mac>)> {
     Some((target, mac))
 }
 
+/// The port NAT66 translates in `p` (see [`translated_port`]).
+fn napt_port6(p: &Packet6, outbound: bool) -> Option<u16> {
+    let echo = (PROTO_ICMPV6, ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY);
+    let ports = (p.flow.sport, p.flow.dport);
+    translated_port((p.flow.proto, p.icmp_type), ports, outbound, echo)
+}
+
+/// Where the upper-layer header of `ip` (parsed from `frame`) starts in
+/// `frame`.
+fn upper_offset(frame: &[u8], ip: &Ipv6<'_>) -> usize {
+    (ip.payload.as_ptr() as usize).saturating_sub(frame.as_ptr() as usize)
+}
+
 /// Decrements the hop limit of the IPv6 packet in `frame` and addresses the
 /// frame from `src` to `dst`.
 fn forward_rewrite(frame: &mut [u8], src: Mac, dst: Mac) {
@@ -62,7 +78,7 @@ impl Inner {
         &self,
         vpc: VpcId,
         frame: &[u8],
-        ip: &Ipv6<'_>,
+        (ip, snat): (&Ipv6<'_>, bool),
         kicks: &mut Kicks,
     ) -> bool {
         let mut nat = self.nat.lock().unwrap_or_else(PoisonError::into_inner);
@@ -75,6 +91,24 @@ impl Inner {
             gw.next_hop
         };
         let mut out = frame.to_vec();
+        if snat {
+            // NAT66: from the router's address, a port of its own.
+            let Some((p, port)) = Packet6::of6(ip)
+                .ok()
+                .filter(|_| !ip.fragment)
+                .and_then(|p| Some((p, napt_port6(&p, true)?)))
+            else {
+                debug!(src = %ip.src, "no IPv6 translation for this packet");
+                return true;
+            };
+            let proto = p.flow.proto;
+            let Some(ext) = nat.napt6.out(vpc, gw.ip, proto, ip.src, port, kicks.now) else {
+                debug!(gateway = %gw.ip, "out of IPv6 translations");
+                return true;
+            };
+            let l4 = (proto, upper_offset(frame, ip));
+            nat_rewrite6(&mut out, l4, Side::Source, gw.ip, Some(ext));
+        }
         // From the router, one hop less; the next hop's MAC comes now or
         // when it answers.
         let known = nat.neighbours6.get(&(seg, hop)).copied();
@@ -173,13 +207,27 @@ impl Inner {
         };
         drop(nat);
         if ip.dst == g.ip {
-            // A ping of the router's address; anything else to it is not
-            // served.
+            // A ping of the router's address, or a reply on a translated
+            // connection (NAT66); anything else to it is not served.
             if p.icmp_type == Some(ICMPV6_ECHO_REQUEST) {
                 let mut b = ip.payload.to_vec();
                 b[0] = ICMPV6_ECHO_REPLY;
                 let reply = icmpv6_frame((mac, eth.src), (g.ip, ip.src), b);
                 self.emit(seg, &reply, kicks);
+            } else if ip.hop_limit > 1 && !ip.fragment {
+                let inside = napt_port6(p, false).and_then(|port| {
+                    self.nat
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .napt6
+                        .inside(g.ip, p.flow.proto, port, kicks.now)
+                });
+                if let Some(n) = inside {
+                    let mut out = frame.to_vec();
+                    let l4 = (p.flow.proto, upper_offset(frame, ip));
+                    nat_rewrite6(&mut out, l4, Side::Destination, n.inner, Some(n.port));
+                    self.route_into6(n.vpc, n.inner, &out, kicks);
+                }
             }
             return true;
         }

@@ -108,6 +108,9 @@ pub struct SubnetSettings {
     pub dhcp6: bool,
     /// IPv6 DNS servers after the router's own.
     pub dns6: Vec<Ipv6Addr>,
+    /// The /64 leaves the VPC translated to the router's IPv6 address
+    /// (NAT66) instead of routed.
+    pub snat6: bool,
 }
 
 impl Default for SubnetSettings {
@@ -117,6 +120,7 @@ impl Default for SubnetSettings {
             ipv6: None,
             dhcp6: false,
             dns6: Vec::new(),
+            snat6: false,
             gateway: None,
             dns: Vec::new(),
             domain: String::new(),
@@ -479,6 +483,7 @@ impl Fabric {
             mtu: settings.mtu,
             dhcp6: settings.dhcp6,
             dns6: settings.dns6.clone(),
+            snat6: settings.snat6,
         };
         if let Some((p, len)) = settings.ipv6 {
             let first = p.segments()[0];
@@ -492,6 +497,9 @@ impl Fabric {
         if settings.ipv6.is_none() {
             if settings.dhcp6 {
                 return Err(invalid("ipv6_mode dhcpv6: the subnet has no ipv6 /64"));
+            }
+            if settings.snat6 {
+                return Err(invalid("ipv6_snat: the subnet has no ipv6 /64"));
             }
             if let Some(d) = settings.dns6.first() {
                 return Err(invalid(format!(

@@ -461,6 +461,51 @@ pub fn nat_rewrite(frame: &mut [u8], side: Side, ip: Ipv4Addr, port: Option<u16>
     }
 }
 
+/// Rewrites one side's address (and, given, its TCP/UDP port or ICMPv6
+/// echo identifier) of the IPv6 packet in `frame`, whose upper-layer
+/// header (protocol `proto`) starts at `l4_at`, keeping the transport
+/// checksum (over the pseudo-header) right. The packet has been parsed:
+/// its headers are whole.
+pub fn nat_rewrite6(
+    frame: &mut [u8],
+    (proto, l4_at): (u8, usize),
+    side: Side,
+    ip: Ipv6Addr,
+    port: Option<u16>,
+) {
+    let at = ip_offset(frame) + if side == Side::Source { 8 } else { 24 };
+    let Some(addr) = frame.get_mut(at..at + 16) else {
+        return;
+    };
+    let old_ip: [u8; 16] = addr.try_into().unwrap_or([0; 16]);
+    let new_ip = ip.octets();
+    addr.copy_from_slice(&new_ip);
+    let Some(l4) = frame.get_mut(l4_at..) else {
+        return;
+    };
+    let (sum_at, port_at) = match proto {
+        PROTO_TCP => (16, if side == Side::Source { 0 } else { 2 }),
+        PROTO_UDP => (6, if side == Side::Source { 0 } else { 2 }),
+        // The echo identifier, either way.
+        PROTO_ICMPV6 => (2, 4),
+        _ => return,
+    };
+    if l4.len() < sum_at.max(port_at) + 2 {
+        return;
+    }
+    let mut sum = csum_update(be16(l4, sum_at), &old_ip, &new_ip);
+    if let Some(p) = port {
+        let old = [l4[port_at], l4[port_at + 1]];
+        l4[port_at..port_at + 2].copy_from_slice(&p.to_be_bytes());
+        sum = csum_update(sum, &old, &p.to_be_bytes());
+    }
+    // UDP over IPv6 always has a checksum; 0 is sent as all ones.
+    if proto == PROTO_UDP && sum == 0 {
+        sum = 0xffff;
+    }
+    l4[sum_at..sum_at + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
 /// The echo reply to an ICMP echo request frame `req` (already parsed as
 /// `ip`), sent from `mac`/`ip.dst` back to the requester.
 pub fn icmp_echo_reply(req: &[u8], ip: &Ipv4<'_>, mac: [u8; 6]) -> Vec<u8> {
@@ -640,6 +685,60 @@ mod tests {
         assert_eq!(r.payload[0], ICMP_ECHO_REPLY);
         assert_eq!(checksum(r.payload), 0);
         assert_eq!(&r.payload[8..], b"hi");
+    }
+
+    /// Whether the upper-layer checksum of the IPv6 packet in `f` holds.
+    fn sum6_ok(f: &[u8]) -> bool {
+        let ip = Ipv6::parse(&f[14..]).unwrap();
+        let mut pseudo = [ip.src.octets(), ip.dst.octets()].concat();
+        pseudo.extend_from_slice(&u32::try_from(ip.payload.len()).unwrap().to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, ip.protocol]);
+        pseudo.extend_from_slice(ip.payload);
+        checksum(&pseudo) == 0
+    }
+
+    #[test]
+    fn nat66_keeps_transport_checksums_right() {
+        let (inside, outside): (Ipv6Addr, Ipv6Addr) =
+            ("fd00:3::5".parse().unwrap(), "2001:db8::1".parse().unwrap());
+        let router: Ipv6Addr = "2001:db8:ee::2".parse().unwrap();
+        let macs = ([2; 6], [4; 6]);
+        // UDP, TCP and an echo request, each out (source and port or
+        // identifier) and back in (destination).
+        let mut tcp = vec![0u8; 20];
+        tcp[..4].copy_from_slice(&[0x9c, 0x40, 0, 80]);
+        tcp[12] = 5 << 4;
+        let frames = [
+            (
+                PROTO_UDP,
+                udp6_frame(macs, (inside, outside), (40000, 53), b"query"),
+            ),
+            (
+                PROTO_TCP,
+                ipv6_frame(macs, (inside, outside), (PROTO_TCP, 64), tcp, 16),
+            ),
+            (
+                PROTO_ICMPV6,
+                icmpv6_frame(macs, (inside, outside), vec![128, 0, 0, 0, 0, 7, 0, 1]),
+            ),
+        ];
+        for (proto, mut f) in frames {
+            assert!(sum6_ok(&f));
+            nat_rewrite6(&mut f, (proto, 54), Side::Source, router, Some(61000));
+            let ip = Ipv6::parse(&f[14..]).unwrap();
+            assert_eq!(ip.src, router, "{proto}");
+            let at = if proto == PROTO_ICMPV6 { 4 } else { 0 };
+            assert_eq!(&ip.payload[at..at + 2], &61000u16.to_be_bytes());
+            assert!(sum6_ok(&f), "{proto} out");
+            nat_rewrite6(&mut f, (proto, 54), Side::Destination, inside, Some(7));
+            assert!(sum6_ok(&f), "{proto} in");
+        }
+        // Another protocol, or a packet cut short: addresses only, no panic.
+        let mut short = udp6_frame(macs, (inside, outside), (1, 2), b"");
+        short.truncate(58);
+        nat_rewrite6(&mut short, (PROTO_UDP, 54), Side::Source, router, Some(9));
+        nat_rewrite6(&mut short, (47, 54), Side::Source, router, Some(9));
+        nat_rewrite6(&mut short, (PROTO_UDP, 500), Side::Source, router, Some(9));
     }
 
     #[test]

@@ -88,6 +88,13 @@ pub fn frame(data: &[u8]) {
                     }
                     let _ = ct.track(&p, now);
                     let _ = crate::flow::quoted6(ip.payload);
+                    // NAT66 both ways on a copy.
+                    let mut copy = data.to_vec();
+                    let l4 = (ip.payload.as_ptr() as usize).saturating_sub(data.as_ptr() as usize);
+                    for side in [crate::flow::Side::Source, crate::flow::Side::Destination] {
+                        let to = std::net::Ipv6Addr::LOCALHOST;
+                        crate::flow::nat_rewrite6(&mut copy, (p.flow.proto, l4), side, to, Some(9));
+                    }
                     if p.flow.proto == PROTO_UDP {
                         if let Some(m) = ip.payload.get(8..) {
                             dhcp6_answers(m);

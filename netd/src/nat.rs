@@ -77,13 +77,98 @@ pub struct Floating {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Napt {
-    vpc: VpcId,
-    inner: Ipv4Addr,
-    port: u16,
+pub(crate) struct Napt<A> {
+    pub(crate) vpc: VpcId,
+    pub(crate) inner: A,
+    pub(crate) port: u16,
     used: Instant,
     /// A port forward's: kept until it is removed, never reused.
     forward: bool,
+}
+
+/// Port translations of one address family: many inside addresses and
+/// ports of a VPC to one gateway address's ports, and back.
+#[derive(Debug)]
+pub(crate) struct NaptTable<A> {
+    /// (gateway address, protocol, external port) -> inside.
+    inbound: HashMap<(A, u8, u16), Napt<A>>,
+    /// (VPC, protocol, inside address, inside port) -> external port.
+    outbound: HashMap<(VpcId, u8, A, u16), u16>,
+    next_port: u16,
+}
+
+impl<A> Default for NaptTable<A> {
+    fn default() -> Self {
+        Self {
+            inbound: HashMap::new(),
+            outbound: HashMap::new(),
+            next_port: 0,
+        }
+    }
+}
+
+impl<A: Copy + Eq + std::hash::Hash> NaptTable<A> {
+    /// The external port for (vpc, proto, inner, port) on `gw`, made if
+    /// need be (None: all taken and none idle).
+    pub(crate) fn out(
+        &mut self,
+        vpc: VpcId,
+        gw: A,
+        proto: u8,
+        inner: A,
+        port: u16,
+        now: Instant,
+    ) -> Option<u16> {
+        if let Some(p) = self.outbound.get(&(vpc, proto, inner, port)).copied() {
+            if let Some(n) = self.inbound.get_mut(&(gw, proto, p)) {
+                n.used = now;
+            }
+            return Some(p);
+        }
+        if self.inbound.len() >= MAX_NAPT {
+            let stale: Vec<_> = self
+                .inbound
+                .iter()
+                .filter(|(_, n)| !n.forward && now.saturating_duration_since(n.used) > NAPT_IDLE)
+                .map(|(k, n)| (*k, *n))
+                .collect();
+            for (k, n) in stale {
+                self.inbound.remove(&k);
+                self.outbound.remove(&(n.vpc, k.1, n.inner, n.port));
+            }
+            if self.inbound.len() >= MAX_NAPT {
+                return None;
+            }
+        }
+        let span = u32::from(NAPT_PORTS.1 - NAPT_PORTS.0) + 1;
+        for _ in 0..span {
+            if !(NAPT_PORTS.0..=NAPT_PORTS.1).contains(&self.next_port) {
+                self.next_port = NAPT_PORTS.0;
+            }
+            let p = self.next_port;
+            self.next_port = self.next_port.wrapping_add(1);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.inbound.entry((gw, proto, p))
+            {
+                e.insert(Napt {
+                    vpc,
+                    inner,
+                    port,
+                    used: now,
+                    forward: false,
+                });
+                self.outbound.insert((vpc, proto, inner, port), p);
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// The inside end of external port `port` of `gw`, marked used now.
+    pub(crate) fn inside(&mut self, gw: A, proto: u8, port: u16, now: Instant) -> Option<Napt<A>> {
+        let n = self.inbound.get_mut(&(gw, proto, port))?;
+        n.used = now;
+        Some(*n)
+    }
 }
 
 /// A port forward: connections to a TCP or UDP port of a VPC's gateway
@@ -109,11 +194,10 @@ pub struct Nat {
     gateways: HashMap<VpcId, Gateway>,
     floating: HashMap<Ipv4Addr, Floating>,
     by_fixed: HashMap<(VpcId, Ipv4Addr), Ipv4Addr>,
-    /// (gateway address, protocol, external port) -> inside.
-    inbound: HashMap<(Ipv4Addr, u8, u16), Napt>,
-    /// (VPC, protocol, inside address, inside port) -> external port.
-    outbound: HashMap<(VpcId, u8, Ipv4Addr, u16), u16>,
-    next_port: u16,
+    /// IPv4 translations of gateway addresses.
+    napt: NaptTable<Ipv4Addr>,
+    /// IPv6 translations (NAT66) of the routers' IPv6 addresses.
+    pub(crate) napt6: NaptTable<std::net::Ipv6Addr>,
     neighbours: HashMap<(SegmentId, Ipv4Addr), Mac>,
     waiting: HashMap<(SegmentId, Ipv4Addr), Vec<Vec<u8>>>,
     /// IPv6 neighbours on external networks, and packets waiting for one.
@@ -175,16 +259,17 @@ impl Nat {
     pub fn set_forward(&mut self, gw: Ipv4Addr, f: PortForward, on: bool, now: Instant) {
         let outside = (gw, f.proto, f.external_port);
         let inside = (f.vpc, f.proto, f.inner, f.inner_port);
-        if let Some(old) = self.inbound.remove(&outside) {
-            self.outbound
+        if let Some(old) = self.napt.inbound.remove(&outside) {
+            self.napt
+                .outbound
                 .remove(&(old.vpc, f.proto, old.inner, old.port));
         }
-        if let Some(p) = self.outbound.remove(&inside) {
-            self.inbound.remove(&(gw, f.proto, p));
+        if let Some(p) = self.napt.outbound.remove(&inside) {
+            self.napt.inbound.remove(&(gw, f.proto, p));
         }
         self.forwarded.retain(|c, _| (c.0, c.1, c.2, c.3) != inside);
         if on {
-            self.inbound.insert(
+            self.napt.inbound.insert(
                 outside,
                 Napt {
                     vpc: f.vpc,
@@ -194,7 +279,7 @@ impl Nat {
                     forward: true,
                 },
             );
-            self.outbound.insert(inside, f.external_port);
+            self.napt.outbound.insert(inside, f.external_port);
         }
     }
 
@@ -219,7 +304,10 @@ impl Nat {
         if self.gateway_at(seg, dst).is_none() || !matches!(pkt.flow.proto, PROTO_TCP | PROTO_UDP) {
             return None;
         }
-        let n = *self.inbound.get(&(dst, pkt.flow.proto, pkt.flow.dport))?;
+        let n = *self
+            .napt
+            .inbound
+            .get(&(dst, pkt.flow.proto, pkt.flow.dport))?;
         if n.forward {
             self.came_in(
                 (n.vpc, pkt.flow.proto, n.inner, n.port, from.0, from.1),
@@ -258,77 +346,28 @@ impl Nat {
             .values()
             .find(|g| g.segment == segment && g.ip == ip)
     }
-
-    /// The external port for (vpc, proto, inner, port) on `gw`, made if
-    /// need be.
-    fn napt_out(
-        &mut self,
-        vpc: VpcId,
-        gw: Ipv4Addr,
-        proto: u8,
-        inner: Ipv4Addr,
-        port: u16,
-        now: Instant,
-    ) -> Option<u16> {
-        if let Some(p) = self.outbound.get(&(vpc, proto, inner, port)).copied() {
-            if let Some(n) = self.inbound.get_mut(&(gw, proto, p)) {
-                n.used = now;
-            }
-            return Some(p);
-        }
-        if self.inbound.len() >= MAX_NAPT {
-            let stale: Vec<_> = self
-                .inbound
-                .iter()
-                .filter(|(_, n)| !n.forward && now.saturating_duration_since(n.used) > NAPT_IDLE)
-                .map(|(k, n)| (*k, *n))
-                .collect();
-            for (k, n) in stale {
-                self.inbound.remove(&k);
-                self.outbound.remove(&(n.vpc, k.1, n.inner, n.port));
-            }
-            if self.inbound.len() >= MAX_NAPT {
-                return None;
-            }
-        }
-        let span = u32::from(NAPT_PORTS.1 - NAPT_PORTS.0) + 1;
-        for _ in 0..span {
-            if !(NAPT_PORTS.0..=NAPT_PORTS.1).contains(&self.next_port) {
-                self.next_port = NAPT_PORTS.0;
-            }
-            let p = self.next_port;
-            self.next_port = self.next_port.wrapping_add(1);
-            if let std::collections::hash_map::Entry::Vacant(e) = self.inbound.entry((gw, proto, p))
-            {
-                e.insert(Napt {
-                    vpc,
-                    inner,
-                    port,
-                    used: now,
-                    forward: false,
-                });
-                self.outbound.insert((vpc, proto, inner, port), p);
-                return Some(p);
-            }
-        }
-        None
-    }
 }
 
 /// The port (or ICMP echo identifier) NAPT translates, if the packet has one.
 fn napt_port(p: &Packet, outbound: bool) -> Option<u16> {
-    match p.flow.proto {
-        PROTO_TCP | PROTO_UDP => Some(if outbound { p.flow.sport } else { p.flow.dport }),
-        PROTO_ICMP
-            if p.icmp_type
-                == Some(if outbound {
-                    ICMP_ECHO_REQUEST
-                } else {
-                    ICMP_ECHO_REPLY
-                }) =>
-        {
-            Some(p.flow.sport)
-        }
+    let echo = (PROTO_ICMP, ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY);
+    let ports = (p.flow.sport, p.flow.dport);
+    translated_port((p.flow.proto, p.icmp_type), ports, outbound, echo)
+}
+
+/// The port NAPT translates in a packet of `proto` (ICMP type `icmp`) with
+/// `ports`: the inside one (outbound: the source; inbound: the
+/// destination) of TCP and UDP, the identifier of echo requests going out
+/// and replies coming in (`echo`: the ICMP protocol and those types).
+pub(crate) fn translated_port(
+    (proto, icmp): (u8, Option<u8>),
+    (sport, dport): (u16, u16),
+    outbound: bool,
+    (echo_proto, request, reply): (u8, u8, u8),
+) -> Option<u16> {
+    match proto {
+        PROTO_TCP | PROTO_UDP => Some(if outbound { sport } else { dport }),
+        p if p == echo_proto && icmp == Some(if outbound { request } else { reply }) => Some(sport),
         _ => None,
     }
 }
@@ -372,7 +411,7 @@ impl Inner {
             let conn = (vpc, proto, ip.src, p, ip.dst, pkt.flow.dport);
             let seen = nat.forwarded.get_mut(&conn)?;
             *seen = kicks.now;
-            nat.outbound.get(&(vpc, proto, ip.src, p)).copied()
+            nat.napt.outbound.get(&(vpc, proto, ip.src, p)).copied()
         });
         let from = match (forwarded, nat.by_fixed.get(&(vpc, ip.src)).copied()) {
             (Some(ext), _) => {
@@ -388,7 +427,9 @@ impl Inner {
                     debug!(src = %ip.src, "no translation for this protocol");
                     return true;
                 };
-                let Some(ext) = nat.napt_out(vpc, gw.ip, pkt.flow.proto, ip.src, port, kicks.now)
+                let Some(ext) = nat
+                    .napt
+                    .out(vpc, gw.ip, pkt.flow.proto, ip.src, port, kicks.now)
                 else {
                     debug!(gateway = %gw.ip, "out of translations");
                     return true;
@@ -509,11 +550,9 @@ impl Inner {
         let Some(port) = napt_port(pkt, false) else {
             return true;
         };
-        let Some(n) = nat.inbound.get_mut(&(gw.ip, pkt.flow.proto, port)) else {
+        let Some(n) = nat.napt.inside(gw.ip, pkt.flow.proto, port, kicks.now) else {
             return true;
         };
-        n.used = kicks.now;
-        let n = *n;
         if n.forward {
             let conn = (
                 n.vpc,
@@ -691,29 +730,30 @@ mod tests {
         let mut nat = Nat::default();
         let t0 = Instant::now();
         // A VM's connection holds a translation at the first dynamic port.
-        let taken = nat.napt_out(VpcId(1), GW, PROTO_UDP, VM, 53, t0).unwrap();
+        let taken = nat.napt.out(VpcId(1), GW, PROTO_UDP, VM, 53, t0).unwrap();
         assert_eq!(taken, NAPT_PORTS.0);
         // A forward of that port replaces it (its inside end too).
         nat.set_forward(GW, forward(taken), true, t0);
-        let n = nat.inbound[&(GW, PROTO_UDP, taken)];
+        let n = nat.napt.inbound[&(GW, PROTO_UDP, taken)];
         assert_eq!((n.inner, n.port, n.forward), (VM, 53, true));
         assert_eq!(
-            nat.napt_out(VpcId(1), GW, PROTO_UDP, VM, 53, t0),
+            nat.napt.out(VpcId(1), GW, PROTO_UDP, VM, 53, t0),
             Some(taken)
         );
         // The table fills with translations; once they are idle, new ones
         // reuse their room, never the forward's.
         let mut other = 0u32;
-        while nat.inbound.len() < MAX_NAPT {
+        while nat.napt.inbound.len() < MAX_NAPT {
             let ip = Ipv4Addr::from(0x0a02_0000 + other / 1000);
             let port = u16::try_from(1000 + other % 1000).unwrap();
             assert!(nat
-                .napt_out(VpcId(1), GW, PROTO_UDP, ip, port, t0)
+                .napt
+                .out(VpcId(1), GW, PROTO_UDP, ip, port, t0)
                 .is_some());
             other += 1;
         }
         let later = t0 + NAPT_IDLE + Duration::from_secs(1);
-        let fresh = nat.napt_out(
+        let fresh = nat.napt.out(
             VpcId(1),
             GW,
             PROTO_UDP,
@@ -722,10 +762,13 @@ mod tests {
             later,
         );
         assert!(fresh.is_some_and(|p| p != taken));
-        assert!(nat.inbound[&(GW, PROTO_UDP, taken)].forward);
+        assert!(nat.napt.inbound[&(GW, PROTO_UDP, taken)].forward);
         // Removed, nothing of it is left.
         nat.set_forward(GW, forward(taken), false, later);
-        assert!(!nat.inbound.contains_key(&(GW, PROTO_UDP, taken)));
-        assert!(!nat.outbound.contains_key(&(VpcId(1), PROTO_UDP, VM, 53)));
+        assert!(!nat.napt.inbound.contains_key(&(GW, PROTO_UDP, taken)));
+        assert!(!nat
+            .napt
+            .outbound
+            .contains_key(&(VpcId(1), PROTO_UDP, VM, 53)));
     }
 }

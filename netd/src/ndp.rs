@@ -223,6 +223,7 @@ mod tests {
             mtu: 9000,
             dhcp6: false,
             dns6: Vec::new(),
+            snat6: false,
         }
     }
 

@@ -391,6 +391,13 @@ impl SubnetObject {
         }
     }
 
+    /// Whether the /64 leaves the VPC translated to the router's IPv6
+    /// address (NAT66) rather than routed.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn ipv6_snat(&self) -> bool {
+        self.fabric.subnet(self.id).is_some_and(|s| s.subnet.snat6)
+    }
+
     /// IPv6 DNS servers VMs are told of: the router's own, then the
     /// subnet's others.
     #[zbus(property(emits_changed_signal = "const"))]
@@ -948,6 +955,9 @@ pub trait Subnet {
     /// IPv6 DNS servers told to VMs.
     #[zbus(property)]
     fn dns6(&self) -> zbus::Result<Vec<String>>;
+    /// NAT66 on the way out.
+    #[zbus(property)]
+    fn ipv6_snat(&self) -> zbus::Result<bool>;
 }
 
 /// Typed client of a security group.

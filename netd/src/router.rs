@@ -42,6 +42,10 @@ pub struct Subnet {
     /// IPv6 DNS servers after the router's own (advertised and given by
     /// DHCPv6).
     pub dns6: Vec<Ipv6Addr>,
+    /// Whether its /64 leaves the VPC translated to the router's IPv6
+    /// address outside (NAT66: a unique-local /64 the outside cannot route
+    /// back) rather than routed.
+    pub snat6: bool,
 }
 
 impl Subnet {
@@ -312,6 +316,7 @@ mod tests {
             mtu: 1500,
             dhcp6: false,
             dns6: Vec::new(),
+            snat6: false,
         }
     }
 

@@ -1610,10 +1610,13 @@ impl Inner {
             .filter(|_| ip.hop_limit > 1 && !scoped);
         let Some((seg, dst_subnet, host)) = route else {
             // Outside the VPC: through its router's IPv6 leg, if it has one.
-            let vpc = l3.subnet(from.segment).and_then(|s| s.vpc);
+            let subnet = l3.subnet(from.segment);
+            let vpc = subnet.and_then(|s| s.vpc);
+            // A /64 under NAT66 leaves as the router's address.
+            let snat = subnet.is_some_and(|s| s.snat6 && s.contains6(ip.src));
             let out = ip.hop_limit > 1 && !scoped && !l3.covers6(from.segment, ip.dst);
             if let (Some(vpc), true) = (vpc, out) {
-                if self.route_external6(vpc, frame, ip, kicks) {
+                if self.route_external6(vpc, frame, (ip, snat), kicks) {
                     return;
                 }
             }

@@ -224,6 +224,10 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
             "an IPv6 server needs the subnet's ipv6 /64",
         ),
         (
+            vec![("ipv6_snat", Value::from(true))],
+            "ipv6_snat: the subnet has no ipv6 /64",
+        ),
+        (
             vec![
                 ("ipv6", Value::from("fd00:9::/64")),
                 ("dns", Value::from(vec!["ff02::1"])),
@@ -243,6 +247,7 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
         ("mtu", Value::from(1400u16)),
         ("ipv6", Value::from("fd00:9::/64")),
         ("ipv6_mode", Value::from("dhcpv6")),
+        ("ipv6_snat", Value::from(true)),
     ]);
     let subnet = net.create_subnet(&web, "10.9.0.0/24", opts).await.unwrap();
     let err = net
@@ -261,6 +266,7 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     assert_eq!(s.gateway().await.unwrap(), "10.9.0.1");
     assert_eq!(s.ipv6().await.unwrap(), "fd00:9::/64");
     assert_eq!(s.ipv6_mode().await.unwrap(), "dhcpv6");
+    assert!(s.ipv6_snat().await.unwrap());
     assert_eq!(s.dns6().await.unwrap(), ["fd00:9::1", "2001:db8::53"]);
     // One data-path thread here (netd's default on this machine's CPUs, or
     // what the test daemon was given), polling no ring yet.

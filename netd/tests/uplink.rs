@@ -18,8 +18,8 @@ use std::time::Duration;
 use atoll_tests::net_frontend::NetFrontend;
 use netd::fabric::{Fabric, Kind, PortEntry, SubnetSettings};
 use netd::flow::{
-    icmp_echo_reply, icmpv6_frame, ipv4_header, Packet, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST,
-    ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP,
+    icmp_echo_reply, icmpv6_frame, ipv4_header, udp6_frame, Packet, ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP,
 };
 use netd::frame::{
     checksum, Arp, Ethernet, Ipv4, Ipv6, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6,
@@ -212,15 +212,16 @@ fn udp_echo(e: &Ethernet<'_>, i: &Ipv4<'_>, mac: [u8; 6]) -> Vec<u8> {
     out
 }
 
-/// A UDP socket opened inside the outside world's namespace.
-fn outside_udp() -> UdpSocket {
-    std::thread::spawn(|| {
+/// A UDP socket opened inside the outside world's namespace, bound to
+/// `at`.
+fn outside_udp(at: &'static str) -> UdpSocket {
+    std::thread::spawn(move || {
         let ns = std::fs::File::open(format!("/var/run/netns/{NS}")).unwrap();
         // SAFETY: this thread alone enters the namespace, to open the
         // socket there; it ends right after.
         let entered = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
         assert_eq!(entered, 0);
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let s = UdpSocket::bind(at).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
         s
     })
@@ -232,7 +233,7 @@ fn outside_udp() -> UdpSocket {
 /// `msg` within a second, if anything; only the router's address and
 /// port may answer (the socket is connected to it).
 fn udp_from_outside(port: u16, msg: &[u8]) -> Option<Vec<u8>> {
-    let s = outside_udp();
+    let s = outside_udp("0.0.0.0:0");
     s.connect((Ipv4Addr::new(192, 0, 2, 2), port)).unwrap();
     s.send(msg).unwrap();
     let mut buf = [0u8; 512];
@@ -303,6 +304,15 @@ impl Responder {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.join().unwrap()
     }
+}
+
+/// Whether the upper-layer checksum of `i` holds.
+fn sum6_ok(i: &Ipv6<'_>) -> bool {
+    let mut pseudo = [i.src.octets(), i.dst.octets()].concat();
+    pseudo.extend_from_slice(&u32::try_from(i.payload.len()).unwrap().to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, i.protocol]);
+    pseudo.extend_from_slice(i.payload);
+    checksum(&pseudo) == 0
 }
 
 fn ping_from_outside(args: &[&str]) -> bool {
@@ -688,6 +698,84 @@ fn floating_ips_snat_port_forwards_and_vlans_meet_the_outside_world() {
     assert_eq!(reply[14 + 40], ICMPV6_ECHO_REPLY);
     drop(fe6);
     f.delete_port(vm6.port.id.0).unwrap();
+
+    // A unique-local /64 under NAT66 leaves as the router's address: the
+    // outside has no route to fd00:3::/64, yet a VM there pings it and
+    // talks UDP with it (fresh ports of the router's address, checksums
+    // kept), and the answers find their way back in, translated back.
+    let lab = f
+        .create_network("lab", Kind::Flat, Some(vpc), false)
+        .unwrap();
+    let natted = SubnetSettings {
+        ipv6: Some(("fd00:3::".parse().unwrap(), 64)),
+        snat6: true,
+        ..SubnetSettings::default()
+    };
+    f.create_subnet(lab, "10.3.0.0/24", natted).unwrap();
+    let vm7 = f.create_port(lab, None, None, "vm7", None).unwrap();
+    let addr7 = vm7.port.security().ip6[1];
+    let lab_subnet = f.network(lab).unwrap().subnet.unwrap();
+    let lab_gw = (
+        vm7.port.mac,
+        f.subnet(lab_subnet).unwrap().subnet.gateway_mac,
+    );
+    let mut fe7 = NetFrontend::connect(&vm7.port.socket).unwrap();
+    let from_there = |fe: &mut NetFrontend, proto: u8| loop {
+        let r = fe
+            .recv(Duration::from_secs(10))
+            .unwrap()
+            .expect("the answer");
+        if Ipv6::parse(&r[14..]).is_ok_and(|i| i.src == there && i.protocol == proto) {
+            break r;
+        }
+    };
+    let ping = vec![ICMPV6_ECHO_REQUEST, 0, 0, 0, 0, 7, 0, 1];
+    fe7.send(&icmpv6_frame(lab_gw, (addr7, there), ping))
+        .unwrap();
+    let (out, _) = raw.recv(|fr, _| {
+        Ipv6::parse(fr.get(14..).unwrap_or_default()).is_ok_and(|i| {
+            i.dst == there && i.protocol == PROTO_ICMPV6 && i.payload[0] == ICMPV6_ECHO_REQUEST
+        })
+    });
+    let o = Ipv6::parse(&out[14..]).unwrap();
+    assert_eq!(o.src, gw6, "from the router's address");
+    assert!(sum6_ok(&o), "the ICMPv6 checksum holds after translation");
+    let r = from_there(&mut fe7, PROTO_ICMPV6);
+    let r = Ipv6::parse(&r[14..]).unwrap();
+    assert_eq!(r.dst, addr7);
+    assert_eq!(
+        (r.payload[0], &r.payload[4..6]),
+        (ICMPV6_ECHO_REPLY, &[0, 7][..])
+    );
+    assert!(sum6_ok(&r));
+    let s = outside_udp("[fd00:ee::7]:0");
+    let port = s.local_addr().unwrap().port();
+    let hello = udp6_frame(lab_gw, (addr7, there), (5353, port), b"hello");
+    fe7.send(&hello).unwrap();
+    let mut buf = [0u8; 64];
+    // The kernel drops a datagram whose checksum is wrong.
+    let (n, peer) = s
+        .recv_from(&mut buf)
+        .expect("the datagram, checksum intact");
+    assert_eq!(&buf[..n], b"hello");
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::V6(gw6),
+        "from the router's address"
+    );
+    assert_ne!(peer.port(), 5353, "and a port of the router's");
+    s.send_to(b"back", peer).unwrap();
+    let r = from_there(&mut fe7, PROTO_UDP);
+    let r = Ipv6::parse(&r[14..]).unwrap();
+    assert_eq!(
+        (r.dst, &r.payload[2..4]),
+        (addr7, &5353u16.to_be_bytes()[..])
+    );
+    assert_eq!(&r.payload[8..], b"back");
+    assert!(sum6_ok(&r));
+    drop(fe7);
+    f.delete_port(vm7.port.id.0).unwrap();
+    f.delete_network(lab).unwrap();
 
     // The VPC goes once its network has; its router address stops
     // answering and is free again.
