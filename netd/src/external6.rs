@@ -13,8 +13,8 @@ use std::sync::PoisonError;
 use tracing::debug;
 
 use crate::flow::{
-    icmpv6_frame, multicast_mac, nat_rewrite6, solicited_node, Packet6, Side, ICMPV6_ECHO_REPLY,
-    ICMPV6_ECHO_REQUEST, PROTO_ICMPV6,
+    icmpv6_frame, multicast_mac, nat_rewrite6, solicited_node, unnat_quoted6, Packet6, Side,
+    ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, PROTO_ICMPV6,
 };
 use crate::frame::{Ethernet, Ipv6, Mac};
 use crate::l2::SegmentId;
@@ -215,17 +215,40 @@ impl Inner {
                 let reply = icmpv6_frame((mac, eth.src), (g.ip, ip.src), b);
                 self.emit(seg, &reply, kicks);
             } else if ip.hop_limit > 1 && !ip.fragment {
-                let inside = napt_port6(p, false).and_then(|port| {
+                // An error about a translated packet (quoting the router's
+                // address as its source), or a reply on a translation.
+                let error = p
+                    .icmp_type
+                    .filter(|t| crate::flow::icmpv6_error(*t))
+                    .and_then(|_| crate::flow::quoted6(ip.payload))
+                    .filter(|q| q.src == g.ip);
+                let key = match error {
+                    Some(q) => Some((q.proto, q.sport)),
+                    None => napt_port6(p, false).map(|port| (p.flow.proto, port)),
+                };
+                let inside = key.and_then(|(proto, port)| {
                     self.nat
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .napt6
-                        .inside(g.ip, p.flow.proto, port, kicks.now)
+                        .inside(g.ip, proto, port, kicks.now)
                 });
                 if let Some(n) = inside {
                     let mut out = frame.to_vec();
-                    let l4 = (p.flow.proto, upper_offset(frame, ip));
-                    nat_rewrite6(&mut out, l4, Side::Destination, n.inner, Some(n.port));
+                    let at = upper_offset(frame, ip);
+                    if error.is_some() {
+                        nat_rewrite6(
+                            &mut out,
+                            (p.flow.proto, at),
+                            Side::Destination,
+                            n.inner,
+                            None,
+                        );
+                        unnat_quoted6(&mut out, at, n.inner, Some(n.port));
+                    } else {
+                        let l4 = (p.flow.proto, at);
+                        nat_rewrite6(&mut out, l4, Side::Destination, n.inner, Some(n.port));
+                    }
                     self.route_into6(n.vpc, n.inner, &out, kicks);
                 }
             }

@@ -506,6 +506,141 @@ pub fn nat_rewrite6(
     l4[sum_at..sum_at + 2].copy_from_slice(&sum.to_be_bytes());
 }
 
+/// Where the IP packet in `frame` ends (link padding after it).
+fn ip_end(frame: &[u8], v6: bool) -> usize {
+    let at = ip_offset(frame);
+    let len = frame.get(at..).map_or(0, |h| match (v6, h.len()) {
+        (false, 4..) => usize::from(be16(h, 2)),
+        (true, 6..) => 40 + usize::from(be16(h, 4)),
+        _ => 0,
+    });
+    (at + len).min(frame.len())
+}
+
+/// Where, in a frame carrying an ICMP(v6) error, the quoted packet's
+/// source address and transport header are, and its protocol.
+struct Quote {
+    src: usize,
+    l4: usize,
+    proto: u8,
+}
+
+/// Rewrites the quoted packet's source `old` -> `new` (address bytes) and
+/// its port or echo identifier (given), with the quoted transport checksum
+/// where it is quoted (`pseudo`: it covers the addresses).
+fn rewrite_quote(
+    frame: &mut [u8],
+    end: usize,
+    q: &Quote,
+    (old, new): (&[u8], &[u8]),
+    port: Option<u16>,
+    (echo_proto, pseudo): (u8, bool),
+) {
+    if let Some(a) = frame.get_mut(q.src..q.src + new.len()) {
+        a.copy_from_slice(new);
+    }
+    let (port_at, sum_at) = match q.proto {
+        PROTO_TCP => (q.l4, q.l4 + 16),
+        PROTO_UDP => (q.l4, q.l4 + 6),
+        p if p == echo_proto => (q.l4 + 4, q.l4 + 2),
+        _ => return,
+    };
+    let covers_addr = q.proto != echo_proto || pseudo;
+    let Some(sum) = frame.get(sum_at..sum_at + 2).filter(|_| sum_at + 2 <= end) else {
+        // Checksum not quoted: the port alone.
+        if let (Some(p), Some(b)) = (port, frame.get_mut(port_at..port_at + 2)) {
+            if port_at + 2 <= end {
+                b.copy_from_slice(&p.to_be_bytes());
+            }
+        }
+        return;
+    };
+    let mut sum = u16::from_be_bytes([sum[0], sum[1]]);
+    let udp_off = q.proto == PROTO_UDP && sum == 0;
+    if covers_addr {
+        sum = csum_update(sum, old, new);
+    }
+    if let (Some(p), Some(b)) = (port, frame.get_mut(port_at..port_at + 2)) {
+        let before = [b[0], b[1]];
+        b.copy_from_slice(&p.to_be_bytes());
+        sum = csum_update(sum, &before, &p.to_be_bytes());
+    }
+    if !udp_off {
+        frame[sum_at..sum_at + 2].copy_from_slice(&sum.to_be_bytes());
+    }
+}
+
+/// Turns an ICMP error (the ICMP message at `icmp_at` in `frame`, IPv4)
+/// about a translated packet back into one about the packet as its VM
+/// sent it: the quoted source becomes `ip` and, given, its port or echo
+/// identifier `port`; the quoted header checksum, the quoted transport
+/// checksum (where quoted) and the ICMP checksum are made right again.
+pub fn unnat_quoted(frame: &mut [u8], icmp_at: usize, ip: Ipv4Addr, port: Option<u16>) {
+    let end = ip_end(frame, false);
+    let q = icmp_at + 8;
+    let Some(&first) = frame.get(q) else { return };
+    let ihl = usize::from(first & 0x0f) * 4;
+    if ihl < 20 || q + ihl > end {
+        return;
+    }
+    let old: [u8; 4] = frame[q + 12..q + 16].try_into().unwrap_or([0; 4]);
+    let quote = Quote {
+        src: q + 12,
+        l4: q + ihl,
+        proto: frame[q + 9],
+    };
+    rewrite_quote(
+        frame,
+        end,
+        &quote,
+        (&old, &ip.octets()),
+        port,
+        (PROTO_ICMP, false),
+    );
+    frame[q + 10..q + 12].fill(0);
+    let sum = checksum(&frame[q..q + ihl]);
+    frame[q + 10..q + 12].copy_from_slice(&sum.to_be_bytes());
+    if icmp_at + 4 <= end {
+        frame[icmp_at + 2..icmp_at + 4].fill(0);
+        let sum = checksum(&frame[icmp_at..end]);
+        frame[icmp_at + 2..icmp_at + 4].copy_from_slice(&sum.to_be_bytes());
+    }
+}
+
+/// [`unnat_quoted`] for an ICMPv6 error (the outer destination already
+/// rewritten: its checksum covers it) quoting an IPv6 packet without
+/// extension headers.
+pub fn unnat_quoted6(frame: &mut [u8], icmp_at: usize, ip: Ipv6Addr, port: Option<u16>) {
+    let end = ip_end(frame, true);
+    let q = icmp_at + 8;
+    if q + 40 > end {
+        return;
+    }
+    let old: [u8; 16] = frame[q + 8..q + 24].try_into().unwrap_or([0; 16]);
+    let quote = Quote {
+        src: q + 8,
+        l4: q + 40,
+        proto: frame[q + 6],
+    };
+    rewrite_quote(
+        frame,
+        end,
+        &quote,
+        (&old, &ip.octets()),
+        port,
+        (PROTO_ICMPV6, true),
+    );
+    let at = ip_offset(frame);
+    let mut pseudo = Vec::with_capacity(40 + end - icmp_at);
+    pseudo.extend_from_slice(&frame[at + 8..at + 40]);
+    pseudo.extend_from_slice(&u32::try_from(end - icmp_at).unwrap_or(0).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, PROTO_ICMPV6]);
+    frame[icmp_at + 2..icmp_at + 4].fill(0);
+    pseudo.extend_from_slice(&frame[icmp_at..end]);
+    let sum = checksum(&pseudo);
+    frame[icmp_at + 2..icmp_at + 4].copy_from_slice(&sum.to_be_bytes());
+}
+
 /// The echo reply to an ICMP echo request frame `req` (already parsed as
 /// `ip`), sent from `mac`/`ip.dst` back to the requester.
 pub fn icmp_echo_reply(req: &[u8], ip: &Ipv4<'_>, mac: [u8; 6]) -> Vec<u8> {
@@ -739,6 +874,47 @@ mod tests {
         nat_rewrite6(&mut short, (PROTO_UDP, 54), Side::Source, router, Some(9));
         nat_rewrite6(&mut short, (47, 54), Side::Source, router, Some(9));
         nat_rewrite6(&mut short, (PROTO_UDP, 500), Side::Source, router, Some(9));
+    }
+
+    #[test]
+    fn errors_about_translated_packets_are_turned_back() {
+        let (router, outside) = (Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 1));
+        let vm = Ipv4Addr::new(10, 0, 0, 5);
+        // What left: UDP from the router's port 61000.
+        let sent = udp_frame([2; 6], [4; 6], router, outside, 61000, 9, b"anyone?");
+        // The outside's port unreachable quoting all of it.
+        let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+        icmp.extend_from_slice(&sent[14..]);
+        let s = checksum(&icmp);
+        icmp[2..4].copy_from_slice(&s.to_be_bytes());
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        f.extend_from_slice(&ipv4_header(outside, router, PROTO_ICMP, icmp.len()));
+        f.extend_from_slice(&icmp);
+        // Link padding after the packet is not the ICMP message's.
+        f.extend_from_slice(&[0xee; 6]);
+        nat_rewrite(&mut f, Side::Destination, vm, None);
+        unnat_quoted(&mut f, 34, vm, Some(40000));
+        let ip = Ipv4::parse(&f[14..]).unwrap();
+        assert_eq!(ip.dst, vm);
+        assert_eq!(checksum(ip.payload), 0, "ICMP checksum");
+        let q = Ipv4::parse(&ip.payload[8..]).unwrap();
+        assert_eq!((q.src, q.dst), (vm, outside));
+        assert_eq!(checksum(&ip.payload[8..28]), 0, "quoted header checksum");
+        let p = Packet::of(&q).unwrap();
+        assert_eq!((p.flow.sport, p.flow.dport), (40000, 9));
+        // The quoted UDP checksum is right for the packet as the VM sent it.
+        let mut pseudo = [vm.octets(), outside.octets()].concat();
+        pseudo.extend_from_slice(&[0, PROTO_UDP, 0, 15]);
+        pseudo.extend_from_slice(q.payload);
+        assert_eq!(checksum(&pseudo), 0);
+        // A quote cut right after the ports, or shorter than a header:
+        // what is there is rewritten, nothing read past the end.
+        let mut short = f[..14 + 20 + 8 + 20 + 4].to_vec();
+        unnat_quoted(&mut short, 34, vm, Some(1));
+        let mut tiny = f[..14 + 20 + 8 + 10].to_vec();
+        unnat_quoted(&mut tiny, 34, vm, Some(1));
+        unnat_quoted6(&mut tiny, 34, Ipv6Addr::LOCALHOST, Some(1));
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub fn frame(data: &[u8]) {
                     }
                     let _ = ct.track(&p, now);
                     let _ = crate::flow::quoted(ip.payload);
+                    let mut copy = data.to_vec();
+                    let at = crate::flow::ip_offset(data) + ip.header_len;
+                    crate::flow::unnat_quoted(&mut copy, at, Ipv4Addr::LOCALHOST, Some(9));
                     if p.flow.proto == PROTO_UDP {
                         if let Some(q) = ip.payload.get(8..) {
                             let _ = dns::answer(q, "lan.atoll", |_| {
@@ -95,6 +98,12 @@ pub fn frame(data: &[u8]) {
                         let to = std::net::Ipv6Addr::LOCALHOST;
                         crate::flow::nat_rewrite6(&mut copy, (p.flow.proto, l4), side, to, Some(9));
                     }
+                    crate::flow::unnat_quoted6(
+                        &mut copy,
+                        l4,
+                        std::net::Ipv6Addr::LOCALHOST,
+                        Some(9),
+                    );
                     if p.flow.proto == PROTO_UDP {
                         if let Some(m) = ip.payload.get(8..) {
                             dhcp6_answers(m);

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use tracing::debug;
 
 use crate::flow::{
-    icmp_echo_reply, nat_rewrite, route_rewrite, Packet, Side, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
-    PROTO_ICMP, PROTO_TCP, PROTO_UDP,
+    icmp_echo_reply, icmp_error, nat_rewrite, quoted, route_rewrite, unnat_quoted, Packet, Side,
+    ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_TCP, PROTO_UDP,
 };
 use crate::frame::{Arp, Ethernet, Ipv4, Mac, ARP_REQUEST, BROADCAST};
 use crate::l2::SegmentId;
@@ -529,11 +529,22 @@ impl Inner {
         else {
             return false;
         };
+        // An error about a packet a translation sent (its quote's source
+        // is the address the packet came to).
+        let error = pkt
+            .icmp_type
+            .filter(|t| icmp_error(*t))
+            .and_then(|_| quoted(ipv4.payload))
+            .filter(|q| q.src == ipv4.dst);
+        let icmp_at = crate::flow::ip_offset(frame) + ipv4.header_len;
         // To a floating IP: DNAT to its VM.
         if let Some(f) = nat.floating.get(&ipv4.dst).copied() {
             drop(nat);
             let mut out = frame.to_vec();
             nat_rewrite(&mut out, Side::Destination, f.fixed, None);
+            if error.is_some() {
+                unnat_quoted(&mut out, icmp_at, f.fixed, None);
+            }
             self.route_into(f.vpc, f.fixed, out, kicks);
             return true;
         }
@@ -545,6 +556,19 @@ impl Inner {
         if pkt.icmp_type == Some(ICMP_ECHO_REQUEST) {
             drop(nat);
             self.emit(seg, &icmp_echo_reply(frame, ipv4, gw.mac), kicks);
+            return true;
+        }
+        // An error about a translated packet (unreachable, frag needed,
+        // time exceeded): back to its VM, about the packet as it sent it.
+        if let Some(q) = error {
+            let Some(n) = nat.napt.inside(gw.ip, q.proto, q.sport, kicks.now) else {
+                return true;
+            };
+            drop(nat);
+            let mut out = frame.to_vec();
+            nat_rewrite(&mut out, Side::Destination, n.inner, None);
+            unnat_quoted(&mut out, icmp_at, n.inner, Some(n.port));
+            self.route_into(n.vpc, n.inner, out, kicks);
             return true;
         }
         let Some(port) = napt_port(pkt, false) else {

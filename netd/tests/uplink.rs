@@ -18,7 +18,7 @@ use std::time::Duration;
 use atoll_tests::net_frontend::NetFrontend;
 use netd::fabric::{Fabric, Kind, PortEntry, SubnetSettings};
 use netd::flow::{
-    icmp_echo_reply, icmpv6_frame, ipv4_header, udp6_frame, Packet, ICMPV6_ECHO_REPLY,
+    icmp_echo_reply, icmpv6_frame, ipv4_header, udp6_frame, udp_frame, Packet, ICMPV6_ECHO_REPLY,
     ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP,
 };
 use netd::frame::{
@@ -439,6 +439,43 @@ fn floating_ips_snat_port_forwards_and_vlans_meet_the_outside_world() {
         )
     );
 
+    // An error about a translated packet reaches the VM about the packet
+    // as it sent it: the outside's kernel refuses a datagram to a closed
+    // port of 192.0.2.1, quoting it as it arrived (from the router's
+    // address and port); the VM hears of its own address and port, with
+    // every checksum right, through its ingress rules (they allow no
+    // ICMP: the error belongs to its connection).
+    let refused = udp_frame(
+        vm2.port.mac,
+        gw_mac,
+        src,
+        Ipv4Addr::new(192, 0, 2, 1),
+        40001,
+        9,
+        b"anyone?",
+    );
+    fe.send(&refused).unwrap();
+    let err = loop {
+        let r = fe
+            .recv(Duration::from_secs(10))
+            .unwrap()
+            .expect("the error");
+        if Ipv4::parse(&r[14..]).is_ok_and(|i| i.protocol == PROTO_ICMP && i.payload[0] == 3) {
+            break r;
+        }
+    };
+    let i = Ipv4::parse(&err[14..]).unwrap();
+    assert_eq!(
+        (i.dst, i.payload[1]),
+        (src, 3),
+        "port unreachable, to the VM"
+    );
+    assert_eq!(checksum(i.payload), 0, "the ICMP checksum holds");
+    let q = &i.payload[8..];
+    assert_eq!(&q[12..16], &src.octets(), "about the VM's address");
+    assert_eq!(checksum(&q[..20]), 0, "the quoted header's checksum holds");
+    assert_eq!(&q[20..22], &40001u16.to_be_bytes(), "and its port");
+
     // A port forward: UDP 8053 of the router's address reaches a VM's port
     // 53 once its ingress rules let it in, and the answer comes from the
     // router's port (the outside socket hears only that).
@@ -773,6 +810,21 @@ fn floating_ips_snat_port_forwards_and_vlans_meet_the_outside_world() {
     );
     assert_eq!(&r.payload[8..], b"back");
     assert!(sum6_ok(&r));
+    // A datagram to a closed port: the outside's refusal (about the router's
+    // address and port) reaches the VM about its own.
+    let closed = udp6_frame(lab_gw, (addr7, there), (5354, 9), b"anyone?");
+    fe7.send(&closed).unwrap();
+    let r = from_there(&mut fe7, PROTO_ICMPV6);
+    let r = Ipv6::parse(&r[14..]).unwrap();
+    assert_eq!(
+        (r.dst, r.payload[0], r.payload[1]),
+        (addr7, 1, 4),
+        "port unreachable"
+    );
+    assert!(sum6_ok(&r), "the ICMPv6 checksum holds");
+    let q = &r.payload[8..];
+    assert_eq!(&q[8..24], &addr7.octets(), "about the VM's address");
+    assert_eq!(&q[40..42], &5354u16.to_be_bytes(), "and its port");
     drop(fe7);
     f.delete_port(vm7.port.id.0).unwrap();
     f.delete_network(lab).unwrap();
