@@ -14,6 +14,7 @@ use crate::frame::Mac;
 use crate::l2::{PortId, SegmentId};
 use crate::nat::{Floating, Gateway, Gateway6, PortForward};
 use crate::port::Port;
+use crate::qos::Limit;
 use crate::router::{gateway_mac, Subnet, VpcId};
 use crate::secgroup::{mask, parse_cidr, parse_cidr6, GroupId, Rule, RuleError};
 use crate::switch::{Switch, SwitchError};
@@ -1078,7 +1079,18 @@ impl Fabric {
         if f.port.is_some() {
             self.switch.set_floating(f.ip, None);
         }
+        self.switch.forget_floating(f.ip);
         Self::release_address(&mut reg, f.network, Some(f.ip));
+        Ok(())
+    }
+
+    /// Sets floating IP `id`'s rate limits: towards its VM, from it (both
+    /// policed).
+    pub fn set_floating_qos(&self, id: u32, ingress: Limit, egress: Limit) -> Result<()> {
+        let f = self
+            .floating_ip(id)
+            .ok_or_else(|| FabricError::NotFound(format!("no floating IP {id}")))?;
+        self.switch.set_floating_qos(f.ip, ingress, egress);
         Ok(())
     }
 

@@ -7,6 +7,7 @@
 //! external network by ARP itself, and holds a few packets while it asks.
 
 use crate::offload::NetHdr;
+use crate::qos::{Limit, Qos};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
@@ -65,6 +66,71 @@ pub struct Gateway6 {
     pub net: std::net::Ipv6Addr,
     /// Where everything off that /64 goes (the outside router).
     pub next_hop: std::net::Ipv6Addr,
+}
+
+/// A floating IP's rate limits and counters (kept while the address is
+/// allocated, bound or not). Both directions are policed: what comes for
+/// the VM beyond its rate (`ingress`) and what the VM sends out through
+/// the address beyond its (`egress`) is dropped and counted.
+#[derive(Debug, Default)]
+pub struct FloatingTraffic {
+    qos: Qos,
+    rx_packets: u64,
+    rx_bytes: u64,
+    rx_policed: u64,
+    tx_packets: u64,
+    tx_bytes: u64,
+    tx_policed: u64,
+}
+
+impl FloatingTraffic {
+    /// Whether `len` more bytes fit the limit towards the VM (`inbound`)
+    /// or from it; counted either way.
+    fn admit(&mut self, inbound: bool, len: usize, now: Instant) -> bool {
+        let bucket = if inbound {
+            self.qos.ingress.as_mut()
+        } else {
+            self.qos.egress.as_mut()
+        };
+        let ok = bucket.is_none_or(|b| b.admit(len, now));
+        let (packets, bytes, policed) = if inbound {
+            (
+                &mut self.rx_packets,
+                &mut self.rx_bytes,
+                &mut self.rx_policed,
+            )
+        } else {
+            (
+                &mut self.tx_packets,
+                &mut self.tx_bytes,
+                &mut self.tx_policed,
+            )
+        };
+        if ok {
+            *packets += 1;
+            *bytes += len as u64;
+        } else {
+            *policed += 1;
+        }
+        ok
+    }
+
+    /// The limits as set: towards the VM, from it.
+    pub fn limits(&self) -> (Limit, Limit) {
+        self.qos.limits
+    }
+
+    /// Counters by name (rx: towards the VM).
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("rx_packets", self.rx_packets),
+            ("rx_bytes", self.rx_bytes),
+            ("rx_policed", self.rx_policed),
+            ("tx_packets", self.tx_packets),
+            ("tx_bytes", self.tx_bytes),
+            ("tx_policed", self.tx_policed),
+        ]
+    }
 }
 
 /// A floating IP bound to a VM's address.
@@ -193,6 +259,8 @@ pub struct PortForward {
 pub struct Nat {
     gateways: HashMap<VpcId, Gateway>,
     floating: HashMap<Ipv4Addr, Floating>,
+    /// Rate limits and counters of allocated floating IPs.
+    pub(crate) floating_traffic: HashMap<Ipv4Addr, FloatingTraffic>,
     by_fixed: HashMap<(VpcId, Ipv4Addr), Ipv4Addr>,
     /// IPv4 translations of gateway addresses.
     napt: NaptTable<Ipv4Addr>,
@@ -240,6 +308,27 @@ impl Nat {
     /// Whether any VPC has a gateway.
     pub fn has_gateways(&self) -> bool {
         !self.gateways.is_empty()
+    }
+
+    /// Sets floating IP `ip`'s limits: towards the VM, from it.
+    pub fn set_floating_qos(&mut self, ip: Ipv4Addr, ingress: Limit, egress: Limit, now: Instant) {
+        let t = self.floating_traffic.entry(ip).or_default();
+        t.qos = Qos::new(ingress, egress, now);
+    }
+
+    /// Forgets floating IP `ip`'s limits and counters (the address is
+    /// freed).
+    pub fn forget_floating(&mut self, ip: Ipv4Addr) {
+        self.floating_traffic.remove(&ip);
+    }
+
+    /// Whether a frame of `len` bytes through floating IP `ip` fits its
+    /// limit (`inbound`: towards the VM); counted.
+    fn floating_admit(&mut self, ip: Ipv4Addr, inbound: bool, len: usize, now: Instant) -> bool {
+        self.floating_traffic
+            .entry(ip)
+            .or_default()
+            .admit(inbound, len, now)
     }
 
     /// Binds (or with None frees) floating IP `ip`.
@@ -419,6 +508,9 @@ impl Inner {
                 (gw.ip, ext)
             }
             (None, Some(floating)) => {
+                if !nat.floating_admit(floating, false, frame.len(), kicks.now) {
+                    return true;
+                }
                 nat_rewrite(&mut out, Side::Source, floating, None);
                 (floating, pkt.flow.sport)
             }
@@ -539,7 +631,11 @@ impl Inner {
         let icmp_at = crate::flow::ip_offset(frame) + ipv4.header_len;
         // To a floating IP: DNAT to its VM.
         if let Some(f) = nat.floating.get(&ipv4.dst).copied() {
+            let admitted = nat.floating_admit(ipv4.dst, true, frame.len(), kicks.now);
             drop(nat);
+            if !admitted {
+                return true;
+            }
             let mut out = frame.to_vec();
             nat_rewrite(&mut out, Side::Destination, f.fixed, None);
             if error.is_some() {

@@ -234,6 +234,56 @@ impl FloatingIpObject {
         self.port_changed(&emitter).await?;
         Ok(())
     }
+
+    /// Rate limits (ingress kbit/s, ingress burst KiB, egress kbit/s,
+    /// egress burst KiB; ingress is towards the VM); 0 kbit/s is no limit.
+    /// Both directions are policed: beyond the rate, packets are dropped.
+    #[zbus(property)]
+    fn qos(&self) -> (u32, u32, u32, u32) {
+        let Some(f) = self.fabric.floating_ip(self.id) else {
+            return (0, 0, 0, 0);
+        };
+        let ((i, e), _) = self.fabric.switch.floating_traffic(f.ip);
+        (i.kbps, i.burst_kib, e.kbps, e.burst_kib)
+    }
+
+    /// Sets the rate limits (see Qos), online.
+    async fn set_qos(
+        &self,
+        ingress_kbps: u32,
+        ingress_burst_kib: u32,
+        egress_kbps: u32,
+        egress_burst_kib: u32,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), NetError> {
+        let ingress = qos_limit("ingress", ingress_kbps, ingress_burst_kib)?;
+        let egress = qos_limit("egress", egress_kbps, egress_burst_kib)?;
+        self.fabric.set_floating_qos(self.id, ingress, egress)?;
+        self.qos_changed(&emitter).await?;
+        Ok(())
+    }
+
+    /// rx (towards the VM) and tx packets and bytes through the address,
+    /// and those dropped over the limits (rx_policed, tx_policed).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn counters(&self) -> HashMap<String, u64> {
+        let Some(f) = self.fabric.floating_ip(self.id) else {
+            return HashMap::new();
+        };
+        let (_, c) = self.fabric.switch.floating_traffic(f.ip);
+        c.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+}
+
+/// A direction's limit from D-Bus arguments: a rate of 0 (none) or at
+/// least 64 kbit/s.
+fn qos_limit(what: &str, kbps: u32, burst_kib: u32) -> Result<Limit, NetError> {
+    if kbps != 0 && kbps < 64 {
+        return Err(NetError::InvalidArgument(format!(
+            "{what}_kbps {kbps}: 0 (no limit) or at least 64"
+        )));
+    }
+    Ok(Limit { kbps, burst_kib })
 }
 
 /// A network on the bus.
@@ -641,23 +691,9 @@ impl PortObject {
         egress_burst_kib: u32,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<(), NetError> {
-        for (what, kbps) in [("ingress", ingress_kbps), ("egress", egress_kbps)] {
-            if kbps != 0 && kbps < 64 {
-                return Err(NetError::InvalidArgument(format!(
-                    "{what}_kbps {kbps}: 0 (no limit) or at least 64"
-                )));
-            }
-        }
-        self.entry.port.set_qos(
-            Limit {
-                kbps: ingress_kbps,
-                burst_kib: ingress_burst_kib,
-            },
-            Limit {
-                kbps: egress_kbps,
-                burst_kib: egress_burst_kib,
-            },
-        );
+        let ingress = qos_limit("ingress", ingress_kbps, ingress_burst_kib)?;
+        let egress = qos_limit("egress", egress_kbps, egress_burst_kib)?;
+        self.entry.port.set_qos(ingress, egress);
         self.qos_changed(&emitter).await?;
         Ok(())
     }
@@ -853,6 +889,20 @@ pub trait FloatingIp {
     fn port(&self) -> zbus::Result<OwnedObjectPath>;
     /// Binds it.
     fn associate(&self, port: &ObjectPath<'_>) -> zbus::Result<()>;
+    /// Rate limits.
+    #[zbus(property)]
+    fn qos(&self) -> zbus::Result<(u32, u32, u32, u32)>;
+    /// Sets the rate limits.
+    fn set_qos(
+        &self,
+        ingress_kbps: u32,
+        ingress_burst_kib: u32,
+        egress_kbps: u32,
+        egress_burst_kib: u32,
+    ) -> zbus::Result<()>;
+    /// Counters.
+    #[zbus(property)]
+    fn counters(&self) -> zbus::Result<HashMap<String, u64>>;
     /// Unbinds it.
     fn disassociate(&self) -> zbus::Result<()>;
 }

@@ -31,6 +31,7 @@ use crate::ndp;
 use crate::offload::{self, NetHdr};
 use crate::overlay::{self, Encap, Overlay};
 use crate::port::{self, Out, Port};
+use crate::qos::Limit;
 use crate::ring::Pieces;
 use crate::router::VpcId;
 use crate::router::{Host, Subnet, L3};
@@ -2354,6 +2355,42 @@ impl Switch {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .set_forward(gw, f, on, Instant::now());
+    }
+
+    /// Sets floating IP `ip`'s rate limits (towards its VM, from it).
+    pub fn set_floating_qos(&self, ip: Ipv4Addr, ingress: Limit, egress: Limit) {
+        self.inner
+            .nat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .set_floating_qos(ip, ingress, egress, Instant::now());
+    }
+
+    /// Floating IP `ip`'s limits and counters.
+    pub fn floating_traffic(&self, ip: Ipv4Addr) -> ((Limit, Limit), Vec<(&'static str, u64)>) {
+        let nat = self
+            .inner
+            .nat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        nat.floating_traffic.get(&ip).map_or_else(
+            || {
+                (
+                    (Limit::default(), Limit::default()),
+                    crate::nat::FloatingTraffic::default().counters(),
+                )
+            },
+            |t| (t.limits(), t.counters()),
+        )
+    }
+
+    /// Forgets floating IP `ip`'s limits and counters.
+    pub fn forget_floating(&self, ip: Ipv4Addr) {
+        self.inner
+            .nat
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget_floating(ip);
     }
 
     /// Binds (or frees) floating IP `ip`.

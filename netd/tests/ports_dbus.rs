@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use atoll_tests::contract::wait_owner;
 use atoll_tests::net_frontend::NetFrontend;
 use atoll_tests::TestBus;
-use netd::objects::{PortProxy, SecurityGroupProxy, SubnetProxy, VpcProxy};
+use netd::objects::{FloatingIpProxy, PortProxy, SecurityGroupProxy, SubnetProxy, VpcProxy};
 use netd::Net1Proxy;
 use zbus::zvariant::{ObjectPath, Value};
 
@@ -295,6 +295,28 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     .await
     .unwrap();
     assert_eq!(router.set_gateway(&ext, "").await.unwrap(), "192.0.2.2");
+
+    // A floating IP's QoS and counters.
+    let (fip, fip_ip) = net.create_floating_ip(&ext, "").await.unwrap();
+    assert_eq!(fip_ip, "192.0.2.3");
+    let fip = FloatingIpProxy::builder(&conn)
+        .path(fip)
+        .unwrap()
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(fip.qos().await.unwrap(), (0, 0, 0, 0), "no limits at first");
+    let err = fip.set_qos(10, 16, 0, 0).await.unwrap_err();
+    assert!(err.to_string().contains("at least 64"), "{err}");
+    fip.set_qos(1000, 64, 2000, 128).await.unwrap();
+    assert_eq!(fip.qos().await.unwrap(), (1000, 64, 2000, 128));
+    let counters = fip.counters().await.unwrap();
+    assert_eq!(counters.get("rx_policed"), Some(&0), "{counters:?}");
+    assert_eq!(counters.len(), 6, "{counters:?}");
+    net.delete_floating_ip(&fip.inner().path().to_owned())
+        .await
+        .unwrap();
     let web_fwd = router
         .add_port_forward("tcp", 8080, "10.9.0.20", 80)
         .await

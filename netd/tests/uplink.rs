@@ -24,6 +24,7 @@ use netd::flow::{
 use netd::frame::{
     checksum, Arp, Ethernet, Ipv4, Ipv6, ARP_REQUEST, ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6,
 };
+use netd::qos::Limit;
 use netd::router::VpcId;
 use netd::secgroup::Rule;
 
@@ -376,6 +377,113 @@ fn floating_ips_snat_port_forwards_and_vlans_meet_the_outside_world() {
     assert!(ping_from_outside(&["192.0.2.2"]));
     assert!(!ping_from_outside(&["-c", "1", "-W", "1", "192.0.2.9"]));
     responder.stop();
+
+    // The floating IP's QoS polices both ways at the address. At 64 kbit/s
+    // (8 kB/s) with a 16 KiB burst, a quick run of 40 datagrams of 1042
+    // bytes (frames) lets the burst through, 15 of them, and at most a
+    // couple more the rate adds meanwhile; the rest is dropped and counted.
+    // What got through is counted where it arrives: up to a marker sent
+    // once the limits are lifted (the path keeps order).
+    f.switch
+        .add_rule(
+            open,
+            Rule::parse("ingress", "udp", (7, 7), "", None).unwrap(),
+        )
+        .unwrap();
+    let limit = Limit {
+        kbps: 64,
+        burst_kib: 16,
+    };
+    f.set_floating_qos(fip, limit, limit).unwrap();
+    let count = |k: &str| {
+        let (_, c) = f.switch.floating_traffic(fip_ip);
+        c.iter().find(|(n, _)| *n == k).map_or(0, |(_, v)| *v)
+    };
+    let both = |dir: &str| count(&format!("{dir}_packets")) + count(&format!("{dir}_policed"));
+    let (rx0, tx0) = (count("rx_packets"), count("tx_packets"));
+    let (rx_seen, tx_seen) = (both("rx"), both("tx"));
+    let mut fe1 = NetFrontend::connect(&vm.port.socket).unwrap();
+    let s = outside_udp("0.0.0.0:0");
+    let burst = |send: &mut dyn FnMut(&[u8]), dir: &str, seen: u64| {
+        for _ in 0..40 {
+            send(&[0u8; 1000]);
+        }
+        atoll_tests::wait_until(
+            "40 datagrams at the router",
+            Duration::from_secs(10),
+            || (both(dir) == seen + 40).then_some(()),
+        );
+    };
+    let unlimited = Limit::default();
+    burst(
+        &mut |b| {
+            s.send_to(b, ("192.0.2.3", 7)).unwrap();
+        },
+        "rx",
+        rx_seen,
+    );
+    f.set_floating_qos(fip, unlimited, unlimited).unwrap();
+    s.send_to(b"marker", ("192.0.2.3", 7)).unwrap();
+    let mut came = 0;
+    loop {
+        let r = fe1
+            .recv(Duration::from_secs(10))
+            .unwrap()
+            .expect("the marker");
+        let Ok(i) = Ipv4::parse(&r[14..]) else {
+            continue;
+        };
+        if i.protocol != PROTO_UDP {
+            continue;
+        }
+        if &i.payload[8..] == b"marker" {
+            break;
+        }
+        came += 1;
+    }
+    assert!((15..=17).contains(&came), "{came} of 40 came in");
+    assert_eq!(
+        came,
+        count("rx_packets") - rx0 - 1,
+        "as counted (and the marker)"
+    );
+    f.set_floating_qos(fip, limit, limit).unwrap();
+    let vm_ip = vm.port.security().ip.unwrap();
+    let web_gw_mac = f
+        .subnet(f.network(web).unwrap().subnet.unwrap())
+        .unwrap()
+        .subnet
+        .gateway_mac;
+    let to = s.local_addr().unwrap().port();
+    let out = |payload: &[u8]| {
+        let there = Ipv4Addr::new(192, 0, 2, 1);
+        udp_frame(vm.port.mac, web_gw_mac, vm_ip, there, 4000, to, payload)
+    };
+    burst(&mut |b| fe1.send(&out(b)).unwrap(), "tx", tx_seen);
+    assert_eq!(count("tx_policed"), 40 - (count("tx_packets") - tx0));
+    f.set_floating_qos(fip, unlimited, unlimited).unwrap();
+    fe1.send(&out(b"marker")).unwrap();
+    let mut went = 0;
+    let mut buf = [0u8; 2048];
+    loop {
+        let (n, from) = s.recv_from(&mut buf).expect("the marker");
+        assert_eq!(
+            from.ip(),
+            std::net::IpAddr::V4(fip_ip),
+            "from the floating IP"
+        );
+        if &buf[..n] == b"marker" {
+            break;
+        }
+        went += 1;
+    }
+    assert!((15..=17).contains(&went), "{went} of 40 went out");
+    assert_eq!(
+        went,
+        count("tx_packets") - tx0 - 1,
+        "as counted (and the marker)"
+    );
+    drop(fe1);
 
     // The VM goes: its floating IP stays, bound to nothing, so the VM that
     // gets the same fixed address next does not get the floating IP's
