@@ -525,20 +525,23 @@ struct Quote {
     proto: u8,
 }
 
-/// Rewrites the quoted packet's source `old` -> `new` (address bytes) and
-/// its port or echo identifier (given), with the quoted transport checksum
-/// where it is quoted (`pseudo`: it covers the addresses).
+/// Rewrites the quoted packet's source address to `new` and its port or
+/// echo identifier (given), with the quoted transport checksum where it
+/// is quoted (`pseudo`: it covers the addresses).
 fn rewrite_quote(
     frame: &mut [u8],
     end: usize,
     q: &Quote,
-    (old, new): (&[u8], &[u8]),
+    new: &[u8],
     port: Option<u16>,
     (echo_proto, pseudo): (u8, bool),
 ) {
-    if let Some(a) = frame.get_mut(q.src..q.src + new.len()) {
-        a.copy_from_slice(new);
-    }
+    let Some(a) = frame.get_mut(q.src..q.src + new.len()) else {
+        return;
+    };
+    let old = a.to_vec();
+    a.copy_from_slice(new);
+    let old = old.as_slice();
     let (port_at, sum_at) = match q.proto {
         PROTO_TCP => (q.l4, q.l4 + 16),
         PROTO_UDP => (q.l4, q.l4 + 6),
@@ -583,20 +586,12 @@ pub fn unnat_quoted(frame: &mut [u8], icmp_at: usize, ip: Ipv4Addr, port: Option
     if ihl < 20 || q + ihl > end {
         return;
     }
-    let old: [u8; 4] = frame[q + 12..q + 16].try_into().unwrap_or([0; 4]);
     let quote = Quote {
         src: q + 12,
         l4: q + ihl,
         proto: frame[q + 9],
     };
-    rewrite_quote(
-        frame,
-        end,
-        &quote,
-        (&old, &ip.octets()),
-        port,
-        (PROTO_ICMP, false),
-    );
+    rewrite_quote(frame, end, &quote, &ip.octets(), port, (PROTO_ICMP, false));
     frame[q + 10..q + 12].fill(0);
     let sum = checksum(&frame[q..q + ihl]);
     frame[q + 10..q + 12].copy_from_slice(&sum.to_be_bytes());
@@ -616,20 +611,12 @@ pub fn unnat_quoted6(frame: &mut [u8], icmp_at: usize, ip: Ipv6Addr, port: Optio
     if q + 40 > end {
         return;
     }
-    let old: [u8; 16] = frame[q + 8..q + 24].try_into().unwrap_or([0; 16]);
     let quote = Quote {
         src: q + 8,
         l4: q + 40,
         proto: frame[q + 6],
     };
-    rewrite_quote(
-        frame,
-        end,
-        &quote,
-        (&old, &ip.octets()),
-        port,
-        (PROTO_ICMPV6, true),
-    );
+    rewrite_quote(frame, end, &quote, &ip.octets(), port, (PROTO_ICMPV6, true));
     let at = ip_offset(frame);
     let mut pseudo = Vec::with_capacity(40 + end - icmp_at);
     pseudo.extend_from_slice(&frame[at + 8..at + 40]);
