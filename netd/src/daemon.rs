@@ -18,6 +18,9 @@ pub struct Options {
     pub run_dir: std::path::PathBuf,
     /// Data-path threads (at least one).
     pub datapath_threads: usize,
+    /// Each port's budget for requests to the switch's services: a second,
+    /// at once.
+    pub service_limit: (f64, f64),
 }
 
 /// Why the network daemon stopped with an error.
@@ -82,6 +85,7 @@ pub async fn run(opts: Options) -> Result<Exit, Error> {
     let fabric =
         crate::fabric::Fabric::with_datapath_threads(opts.run_dir.clone(), opts.datapath_threads)
             .map_err(Error::Switch)?;
+    fabric.switch.set_service_limit(opts.service_limit);
     info!(threads = opts.datapath_threads, "data path started");
     let conn = connect(&opts, std::sync::Arc::new(fabric))
         .await

@@ -23,6 +23,11 @@ struct Cli {
     /// the CPUs this process may use, 1 to 4).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     datapath_threads: Option<u16>,
+    /// Requests each port may make to the switch's own services (DHCP,
+    /// DHCPv6, DNS, neighbour discovery, metadata) a second; as many again
+    /// may come at once. Beyond that they are dropped and counted.
+    #[arg(long, value_name = "N", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..))]
+    service_rate: u32,
 }
 
 fn main() -> ExitCode {
@@ -41,6 +46,10 @@ fn main() -> ExitCode {
         datapath_threads: cli
             .datapath_threads
             .map_or_else(default_datapath_threads, usize::from),
+        service_limit: (
+            f64::from(cli.service_rate),
+            f64::from(cli.service_rate) / 2.0,
+        ),
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

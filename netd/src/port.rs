@@ -33,7 +33,7 @@ use crate::offload::{
     self, NetHdr, F_CSUM, F_GUEST_CSUM, F_GUEST_TSO4, F_GUEST_TSO6, F_GUEST_USO4, F_GUEST_USO6,
     F_HOST_TSO4, F_HOST_TSO6, F_HOST_USO, F_MRG_RXBUF,
 };
-use crate::qos::{Limit, Qos};
+use crate::qos::{Limit, Qos, TokenBucket};
 use crate::ring::{writable_len, Desc, Pieces, Ring};
 use crate::secgroup::PortSecurity;
 use crate::switch::Inner;
@@ -47,6 +47,10 @@ const MAX_PENDING: usize = 1024;
 pub const MAX_CONNECTIONS: usize = 65_536;
 /// Receive/transmit queue pairs a port offers (MQ): receive queue of pair
 /// p at 2p, transmit at 2p + 1, each pair served by its own thread.
+/// Requests a port may make to the switch's services by default: a
+/// second, and at once (DHCP, DNS, neighbour discovery and metadata need a
+/// few hundred at boot; a guest resolving names first asks the router).
+pub const SERVICE_LIMIT: (f64, f64) = (2000.0, 1000.0);
 pub const QUEUE_PAIRS: usize = 4;
 const F_MQ: u64 = 1 << 22;
 const F_MAC: u64 = 1 << 5;
@@ -79,6 +83,10 @@ pub struct PortStats {
     pub rx_filtered: AtomicU64,
     /// Frames for the guest over its ingress rate (QoS).
     pub rx_policed: AtomicU64,
+    /// Requests to the switch's own services (DHCP, DHCPv6, DNS, ARP and
+    /// neighbour discovery for the router, pings of it, metadata) beyond
+    /// the port's budget, dropped unanswered.
+    pub tx_service_dropped: AtomicU64,
 }
 
 impl PortStats {
@@ -95,6 +103,7 @@ impl PortStats {
             ("tx_filtered", g(&self.tx_filtered)),
             ("rx_filtered", g(&self.rx_filtered)),
             ("rx_policed", g(&self.rx_policed)),
+            ("tx_service_dropped", g(&self.tx_service_dropped)),
         ]
     }
 }
@@ -436,6 +445,10 @@ pub struct Port {
     features: AtomicU64,
     /// Whether frames wait for receive buffers (read without the lock).
     has_pending: AtomicBool,
+    /// How many requests to the switch's services it may make (one token
+    /// each): a VM flooding them cannot take the data path's time from
+    /// the other ports.
+    service: Mutex<TokenBucket>,
     /// Rate limits, if any (`qos_on` says whether to look).
     qos: Mutex<Qos>,
     qos_on: AtomicBool,
@@ -511,6 +524,29 @@ impl Port {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .limits
+    }
+
+    /// Sets the budget for requests to the switch's services: `rate` a
+    /// second, `burst` at once.
+    pub fn set_service_limit(&self, (rate, burst): (f64, f64)) {
+        *self.service.lock().unwrap_or_else(PoisonError::into_inner) =
+            TokenBucket::counting(rate, burst, Instant::now());
+    }
+
+    /// Whether one more request to the switch's services fits the budget;
+    /// counted when it does not.
+    pub(crate) fn service_admit(&self, now: Instant) -> bool {
+        let ok = self
+            .service
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .admit(1, now);
+        if !ok {
+            self.stats
+                .tx_service_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        ok
     }
 
     /// Whether a frame of `len` bytes for the VM fits its ingress rate.
@@ -603,6 +639,11 @@ impl Port {
             mirror: AtomicU32::new(0),
             features: AtomicU64::new(0),
             has_pending: AtomicBool::new(false),
+            service: Mutex::new(TokenBucket::counting(
+                SERVICE_LIMIT.0,
+                SERVICE_LIMIT.1,
+                Instant::now(),
+            )),
             qos: Mutex::new(Qos::default()),
             qos_on: AtomicBool::new(false),
             rx: Mutex::new(RxSide::default()),

@@ -44,6 +44,17 @@ impl TokenBucket {
         })
     }
 
+    /// A full bucket of `burst` units refilled at `rate` units a second
+    /// (packets, say).
+    pub fn counting(rate: f64, burst: f64, now: Instant) -> Self {
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
     fn refill(&mut self, now: Instant) {
         let dt = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;

@@ -109,6 +109,8 @@ pub(crate) struct Inner {
     pub(crate) nat_on: std::sync::atomic::AtomicBool,
     /// ICMPv6 errors the router may still send this second.
     pub(crate) icmp6_errors: ErrorRate,
+    /// Every new port's budget for requests to the switch's services.
+    service_limit: Mutex<(f64, f64)>,
     /// When the router next advertises on its IPv6 subnets unasked.
     next_advert: Mutex<Instant>,
     /// The data-path threads and the transmit rings each polls (the first
@@ -886,7 +888,13 @@ impl Inner {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .get_mut(&from.segment)
-                .map(|server| server.handle(frame, now))
+                .map(|server| {
+                    if from.service_admit(now) {
+                        server.handle(frame, now)
+                    } else {
+                        Outcome::Ignored
+                    }
+                })
         } else {
             None
         };
@@ -904,13 +912,17 @@ impl Inner {
                 if let Some(a) = arp.filter(|a| {
                     a.op == ARP_REQUEST && (a.tpa == subnet.gateway || a.tpa == metadata::ADDRESS)
                 }) {
-                    from.deliver(&a.reply_from(subnet.gateway_mac).to_frame(a.sha));
+                    if from.service_admit(now) {
+                        from.deliver(&a.reply_from(subnet.gateway_mac).to_frame(a.sha));
+                    }
                     return;
                 }
                 if let (Some((_, ipv4)), true) = (&ip, eth.dst == subnet.gateway_mac) {
                     if ipv4.dst == metadata::ADDRESS {
                         let len = ipv4.header_len + ipv4.payload.len();
-                        if let Some(packet) = eth.payload.get(..len) {
+                        if let Some(packet) =
+                            eth.payload.get(..len).filter(|_| from.service_admit(now))
+                        {
                             self.metadata_packet(from, subnet.gateway_mac, Some(packet));
                         }
                         return;
@@ -921,7 +933,7 @@ impl Inner {
                     return;
                 }
                 if let Some((p6, v6)) = &ip6 {
-                    match self.service6(from, &l3, subnet, p6, v6) {
+                    match self.service6(from, &l3, subnet, (p6, v6), now) {
                         Service::Reply(reply) => {
                             from.deliver(&reply);
                             return;
@@ -932,7 +944,9 @@ impl Inner {
                     let routes = subnet.vpc.is_some();
                     let ours = |a| l3.is_gateway6(from.segment, a);
                     if let Some(reply) = ndp::answer(subnet, routes, from.mac, (p6, v6), ours) {
-                        from.deliver(&reply);
+                        if from.service_admit(now) {
+                            from.deliver(&reply);
+                        }
                         return;
                     }
                     if eth.dst == subnet.gateway_mac {
@@ -1669,6 +1683,9 @@ impl Inner {
         kicks: &mut Kicks,
     ) {
         if l3.is_gateway(from.segment, ip.dst) {
+            if !from.service_admit(now) {
+                return;
+            }
             if let Some(reply) = self.gateway_service(from, l3, subnet, frame, pkt, ip) {
                 from.deliver(&reply);
             }
@@ -1754,8 +1771,8 @@ impl Inner {
         from: &Port,
         l3: &L3,
         subnet: &Subnet,
-        p: &Packet6,
-        ip: &Ipv6<'_>,
+        (p, ip): (&Packet6, &Ipv6<'_>),
+        now: Instant,
     ) -> Service {
         let Some([router, _]) = subnet.gateway6() else {
             return Service::Pass;
@@ -1782,6 +1799,9 @@ impl Inner {
                 dns: &servers,
                 domain: &subnet.domain,
             };
+            if !from.service_admit(now) {
+                return Service::Taken;
+            }
             if dhcp6::is_decline(payload) {
                 warn!(
                     port = from.id.0,
@@ -1797,6 +1817,9 @@ impl Inner {
             };
         }
         if p.flow.dport == dns::PORT && l3.is_gateway6(from.segment, ip.dst) {
+            if !from.service_admit(now) {
+                return Service::Taken;
+            }
             let answer = dns::answer(payload, &subnet.domain, |name| {
                 l3.resolve(from.segment, name)
             });
@@ -1847,6 +1870,7 @@ impl Switch {
             metadata: Mutex::new(HashMap::new()),
             started: Instant::now(),
             icmp6_errors: ErrorRate::new(),
+            service_limit: Mutex::new(crate::port::SERVICE_LIMIT),
             next_advert: Mutex::new(Instant::now() + advert_interval()),
             datapaths,
         });
@@ -1899,6 +1923,13 @@ impl Switch {
         };
         let path = port::socket_path(&self.dir, id);
         let port = Arc::new(Port::new(id, segment, mac(id), path.clone()));
+        port.set_service_limit(
+            *self
+                .inner
+                .service_limit
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         // Bound here, so that the socket accepts connections when this returns.
         let listener =
             vhost::vhost_user::Listener::new(&path, true).map_err(|e| SwitchError::Listen {
@@ -2355,6 +2386,26 @@ impl Switch {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .set_forward(gw, f, on, Instant::now());
+    }
+
+    /// Sets every port's budget for requests to the switch's services
+    /// (`rate` a second, `burst` at once), and new ports' (default
+    /// [`SERVICE_LIMIT`](crate::port::SERVICE_LIMIT)).
+    pub fn set_service_limit(&self, limit: (f64, f64)) {
+        *self
+            .inner
+            .service_limit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = limit;
+        for p in self
+            .inner
+            .ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            p.set_service_limit(limit);
+        }
     }
 
     /// Sets floating IP `ip`'s rate limits (towards its VM, from it).

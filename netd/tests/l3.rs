@@ -112,6 +112,7 @@ impl Vm {
             "tx_filtered" => s.tx_filtered.load(Ordering::Relaxed),
             "rx_filtered" => s.rx_filtered.load(Ordering::Relaxed),
             "tx_dropped" => s.tx_dropped.load(Ordering::Relaxed),
+            "tx_service_dropped" => s.tx_service_dropped.load(Ordering::Relaxed),
             _ => panic!("{name}"),
         }
     }
@@ -1384,4 +1385,51 @@ fn dhcpv6_subnets_assign_each_port_its_address() {
         before + 1,
         "the MAC's address is not b's now"
     );
+}
+
+#[test]
+fn a_port_flooding_the_routers_services_is_held_to_its_budget_and_others_are_served() {
+    let w = world();
+    // A small budget, to see it: 10 at once, one more every 100 s.
+    w.fabric.switch.set_service_limit((0.01, 10.0));
+    let mut a = w.vm(w.web, "flood", None);
+    let mut b = w.vm(w.web, "calm", None);
+    let (gw_mac, gw) = (w.gateway_mac(w.web), Ipv4Addr::new(10, 1, 0, 1));
+    let query = |vm: &Vm, id: u16| {
+        udp_frame(
+            vm.mac,
+            gw_mac,
+            vm.ip,
+            gw,
+            40000,
+            53,
+            &dns_query(id, "calm", 1),
+        )
+    };
+    // 40 DNS queries at once: the burst is answered (and at most one more
+    // the rate adds meanwhile), the rest dropped and counted.
+    for id in 0..40 {
+        a.send(&query(&a, id));
+    }
+    let mut answered = 0u64;
+    atoll_tests::wait_until("every query answered or dropped", WAIT, || {
+        while let Some(f) = a.fe.recv(Duration::from_millis(20)).unwrap() {
+            let i = Ipv4::parse(&f[14..]).unwrap();
+            assert_eq!((i.src, &i.payload[..2]), (gw, &53u16.to_be_bytes()[..]));
+            answered += 1;
+        }
+        (answered + a.counter("tx_service_dropped") == 40).then_some(())
+    });
+    assert!((10..=11).contains(&answered), "{answered} of 40 answered");
+    // Its ARP for the router waits for the budget too; the other port has
+    // its own and is served at once.
+    let before = a.counter("tx_service_dropped");
+    b.send(&query(&b, 1));
+    let f = b.recv();
+    let i = Ipv4::parse(&f[14..]).unwrap();
+    assert_eq!(&i.payload[8..10], &1u16.to_be_bytes(), "b's answer");
+    a.send(&arp_request(&a, gw));
+    atoll_tests::wait_until("a's ARP dropped", WAIT, || {
+        (a.counter("tx_service_dropped") > before).then_some(())
+    });
 }
