@@ -77,6 +77,20 @@ fn parse_ip(what: &str, s: &str) -> Result<Ipv4Addr, NetError> {
         .map_err(|_| NetError::InvalidArgument(format!("{what} {s:?}: not an IPv4 address")))
 }
 
+/// Reserved ranges from their D-Bus strings.
+pub(crate) fn parse_ranges(ranges: &[String]) -> Result<Vec<(Ipv4Addr, Ipv4Addr)>, NetError> {
+    ranges
+        .iter()
+        .map(|r| {
+            crate::fabric::parse_range(r).ok_or_else(|| {
+                NetError::InvalidArgument(format!(
+                    "reserved {r:?}: want 192.0.2.5, 192.0.2.5-192.0.2.9 or 192.0.2.0/28"
+                ))
+            })
+        })
+        .collect()
+}
+
 /// `/org/atoll/Net1/<kind>/<id>`.
 pub(crate) fn object_path(kind: &str, id: u32) -> Result<OwnedObjectPath, NetError> {
     ObjectPath::try_from(format!("{OBJECT_PATH}/{kind}/{id}"))
@@ -461,7 +475,9 @@ impl Net1 {
     /// (a /64 for the VMs), "ipv6_mode" s ("slaac", the default: VMs form
     /// their addresses; "dhcpv6": DHCPv6 assigns them), "ipv6_snat" b (the
     /// /64 leaves the VPC translated to the router's IPv6 address, NAT66,
-    /// instead of routed: for unique-local /64s).
+    /// instead of routed: for unique-local /64s), "reserved" as (address
+    /// ranges never handed out: "192.0.2.5", "192.0.2.5-192.0.2.9",
+    /// "192.0.2.0/28").
     async fn create_subnet(
         &self,
         network: OwnedObjectPath,
@@ -490,6 +506,7 @@ impl Net1 {
             settings.ipv6 = Some(prefix);
         }
         settings.snat6 = o.bool("ipv6_snat")?.unwrap_or(false);
+        settings.reserved = parse_ranges(&o.strings("reserved")?.unwrap_or_default())?;
         settings.dhcp6 = match o.string("ipv6_mode")?.as_deref() {
             None | Some("slaac") => false,
             Some("dhcpv6") => true,

@@ -112,6 +112,10 @@ pub struct SubnetSettings {
     /// The /64 leaves the VPC translated to the router's IPv6 address
     /// (NAT66) instead of routed.
     pub snat6: bool,
+    /// Address ranges (first, last) kept for others: never handed out on
+    /// their own, nor given when asked for (on an external network, the
+    /// outside's routers and hosts).
+    pub reserved: Vec<(Ipv4Addr, Ipv4Addr)>,
 }
 
 impl Default for SubnetSettings {
@@ -122,6 +126,7 @@ impl Default for SubnetSettings {
             dhcp6: false,
             dns6: Vec::new(),
             snat6: false,
+            reserved: Vec::new(),
             gateway: None,
             dns: Vec::new(),
             domain: String::new(),
@@ -235,6 +240,31 @@ impl Registry {
         self.subnets
             .values()
             .filter(move |s| s.subnet.vpc == Some(VpcId(vpc)))
+    }
+}
+
+/// Parses a reserved range: "192.0.2.5", "192.0.2.5-192.0.2.9" or
+/// "192.0.2.0/28".
+pub fn parse_range(s: &str) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    if let Some((a, b)) = s.split_once('-') {
+        let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+        return (a <= b).then_some((a, b));
+    }
+    let (net, len) = parse_cidr(s)?;
+    Some((net, Ipv4Addr::from(u32::from(net) | !mask(len))))
+}
+
+/// Checks that every range of `reserved` lies in `subnet`.
+fn check_reserved(subnet: &Subnet, reserved: &[(Ipv4Addr, Ipv4Addr)]) -> Result<()> {
+    match reserved
+        .iter()
+        .find(|(a, b)| !subnet.contains(*a) || !subnet.contains(*b))
+    {
+        Some((a, b)) => Err(invalid(format!(
+            "reserved {a}-{b}: outside {}/{}",
+            subnet.net, subnet.prefix
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -515,6 +545,7 @@ impl Fabric {
         {
             return Err(invalid(format!("dns {d}: not a unicast address")));
         }
+        check_reserved(&sub, &settings.reserved)?;
         if !sub.contains(gateway) || gateway == net || gateway == broadcast {
             return Err(invalid(format!(
                 "gateway {gateway}: not a host address of {cidr}"
@@ -692,18 +723,25 @@ impl Fabric {
             .subnet
             .and_then(|s| reg.subnets.get_mut(&s))
             .ok_or_else(|| invalid(format!("network {name:?} has no subnet")))?;
+        let reserved = |ip: &Ipv4Addr| {
+            s.settings
+                .reserved
+                .iter()
+                .any(|(a, b)| (a..=b).contains(&ip))
+        };
         let ip = match ip {
             Some(ip) if !s.subnet.contains(ip) => {
                 return Err(invalid(format!("ip {ip}: outside the subnet")))
             }
             Some(ip) if s.used.contains(&ip) => return Err(invalid(format!("ip {ip}: in use"))),
+            Some(ip) if reserved(&ip) => return Err(invalid(format!("ip {ip}: reserved"))),
             Some(ip) => ip,
             None => {
                 let first = u32::from(s.subnet.net);
                 let last = first | !mask(s.subnet.prefix);
                 (first..=last)
                     .map(Ipv4Addr::from)
-                    .find(|ip| !s.used.contains(ip))
+                    .find(|ip| !s.used.contains(ip) && !reserved(ip))
                     .ok_or_else(|| invalid("the subnet has no free address"))?
             }
         };
@@ -1091,6 +1129,30 @@ impl Fabric {
             .floating_ip(id)
             .ok_or_else(|| FabricError::NotFound(format!("no floating IP {id}")))?;
         self.switch.set_floating_qos(f.ip, ingress, egress);
+        Ok(())
+    }
+
+    /// Sets subnet `id`'s reserved ranges (addresses never handed out);
+    /// refused if one covers an address a port, gateway or floating IP
+    /// holds.
+    pub fn set_subnet_reserved(&self, id: u32, reserved: Vec<(Ipv4Addr, Ipv4Addr)>) -> Result<()> {
+        let mut reg = self.reg();
+        let s = reg
+            .subnets
+            .get_mut(&id)
+            .ok_or_else(|| FabricError::NotFound(format!("no subnet {id}")))?;
+        check_reserved(&s.subnet, &reserved)?;
+        let broadcast = Ipv4Addr::from(u32::from(s.subnet.net) | !mask(s.subnet.prefix));
+        let own = [s.subnet.net, s.subnet.gateway, broadcast];
+        let held = s
+            .used
+            .iter()
+            .filter(|ip| !own.contains(ip))
+            .find(|ip| reserved.iter().any(|(a, b)| (a..=b).contains(ip)));
+        if let Some(ip) = held {
+            return Err(invalid(format!("reserved: {ip} is in use")));
+        }
+        s.settings.reserved = reserved;
         Ok(())
     }
 

@@ -473,6 +473,40 @@ impl SubnetObject {
             .unwrap_or_default()
     }
 
+    /// Address ranges never handed out ("first-last", or one address).
+    #[zbus(property)]
+    fn reserved(&self) -> Vec<String> {
+        self.fabric
+            .subnet(self.id)
+            .map(|s| {
+                s.settings
+                    .reserved
+                    .iter()
+                    .map(|(a, b)| {
+                        if a == b {
+                            a.to_string()
+                        } else {
+                            format!("{a}-{b}")
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Sets the reserved ranges ("192.0.2.5", "192.0.2.5-192.0.2.9",
+    /// "192.0.2.0/28"); refused if one covers an address in use.
+    async fn set_reserved(
+        &self,
+        reserved: Vec<String>,
+        #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
+    ) -> Result<(), NetError> {
+        let ranges = crate::dbus::parse_ranges(&reserved)?;
+        self.fabric.set_subnet_reserved(self.id, ranges)?;
+        self.reserved_changed(&emitter).await?;
+        Ok(())
+    }
+
     /// DNS domain of VM names.
     #[zbus(property(emits_changed_signal = "const"))]
     fn domain(&self) -> String {
@@ -1008,6 +1042,11 @@ pub trait Subnet {
     /// NAT66 on the way out.
     #[zbus(property)]
     fn ipv6_snat(&self) -> zbus::Result<bool>;
+    /// Reserved ranges.
+    #[zbus(property)]
+    fn reserved(&self) -> zbus::Result<Vec<String>>;
+    /// Sets the reserved ranges.
+    fn set_reserved(&self, reserved: &[&str]) -> zbus::Result<()>;
 }
 
 /// Typed client of a security group.

@@ -14,7 +14,7 @@ use atoll_tests::net_frontend::NetFrontend;
 use atoll_tests::TestBus;
 use netd::objects::{FloatingIpProxy, PortProxy, SecurityGroupProxy, SubnetProxy, VpcProxy};
 use netd::Net1Proxy;
-use zbus::zvariant::{ObjectPath, Value};
+use zbus::zvariant::{ObjectPath, OwnedObjectPath, Value};
 
 struct Daemon(Child);
 
@@ -521,4 +521,82 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     );
     let err = net.delete_vpc(&vpc).await.unwrap_err();
     assert!(err.to_string().contains("NotFound"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_addresses_are_never_handed_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = TestBus::start();
+    let _d = daemon(&bus, &dir.path().join("run"));
+    let conn = zbus::connection::Builder::address(bus.address())
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    wait_owner(&conn, netd::BUS_NAME, true).await;
+    let net = Net1Proxy::new(&conn).await.unwrap();
+    let lab = net
+        .create_network("lab", "flat", HashMap::new())
+        .await
+        .unwrap();
+    for (bad, why) in [
+        ("10.20.0.9-10.20.0.2", "want 192.0.2.5"),
+        ("10.20.0.0/33", "want 192.0.2.5"),
+        ("10.21.0.1", "outside 10.20.0.0/24"),
+    ] {
+        let opts = HashMap::from([("reserved", Value::from(vec![bad]))]);
+        let err = net
+            .create_subnet(&lab, "10.20.0.0/24", opts)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains(why), "{bad}: {err}");
+    }
+    let opts = HashMap::from([(
+        "reserved",
+        Value::from(vec!["10.20.0.2-10.20.0.9", "10.20.0.128/25"]),
+    )]);
+    let subnet = net.create_subnet(&lab, "10.20.0.0/24", opts).await.unwrap();
+    let s = SubnetProxy::builder(&conn)
+        .path(subnet)
+        .unwrap()
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(
+        s.reserved().await.unwrap(),
+        ["10.20.0.2-10.20.0.9", "10.20.0.128-10.20.0.255"]
+    );
+    let port_ip = |path: OwnedObjectPath| {
+        let conn = conn.clone();
+        async move {
+            PortProxy::builder(&conn)
+                .path(path)
+                .unwrap()
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await
+                .unwrap()
+                .ip()
+                .await
+                .unwrap()
+        }
+    };
+    // The first free address past the reserved ones; a reserved one is
+    // not given even when asked for.
+    let (p, _, _) = net.create_port(&lab, "", HashMap::new()).await.unwrap();
+    assert_eq!(port_ip(p).await, "10.20.0.10");
+    let asked = HashMap::from([("ip", Value::from("10.20.0.5"))]);
+    let err = net.create_port(&lab, "", asked).await.unwrap_err();
+    assert!(err.to_string().contains("reserved"), "{err}");
+    // Reserving what a port holds is refused; other ranges replace the old
+    // ones online.
+    for (bad, why) in [("10.20.0.10", "in use"), ("nine", "want 192.0.2.5")] {
+        let err = s.set_reserved(&[bad]).await.unwrap_err();
+        assert!(err.to_string().contains(why), "{bad}: {err}");
+    }
+    s.set_reserved(&["10.20.0.11-10.20.0.20"]).await.unwrap();
+    assert_eq!(s.reserved().await.unwrap(), ["10.20.0.11-10.20.0.20"]);
+    let (p, _, _) = net.create_port(&lab, "", HashMap::new()).await.unwrap();
+    assert_eq!(port_ip(p).await, "10.20.0.2");
 }
