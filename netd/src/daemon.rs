@@ -21,6 +21,8 @@ pub struct Options {
     /// Each port's budget for requests to the switch's services: a second,
     /// at once.
     pub service_limit: (f64, f64),
+    /// Resolvers for names that are not a VPC's (none: refused).
+    pub dns_upstreams: Vec<std::net::SocketAddr>,
 }
 
 /// Why the network daemon stopped with an error.
@@ -86,6 +88,10 @@ pub async fn run(opts: Options) -> Result<Exit, Error> {
         crate::fabric::Fabric::with_datapath_threads(opts.run_dir.clone(), opts.datapath_threads)
             .map_err(Error::Switch)?;
     fabric.switch.set_service_limit(opts.service_limit);
+    if !opts.dns_upstreams.is_empty() {
+        info!(upstreams = ?opts.dns_upstreams, "DNS forwarding on");
+    }
+    fabric.switch.set_dns_upstreams(opts.dns_upstreams.clone());
     info!(threads = opts.datapath_threads, "data path started");
     let conn = connect(&opts, std::sync::Arc::new(fabric))
         .await

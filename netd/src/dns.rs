@@ -8,6 +8,12 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// DNS over UDP.
 pub const PORT: u16 = 53;
+
+/// Whether `answer` (from [`answer`]) refuses the name as not the
+/// network's: one to forward to a resolver, if the node has one.
+pub fn refused(answer: &[u8]) -> bool {
+    answer.get(3).is_some_and(|b| b & 0x0f == RCODE_REFUSED)
+}
 const TYPE_A: u16 = 1;
 const TYPE_AAAA: u16 = 28;
 const TYPE_ANY: u16 = 255;

@@ -9,6 +9,7 @@ pub mod dbus;
 pub mod dhcp;
 pub mod dhcp6;
 pub mod dns;
+pub mod dnsfwd;
 pub mod external6;
 pub mod fabric;
 pub mod flow;

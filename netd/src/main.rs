@@ -28,6 +28,11 @@ struct Cli {
     /// may come at once. Beyond that they are dropped and counted.
     #[arg(long, value_name = "N", default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..))]
     service_rate: u32,
+    /// A resolver the VPC routers forward DNS queries for names that are
+    /// not the VPC's to (ADDR or ADDR:PORT; repeatable; "none" forwards
+    /// nothing). Default: the nameservers of /etc/resolv.conf.
+    #[arg(long = "dns-upstream", value_name = "ADDR")]
+    dns_upstreams: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -50,6 +55,13 @@ fn main() -> ExitCode {
             f64::from(cli.service_rate),
             f64::from(cli.service_rate) / 2.0,
         ),
+        dns_upstreams: match dns_upstreams(&cli.dns_upstreams) {
+            Ok(u) => u,
+            Err(bad) => {
+                eprintln!("netd: --dns-upstream {bad:?}: want an address, ADDR:PORT or \"none\"");
+                return ExitCode::from(2);
+            }
+        },
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -89,6 +101,26 @@ fn usage_error(e: &clap::Error) -> ExitCode {
 
 /// A quarter of the CPUs the process may run on (its affinity), 1 to 4:
 /// polling threads leave the rest to the VMs.
+/// The resolvers from `--dns-upstream` values (the host's when none are
+/// given); Err names a value that is not an address.
+fn dns_upstreams(given: &[String]) -> Result<Vec<std::net::SocketAddr>, String> {
+    if given.is_empty() {
+        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        return Ok(netd::dnsfwd::nameservers(&conf));
+    }
+    if given == ["none"] {
+        return Ok(Vec::new());
+    }
+    given
+        .iter()
+        .map(|g| {
+            g.parse::<std::net::SocketAddr>()
+                .or_else(|_| g.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                .map_err(|_| g.clone())
+        })
+        .collect()
+}
+
 fn default_datapath_threads() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get() / 4)

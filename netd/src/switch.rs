@@ -2,7 +2,7 @@
 //! each frame a guest sends (in the sending port's thread, in order).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -16,6 +16,7 @@ use crate::datapath::{self, Datapath};
 use crate::dhcp::{self, DhcpConfig, DhcpServer, Outcome};
 use crate::dhcp6;
 use crate::dns;
+use crate::dnsfwd;
 use crate::flow::{
     icmp_echo_reply, link_local, route_rewrite, slaac, udp6_frame, udp_frame, Packet, Packet6,
     Tracked, ICMP_ECHO_REQUEST, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP,
@@ -111,6 +112,8 @@ pub(crate) struct Inner {
     pub(crate) icmp6_errors: ErrorRate,
     /// Every new port's budget for requests to the switch's services.
     service_limit: Mutex<(f64, f64)>,
+    /// Where DNS queries for other names go, if anywhere.
+    dns_forwarder: RwLock<Option<Arc<dnsfwd::Forwarder>>>,
     /// When the router next advertises on its IPv6 subnets unasked.
     next_advert: Mutex<Instant>,
     /// The data-path threads and the transmit rings each polls (the first
@@ -1735,6 +1738,13 @@ impl Inner {
                 let query = ip.payload.get(8..)?;
                 let answer =
                     dns::answer(query, &subnet.domain, |name| l3.resolve(from.segment, name))?;
+                let macs = (subnet.gateway_mac, from.mac);
+                let ends = (IpAddr::V4(ip.dst), IpAddr::V4(ip.src));
+                if dns::refused(&answer)
+                    && self.forward_dns(from, query, macs, ends, pkt.flow.sport)
+                {
+                    return None;
+                }
                 let src_mac = subnet.gateway_mac;
                 Some(udp_frame(
                     src_mac,
@@ -1749,6 +1759,67 @@ impl Inner {
             _ => None,
         }
     }
+}
+
+impl Inner {
+    /// Forwards a DNS query `query` from `from` (to the router at
+    /// `ends.0`, from `ends.1` port `sport`) to the node's resolvers; false
+    /// if there are none or it could not go.
+    fn forward_dns(
+        &self,
+        from: &Port,
+        query: &[u8],
+        macs: (Mac, Mac),
+        ends: (IpAddr, IpAddr),
+        sport: u16,
+    ) -> bool {
+        let Some(fwd) = self
+            .dns_forwarder
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        else {
+            return false;
+        };
+        let Some(port) = self
+            .ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&from.id)
+            .map(Arc::downgrade)
+        else {
+            return false;
+        };
+        let asker = dnsfwd::Asker {
+            port,
+            macs,
+            ends,
+            sport,
+        };
+        fwd.forward(query, asker, Instant::now())
+    }
+}
+
+/// Hands a resolver's `answer` back to the VM that asked, from the router.
+fn dns_answer_back(asker: &dnsfwd::Asker, answer: &[u8]) {
+    let Some(port) = asker.port.upgrade() else {
+        return;
+    };
+    let ports = (dns::PORT, asker.sport);
+    let frame = match asker.ends {
+        (IpAddr::V4(router), IpAddr::V4(vm)) => udp_frame(
+            asker.macs.0,
+            asker.macs.1,
+            router,
+            vm,
+            ports.0,
+            ports.1,
+            answer,
+        ),
+        (IpAddr::V6(router), IpAddr::V6(vm)) => udp6_frame(asker.macs, (router, vm), ports, answer),
+        _ => return,
+    };
+    port.deliver(&frame);
 }
 
 /// What the router's services made of a packet.
@@ -1823,6 +1894,12 @@ impl Inner {
             let answer = dns::answer(payload, &subnet.domain, |name| {
                 l3.resolve(from.segment, name)
             });
+            let ends = (IpAddr::V6(ip.dst), IpAddr::V6(ip.src));
+            if answer.as_deref().is_some_and(dns::refused)
+                && self.forward_dns(from, payload, macs, ends, p.flow.sport)
+            {
+                return Service::Taken;
+            }
             return match answer {
                 Some(a) => Service::Reply(udp6_frame(macs, reply_to, ports, &a)),
                 None => Service::Taken,
@@ -1871,6 +1948,7 @@ impl Switch {
             started: Instant::now(),
             icmp6_errors: ErrorRate::new(),
             service_limit: Mutex::new(crate::port::SERVICE_LIMIT),
+            dns_forwarder: RwLock::new(None),
             next_advert: Mutex::new(Instant::now() + advert_interval()),
             datapaths,
         });
@@ -2386,6 +2464,51 @@ impl Switch {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .set_forward(gw, f, on, Instant::now());
+    }
+
+    /// Forwards DNS queries for names that are not a VPC's to `upstreams`
+    /// (none: the router refuses them); the answers are read on a thread
+    /// of their own.
+    pub fn set_dns_upstreams(&self, upstreams: Vec<std::net::SocketAddr>) {
+        let fwd = dnsfwd::Forwarder::new(upstreams);
+        *self
+            .inner
+            .dns_forwarder
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = fwd.clone();
+        let Some(fwd) = fwd else { return };
+        let weak = Arc::downgrade(&self.inner);
+        let spawned = std::thread::Builder::new()
+            .name("netd-dns".into())
+            .spawn(move || {
+                // Until the switch goes or another forwarder replaces this one.
+                while let Some(inner) = weak.upgrade() {
+                    let current = inner
+                        .dns_forwarder
+                        .read()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .as_ref()
+                        .is_some_and(|f| Arc::ptr_eq(f, &fwd));
+                    drop(inner);
+                    if !current || !fwd.receive(dns_answer_back) {
+                        return;
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("DNS forwarding off: {e}");
+        }
+    }
+
+    /// The resolvers DNS queries are forwarded to.
+    pub fn dns_upstreams(&self) -> Vec<std::net::SocketAddr> {
+        self.inner
+            .dns_forwarder
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|f| f.upstreams().to_vec())
+            .unwrap_or_default()
     }
 
     /// Sets every port's budget for requests to the switch's services

@@ -1433,3 +1433,99 @@ fn a_port_flooding_the_routers_services_is_held_to_its_budget_and_others_are_ser
         (a.counter("tx_service_dropped") > before).then_some(())
     });
 }
+
+/// A resolver's answer to `query`: one A record of `addr`.
+fn resolver_answer(query: &[u8], addr: [u8; 4]) -> Vec<u8> {
+    let mut a = query.to_vec();
+    a[2] |= 0x80;
+    a[6..8].copy_from_slice(&1u16.to_be_bytes());
+    a.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4]);
+    a.extend_from_slice(&addr);
+    a
+}
+
+#[test]
+fn names_not_the_vpcs_are_asked_of_the_nodes_resolvers() {
+    let w = world();
+    let resolver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    resolver.set_read_timeout(Some(WAIT)).unwrap();
+    w.fabric
+        .switch
+        .set_dns_upstreams(vec![resolver.local_addr().unwrap()]);
+    let mut a = w.vm(w.web, "asker", None);
+    let _b = w.vm(w.web, "local", None);
+    let (gw_mac, gw) = (w.gateway_mac(w.web), Ipv4Addr::new(10, 1, 0, 1));
+    let ask = |vm: &Vm, sport: u16, id: u16, name: &str| {
+        udp_frame(
+            vm.mac,
+            gw_mac,
+            vm.ip,
+            gw,
+            sport,
+            53,
+            &dns_query(id, name, 1),
+        )
+    };
+    // A VM's name is the router's to answer: nothing goes to the resolver
+    // (the first query it gets is the next one).
+    a.send(&ask(&a, 40000, 7, "local"));
+    let f = a.recv();
+    let i = Ipv4::parse(&f[14..]).unwrap();
+    assert_eq!(&i.payload[8..10], &7u16.to_be_bytes());
+    // Another name goes to the resolver, under an identifier of the
+    // router's.
+    a.send(&ask(&a, 40001, 8, "example.com"));
+    let mut buf = [0u8; 512];
+    let (n, router) = resolver.recv_from(&mut buf).expect("the forwarded query");
+    let q = buf[..n].to_vec();
+    assert_eq!(
+        &q[2..],
+        &dns_query(8, "example.com", 1)[2..],
+        "the question as asked"
+    );
+    // An answer from anyone else is not taken; the resolver's comes back
+    // to the VM from the router, with its identifier.
+    let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    stranger
+        .send_to(&resolver_answer(&q, [192, 0, 2, 66]), router)
+        .unwrap();
+    resolver
+        .send_to(&resolver_answer(&q, [192, 0, 2, 77]), router)
+        .unwrap();
+    let f = a.recv();
+    let i = Ipv4::parse(&f[14..]).unwrap();
+    assert_eq!((i.src, i.dst), (gw, a.ip));
+    assert_eq!(
+        &i.payload[..4],
+        &[0, 53, 0x9c, 0x41],
+        "from 53 to the asking port"
+    );
+    let r = &i.payload[8..];
+    assert_eq!(&r[..2], &8u16.to_be_bytes(), "the VM's identifier");
+    assert_eq!(&r[r.len() - 4..], &[192, 0, 2, 77], "the resolver's answer");
+
+    // Over IPv6 the same, from the router's IPv6 address.
+    let (a6, gw6): (Ipv6Addr, Ipv6Addr) = (
+        slaac("fd00:1::".parse().unwrap(), a.mac),
+        "fd00:1::1".parse().unwrap(),
+    );
+    a.send(&udp6(
+        a.mac,
+        gw_mac,
+        (a6, gw6),
+        (40002, 53),
+        &dns_query(9, "example.org", 1),
+    ));
+    let (n, router) = resolver.recv_from(&mut buf).expect("the forwarded query");
+    let q = buf[..n].to_vec();
+    resolver
+        .send_to(&resolver_answer(&q, [192, 0, 2, 78]), router)
+        .unwrap();
+    let f = a.recv();
+    let ip = Ipv6::parse(&f[14..]).unwrap();
+    assert_eq!((ip.src, ip.dst), (gw6, a6));
+    assert!(checksum_ok6(&ip));
+    let r = &ip.payload[8..];
+    assert_eq!(&r[..2], &9u16.to_be_bytes());
+    assert_eq!(&r[r.len() - 4..], &[192, 0, 2, 78]);
+}
