@@ -305,6 +305,11 @@ impl Nat {
         g.v6.map(|g6| (g.segment, g.mac, g6))
     }
 
+    /// Whether `vpc` has a gateway (a way out).
+    pub fn has_gateway(&self, vpc: VpcId) -> bool {
+        self.gateways.contains_key(&vpc)
+    }
+
     /// Whether any VPC has a gateway.
     pub fn has_gateways(&self) -> bool {
         !self.gateways.is_empty()

@@ -1741,7 +1741,7 @@ impl Inner {
                 let macs = (subnet.gateway_mac, from.mac);
                 let ends = (IpAddr::V4(ip.dst), IpAddr::V4(ip.src));
                 if dns::refused(&answer)
-                    && self.forward_dns(from, query, macs, ends, pkt.flow.sport)
+                    && self.forward_dns((from, subnet), query, macs, ends, pkt.flow.sport)
                 {
                     return None;
                 }
@@ -1762,17 +1762,27 @@ impl Inner {
 }
 
 impl Inner {
-    /// Forwards a DNS query `query` from `from` (to the router at
-    /// `ends.0`, from `ends.1` port `sport`) to the node's resolvers; false
-    /// if there are none or it could not go.
+    /// Forwards a DNS query `query` from `from` (to the router of `subnet`
+    /// at `ends.0`, from `ends.1` port `sport`) to the node's resolvers;
+    /// false if there are none, the subnet's VPC has no way out (it stays
+    /// isolated: no names resolved through the host), or it could not go.
     fn forward_dns(
         &self,
-        from: &Port,
+        (from, subnet): (&Port, &Subnet),
         query: &[u8],
         macs: (Mac, Mac),
         ends: (IpAddr, IpAddr),
         sport: u16,
     ) -> bool {
+        let way_out = subnet.vpc.is_some_and(|v| {
+            self.nat
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .has_gateway(v)
+        });
+        if !way_out {
+            return false;
+        }
         let Some(fwd) = self
             .dns_forwarder
             .read()
@@ -1896,7 +1906,7 @@ impl Inner {
             });
             let ends = (IpAddr::V6(ip.dst), IpAddr::V6(ip.src));
             if answer.as_deref().is_some_and(dns::refused)
-                && self.forward_dns(from, payload, macs, ends, p.flow.sport)
+                && self.forward_dns((from, subnet), payload, macs, ends, p.flow.sport)
             {
                 return Service::Taken;
             }

@@ -1452,6 +1452,29 @@ fn names_not_the_vpcs_are_asked_of_the_nodes_resolvers() {
     w.fabric
         .switch
         .set_dns_upstreams(vec![resolver.local_addr().unwrap()]);
+    // Only VPCs with a way out resolve through the node: "prod" gets a
+    // gateway, "lab" stays isolated and keeps getting REFUSED.
+    let ext = w
+        .fabric
+        .create_network("ext", Kind::Flat, None, false)
+        .unwrap();
+    let external = SubnetSettings {
+        external: true,
+        ..SubnetSettings::default()
+    };
+    w.fabric
+        .create_subnet(ext, "192.0.2.0/24", external)
+        .unwrap();
+    w.fabric.set_vpc_gateway(w.prod, ext, None).unwrap();
+    let mut hermit = w.vm(w.other, "hermit", None);
+    let (other_mac, other_gw) = (w.gateway_mac(w.other), Ipv4Addr::new(10, 2, 0, 1));
+    let q = dns_query(6, "example.net", 1);
+    hermit.send(&udp_frame(
+        hermit.mac, other_mac, hermit.ip, other_gw, 40000, 53, &q,
+    ));
+    let f = hermit.recv();
+    let i = Ipv4::parse(&f[14..]).unwrap();
+    assert_eq!(i.payload[8 + 3] & 0x0f, 5, "REFUSED in an isolated VPC");
     let mut a = w.vm(w.web, "asker", None);
     let _b = w.vm(w.web, "local", None);
     let (gw_mac, gw) = (w.gateway_mac(w.web), Ipv4Addr::new(10, 1, 0, 1));
@@ -1467,7 +1490,8 @@ fn names_not_the_vpcs_are_asked_of_the_nodes_resolvers() {
         )
     };
     // A VM's name is the router's to answer: nothing goes to the resolver
-    // (the first query it gets is the next one).
+    // (the first query it gets is the next one, not this one or the
+    // isolated VPC's).
     a.send(&ask(&a, 40000, 7, "local"));
     let f = a.recv();
     let i = Ipv4::parse(&f[14..]).unwrap();
