@@ -1,8 +1,9 @@
 //! The router's DNS for names that are not the VPC's: forwarded to the
 //! node's resolvers (`netd --dns-upstream`, by default the nameservers of
 //! the host's /etc/resolv.conf) from a socket of the host, and the answer
-//! handed back to the VM as the router's. Without resolvers the router
-//! refuses such names (the guest moves on to the next server DHCP gave).
+//! handed back to the VM as the router's. Only VPCs with a gateway forward:
+//! an isolated VPC stays isolated. Without resolvers the router refuses
+//! such names (the guest moves on to the next server DHCP gave).
 //!
 //! Each forwarded query gets a fresh random identifier (the guest's is
 //! restored in the answer), an answer is taken only from the resolver the
