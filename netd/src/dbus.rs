@@ -264,6 +264,18 @@ impl Net1 {
         self.health.tun_available
     }
 
+    /// The resolvers the VPC routers forward other names to (`netd
+    /// --dns-upstream`; empty: such names are refused).
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn dns_upstreams(&self) -> Vec<String> {
+        self.fabric
+            .switch
+            .dns_upstreams()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
     /// How many transmit rings each data-path thread polls now (one entry
     /// per thread; `netd --datapath-threads`).
     #[zbus(property(emits_changed_signal = "false"))]
@@ -736,6 +748,9 @@ pub trait Net1 {
     /// Transmit rings per data-path thread.
     #[zbus(property)]
     fn datapath_rings(&self) -> zbus::Result<Vec<u32>>;
+    /// DNS resolvers forwarded to.
+    #[zbus(property)]
+    fn dns_upstreams(&self) -> zbus::Result<Vec<String>>;
     /// Opens the uplink.
     fn set_uplink(&self, interface: &str) -> zbus::Result<()>;
     /// Uplink counters.

@@ -270,6 +270,13 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     assert_eq!(s.dns6().await.unwrap(), ["fd00:9::1", "2001:db8::53"]);
     // One data-path thread here (netd's default on this machine's CPUs, or
     // what the test daemon was given), polling no ring yet.
+    // The test daemon forwards to the host's resolvers, if it has any.
+    let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let host: Vec<String> = netd::dnsfwd::nameservers(&conf)
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(net.dns_upstreams().await.unwrap(), host);
     let rings = net.datapath_rings().await.unwrap();
     assert!(
         !rings.is_empty() && rings.iter().all(|n| *n == 0),
