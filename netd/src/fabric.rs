@@ -1188,13 +1188,22 @@ impl Fabric {
             .ports
             .get(&id)
             .ok_or_else(|| FabricError::NotFound(format!("no port {id}")))?;
-        let prefix = reg
+        let subnet = reg
             .networks
             .get(&p.network)
             .and_then(|n| n.subnet)
             .and_then(|s| reg.subnets.get(&s))
-            .and_then(|s| s.subnet.prefix6)
+            .map(|s| &s.subnet);
+        let prefix = subnet
+            .and_then(|s| s.prefix6)
             .ok_or_else(|| invalid(format!("ipv6 {ip6}: the port's subnet has no ipv6 /64")))?;
+        // Guests on a SLAAC subnet form their own address and would not
+        // use a chosen one (it would only block theirs).
+        if !subnet.is_some_and(|s| s.dhcp6) {
+            return Err(invalid(format!(
+                "ipv6 {ip6}: the subnet's guests form their own addresses (SLAAC); choose addresses on an ipv6_mode dhcpv6 subnet"
+            )));
+        }
         if !crate::secgroup::contains6(prefix, 64, ip6) {
             return Err(invalid(format!(
                 "ipv6 {ip6}: not in the subnet's {prefix}/64"

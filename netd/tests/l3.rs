@@ -1228,6 +1228,13 @@ fn slaac_subnets_tell_guests_their_dns_and_answer_it_over_ipv6() {
     assert_eq!((r[3] & 0x0f, r[7]), (0, 1), "one answer, no error");
     assert_eq!(&r[r.len() - 16..], &b6.octets());
 
+    // Addresses are the guests' own here: none is chosen for them.
+    let err = w
+        .fabric
+        .set_port_ipv6(a.port.port.id.0, "fd00:1::100".parse().unwrap())
+        .unwrap_err();
+    assert!(err.to_string().contains("SLAAC"), "{err}");
+
     // A VM may not play DHCPv6 server to another.
     let before = b.counter("tx_filtered");
     let rogue = udp6(
