@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Once;
 
-const BINARIES: [&str; 5] = ["atoll", "mgmtd", "vmm", "netd", "stord"];
+const BINARIES: [&str; 6] = ["atoll", "mgmtd", "vmm", "netd", "stord", "atoll-net-echo"];
 
 /// The cargo output directory of the running test (`target/<profile>`).
 fn target_dir() -> PathBuf {

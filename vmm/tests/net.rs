@@ -150,3 +150,93 @@ fn a_multi_queue_nic_sets_its_pairs_on_the_control_queue_and_sends_on_the_second
         1
     );
 }
+
+#[test]
+fn a_nic_comes_back_when_its_backend_restarts() {
+    use std::io::{BufRead, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("net.sock");
+    let console = dir.path().join("console.sock");
+    let echo = atoll_tests::bins::bin("atoll-net-echo");
+    let backend = |sock: &Path| {
+        let child = Command::new(&echo)
+            .arg(sock)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        atoll_tests::wait_until("the backend socket", Duration::from_secs(10), || {
+            sock.exists().then_some(())
+        });
+        child
+    };
+    let mut first = backend(&sock);
+    let cfg = serde_json::json!({
+        "memory_mib": 64,
+        "boot": {"kernel": common::guest("netre")},
+        "debug_exit": true,
+        "serial": {"socket": console},
+        "nets": [{"socket": sock, "mac": "52:54:00:12:34:56"}],
+    });
+    let path = dir.path().join("netre.json");
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let mut vm = Command::new(env!("CARGO_BIN_EXE_vmm"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The vmm's log, line by line.
+    let (tx, log) = std::sync::mpsc::channel();
+    let stderr = vm.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_log = |what: &str| loop {
+        let line = log
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no {what:?} in the vmm's log"));
+        if line.contains(what) {
+            return;
+        }
+    };
+    wait_log("vhost-user-net backend connected");
+    let stream = atoll_tests::wait_until("the console", Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(&console).ok()
+    });
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut lines = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    lines.read_line(&mut line).unwrap();
+    assert_eq!(line, "status 0f mac 52:54:00:12:34:56 link 1\r\n");
+    // The guest has its NIC up and waits: the backend dies, and another
+    // takes its place on the same socket.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    wait_log("vhost-user backend went away");
+    std::fs::remove_file(&sock).unwrap();
+    let second = backend(&sock);
+    wait_log("vhost-user backend back");
+    // Then the guest sends: its frame comes back through the new backend.
+    (&stream).write_all(b"g").unwrap();
+    line.clear();
+    lines.read_line(&mut line).unwrap();
+    assert_eq!(
+        line,
+        "tx used 0 rx len 37 type 88b5 payload atoll again\r\n"
+    );
+    // (Only the new backend was there to echo it.)
+    let out = vm.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mut second = second;
+    second.kill().unwrap();
+    second.wait().unwrap();
+}

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
 use tracing::{info, warn};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::worker::{Chain, QueueHandler};
@@ -55,8 +54,8 @@ impl Pairs {
 
 /// The control queue's handler.
 pub struct Control {
-    /// The backend, to switch its rings on and off.
-    pub frontend: Frontend,
+    /// Switches a data queue's ring on or off in the backend.
+    pub enable: Box<dyn FnMut(u16, bool) -> Result<(), String> + Send>,
     /// The pairs.
     pub pairs: Arc<Pairs>,
     /// Whether the driver took MQ (without it, it may not set pairs).
@@ -77,7 +76,7 @@ impl Control {
                 }
                 for q in 0..2 * self.pairs.max {
                     let on = q / 2 < n;
-                    if let Err(e) = self.frontend.set_vring_enable(usize::from(q), on) {
+                    if let Err(e) = (self.enable)(q, on) {
                         warn!(nic = %self.name, "SET_VRING_ENABLE {q} {on}: {e}");
                         return ERR;
                     }

@@ -3,7 +3,8 @@
 //! memfd and is kicked and interrupts through eventfds KVM wires directly.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tracing::{info, warn};
 use vhost::vhost_user::message::VhostUserConfigFlags;
@@ -37,18 +38,38 @@ const BLK_CONFIG_LEN: u32 = 60;
 /// A vhost-user device.
 pub struct VhostUserDevice {
     path: PathBuf,
-    frontend: Frontend,
     device_type: u32,
     offered: u64,
     /// What the backend offered (only those bits are acked to it).
     backend_features: u64,
-    protocol: VhostUserProtocolFeatures,
-    has_protocol: bool,
     config: Vec<u8>,
     num_queues: u16,
     queue_size: u16,
     mem: GuestMemoryMmap,
+    /// The connection and what the driver set up (shared with the
+    /// reconnecting thread of a NIC).
+    link: Arc<Mutex<Link>>,
+    /// The control queue's worker (the VMM answers it, not the backend).
+    control: Served,
+    /// A NIC's thread that reconnects to a backend that went away.
+    monitor: Option<Monitor>,
+}
+
+/// The backend connection and everything needed to set it up again: a new
+/// connection after the backend restarted gets the same memory, features
+/// and rings (from where the guest's used rings say the old one stopped).
+struct Link {
+    path: PathBuf,
+    frontend: Frontend,
+    /// Whether the connection is up (false while reconnecting: changes
+    /// are recorded and applied when it is back).
+    up: bool,
+    protocol: VhostUserProtocolFeatures,
+    has_protocol: bool,
+    /// The features the backend was given (None before activation).
+    acked: Option<u64>,
     regions: Vec<VhostUserMemoryRegionInfo>,
+    queue_size: u16,
     active: Vec<u16>,
     /// The rings as the driver set them up, to restart them after a pause.
     rings: Vec<Ring>,
@@ -58,8 +79,126 @@ pub struct VhostUserDevice {
     /// Whether the driver took more than one pair (rings beyond the pairs in
     /// use stay disabled in the backend).
     multiqueue: bool,
-    /// The control queue's worker (the VMM answers it, not the backend).
-    control: Served,
+}
+
+/// The reconnecting thread and what stops it.
+struct Monitor {
+    stop: EventFd,
+    thread: Option<std::thread::JoinHandle<()>>,
+    reconnects: Arc<AtomicU64>,
+}
+
+impl Monitor {
+    /// Watches `link`'s connection from a thread of its own.
+    fn start(link: Arc<Mutex<Link>>, max_queues: u64) -> Result<Self, VirtioError> {
+        let setup = |source| VirtioError::Setup {
+            what: "cannot start the backend link's thread",
+            source,
+        };
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(setup)?;
+        let stop2 = stop.try_clone().map_err(setup)?;
+        let reconnects = Arc::new(AtomicU64::new(0));
+        let counted = reconnects.clone();
+        let thread = std::thread::Builder::new()
+            .name("vhost-user-link".into())
+            .spawn(move || watch(&link, &stop2, max_queues, &counted))
+            .map_err(setup)?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            reconnects,
+        })
+    }
+
+    /// Times the backend came back.
+    fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+}
+
+/// Waits for `fd` to say `events` (or the stop eventfd to be written),
+/// `timeout_ms` at most (-1: no limit); true if `fd` did.
+fn wait_for(
+    fd: std::os::fd::RawFd,
+    events: libc::c_short,
+    stop: &EventFd,
+    timeout_ms: i32,
+) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let n = fds.len() as libc::nfds_t;
+    // SAFETY: `fds` is an array of `n` initialised pollfd structures.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout_ms) };
+    if r < 0 {
+        return (std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted)
+            .then_some(false);
+    }
+    if fds[1].revents != 0 {
+        return None;
+    }
+    Some(fds[0].revents != 0)
+}
+
+/// The backend link's thread: when the backend hangs up, connects again
+/// (every 100 ms) and sets the new connection up as the old one was.
+/// Ends when the device goes (`stop`).
+fn watch(link: &Mutex<Link>, stop: &EventFd, max_queues: u64, reconnects: &AtomicU64) {
+    use std::os::fd::AsRawFd;
+    let lock = || link.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        let fd = lock().frontend.as_raw_fd();
+        // Only a hang-up: replies are read by whoever asked, under the lock.
+        match wait_for(fd, libc::POLLRDHUP, stop, -1) {
+            None => return,
+            Some(false) => continue,
+            Some(true) => {}
+        }
+        let path = {
+            let mut l = lock();
+            l.up = false;
+            l.path.clone()
+        };
+        warn!(path = %path.display(), "vhost-user backend went away; reconnecting");
+        loop {
+            // A pause between tries (or the end).
+            if wait_for(-1, 0, stop, 100).is_none() {
+                return;
+            }
+            let Ok(f) = Frontend::connect(&path, max_queues) else {
+                continue;
+            };
+            let mut l = lock();
+            match l.reconnect(f) {
+                Ok(()) => {
+                    l.up = true;
+                    reconnects.fetch_add(1, Ordering::Relaxed);
+                    info!(path = %path.display(), "vhost-user backend back; rings restarted");
+                    break;
+                }
+                Err(e) => warn!(path = %path.display(), "vhost-user backend back but refused: {e}"),
+            }
+        }
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// One ring's setup: what the backend needs to (re)start it.
@@ -243,26 +382,45 @@ impl VhostUserDevice {
                 })?,
             );
         }
-        Ok(Self {
-            path,
+        let link = Arc::new(Mutex::new(Link {
+            path: path.clone(),
             frontend,
-            device_type,
-            offered,
-            backend_features,
+            up: true,
             protocol,
             has_protocol,
-            config,
-            num_queues,
-            queue_size: cfg.queue_size,
-            mem: ram.mem.clone(),
+            acked: None,
             regions,
+            queue_size: cfg.queue_size,
             active: Vec::new(),
             rings: Vec::new(),
             paused: false,
             pairs,
             multiqueue: false,
+        }));
+        // A NIC survives its backend restarting (a frame or two may be
+        // lost or sent twice); a disk's requests in flight could not be
+        // told apart from finished ones, so a disk does not reconnect.
+        let monitor = match kind {
+            Kind::Net(_) => Some(Monitor::start(link.clone(), u64::from(num_queues))?),
+            Kind::Block => None,
+        };
+        Ok(Self {
+            path,
+            device_type,
+            offered,
+            backend_features,
+            config,
+            num_queues,
+            queue_size: cfg.queue_size,
+            mem: ram.mem.clone(),
+            link,
             control: Served::default(),
+            monitor,
         })
+    }
+
+    fn link(&self) -> std::sync::MutexGuard<'_, Link> {
+        self.link.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn start(&mut self, mut a: Activation) -> Result<(), VirtioError> {
@@ -272,25 +430,34 @@ impl VhostUserDevice {
         if self.device_type == types::NET {
             acked &= !(NET_F_MAC | NET_F_STATUS | NET_F_CTRL_VQ);
         }
-        self.multiqueue = a.features & NET_F_MQ != 0 && self.pairs.is_some();
-        if let Some(p) = &self.pairs {
+        let (pairs, has_protocol) = {
+            let l = self.link();
+            (l.pairs.clone(), l.has_protocol)
+        };
+        let multiqueue = a.features & NET_F_MQ != 0 && pairs.is_some();
+        if let Some(p) = &pairs {
             p.used.store(1, std::sync::atomic::Ordering::Release);
         }
         if a.features & NET_F_CTRL_VQ != 0 {
             // The control queue: 2N with N pairs offered when the driver
             // took MQ, 2 otherwise.
-            let at = if self.multiqueue {
-                self.pairs.as_ref().map_or(2, |p| 2 * p.max)
+            let at = if multiqueue {
+                pairs.as_ref().map_or(2, |p| 2 * p.max)
             } else {
                 2
             };
             let ctrl = a.queues.iter().position(|q| q.index == at);
-            if let (Some(i), Some(pairs)) = (ctrl, &self.pairs) {
+            if let (Some(i), Some(pairs)) = (ctrl, &pairs) {
                 let q = a.queues.swap_remove(i);
+                let link = self.link.clone();
                 let handler = Control {
-                    frontend: self.frontend.clone(),
+                    enable: Box::new(move |q, on| {
+                        link.lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .enable(q, on)
+                    }),
                     pairs: pairs.clone(),
-                    multiqueue: self.multiqueue,
+                    multiqueue,
                     name: path.display().to_string(),
                 };
                 let ctl = Activation {
@@ -301,16 +468,10 @@ impl VhostUserDevice {
                     .start("net-ctrl", self.mem.clone(), ctl, self.queue_size, handler)?;
             }
         }
-        if self.has_protocol {
+        if has_protocol {
             acked |= features::VHOST_USER_PROTOCOL;
         }
-        self.frontend
-            .set_features(acked)
-            .map_err(step(&path, "SET_FEATURES"))?;
-        self.frontend
-            .set_mem_table(&self.regions)
-            .map_err(step(&path, "SET_MEM_TABLE"))?;
-        self.rings.clear();
+        let mut rings = Vec::new();
         for q in &a.queues {
             let n = u64::from(q.size);
             let bad = |why| VirtioError::BadQueue {
@@ -329,7 +490,7 @@ impl VhostUserDevice {
                     source,
                 })
             };
-            self.rings.push(Ring {
+            rings.push(Ring {
                 index: q.index,
                 size: q.size,
                 addrs: (desc, avail, used),
@@ -338,12 +499,107 @@ impl VhostUserDevice {
                 base: 0,
             });
         }
+        let mut l = self.link();
+        l.multiqueue = multiqueue;
+        l.acked = Some(acked);
+        l.rings = rings;
+        if !l.up {
+            // Set up when the backend is back.
+            return Ok(());
+        }
+        l.set_up()
+    }
+}
+
+impl Link {
+    /// Gives the backend the features, memory and rings recorded.
+    fn set_up(&mut self) -> Result<(), VirtioError> {
+        let path = self.path.clone();
+        let Some(acked) = self.acked else {
+            return Ok(());
+        };
+        self.frontend
+            .set_features(acked)
+            .map_err(step(&path, "SET_FEATURES"))?;
+        self.frontend
+            .set_mem_table(&self.regions)
+            .map_err(step(&path, "SET_MEM_TABLE"))?;
+        if self.paused {
+            return Ok(());
+        }
         self.start_rings()
+    }
+
+    /// Takes `f`, a new connection to a backend that restarted, and sets
+    /// it up as the old one was: owner, features, protocol features, then
+    /// memory and rings, each ring going on from the guest's used index
+    /// (the new backend knows nothing of the old one's place).
+    fn reconnect(&mut self, f: Frontend) -> Result<(), VirtioError> {
+        let path = self.path.clone();
+        self.frontend = f;
+        self.frontend
+            .set_owner()
+            .map_err(step(&path, "SET_OWNER"))?;
+        let theirs = self
+            .frontend
+            .get_features()
+            .map_err(step(&path, "GET_FEATURES"))?;
+        if let Some(acked) = self.acked {
+            if theirs & acked != acked {
+                return Err(VirtioError::Incompatible {
+                    path,
+                    why: format!("it no longer offers features {:#x}", acked & !theirs),
+                });
+            }
+        }
+        if self.has_protocol {
+            let offered = self
+                .frontend
+                .get_protocol_features()
+                .map_err(step(&path, "GET_PROTOCOL_FEATURES"))?;
+            if !offered.contains(self.protocol) {
+                return Err(VirtioError::Incompatible {
+                    path,
+                    why: "it no longer offers the protocol features in use".into(),
+                });
+            }
+            self.frontend
+                .set_protocol_features(self.protocol)
+                .map_err(step(&path, "SET_PROTOCOL_FEATURES"))?;
+        }
+        for r in &mut self.rings {
+            // SAFETY: `addrs.2` is the used ring's address in our mapping of
+            // guest memory (checked when the driver set it up), which lives
+            // as long as the VM; its index is the u16 at offset 2.
+            let idx = unsafe { std::ptr::read_volatile((r.addrs.2 + 2) as *const u16) };
+            r.base = u16::from_le(idx);
+        }
+        self.active.clear();
+        self.set_up()?;
+        // The guest may have kicked while the backend was away, and the
+        // new one may have taken that kick before its rings were enabled:
+        // one more makes it look at them now.
+        for r in &self.rings {
+            let _ = r.kick.write(1);
+        }
+        Ok(())
+    }
+
+    /// Turns data queue `q`'s ring on or off in the backend (the control
+    /// queue's pair count); recorded only while reconnecting.
+    fn enable(&mut self, q: u16, on: bool) -> Result<(), String> {
+        if !self.up || !self.has_protocol {
+            return Ok(());
+        }
+        self.frontend
+            .set_vring_enable(usize::from(q), on)
+            .map_err(|e| e.to_string())
     }
 
     /// Hands every ring of `self.rings` to the backend, each from its base.
     fn start_rings(&mut self) -> Result<(), VirtioError> {
         let path = self.path.clone();
+        self.active.clear();
         for r in &self.rings {
             let i = usize::from(r.index);
             self.frontend
@@ -429,32 +685,50 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn reset(&mut self) {
+        // The control worker first: it takes the link's lock.
         self.control.stop();
+        let mut l = self.link();
         // GET_VRING_BASE stops each ring in the backend.
-        self.stop_rings();
-        self.rings.clear();
-        self.paused = false;
-        let _ = self.protocol;
+        if l.up {
+            l.stop_rings();
+        }
+        l.rings.clear();
+        l.active.clear();
+        l.acked = None;
+        l.paused = false;
     }
 
     fn pause(&mut self) {
-        if self.paused || self.active.is_empty() {
-            return;
-        }
-        self.control.pause();
-        for (q, base) in self.stop_rings() {
-            if let Some(r) = self.rings.iter_mut().find(|r| r.index == q) {
-                r.base = base;
+        {
+            let l = self.link();
+            if l.paused || l.rings.is_empty() {
+                return;
             }
         }
-        self.paused = true;
+        self.control.pause();
+        let mut l = self.link();
+        if l.up {
+            for (q, base) in l.stop_rings() {
+                if let Some(r) = l.rings.iter_mut().find(|r| r.index == q) {
+                    r.base = base;
+                }
+            }
+        }
+        l.paused = true;
     }
 
     fn resume(&mut self) -> Result<(), VirtioError> {
-        if !std::mem::take(&mut self.paused) {
-            return Ok(());
-        }
-        let r = self.start_rings();
+        let r = {
+            let mut l = self.link();
+            if !std::mem::take(&mut l.paused) {
+                return Ok(());
+            }
+            if l.up {
+                l.start_rings()
+            } else {
+                Ok(())
+            }
+        };
         // After the rings: a command it takes meanwhile sees them all.
         self.control.resume();
         r
@@ -470,14 +744,19 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        let pairs = self
+        let l = self.link();
+        let pairs = l
             .pairs
             .as_ref()
-            .filter(|_| self.multiqueue)
+            .filter(|_| l.multiqueue)
             .map_or(1, |p| p.used.load(std::sync::atomic::Ordering::Acquire));
-        let mut c = vec![("queues_started", self.active.len() as u64)];
+        let mut c = vec![("queues_started", l.active.len() as u64)];
         if self.device_type == types::NET {
             c.push(("queue_pairs", u64::from(pairs)));
+            c.push((
+                "reconnects",
+                self.monitor.as_ref().map_or(0, Monitor::reconnects),
+            ));
         }
         c
     }
