@@ -36,6 +36,21 @@ fn daemon(bus: &TestBus, run: &Path) -> Daemon {
     )
 }
 
+/// A netd daemon on a bus of its own, its run directory, and a connection
+/// once it owns its name.
+async fn started() -> (tempfile::TempDir, TestBus, Daemon, zbus::Connection) {
+    let dir = tempfile::tempdir().unwrap();
+    let bus = TestBus::start();
+    let d = daemon(&bus, &dir.path().join("run"));
+    let conn = zbus::connection::Builder::address(bus.address())
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    wait_owner(&conn, netd::BUS_NAME, true).await;
+    (dir, bus, d, conn)
+}
+
 fn mac_bytes(s: &str) -> [u8; 6] {
     let v: Vec<u8> = s
         .split(':')
@@ -46,15 +61,7 @@ fn mac_bytes(s: &str) -> [u8; 6] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ports_created_over_dbus_carry_frames_and_count_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = TestBus::start();
-    let _d = daemon(&bus, &dir.path().join("run"));
-    let conn = zbus::connection::Builder::address(bus.address())
-        .unwrap()
-        .build()
-        .await
-        .unwrap();
-    wait_owner(&conn, netd::BUS_NAME, true).await;
+    let (_dir, _bus, _d, conn) = started().await;
     let net = Net1Proxy::new(&conn).await.unwrap();
 
     let none = HashMap::new;
@@ -158,15 +165,7 @@ async fn vpc_proxy<'a>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = TestBus::start();
-    let _d = daemon(&bus, &dir.path().join("run"));
-    let conn = zbus::connection::Builder::address(bus.address())
-        .unwrap()
-        .build()
-        .await
-        .unwrap();
-    wait_owner(&conn, netd::BUS_NAME, true).await;
+    let (_dir, _bus, _d, conn) = started().await;
     let net = Net1Proxy::new(&conn).await.unwrap();
 
     let vpc = net.create_vpc("prod").await.unwrap();
@@ -532,15 +531,7 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserved_addresses_are_never_handed_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let bus = TestBus::start();
-    let _d = daemon(&bus, &dir.path().join("run"));
-    let conn = zbus::connection::Builder::address(bus.address())
-        .unwrap()
-        .build()
-        .await
-        .unwrap();
-    wait_owner(&conn, netd::BUS_NAME, true).await;
+    let (_dir, _bus, _d, conn) = started().await;
     let net = Net1Proxy::new(&conn).await.unwrap();
     let lab = net
         .create_network("lab", "flat", HashMap::new())

@@ -1,7 +1,12 @@
 /* A virtio-net NIC (vhost-user backed): reads the MAC and link status, posts
  * one receive buffer, sends one frame, and prints what comes back (the test
- * backend echoes every frame). */
+ * backend echoes every frame). With NET_WAIT_FOR_GO it waits for a byte on
+ * the console before sending (netre.c). */
 #include "virtio.h"
+
+#ifndef NET_MESSAGE
+#define NET_MESSAGE "atoll echo"
+#endif
 
 struct ring {
     u64 desc, avail, used;
@@ -66,6 +71,9 @@ int main(void) {
     puts("\n");
 
     post(&rx, 0, RXBUF, 2048, D_WRITE);
+#ifdef NET_WAIT_FOR_GO
+    getc();
+#endif
     u8 *f = (u8 *)TXBUF;
     for (int i = 0; i < HDR; i++)
         f[i] = 0;
@@ -76,7 +84,7 @@ int main(void) {
     }
     e[12] = 0x88;
     e[13] = 0xb5;
-    const char *msg = "atoll echo";
+    const char *msg = NET_MESSAGE;
     int n = 0;
     while (msg[n]) {
         e[14 + n] = (u8)msg[n];
