@@ -1855,10 +1855,14 @@ impl Inner {
         (p, ip): (&Packet6, &Ipv6<'_>),
         now: Instant,
     ) -> Service {
-        let Some([router, _]) = subnet.gateway6() else {
+        let (Some(prefix), PROTO_UDP, false) = (subnet.prefix6, p.flow.proto, ip.fragment) else {
             return Service::Pass;
         };
-        let (Some(prefix), PROTO_UDP, false) = (subnet.prefix6, p.flow.proto, ip.fragment) else {
+        // Most packets are neither: no router addresses worked out for them.
+        if p.flow.dport != dhcp6::SERVER_PORT && p.flow.dport != dns::PORT {
+            return Service::Pass;
+        }
+        let Some([router, _]) = subnet.gateway6() else {
             return Service::Pass;
         };
         let payload = ip.payload.get(8..).unwrap_or_default();

@@ -129,13 +129,7 @@ async fn ports_created_over_dbus_carry_frames_and_count_them() {
     .unwrap();
     assert_eq!(frames.1.as_deref(), Some(&frames.0[..]));
 
-    let port = PortProxy::builder(&conn)
-        .path(p1.clone())
-        .unwrap()
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .unwrap();
+    let port = uncached::<PortProxy>(&conn, p1.clone()).await;
     assert_eq!(port.network().await.unwrap(), lan);
     let c = port.counters().await.unwrap();
     assert_eq!(c.get("tx_frames"), Some(&1), "{c:?}");
@@ -149,13 +143,14 @@ async fn ports_created_over_dbus_carry_frames_and_count_them() {
     assert!(err.to_string().contains("NotFound"), "{err}");
 }
 
-/// A VPC object's client that reads properties afresh each time.
-async fn vpc_proxy<'a>(
-    conn: &zbus::Connection,
-    path: &zbus::zvariant::OwnedObjectPath,
-) -> VpcProxy<'a> {
-    VpcProxy::builder(conn)
-        .path(path.clone())
+/// A client of the object at `path` that reads properties afresh each
+/// time.
+async fn uncached<P>(conn: &zbus::Connection, path: OwnedObjectPath) -> P
+where
+    P: From<zbus::Proxy<'static>> + zbus::proxy::Defaults,
+{
+    zbus::proxy::Builder::<P>::new(conn)
+        .path(path)
         .unwrap()
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
@@ -254,13 +249,7 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("has a subnet"), "{err}");
-    let s = SubnetProxy::builder(&conn)
-        .path(subnet)
-        .unwrap()
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .unwrap();
+    let s = uncached::<SubnetProxy>(&conn, subnet).await;
     assert_eq!(s.cidr().await.unwrap(), "10.9.0.0/24");
     assert_eq!(s.gateway().await.unwrap(), "10.9.0.1");
     assert_eq!(s.ipv6().await.unwrap(), "fd00:9::/64");
@@ -283,7 +272,7 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     );
 
     // Port forwards of the VPC's gateway address.
-    let router = vpc_proxy(&conn, &vpc).await;
+    let router = uncached::<VpcProxy>(&conn, vpc.clone()).await;
     let err = router
         .add_port_forward("tcp", 8080, "10.9.0.20", 80)
         .await
@@ -305,13 +294,7 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     // A floating IP's QoS and counters.
     let (fip, fip_ip) = net.create_floating_ip(&ext, "").await.unwrap();
     assert_eq!(fip_ip, "192.0.2.3");
-    let fip = FloatingIpProxy::builder(&conn)
-        .path(fip)
-        .unwrap()
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .unwrap();
+    let fip = uncached::<FloatingIpProxy>(&conn, fip).await;
     assert_eq!(fip.qos().await.unwrap(), (0, 0, 0, 0), "no limits at first");
     let err = fip.set_qos(10, 16, 0, 0).await.unwrap_err();
     assert!(err.to_string().contains("at least 64"), "{err}");
@@ -387,13 +370,7 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     router.peer(&lab).await.unwrap();
 
     let sg = net.create_security_group("www").await.unwrap();
-    let group = SecurityGroupProxy::builder(&conn)
-        .path(sg.clone())
-        .unwrap()
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .unwrap();
+    let group = uncached::<SecurityGroupProxy>(&conn, sg.clone()).await;
     let rules = group.rules().await.unwrap();
     assert_eq!(rules.len(), 1, "a new group lets anything out: {rules:?}");
     assert_eq!(
@@ -461,13 +438,7 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("in use"), "{err}");
-    let port = PortProxy::builder(&conn)
-        .path(p)
-        .unwrap()
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .unwrap();
+    let port = uncached::<PortProxy>(&conn, p).await;
     assert_eq!(port.ip().await.unwrap(), "10.9.0.7");
     let v6 = port.ipv6_addresses().await.unwrap();
     assert_eq!(v6.len(), 2);
@@ -515,12 +486,12 @@ async fn vpcs_subnets_ports_and_security_groups_over_dbus() {
     assert!(err.to_string().contains("has networks"), "{err}");
     net.delete_network(&again).await.unwrap();
     net.delete_vpc(&vpc).await.unwrap();
-    let lab_now = vpc_proxy(&conn, &lab).await;
+    let lab_now = uncached::<VpcProxy>(&conn, lab.clone()).await;
     assert!(
         lab_now.peers().await.unwrap().is_empty(),
         "the peering went with the VPC"
     );
-    let gone = vpc_proxy(&conn, &vpc).await;
+    let gone = uncached::<VpcProxy>(&conn, vpc.clone()).await;
     assert!(
         gone.gateway_address().await.is_err(),
         "the VPC object is gone"
@@ -554,31 +525,14 @@ async fn reserved_addresses_are_never_handed_out() {
         Value::from(vec!["10.20.0.2-10.20.0.9", "10.20.0.128/25"]),
     )]);
     let subnet = net.create_subnet(&lab, "10.20.0.0/24", opts).await.unwrap();
-    let s = SubnetProxy::builder(&conn)
-        .path(subnet)
-        .unwrap()
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .unwrap();
+    let s = uncached::<SubnetProxy>(&conn, subnet).await;
     assert_eq!(
         s.reserved().await.unwrap(),
         ["10.20.0.2-10.20.0.9", "10.20.0.128-10.20.0.255"]
     );
     let port_ip = |path: OwnedObjectPath| {
         let conn = conn.clone();
-        async move {
-            PortProxy::builder(&conn)
-                .path(path)
-                .unwrap()
-                .cache_properties(zbus::proxy::CacheProperties::No)
-                .build()
-                .await
-                .unwrap()
-                .ip()
-                .await
-                .unwrap()
-        }
+        async move { uncached::<PortProxy>(&conn, path).await.ip().await.unwrap() }
     };
     // The first free address past the reserved ones; a reserved one is
     // not given even when asked for.
