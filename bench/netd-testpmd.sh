@@ -65,10 +65,13 @@ field() { awk -v n="$1" -F'"' '{print $(2*n)}'; }
 # Starts netd on bus $1 with sockets in $2, in namespace $3 if given.
 start_netd() {
     local b=${1:-$bus} run=${2:-$work/run} ns=${3:-}
-    rm -rf "$run"
-    local wrap=()
+    rm -rf "$run" "$run-data"
+    local wrap=() data=()
+    # A fresh configuration each start (binaries from before --data-dir
+    # are measured too).
+    "$netd" --help | grep -q -- --data-dir && data=(--data-dir "$run-data")
     [ -n "$ns" ] && wrap=(ip netns exec "$ns")
-    "${wrap[@]}" taskset -c 0 "$netd" --node-id bench --bus "$b" --run-dir "$run" >>"$work/netd.log" 2>&1 &
+    "${wrap[@]}" taskset -c 0 "$netd" --node-id bench --bus "$b" --run-dir "$run" "${data[@]}" >>"$work/netd.log" 2>&1 &
     netd_pid=$!
     for _ in $(seq 200); do
         busctl --address="$b" status org.atoll.Net1 >/dev/null 2>&1 && return

@@ -283,6 +283,8 @@ fn specs(opts: &Options, p: &Prepared) -> Result<Vec<Spec>, Error> {
                 let mut args = common(&[]);
                 args.push("--run-dir".into());
                 args.push(data_dir.join("run/netd").into_os_string());
+                args.push("--data-dir".into());
+                args.push(data_dir.join("netd").into_os_string());
                 (args, None)
             }
             _ => (common(&[]), None),

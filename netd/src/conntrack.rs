@@ -15,7 +15,7 @@ use crate::flow::{
 };
 
 /// Direction relative to the port's VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Direction {
     /// Towards the VM.
     Ingress,

@@ -16,6 +16,8 @@ pub struct Options {
     pub node_id: String,
     /// Where port sockets go.
     pub run_dir: std::path::PathBuf,
+    /// Where the configuration is kept across restarts (`netd.db`).
+    pub data_dir: std::path::PathBuf,
     /// Data-path threads (at least one).
     pub datapath_threads: usize,
     /// Each port's budget for requests to the switch's services: a second,
@@ -37,6 +39,9 @@ pub enum Error {
     /// The switch could not start.
     #[error("cannot start the switch")]
     Switch(#[source] crate::fabric::FabricError),
+    /// The saved configuration could not be opened or read.
+    #[error("cannot read the saved configuration")]
+    State(#[source] crate::persist::PersistError),
     /// The bus went away under the daemon.
     #[error("lost the connection to D-Bus")]
     BusLost,
@@ -69,7 +74,7 @@ async fn connect(
         .serve_at(OBJECT_PATH, ObjectManager)?
         .build()
         .await?;
-    crate::dbus::serve_defaults(conn.object_server(), &fabric).await?;
+    crate::dbus::serve_all(conn.object_server(), &fabric).await?;
     // Refuse to queue behind another owner: a second instance must fail, not wait.
     match conn
         .request_name_with_flags(BUS_NAME, RequestNameFlags::DoNotQueue.into())
@@ -93,6 +98,32 @@ pub async fn run(opts: Options) -> Result<Exit, Error> {
     }
     fabric.switch.set_dns_upstreams(opts.dns_upstreams.clone());
     info!(threads = opts.datapath_threads, "data path started");
+    // What this node's netd was told before it stopped comes back before
+    // the name is taken: callers never see it half restored.
+    let store = crate::persist::Store::open(&opts.data_dir).map_err(Error::State)?;
+    let saved = store.load().map_err(Error::State)?;
+    let failed = fabric.restore(&saved);
+    for f in &failed {
+        warn!("not restored: {f}");
+    }
+    if !failed.is_empty() {
+        // The next change saves the state without what did not come back:
+        // the full one is kept aside for the operator.
+        let aside = opts.data_dir.join("netd-unrestored.db");
+        match store.copy_to(&aside) {
+            Ok(()) => warn!(copy = %aside.display(), "the saved configuration is kept aside"),
+            Err(e) => warn!("cannot keep the saved configuration aside: {e}"),
+        }
+    }
+    if saved != crate::persist::Snapshot::default() {
+        info!(
+            ports = saved.ports.len(),
+            networks = saved.networks.len(),
+            not_restored = failed.len(),
+            "configuration restored"
+        );
+    }
+    fabric.keep_in(store);
     let conn = connect(&opts, std::sync::Arc::new(fabric))
         .await
         .map_err(Error::Connect)?;

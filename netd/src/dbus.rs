@@ -15,7 +15,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::zvariant::{ObjectPath, OwnedObjectPath, OwnedValue};
 use zbus::{interface, proxy};
 
-use crate::fabric::{Fabric, FabricError, Kind, SubnetSettings, DEFAULT_GROUP};
+use crate::fabric::{Fabric, FabricError, Kind, SubnetSettings};
 use crate::frame::Mac;
 use crate::health::Health;
 use crate::objects::{
@@ -171,23 +171,78 @@ impl Options {
     }
 }
 
-/// Serves the objects that exist before any request: the default security
-/// group.
-pub async fn serve_defaults(
+/// Saves the fabric's state after a change (see [`crate::persist`]); an
+/// error says the change is made but would not survive a restart.
+pub(crate) async fn saved(fabric: &Arc<Fabric>) -> Result<(), NetError> {
+    let f = fabric.clone();
+    tokio::task::spawn_blocking(move || f.save())
+        .await
+        .map_err(|e| NetError::Failed(e.to_string()))?
+        .map_err(|e| NetError::Failed(format!("done, but not saved for a restart: {e}")))
+}
+
+/// Serves an object for everything the fabric has: the default security
+/// group on a fresh start, all that came back after a restart.
+pub async fn serve_all(
     server: &zbus::ObjectServer,
     fabric: &Arc<Fabric>,
 ) -> Result<(), zbus::Error> {
-    let path = object_path("security_group", DEFAULT_GROUP.0)
-        .map_err(|e| zbus::Error::Failure(format!("{e:?}")))?;
-    server
-        .at(
-            &path,
-            GroupObject {
-                fabric: fabric.clone(),
-                id: DEFAULT_GROUP,
-            },
-        )
-        .await?;
+    let path = |kind: &str, id: u32| {
+        object_path(kind, id).map_err(|e| zbus::Error::Failure(format!("{e:?}")))
+    };
+    let snap = fabric.snapshot();
+    for g in &snap.groups {
+        let id = GroupId(g.id);
+        let obj = GroupObject {
+            fabric: fabric.clone(),
+            id,
+        };
+        server.at(&path("security_group", g.id)?, obj).await?;
+    }
+    for v in &snap.vpcs {
+        let obj = VpcObject {
+            fabric: fabric.clone(),
+            id: v.id,
+            name: v.name.clone(),
+        };
+        server.at(&path("vpc", v.id)?, obj).await?;
+    }
+    for n in &snap.networks {
+        let vpc = n.vpc.map(|v| path("vpc", v)).transpose()?;
+        let obj = NetworkObject {
+            fabric: fabric.clone(),
+            id: n.id,
+            vpc,
+        };
+        server.at(&path("network", n.id)?, obj).await?;
+    }
+    for s in &snap.subnets {
+        let obj = SubnetObject {
+            fabric: fabric.clone(),
+            id: s.id,
+            network: path("network", s.network)?,
+        };
+        server.at(&path("subnet", s.id)?, obj).await?;
+    }
+    for p in &snap.ports {
+        let Some(entry) = fabric.port(p.id) else {
+            continue;
+        };
+        let obj = PortObject {
+            fabric: fabric.clone(),
+            entry,
+            network: path("network", p.network)?,
+        };
+        server.at(&path("port", p.id)?, obj).await?;
+    }
+    for f in &snap.floating {
+        let obj = FloatingIpObject {
+            fabric: fabric.clone(),
+            id: f.id,
+            network: path("network", f.network)?,
+        };
+        server.at(&path("floating_ip", f.id)?, obj).await?;
+    }
     Ok(())
 }
 
@@ -293,7 +348,7 @@ impl Net1 {
     /// network there (flat untagged, vlan with its 802.1Q tag).
     async fn set_uplink(&self, interface: String) -> Result<(), NetError> {
         let fabric = self.fabric.clone();
-        tokio::task::spawn_blocking(move || fabric.switch.set_uplink(&interface))
+        tokio::task::spawn_blocking(move || fabric.set_uplink(&interface))
             .await
             .map_err(|e| NetError::Failed(e.to_string()))?
             .map_err(|e| {
@@ -303,7 +358,8 @@ impl Net1 {
                         .map(ToString::to_string)
                         .unwrap_or_default()
                 ))
-            })
+            })?;
+        saved(&self.fabric).await
     }
 
     /// Frames the uplink sent ("tx"), received ("rx") and dropped (no
@@ -345,6 +401,7 @@ impl Net1 {
                 },
             )
             .await?;
+        saved(&self.fabric).await?;
         Ok((path, ip.to_string()))
     }
 
@@ -369,9 +426,7 @@ impl Net1 {
         let port = if port == 0 { encap.port() } else { port };
         let fabric = self.fabric.clone();
         let bound = tokio::task::spawn_blocking(move || {
-            fabric
-                .switch
-                .set_tunnel(std::net::SocketAddrV4::new(ip, port), encap)
+            fabric.set_tunnel(std::net::SocketAddrV4::new(ip, port), encap)
         })
         .await
         .map_err(|e| NetError::Failed(e.to_string()))?
@@ -384,6 +439,7 @@ impl Net1 {
             ))
         })?;
         self.tunnel_encapsulation_changed(&emitter).await?;
+        saved(&self.fabric).await?;
         Ok(bound.to_string())
     }
 
@@ -430,6 +486,7 @@ impl Net1 {
                 },
             )
             .await?;
+        saved(&self.fabric).await?;
         Ok(path)
     }
 
@@ -476,6 +533,7 @@ impl Net1 {
                 },
             )
             .await?;
+        saved(&self.fabric).await?;
         Ok(path)
     }
 
@@ -550,6 +608,7 @@ impl Net1 {
                 },
             )
             .await?;
+        saved(&self.fabric).await?;
         Ok(path)
     }
 
@@ -622,6 +681,7 @@ impl Net1 {
                 },
             )
             .await?;
+        saved(&self.fabric).await?;
         Ok((path, socket, mac))
     }
 
@@ -640,6 +700,7 @@ impl Net1 {
                 .remove::<SubnetObject, _>(&object_path("subnet", s)?)
                 .await?;
         }
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -655,6 +716,7 @@ impl Net1 {
         self.fabric.delete_vpc(id)?;
         server.remove::<VpcObject, _>(&vpc).await?;
         crate::objects::peers_changed(server, &peers).await;
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -667,6 +729,7 @@ impl Net1 {
         let id = id_in("floating_ip", &floating_ip)?;
         self.fabric.delete_floating_ip(id)?;
         server.remove::<FloatingIpObject, _>(&floating_ip).await?;
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -683,6 +746,7 @@ impl Net1 {
             .await
             .map_err(|e| NetError::Failed(e.to_string()))??;
         server.remove::<PortObject, _>(&port).await?;
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -704,6 +768,7 @@ impl Net1 {
                 },
             )
             .await?;
+        saved(&self.fabric).await?;
         Ok(path)
     }
 
@@ -716,6 +781,7 @@ impl Net1 {
         let id = GroupId(id_in("security_group", &group)?);
         self.fabric.delete_group(id)?;
         server.remove::<GroupObject, _>(&group).await?;
+        saved(&self.fabric).await?;
         Ok(())
     }
 }

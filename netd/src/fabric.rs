@@ -4,7 +4,7 @@
 //! switch sees it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -13,6 +13,11 @@ use crate::flow::{slaac, PROTO_TCP, PROTO_UDP};
 use crate::frame::Mac;
 use crate::l2::{PortId, SegmentId};
 use crate::nat::{Floating, Gateway, Gateway6, PortForward};
+use crate::overlay::Encap;
+use crate::persist::{
+    FloatingRec, ForwardRec, GroupRec, Meta, NetworkRec, PersistError, PortRec, Snapshot, Store,
+    SubnetRec, VpcRec,
+};
 use crate::port::Port;
 use crate::qos::Limit;
 use crate::router::{gateway_mac, Subnet, VpcId};
@@ -46,7 +51,7 @@ fn invalid(msg: impl Into<String>) -> FabricError {
 }
 
 /// A network's kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Kind {
     /// Untagged.
     Flat,
@@ -85,7 +90,7 @@ pub struct Network {
 }
 
 /// A subnet's settings beyond its prefix.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SubnetSettings {
     /// Gateway address (None: the first host address).
     pub gateway: Option<Ipv4Addr>,
@@ -173,6 +178,10 @@ struct Registry {
     /// Peered VPCs, (lower id, higher id).
     peerings: BTreeSet<(u32, u32)>,
     next: u32,
+    /// The uplink's TAP interface, as asked.
+    uplink: Option<String>,
+    /// The tunnel endpoint and encapsulation, as asked.
+    tunnel: Option<(SocketAddrV4, Encap)>,
 }
 
 /// A port forward of a VPC's gateway address.
@@ -279,6 +288,8 @@ pub struct Fabric {
     /// The switch under it.
     pub switch: Switch,
     reg: Mutex<Registry>,
+    /// Where changes are saved (none: they are not).
+    store: std::sync::OnceLock<Store>,
 }
 
 /// A VM name: a DNS label.
@@ -319,7 +330,294 @@ impl Fabric {
         Ok(Self {
             switch,
             reg: Mutex::new(reg),
+            store: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Saves changes to `store` from now on ([`Fabric::save`]).
+    pub fn keep_in(&self, store: Store) {
+        let _ = self.store.set(store);
+    }
+
+    /// Saves the state, if the fabric keeps it in a store.
+    pub fn save(&self) -> std::result::Result<(), PersistError> {
+        match self.store.get() {
+            Some(s) => s.save(|| self.snapshot()),
+            None => Ok(()),
+        }
+    }
+
+    /// Opens the TAP interface `name` as the node's uplink (see
+    /// [`Switch::set_uplink`]).
+    pub fn set_uplink(&self, name: &str) -> std::result::Result<(), SwitchError> {
+        self.switch.set_uplink(name)?;
+        self.reg().uplink = Some(name.to_owned());
+        Ok(())
+    }
+
+    /// Opens the node's tunnel endpoint (see [`Switch::set_tunnel`]).
+    pub fn set_tunnel(
+        &self,
+        local: SocketAddrV4,
+        encap: Encap,
+    ) -> std::result::Result<SocketAddrV4, SwitchError> {
+        let bound = self.switch.set_tunnel(local, encap)?;
+        self.reg().tunnel = Some((local, encap));
+        Ok(bound)
+    }
+
+    /// Everything the fabric was told, as it stands now.
+    pub fn snapshot(&self) -> Snapshot {
+        let reg = self.reg();
+        let meta = Meta {
+            next: reg.next,
+            next_port: self.switch.next_port_id(),
+            uplink: reg.uplink.clone(),
+            tunnel: reg.tunnel.map(|(a, e)| (a, e.name().to_owned())),
+        };
+        let groups = reg
+            .groups
+            .iter()
+            .filter_map(|(id, name)| {
+                let (rules, next_rule) = self.switch.rules_state(*id)?;
+                Some(GroupRec {
+                    id: id.0,
+                    name: name.clone(),
+                    rules,
+                    next_rule,
+                })
+            })
+            .collect();
+        let vpcs = reg
+            .vpcs
+            .iter()
+            .map(|(id, name)| VpcRec {
+                id: *id,
+                name: name.clone(),
+                gateway: reg.gateways.get(id).copied(),
+                peers: reg
+                    .peerings
+                    .iter()
+                    .filter(|(a, _)| a == id)
+                    .map(|(_, b)| *b)
+                    .collect(),
+            })
+            .collect();
+        let networks = reg
+            .networks
+            .iter()
+            .map(|(id, n)| NetworkRec {
+                id: *id,
+                name: n.name.clone(),
+                kind: n.kind,
+                vpc: n.vpc,
+                uplink: n.uplink,
+                remotes: n.remotes.clone(),
+            })
+            .collect();
+        let subnets = reg
+            .subnets
+            .iter()
+            .map(|(id, s)| SubnetRec {
+                id: *id,
+                network: s.network,
+                cidr: format!("{}/{}", s.subnet.net, s.subnet.prefix),
+                settings: SubnetSettings {
+                    gateway: Some(s.subnet.gateway),
+                    ..s.settings.clone()
+                },
+            })
+            .collect();
+        let ports = reg
+            .ports
+            .iter()
+            .map(|(id, e)| {
+                let sec = e.port.security();
+                let md = e.port.metadata();
+                PortRec {
+                    id: *id,
+                    network: e.network,
+                    mac: e.port.mac,
+                    ip: sec.ip,
+                    name: e.name.clone(),
+                    groups: sec.groups.iter().map(|g| g.0).collect(),
+                    allowed: sec
+                        .allowed
+                        .iter()
+                        .map(|(a, l)| format!("{a}/{l}"))
+                        .chain(sec.allowed6.iter().map(|(a, l)| format!("{a}/{l}")))
+                        .collect(),
+                    ipv6: sec.chosen6,
+                    qos: e.port.qos(),
+                    user_data: md.user_data,
+                    ssh_keys: md.ssh_keys,
+                    mirror: e.port.mirror_target().map(|p| p.0),
+                }
+            })
+            .collect();
+        let floating = reg
+            .floating
+            .iter()
+            .map(|(id, f)| FloatingRec {
+                id: *id,
+                network: f.network,
+                ip: f.ip,
+                port: f.port,
+                qos: self.switch.floating_traffic(f.ip).0,
+            })
+            .collect();
+        let forwards = reg
+            .forwards
+            .iter()
+            .map(|(id, f)| ForwardRec {
+                id: *id,
+                vpc: f.vpc,
+                protocol: f.protocol().to_owned(),
+                external_port: f.external_port,
+                address: f.address,
+                port: f.port,
+            })
+            .collect();
+        Snapshot {
+            meta,
+            groups,
+            vpcs,
+            networks,
+            subnets,
+            ports,
+            floating,
+            forwards,
+        }
+    }
+
+    /// Makes `id` the next id the registry hands out.
+    fn next_is(&self, id: u32) {
+        self.reg().next = id.saturating_sub(1);
+    }
+
+    /// Builds what `snap` describes, on a fresh fabric, through the same
+    /// checks as requests: same ids, MACs, addresses and sockets. What
+    /// cannot come back (an uplink interface gone, a tunnel address no
+    /// longer the node's) is left out and described in the list returned;
+    /// the rest carries on.
+    pub fn restore(&self, snap: &Snapshot) -> Vec<String> {
+        let mut failed = Vec::new();
+        let mut check = |what: String, r: Result<u32>, want: u32| match r {
+            Ok(got) if got == want => {}
+            Ok(got) => failed.push(format!("{what}: came back as {got}")),
+            Err(e) => failed.push(format!("{what}: {e}")),
+        };
+        if let Some(name) = &snap.meta.uplink {
+            let r = self.set_uplink(name).map(|()| 0).map_err(Into::into);
+            check(format!("uplink {name}"), r, 0);
+        }
+        if let Some((addr, encap)) = &snap.meta.tunnel {
+            let r = match Encap::parse(encap) {
+                Some(e) => self.set_tunnel(*addr, e).map(|_| 0).map_err(Into::into),
+                None => Err(invalid(format!("encapsulation {encap:?}"))),
+            };
+            check(format!("tunnel endpoint {addr}"), r, 0);
+        }
+        for g in snap.groups.iter().filter(|g| g.id != DEFAULT_GROUP.0) {
+            self.next_is(g.id);
+            let r = self.create_group(&g.name).map(|id| id.0);
+            check(format!("security group {}", g.id), r, g.id);
+        }
+        // Rules after every group: they may name another as the remote.
+        for g in &snap.groups {
+            let r = self
+                .switch
+                .restore_rules(GroupId(g.id), g.rules.clone(), g.next_rule)
+                .map(|()| g.id)
+                .map_err(Into::into);
+            check(format!("rules of security group {}", g.id), r, g.id);
+        }
+        for v in &snap.vpcs {
+            self.next_is(v.id);
+            check(format!("VPC {}", v.id), self.create_vpc(&v.name), v.id);
+        }
+        for n in &snap.networks {
+            self.next_is(n.id);
+            let r = self
+                .create_network(&n.name, n.kind, n.vpc, n.uplink)
+                .and_then(|id| {
+                    if !n.remotes.is_empty() {
+                        self.set_remotes(id, n.remotes.clone())?;
+                    }
+                    Ok(id)
+                });
+            check(format!("network {}", n.id), r, n.id);
+        }
+        for s in &snap.subnets {
+            self.next_is(s.id);
+            let r = self.create_subnet(s.network, &s.cidr, s.settings.clone());
+            check(format!("subnet {}", s.id), r, s.id);
+        }
+        for v in &snap.vpcs {
+            if let Some((net, ip)) = v.gateway {
+                let r = self.set_vpc_gateway(v.id, net, Some(ip)).map(|_| v.id);
+                check(format!("gateway of VPC {}", v.id), r, v.id);
+            }
+            for p in &v.peers {
+                let r = self.peer_vpcs(v.id, *p).map(|()| v.id);
+                check(format!("peering of VPCs {} and {p}", v.id), r, v.id);
+            }
+        }
+        for f in &snap.forwards {
+            self.next_is(f.id);
+            let r = self.add_port_forward(f.vpc, &f.protocol, f.external_port, f.address, f.port);
+            check(format!("port forward {}", f.id), r, f.id);
+        }
+        for p in &snap.ports {
+            self.switch.set_next_port_id(p.id);
+            let groups = p.groups.iter().map(|g| GroupId(*g)).collect();
+            let r = self
+                .create_port(p.network, Some(p.mac), p.ip, &p.name, Some(groups))
+                .and_then(|e| {
+                    let id = e.port.id.0;
+                    if !p.allowed.is_empty() {
+                        self.set_allowed_addresses(id, &p.allowed)?;
+                    }
+                    if let Some(a) = p.ipv6 {
+                        self.set_port_ipv6(id, a)?;
+                    }
+                    e.port.set_qos(p.qos.0, p.qos.1);
+                    e.port
+                        .set_metadata(p.user_data.clone(), p.ssh_keys.clone(), None);
+                    Ok(id)
+                });
+            check(format!("port {}", p.id), r, p.id);
+        }
+        // Mirrors once every port is back.
+        for p in &snap.ports {
+            if let Some(t) = p.mirror {
+                let r = self
+                    .switch
+                    .set_mirror(PortId(p.id), Some(PortId(t)))
+                    .map(|()| p.id)
+                    .map_err(Into::into);
+                check(format!("mirror of port {}", p.id), r, p.id);
+            }
+        }
+        for f in &snap.floating {
+            self.next_is(f.id);
+            let r = self
+                .create_floating_ip(f.network, Some(f.ip))
+                .and_then(|(id, _)| {
+                    if f.port.is_some() {
+                        self.associate_floating_ip(id, f.port)?;
+                    }
+                    self.set_floating_qos(id, f.qos.0, f.qos.1)?;
+                    Ok(id)
+                });
+            check(format!("floating IP {}", f.id), r, f.id);
+        }
+        {
+            let mut reg = self.reg();
+            reg.next = reg.next.max(snap.meta.next);
+        }
+        self.switch.set_next_port_id(snap.meta.next_port);
+        failed
     }
 
     fn reg(&self) -> std::sync::MutexGuard<'_, Registry> {

@@ -24,6 +24,7 @@ pub mod ndp;
 pub mod objects;
 pub mod offload;
 pub mod overlay;
+pub mod persist;
 pub mod port;
 pub mod qos;
 pub mod ring;

@@ -19,6 +19,10 @@ struct Cli {
     /// Directory for the ports' vhost-user sockets.
     #[arg(long, value_name = "DIR", default_value = "/run/atoll/netd")]
     run_dir: std::path::PathBuf,
+    /// Directory for the configuration kept across restarts (netd.db):
+    /// networks, subnets, ports, security groups, floating IPs.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/atoll/netd")]
+    data_dir: std::path::PathBuf,
     /// Data-path threads polling the ports' queues (default: a quarter of
     /// the CPUs this process may use, 1 to 4).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         bus: cli.bus,
         node_id: cli.node_id.unwrap_or_else(machine_id),
         run_dir: cli.run_dir,
+        data_dir: cli.data_dir,
         datapath_threads: cli
             .datapath_threads
             .map_or_else(default_datapath_threads, usize::from),

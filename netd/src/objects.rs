@@ -9,7 +9,7 @@ use zbus::zvariant::{ObjectPath, OwnedObjectPath};
 use zbus::{interface, proxy};
 
 use crate::conntrack::Direction;
-use crate::dbus::{format_mac, group_ids, id_in, object_path, NetError};
+use crate::dbus::{format_mac, group_ids, id_in, object_path, saved, NetError};
 use crate::fabric::{Fabric, Kind, PortEntry};
 use crate::qos::Limit;
 use crate::router::VpcId;
@@ -72,6 +72,7 @@ impl VpcObject {
         let ip = self.fabric.set_vpc_gateway(self.id, net, want)?;
         self.gateway_address_changed(&emitter).await?;
         self.gateway_ipv6_address_changed(&emitter).await?;
+        saved(&self.fabric).await?;
         Ok(ip.to_string())
     }
 
@@ -95,6 +96,7 @@ impl VpcObject {
         let other = id_in("vpc", &vpc)?;
         self.fabric.peer_vpcs(self.id, other)?;
         peers_changed(server, &[self.id, other]).await;
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -107,6 +109,7 @@ impl VpcObject {
         let other = id_in("vpc", &vpc)?;
         self.fabric.unpeer_vpcs(self.id, other)?;
         peers_changed(server, &[self.id, other]).await;
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -142,6 +145,7 @@ impl VpcObject {
             .fabric
             .add_port_forward(self.id, &protocol, external_port, ip, port)?;
         self.port_forwards_changed(&emitter).await?;
+        saved(&self.fabric).await?;
         Ok(id)
     }
 
@@ -153,6 +157,7 @@ impl VpcObject {
     ) -> Result<(), NetError> {
         self.fabric.remove_port_forward(self.id, id)?;
         self.port_forwards_changed(&emitter).await?;
+        saved(&self.fabric).await?;
         Ok(())
     }
 }
@@ -222,6 +227,7 @@ impl FloatingIpObject {
         let p = id_in("port", &port)?;
         self.fabric.associate_floating_ip(self.id, Some(p))?;
         self.port_changed(&emitter).await?;
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -232,6 +238,7 @@ impl FloatingIpObject {
     ) -> Result<(), NetError> {
         self.fabric.associate_floating_ip(self.id, None)?;
         self.port_changed(&emitter).await?;
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -260,6 +267,7 @@ impl FloatingIpObject {
         let egress = qos_limit("egress", egress_kbps, egress_burst_kib)?;
         self.fabric.set_floating_qos(self.id, ingress, egress)?;
         self.qos_changed(&emitter).await?;
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -360,6 +368,7 @@ impl NetworkObject {
             .collect::<Result<Vec<std::net::Ipv4Addr>, NetError>>()?;
         self.fabric.set_remotes(self.id, ips)?;
         self.remotes_changed(&emitter).await?;
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -504,6 +513,7 @@ impl SubnetObject {
         let ranges = crate::dbus::parse_ranges(&reserved)?;
         self.fabric.set_subnet_reserved(self.id, ranges)?;
         self.reserved_changed(&emitter).await?;
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -637,6 +647,7 @@ impl PortObject {
         let ids = group_ids(&groups)?;
         self.fabric.set_port_groups(self.entry.port.id.0, ids)?;
         self.security_groups_changed(&emitter).await?;
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -667,6 +678,7 @@ impl PortObject {
             )));
         }
         self.entry.port.set_metadata(user_data, ssh_keys, None);
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -698,6 +710,7 @@ impl PortObject {
             .set_mirror(self.entry.port.id, t)
             .map_err(|e| NetError::InvalidArgument(format!("mirror target: {e}")))?;
         self.mirror_changed(&emitter).await?;
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -729,6 +742,7 @@ impl PortObject {
         let egress = qos_limit("egress", egress_kbps, egress_burst_kib)?;
         self.entry.port.set_qos(ingress, egress);
         self.qos_changed(&emitter).await?;
+        saved(&self.fabric).await?;
         Ok(())
     }
 
@@ -860,6 +874,7 @@ impl GroupObject {
             .add_rule(self.id, rule)
             .map_err(|e| NetError::Failed(e.to_string()))?;
         self.rules_changed(&emitter).await?;
+        saved(&self.fabric).await?;
         Ok(id)
     }
 
@@ -875,6 +890,7 @@ impl GroupObject {
             .remove_rule(self.id, id)
             .map_err(|e| NetError::NotFound(e.to_string()))?;
         self.rules_changed(&emitter).await?;
+        saved(&self.fabric).await?;
         Ok(())
     }
 }

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 /// A direction's limit: 0 kbit/s means none.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limit {
     /// Rate in kbit/s (1000 bit/s).
     pub kbps: u32,

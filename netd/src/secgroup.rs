@@ -10,11 +10,13 @@ use crate::conntrack::Direction;
 use crate::flow::{Flow, Flow6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 /// A security group's id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct GroupId(pub u32);
 
 /// Which packets a rule is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Protocol {
     /// Every IPv4 or IPv6 packet.
     Any,
@@ -27,7 +29,7 @@ pub enum Protocol {
 }
 
 /// The other end a rule admits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Remote {
     /// Any address.
     Any,
@@ -40,7 +42,7 @@ pub enum Remote {
 }
 
 /// One allow rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rule {
     /// Which way.
     pub direction: Direction,
@@ -192,6 +194,19 @@ impl SecurityGroup {
             rules: BTreeMap::new(),
             next_rule: 1,
         }
+    }
+
+    /// The id the next rule gets.
+    pub fn next_rule(&self) -> u32 {
+        self.next_rule
+    }
+
+    /// Puts back rules with their ids (a restart's): the next rule gets
+    /// an id past them and past `next`.
+    pub fn restore(&mut self, rules: BTreeMap<u32, Rule>, next: u32) {
+        let past = rules.keys().next_back().map_or(1, |k| k.saturating_add(1));
+        self.next_rule = next.max(past).max(1);
+        self.rules = rules;
     }
 
     /// Adds `rule`; returns its id.

@@ -2351,6 +2351,58 @@ impl Switch {
         Ok(g.rules.iter().map(|(k, r)| (*k, *r)).collect())
     }
 
+    /// Group `id`'s rules by id and the id its next rule gets (what a
+    /// restart must bring back).
+    pub fn rules_state(&self, id: GroupId) -> Option<(BTreeMap<u32, Rule>, u32)> {
+        let groups = self
+            .inner
+            .groups
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let g = groups.groups.get(&id)?;
+        Some((g.rules.clone(), g.next_rule()))
+    }
+
+    /// Replaces group `id`'s rules with `rules`, ids kept, the next rule's
+    /// id past `next` (see [`Switch::rules_state`]).
+    pub fn restore_rules(
+        &self,
+        id: GroupId,
+        rules: BTreeMap<u32, Rule>,
+        next: u32,
+    ) -> Result<(), SwitchError> {
+        self.inner
+            .groups
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .groups
+            .get_mut(&id)
+            .ok_or(SwitchError::NoGroup(id.0))?
+            .restore(rules, next);
+        self.revalidate();
+        Ok(())
+    }
+
+    /// The id the next port gets.
+    pub fn next_port_id(&self) -> u32 {
+        *self.next.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes `id` the next port's id (a restart gives ports back theirs);
+    /// ids at or below the highest in use are not taken.
+    pub fn set_next_port_id(&self, id: u32) {
+        let top = self
+            .inner
+            .ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .map(|p| p.0.saturating_add(1))
+            .max()
+            .unwrap_or(1);
+        *self.next.lock().unwrap_or_else(PoisonError::into_inner) = id.max(top);
+    }
+
     /// Re-checks every port's tracked connections against its groups' rules.
     fn revalidate(&self) {
         let ports: Vec<Arc<Port>> = self

@@ -83,6 +83,8 @@ fn node(ns: &str, run: &Path) -> Node {
         .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_netd")])
         .args(["--node-id", ns, "--bus", bus.address(), "--run-dir"])
         .arg(run)
+        .arg("--data-dir")
+        .arg(run.with_file_name(format!("{ns}-data")))
         .stdin(Stdio::null())
         .spawn()
         .unwrap();

@@ -30,6 +30,8 @@ fn daemon(bus: &TestBus, run: &Path) -> Daemon {
         Command::new(env!("CARGO_BIN_EXE_netd"))
             .args(["--node-id", "n1", "--bus", bus.address(), "--run-dir"])
             .arg(run)
+            .arg("--data-dir")
+            .arg(run.with_file_name("data"))
             .stdin(Stdio::null())
             .spawn()
             .unwrap(),
@@ -551,4 +553,272 @@ async fn reserved_addresses_are_never_handed_out() {
     assert_eq!(s.reserved().await.unwrap(), ["10.20.0.11-10.20.0.20"]);
     let (p, _, _) = net.create_port(&lab, "", HashMap::new()).await.unwrap();
     assert_eq!(port_ip(p).await, "10.20.0.2");
+}
+
+/// Every object below `/org/atoll/Net1` with its settings (all properties
+/// but traffic counts).
+async fn everything(
+    conn: &zbus::Connection,
+) -> std::collections::BTreeMap<String, Vec<(String, String)>> {
+    let om = zbus::fdo::ObjectManagerProxy::builder(conn)
+        .destination(netd::BUS_NAME)
+        .unwrap()
+        .path(netd::OBJECT_PATH)
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    om.get_managed_objects()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(path, ifaces)| {
+            let mut props: Vec<(String, String)> = ifaces
+                .into_iter()
+                .flat_map(|(i, p)| {
+                    p.into_iter()
+                        // Traffic counts start again with the process.
+                        .filter(|(k, _)| k != "Counters" && k != "Connections")
+                        .map(move |(k, v)| (format!("{i}.{k}"), format!("{v:?}")))
+                })
+                .collect();
+            props.sort();
+            (path.to_string(), props)
+        })
+        // Not the empty nodes above the objects (zbus keeps one after its
+        // last object is removed).
+        .filter(|(_, props)| !props.is_empty())
+        .collect()
+}
+
+/// Kills netd (SIGKILL: nothing is flushed on the way out), starts it
+/// again on the same directories, and checks that every object and
+/// property came back as they were.
+async fn restarted(conn: &zbus::Connection, bus: &TestBus, dir: &Path, d: &mut Daemon) {
+    let before = everything(conn).await;
+    let _ = d.0.kill();
+    let _ = d.0.wait();
+    wait_owner(conn, netd::BUS_NAME, false).await;
+    *d = daemon(bus, &dir.join("run"));
+    wait_owner(conn, netd::BUS_NAME, true).await;
+    assert_eq!(
+        everything(conn).await,
+        before,
+        "every object and property as before"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_netd_killed_and_started_again_has_everything_it_was_told() {
+    let (dir, bus, mut d, conn) = started().await;
+    let net = Net1Proxy::new(&conn).await.unwrap();
+    let v = |s: &'static str| Value::from(s);
+
+    // Security groups: rules naming another group, one removed (its id
+    // must not come back), one added to the default group.
+    let web = net.create_security_group("web").await.unwrap();
+    let g = uncached::<SecurityGroupProxy>(&conn, web.clone()).await;
+    g.add_rule("ingress", "tcp", 22, 22, "10.0.0.0/8", "")
+        .await
+        .unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    let gone = g.add_rule("ingress", "udp", 53, 53, "", "").await.unwrap();
+    g.add_rule("ingress", "any", 0, 0, "", web.as_str())
+        .await
+        .unwrap();
+    g.remove_rule(gone).await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    let default = OwnedObjectPath::try_from("/org/atoll/Net1/security_group/1").unwrap();
+    let dg = uncached::<SecurityGroupProxy>(&conn, default.clone()).await;
+    dg.add_rule("ingress", "icmp", 0, 0, "", "").await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+
+    // VPCs, an external network, a VPC network with a dual-stack subnet,
+    // an overlay with a remote, a gateway, a peering, a port forward.
+    let vpc = net.create_vpc("prod").await.unwrap();
+    let other = net.create_vpc("dev").await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    let ext = net
+        .create_network("ext", "flat", HashMap::new())
+        .await
+        .unwrap();
+    let ext_sub = net
+        .create_subnet(
+            &ext,
+            "192.0.2.0/24",
+            HashMap::from([("external", Value::from(true))]),
+        )
+        .await
+        .unwrap();
+    uncached::<SubnetProxy>(&conn, ext_sub)
+        .await
+        .set_reserved(&["192.0.2.2-192.0.2.9"])
+        .await
+        .unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    let lan = net
+        .create_network(
+            "lan",
+            "flat",
+            HashMap::from([("vpc", Value::from(vpc.as_ref()))]),
+        )
+        .await
+        .unwrap();
+    net.create_subnet(
+        &lan,
+        "10.1.0.0/24",
+        HashMap::from([
+            ("dns", Value::from(vec!["192.0.2.53"])),
+            ("domain", v("lab")),
+            ("mtu", Value::from(1400u16)),
+            ("ipv6", v("fd00:1::/64")),
+            ("ipv6_mode", v("dhcpv6")),
+        ]),
+    )
+    .await
+    .unwrap();
+    let ov = net
+        .create_network(
+            "ov",
+            "overlay",
+            HashMap::from([("vni", Value::from(77u32))]),
+        )
+        .await
+        .unwrap();
+    uncached::<netd::objects::NetworkProxy>(&conn, ov)
+        .await
+        .set_remotes(&["198.51.100.7"])
+        .await
+        .unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    let vp = uncached::<VpcProxy>(&conn, vpc.clone()).await;
+    let gw = vp.set_gateway(&ext, "").await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    vp.peer(&other).await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    vp.add_port_forward("tcp", 2222, "10.1.0.10", 22)
+        .await
+        .unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+
+    // Ports: options, metadata, QoS, a mirror; one deleted (its id is not
+    // handed out again).
+    let opts = HashMap::from([
+        ("ip", v("10.1.0.10")),
+        ("name", v("web1")),
+        ("security_groups", Value::from(vec![web.as_ref()])),
+        ("allowed_addresses", Value::from(vec!["10.1.0.200"])),
+        ("ipv6", v("fd00:1::1234")),
+    ]);
+    let (p1, sock1, mac1) = net.create_port(&lan, "", opts).await.unwrap();
+    let (p2, sock2, mac2) = net.create_port(&lan, "", HashMap::new()).await.unwrap();
+    let (p3, _, _) = net.create_port(&lan, "", HashMap::new()).await.unwrap();
+    net.delete_port(&p3).await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    let port1 = uncached::<PortProxy>(&conn, p1.clone()).await;
+    port1
+        .set_metadata(b"#cloud-config\n", &["ssh-ed25519 AAAAC3 k"])
+        .await
+        .unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    port1.set_qos(10_000, 64, 20_000, 128).await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    port1.set_mirror(&p2).await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    let (fip, fip_ip) = net.create_floating_ip(&ext, "").await.unwrap();
+    let f = uncached::<FloatingIpProxy>(&conn, fip).await;
+    f.associate(&p1).await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    f.set_qos(5_000, 32, 6_000, 32).await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+
+    let before = everything(&conn).await;
+    assert!(before.len() >= 12, "{before:#?}");
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    assert!(gw.starts_with("192.0.2.") && fip_ip.starts_with("192.0.2."));
+
+    // New objects get fresh ids: not the deleted port's, not a rule's.
+    let (p4, _, _) = net.create_port(&lan, "", HashMap::new()).await.unwrap();
+    assert_ne!(p4, p3);
+    assert!(!before.contains_key(p4.as_str()), "{p4}");
+    let g = uncached::<SecurityGroupProxy>(&conn, web).await;
+    let next_rule = g.add_rule("egress", "tcp", 80, 80, "", "").await.unwrap();
+    assert!(next_rule > gone, "rule id {next_rule} after {gone}");
+
+    // The ports work where they were: same sockets, MACs, addresses; the
+    // router answers the restored port at the restored gateway.
+    let (m1, m2) = (mac_bytes(&mac1), mac_bytes(&mac2));
+    tokio::task::spawn_blocking(move || {
+        let mut a = NetFrontend::connect(Path::new(&sock1)).unwrap();
+        let mut b = NetFrontend::connect(Path::new(&sock2)).unwrap();
+        assert_eq!({ a.config.mac }, m1);
+        assert_eq!({ b.config.mac }, m2);
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&m1);
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&m1);
+        arp.extend_from_slice(&[10, 1, 0, 10]);
+        arp.extend_from_slice(&[0; 6]);
+        arp.extend_from_slice(&[10, 1, 0, 1]);
+        a.send(&arp).unwrap();
+        let reply = a.recv(Duration::from_secs(5)).unwrap().expect("ARP reply");
+        assert_eq!(&reply[0..6], &m1, "to the port");
+        assert_eq!(&reply[12..14], &[0x08, 0x06]);
+        assert_eq!(&reply[20..22], &[0, 2], "a reply");
+        assert_eq!(&reply[28..32], &[10, 1, 0, 1], "from the gateway");
+        // The mirror came back too: the port's frames are copied to p2.
+        let copy = b.recv(Duration::from_secs(5)).unwrap().expect("mirrored");
+        assert_eq!(&copy[6..12], &m1);
+    })
+    .await
+    .unwrap();
+
+    // Undoing is kept too.
+    f.disassociate().await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    vp.unpeer(&other).await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    let forwards = vp.port_forwards().await.unwrap();
+    vp.remove_port_forward(forwards[0].0).await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    port1
+        .set_security_groups(&[default.as_ref()])
+        .await
+        .unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    net.delete_floating_ip(f.inner().path()).await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    net.delete_vpc(&other).await.unwrap();
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    assert!(!everything(&conn).await.contains_key(other.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_state_database_stops_netd_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("netd.db"),
+        b"this is not a database, it is a poem",
+    )
+    .unwrap();
+    let bus = TestBus::start();
+    let out = Command::new(env!("CARGO_BIN_EXE_netd"))
+        .args(["--node-id", "n1", "--bus", bus.address(), "--run-dir"])
+        .arg(dir.path().join("run"))
+        .arg("--data-dir")
+        .arg(&data)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("saved configuration"), "{err}");
+    assert!(err.contains("netd.db"), "{err}");
+    assert_eq!(
+        std::fs::read(data.join("netd.db")).unwrap(),
+        b"this is not a database, it is a poem",
+        "the file is left for the operator"
+    );
 }

@@ -92,7 +92,7 @@ net_call() { busctl --address=unix:path=/tmp/bus --timeout=10 call org.atoll.Net
 dbus-daemon --config-file=/etc/atoll-bus.conf --nofork --nopidfile > /tmp/bus.log 2>&1 &
 i=0
 while [ ! -S /tmp/bus ] && [ "$i" -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
-netd --node-id l1 --bus unix:path=/tmp/bus --run-dir /tmp/netd > /tmp/netd.log 2>&1 &
+netd --node-id l1 --bus unix:path=/tmp/bus --run-dir /tmp/netd --data-dir /tmp/netd-data > /tmp/netd.log 2>&1 &
 i=0
 until busctl --address=unix:path=/tmp/bus --timeout=2 call org.freedesktop.DBus /org/freedesktop/DBus \
   org.freedesktop.DBus NameHasOwner s org.atoll.Net1 2> /dev/null | grep -q true; do
