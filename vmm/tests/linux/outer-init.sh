@@ -92,27 +92,55 @@ net_call() { busctl --address=unix:path=/tmp/bus --timeout=10 call org.atoll.Net
 dbus-daemon --config-file=/etc/atoll-bus.conf --nofork --nopidfile > /tmp/bus.log 2>&1 &
 i=0
 while [ ! -S /tmp/bus ] && [ "$i" -lt 100 ]; do i=$((i + 1)); sleep 0.1; done
-netd --node-id l1 --bus unix:path=/tmp/bus --run-dir /tmp/netd --data-dir /tmp/netd-data > /tmp/netd.log 2>&1 &
-i=0
-until busctl --address=unix:path=/tmp/bus --timeout=2 call org.freedesktop.DBus /org/freedesktop/DBus \
-  org.freedesktop.DBus NameHasOwner s org.atoll.Net1 2> /dev/null | grep -q true; do
-  i=$((i + 1))
-  if [ "$i" -gt 100 ]; then
-    say "INFRA netd did not start: $(cat /tmp/bus.log /tmp/netd.log | tail -n 5)"
-    break
-  fi
-  sleep 0.1
-done
+# start_netd: starts netd (again: its configuration comes back from
+# /tmp/netd-data) and waits until it owns its name.
+start_netd() {
+  netd --node-id l1 --bus unix:path=/tmp/bus --run-dir /tmp/netd --data-dir /tmp/netd-data >> /tmp/netd.log 2>&1 &
+  echo $! > /tmp/netd.pid
+  i=0
+  until busctl --address=unix:path=/tmp/bus --timeout=2 call org.freedesktop.DBus /org/freedesktop/DBus \
+    org.freedesktop.DBus NameHasOwner s org.atoll.Net1 2> /dev/null | grep -q true; do
+    i=$((i + 1))
+    if [ "$i" -gt 100 ]; then
+      say "INFRA netd did not start: $(cat /tmp/bus.log /tmp/netd.log | tail -n 5)"
+      break
+    fi
+    sleep 0.1
+  done
+}
+start_netd
 NET=$(net_call /org/atoll/Net1 org.atoll.Net1 CreateNetwork 'ssa{sv}' l1 flat 0 | awk -F'"' '{print $2}')
 net_call /org/atoll/Net1 org.atoll.Net1 CreateSubnet 'osa{sv}' "$NET" 192.0.2.0/24 2 gateway s 192.0.2.2 \
   ipv6 s fd00:a7::/64 > /dev/null ||
   say "INFRA no subnet: $(tail -n 5 /tmp/netd.log)"
 say "netd ready network=$NET uptime=$(up)"
 
+# press N: waits (up to 15 s) for the VM's NIC to be back on the restarted
+# netd, pauses and resumes the VM, then presses its power button through the
+# vmm's control socket (what `vmm daemon` does for Shutdown).
+press() {
+  i=0
+  until grep -q "vhost-user backend back" /tmp/boot$1.out; do
+    i=$((i + 1))
+    [ "$i" -gt 150 ] && { say "boot$1: the NIC did not come back"; break; }
+    sleep 0.1
+  done
+  # Pause (vCPUs parked, backends' rings stopped) and resume first.
+  p=$(vmm ctl --state-dir /tmp/vm$1 pause 2>&1)
+  r=$(vmm ctl --state-dir /tmp/vm$1 resume 2>&1)
+  say "boot$1: pause -> $p; resume -> $r"
+  echo "ATOLL-L1: boot$1: pause -> $p; resume -> $r" >> /tmp/boot$1.out
+  if vmm ctl --state-dir /tmp/vm$1 shutdown > /tmp/ctl$1.out 2>&1; then
+    say "boot$1: pressed the power button"
+  else
+    say "boot$1: vmm ctl shutdown failed: $(cat /tmp/ctl$1.out)"
+  fi
+}
+
 # console N EXTRA: copies the vmm's output to our console and /tmp/bootN.out.
-# With atoll.end=button in EXTRA, presses the power button through the vmm's
-# control socket (what `vmm daemon` does for Shutdown) once the guest says it
-# waits for it.
+# With atoll.end=button in EXTRA, once the guest says it waits for the power
+# button: netd is killed (SIGKILL) and started again, and `press` runs; the
+# guest checks its NIC again after the button.
 console() {
   : > /tmp/boot$1.out
   while IFS= read -r line; do
@@ -120,16 +148,10 @@ console() {
     echo "$line" >> /tmp/boot$1.out
     case "$2:$line" in
       *atoll.end=button*:*"waiting for the power button"*)
-        # Pause (vCPUs parked, backends' rings stopped) and resume first.
-        p=$(vmm ctl --state-dir /tmp/vm$1 pause 2>&1)
-        r=$(vmm ctl --state-dir /tmp/vm$1 resume 2>&1)
-        say "boot$1: pause -> $p; resume -> $r"
-        echo "ATOLL-L1: boot$1: pause -> $p; resume -> $r" >> /tmp/boot$1.out
-        if vmm ctl --state-dir /tmp/vm$1 shutdown > /tmp/ctl$1.out 2>&1; then
-          say "boot$1: pressed the power button"
-        else
-          say "boot$1: vmm ctl shutdown failed: $(cat /tmp/ctl$1.out)"
-        fi
+        kill -9 "$(cat /tmp/netd.pid)"
+        start_netd
+        say "boot$1: netd restarted"
+        press $1 &
         ;;
     esac
   done
@@ -228,6 +250,12 @@ check boot2-power-button has 2 'ATOLL-INNER: power button pressed'
 got=$(sed -n 's/.*ATOLL-INNER: READ-AFTER-RESUME=//p' /tmp/boot2.txt | tail -n 1)
 if [ "$got" = "$TEXT" ]; then pass boot2-disk-after-resume; else failc boot2-disk-after-resume "got '$got'"; fi
 check boot2-nic-after-resume nic_twice 2
+# netd was SIGKILLed and started again while the guest waited: its port came
+# back from netd's database, the vmm reconnected the NIC, and the guest's
+# second round (ARP, ping, metadata over TCP, IPv6, DNS) went through it.
+check boot2-nic-netd-restart has 2 'vhost-user backend back; rings restarted'
+nic_restarted() { [ "$(grep -c 'ATOLL-INNER: NIC eth0 .* ping=ok md=atoll-port-.* ping6=ok dns6=ok' /tmp/boot2.txt)" -ge 2 ]; }
+check boot2-nic-services-after-netd-restart nic_restarted
 check boot2-exit-poweroff exit_poweroff 2
 
 # Benchmark boots (BENCH_BOOTS > 0): each VMM of BENCH_VMMS whose binary is here

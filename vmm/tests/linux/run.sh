@@ -64,7 +64,8 @@ VCPUS=2
 MEMORY_MIB=512
 CHECKS=(boot1-userspace boot1-nic boot1-nic-services boot1-nic-ipv6 boot1-nic-dns6 boot1-nic-multiqueue boot1-file-written boot1-exit-reset
         boot2-userspace boot2-nic boot2-read-back boot2-paused boot2-power-button
-        boot2-disk-after-resume boot2-nic-after-resume boot2-exit-poweroff
+        boot2-disk-after-resume boot2-nic-after-resume boot2-nic-netd-restart
+        boot2-nic-services-after-netd-restart boot2-exit-poweroff
         disk-has-text)
 
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C
