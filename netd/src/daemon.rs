@@ -57,12 +57,24 @@ pub enum Exit {
 async fn connect(
     opts: &Options,
     fabric: std::sync::Arc<crate::fabric::Fabric>,
+    not_restored: usize,
 ) -> zbus::Result<Connection> {
     let builder = match &opts.bus {
         Some(address) => connection::Builder::address(address.as_str())?,
         None => connection::Builder::system()?,
     };
-    let health = crate::health::probe();
+    let mut health = crate::health::probe();
+    if not_restored > 0 {
+        health.state = "degraded";
+        let lost = format!(
+            "{not_restored} saved objects or settings did not come back after the restart (see the log; the saved state is kept in netd-unrestored.db)"
+        );
+        health.detail = if health.detail.is_empty() {
+            lost
+        } else {
+            format!("{}; {lost}", health.detail)
+        };
+    }
     if health.state != "ok" {
         warn!(detail = %health.detail, "network daemon is degraded");
     }
@@ -101,8 +113,9 @@ pub async fn run(opts: Options) -> Result<Exit, Error> {
     // What this node's netd was told before it stopped comes back before
     // the name is taken: callers never see it half restored.
     let store = crate::persist::Store::open(&opts.data_dir).map_err(Error::State)?;
-    let saved = store.load().map_err(Error::State)?;
-    let failed = fabric.restore(&saved);
+    let (saved, unreadable) = store.load();
+    let mut failed: Vec<String> = unreadable.iter().map(ToString::to_string).collect();
+    failed.extend(fabric.restore(&saved));
     for f in &failed {
         warn!("not restored: {f}");
     }
@@ -124,7 +137,7 @@ pub async fn run(opts: Options) -> Result<Exit, Error> {
         );
     }
     fabric.keep_in(store);
-    let conn = connect(&opts, std::sync::Arc::new(fabric))
+    let conn = connect(&opts, std::sync::Arc::new(fabric), failed.len())
         .await
         .map_err(Error::Connect)?;
     info!(name = BUS_NAME, node = %opts.node_id, "network daemon ready");

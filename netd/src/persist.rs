@@ -253,19 +253,26 @@ impl Snapshot {
         rows
     }
 
-    fn from_rows(rows: &Rows) -> Result<Self, PersistError> {
+    /// The snapshot the rows describe, and the rows that do not parse
+    /// (left out: one damaged object must not take the node's other
+    /// networks down).
+    fn from_rows(rows: &Rows) -> (Self, Vec<PersistError>) {
         let mut s = Snapshot::default();
+        let mut bad = Vec::new();
         for (k, v) in rows {
-            match k.split_once('/').map_or(k.as_str(), |(kind, _)| kind) {
-                "meta" => s.meta = get(k, v)?,
-                "group" => s.groups.push(get(k, v)?),
-                "vpc" => s.vpcs.push(get(k, v)?),
-                "network" => s.networks.push(get(k, v)?),
-                "subnet" => s.subnets.push(get(k, v)?),
-                "port" => s.ports.push(get(k, v)?),
-                "floating" => s.floating.push(get(k, v)?),
-                "forward" => s.forwards.push(get(k, v)?),
-                _ => return Err(PersistError::Kind(k.clone())),
+            let r = match k.split_once('/').map_or(k.as_str(), |(kind, _)| kind) {
+                "meta" => get(k, v).map(|m| s.meta = m),
+                "group" => get(k, v).map(|x| s.groups.push(x)),
+                "vpc" => get(k, v).map(|x| s.vpcs.push(x)),
+                "network" => get(k, v).map(|x| s.networks.push(x)),
+                "subnet" => get(k, v).map(|x| s.subnets.push(x)),
+                "port" => get(k, v).map(|x| s.ports.push(x)),
+                "floating" => get(k, v).map(|x| s.floating.push(x)),
+                "forward" => get(k, v).map(|x| s.forwards.push(x)),
+                _ => Err(PersistError::Kind(k.clone())),
+            };
+            if let Err(e) = r {
+                bad.push(e);
             }
         }
         // Rows come sorted as text ("port/10" before "port/9"); objects go
@@ -277,7 +284,7 @@ impl Snapshot {
         s.ports.sort_by_key(|p| p.id);
         s.floating.sort_by_key(|f| f.id);
         s.forwards.sort_by_key(|f| f.id);
-        Ok(s)
+        (s, bad)
     }
 }
 
@@ -325,8 +332,9 @@ impl Store {
         })
     }
 
-    /// What was saved (empty for a new database).
-    pub fn load(&self) -> Result<Snapshot, PersistError> {
+    /// What was saved (empty for a new database), and the rows left out
+    /// because they do not parse.
+    pub fn load(&self) -> (Snapshot, Vec<PersistError>) {
         let g = self.db.lock().unwrap_or_else(PoisonError::into_inner);
         Snapshot::from_rows(&g.1)
     }
@@ -384,7 +392,8 @@ mod tests {
     fn a_snapshot_comes_back_as_saved_and_only_changes_are_written() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(dir.path()).expect("open");
-        assert_eq!(store.load().expect("load"), Snapshot::default());
+        let (empty, bad) = store.load();
+        assert!(empty == Snapshot::default() && bad.is_empty(), "{bad:?}");
         let mut s = Snapshot::default();
         s.meta.next = 12;
         s.ports = (1u8..=11)
@@ -414,10 +423,8 @@ mod tests {
         s.ports[0].name = "renamed".into();
         store.save(|| s.clone()).expect("save again");
         drop(store);
-        let back = Store::open(dir.path())
-            .expect("reopen")
-            .load()
-            .expect("load");
+        let (back, bad) = Store::open(dir.path()).expect("reopen").load();
+        assert!(bad.is_empty(), "{bad:?}");
         assert_eq!(
             back, s,
             "ports in id order (10 after 9), the deleted one gone"
@@ -425,20 +432,33 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_row_is_an_error_naming_it() {
+    fn a_damaged_row_is_left_out_and_named_and_the_others_load() {
         let dir = tempfile::tempdir().expect("tempdir");
-        drop(Store::open(dir.path()).expect("open"));
+        let store = Store::open(dir.path()).expect("open");
+        let mut s = Snapshot::default();
+        s.vpcs.push(VpcRec {
+            id: 2,
+            name: "prod".into(),
+            gateway: None,
+            peers: Vec::new(),
+        });
+        store.save(|| s.clone()).expect("save");
+        drop(store);
         let conn = Connection::open(dir.path().join("netd.db")).expect("sqlite");
         conn.execute(
-            "INSERT INTO objects (key, value) VALUES ('port/3', '{\"id\": 3')",
+            "INSERT INTO objects (key, value) VALUES ('port/3', '{\"id\": 3'), ('router/1', '{}')",
             [],
         )
         .expect("insert");
         drop(conn);
-        let e = Store::open(dir.path())
-            .expect("open")
-            .load()
-            .expect_err("a cut row");
-        assert!(e.to_string().contains("port/3"), "{e}");
+        let (back, bad) = Store::open(dir.path()).expect("open").load();
+        assert_eq!(back, s);
+        let bad: Vec<String> = bad.iter().map(ToString::to_string).collect();
+        assert_eq!(bad.len(), 2, "{bad:?}");
+        assert!(bad[0].contains("port/3"), "{bad:?}");
+        assert!(
+            bad[1].contains("router/1") && bad[1].contains("unknown kind"),
+            "{bad:?}"
+        );
     }
 }

@@ -822,3 +822,36 @@ async fn a_damaged_state_database_stops_netd_with_a_clear_error() {
         "the file is left for the operator"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_row_is_left_out_and_netd_says_so() {
+    let (dir, bus, mut d, conn) = started().await;
+    let net = Net1Proxy::new(&conn).await.unwrap();
+    let vpc = net.create_vpc("prod").await.unwrap();
+    let _ = d.0.kill();
+    let _ = d.0.wait();
+    wait_owner(&conn, netd::BUS_NAME, false).await;
+    let db = rusqlite::Connection::open(dir.path().join("data/netd.db")).unwrap();
+    db.execute(
+        "INSERT INTO objects (key, value) VALUES ('port/9', '{\"id\": 9, \"network\"')",
+        [],
+    )
+    .unwrap();
+    drop(db);
+
+    let _d = daemon(&bus, &dir.path().join("run"));
+    wait_owner(&conn, netd::BUS_NAME, true).await;
+    let net = Net1Proxy::builder(&conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(net.health().await.unwrap(), "degraded");
+    let detail = net.health_detail().await.unwrap();
+    assert!(detail.contains("1 saved objects"), "{detail}");
+    assert!(
+        everything(&conn).await.contains_key(vpc.as_str()),
+        "the rest came back"
+    );
+    assert!(dir.path().join("data/netd-unrestored.db").exists());
+}
