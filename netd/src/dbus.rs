@@ -417,7 +417,9 @@ impl Net1 {
         encapsulation: String,
         #[zbus(signal_emitter)] emitter: SignalEmitter<'_>,
     ) -> Result<String, NetError> {
-        let ip = parse_ip("address", &address)?;
+        let ip: std::net::IpAddr = address.parse().map_err(|_| {
+            NetError::InvalidArgument(format!("address {address:?}: not an IP address"))
+        })?;
         let encap = Encap::parse(&encapsulation).ok_or_else(|| {
             NetError::InvalidArgument(format!(
                 "encapsulation {encapsulation:?}: want vxlan or geneve"
@@ -426,17 +428,18 @@ impl Net1 {
         let port = if port == 0 { encap.port() } else { port };
         let fabric = self.fabric.clone();
         let bound = tokio::task::spawn_blocking(move || {
-            fabric.set_tunnel(std::net::SocketAddrV4::new(ip, port), encap)
+            fabric.set_tunnel(std::net::SocketAddr::new(ip, port), encap)
         })
         .await
         .map_err(|e| NetError::Failed(e.to_string()))?
-        .map_err(|e| {
-            NetError::Failed(format!(
-                "{e}: {}",
-                std::error::Error::source(&e)
+        .map_err(|e| match e {
+            FabricError::Switch(s) => NetError::Failed(format!(
+                "{s}: {}",
+                std::error::Error::source(&s)
                     .map(ToString::to_string)
                     .unwrap_or_default()
-            ))
+            )),
+            other => other.into(),
         })?;
         self.tunnel_encapsulation_changed(&emitter).await?;
         saved(&self.fabric).await?;

@@ -4,7 +4,7 @@
 //! switch sees it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -84,7 +84,7 @@ pub struct Network {
     /// Its subnet.
     pub subnet: Option<u32>,
     /// Tunnel endpoints of the other nodes (overlay networks).
-    pub remotes: Vec<Ipv4Addr>,
+    pub remotes: Vec<IpAddr>,
     /// Whether it is bridged to the node's uplink.
     pub uplink: bool,
 }
@@ -181,7 +181,7 @@ struct Registry {
     /// The uplink's TAP interface, as asked.
     uplink: Option<String>,
     /// The tunnel endpoint and encapsulation, as asked.
-    tunnel: Option<(SocketAddrV4, Encap)>,
+    tunnel: Option<(SocketAddr, Encap)>,
 }
 
 /// A port forward of a VPC's gateway address.
@@ -356,11 +356,22 @@ impl Fabric {
     }
 
     /// Opens the node's tunnel endpoint (see [`Switch::set_tunnel`]).
-    pub fn set_tunnel(
-        &self,
-        local: SocketAddrV4,
-        encap: Encap,
-    ) -> std::result::Result<SocketAddrV4, SwitchError> {
+    /// Its address family is the underlay's: refused while overlay
+    /// networks list remotes of the other.
+    pub fn set_tunnel(&self, local: SocketAddr, encap: Encap) -> Result<SocketAddr> {
+        let other = self
+            .reg()
+            .networks
+            .values()
+            .flat_map(|n| n.remotes.iter())
+            .find(|r| r.is_ipv4() != local.is_ipv4())
+            .copied();
+        if let Some(r) = other {
+            return Err(invalid(format!(
+                "address {}: overlay networks list remote {r}, of the other family",
+                local.ip()
+            )));
+        }
         let bound = self.switch.set_tunnel(local, encap)?;
         self.reg().tunnel = Some((local, encap));
         Ok(bound)
@@ -513,7 +524,7 @@ impl Fabric {
         }
         if let Some((addr, encap)) = &snap.meta.tunnel {
             let r = match Encap::parse(encap) {
-                Some(e) => self.set_tunnel(*addr, e).map(|_| 0).map_err(Into::into),
+                Some(e) => self.set_tunnel(*addr, e).map(|_| 0),
                 None => Err(invalid(format!("encapsulation {encap:?}"))),
             };
             check(format!("tunnel endpoint {addr}"), r, 0);
@@ -716,9 +727,10 @@ impl Fabric {
     }
 
     /// The tunnel endpoints of the other nodes with ports on overlay
-    /// network `id`.
-    pub fn set_remotes(&self, id: u32, remotes: Vec<Ipv4Addr>) -> Result<()> {
+    /// network `id` (IPv4 or IPv6, the family of this node's endpoint).
+    pub fn set_remotes(&self, id: u32, remotes: Vec<IpAddr>) -> Result<()> {
         let mut reg = self.reg();
+        let tunnel = reg.tunnel;
         let n = reg
             .networks
             .get_mut(&id)
@@ -726,11 +738,25 @@ impl Fabric {
         if !matches!(n.kind, Kind::Overlay(_)) {
             return Err(invalid(format!("network {:?} is not an overlay", n.name)));
         }
-        if let Some(r) = remotes
-            .iter()
-            .find(|r| r.is_unspecified() || r.is_multicast() || r.is_broadcast())
-        {
-            return Err(invalid(format!("remote {r}: not a unicast address")));
+        let unicast = |r: &IpAddr| match r {
+            IpAddr::V4(a) => !(a.is_unspecified() || a.is_multicast() || a.is_broadcast()),
+            // Link-local addresses would need an interface to go out of.
+            IpAddr::V6(a) => {
+                !(a.is_unspecified() || a.is_multicast() || a.segments()[0] & 0xffc0 == 0xfe80)
+            }
+        };
+        if let Some(r) = remotes.iter().find(|r| !unicast(r)) {
+            return Err(invalid(format!(
+                "remote {r}: not a unicast address (nor a link-local one)"
+            )));
+        }
+        if let Some((local, _)) = tunnel {
+            if let Some(r) = remotes.iter().find(|r| r.is_ipv4() != local.is_ipv4()) {
+                return Err(invalid(format!(
+                    "remote {r}: the node's tunnel endpoint {} is of the other family",
+                    local.ip()
+                )));
+            }
         }
         n.remotes.clone_from(&remotes);
         self.switch.set_remotes(SegmentId(id), remotes);

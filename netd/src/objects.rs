@@ -362,10 +362,10 @@ impl NetworkObject {
             .iter()
             .map(|r| {
                 r.parse().map_err(|_| {
-                    NetError::InvalidArgument(format!("remote {r:?}: not an IPv4 address"))
+                    NetError::InvalidArgument(format!("remote {r:?}: not an IP address"))
                 })
             })
-            .collect::<Result<Vec<std::net::Ipv4Addr>, NetError>>()?;
+            .collect::<Result<Vec<std::net::IpAddr>, NetError>>()?;
         self.fabric.set_remotes(self.id, ips)?;
         self.remotes_changed(&emitter).await?;
         saved(&self.fabric).await?;

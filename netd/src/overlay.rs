@@ -8,7 +8,7 @@
 //! not listed for the network's VNI are dropped.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use crate::l2::{PortId, SegmentId};
 
@@ -124,7 +124,7 @@ impl Encap {
 #[derive(Debug, Clone, Default)]
 struct Seg {
     vni: u32,
-    remotes: Vec<Ipv4Addr>,
+    remotes: Vec<IpAddr>,
 }
 
 /// Which segments are overlays, their VNIs and remote endpoints, and the
@@ -133,8 +133,8 @@ struct Seg {
 pub struct Overlay {
     by_vni: HashMap<u32, SegmentId, ahash::RandomState>,
     segs: HashMap<SegmentId, Seg, ahash::RandomState>,
-    remote_port: HashMap<Ipv4Addr, PortId, ahash::RandomState>,
-    port_remote: HashMap<PortId, Ipv4Addr, ahash::RandomState>,
+    remote_port: HashMap<IpAddr, PortId, ahash::RandomState>,
+    port_remote: HashMap<PortId, IpAddr, ahash::RandomState>,
 }
 
 impl Overlay {
@@ -158,7 +158,7 @@ impl Overlay {
     }
 
     /// The endpoints of the other nodes with ports on `segment`.
-    pub fn set_remotes(&mut self, segment: SegmentId, remotes: Vec<Ipv4Addr>) {
+    pub fn set_remotes(&mut self, segment: SegmentId, remotes: Vec<IpAddr>) {
         for r in &remotes {
             if !self.remote_port.contains_key(r) {
                 let id = PortId(REMOTE_PORTS + u32::try_from(self.remote_port.len()).unwrap_or(0));
@@ -172,21 +172,21 @@ impl Overlay {
     }
 
     /// The VNI and remote endpoints of `segment`, if it is an overlay.
-    pub fn remotes(&self, segment: SegmentId) -> Option<(u32, &[Ipv4Addr])> {
+    pub fn remotes(&self, segment: SegmentId) -> Option<(u32, &[IpAddr])> {
         self.segs
             .get(&segment)
             .map(|s| (s.vni, s.remotes.as_slice()))
     }
 
     /// The endpoint behind pseudo-port `port`.
-    pub fn remote_of(&self, port: PortId) -> Option<Ipv4Addr> {
+    pub fn remote_of(&self, port: PortId) -> Option<IpAddr> {
         self.port_remote.get(&port).copied()
     }
 
     /// The segment a datagram for `vni` from `from` belongs to, and the
     /// pseudo-port of `from`; None if `from` is not an endpoint of that
     /// network.
-    pub fn accept(&self, vni: u32, from: Ipv4Addr) -> Option<(SegmentId, PortId)> {
+    pub fn accept(&self, vni: u32, from: IpAddr) -> Option<(SegmentId, PortId)> {
         let seg = *self.by_vni.get(&vni)?;
         let s = self.segs.get(&seg)?;
         if !s.remotes.contains(&from) {
@@ -216,8 +216,8 @@ mod tests {
         let mut o = Overlay::default();
         let (seg, peer, stranger) = (
             SegmentId(3),
-            Ipv4Addr::new(10, 99, 0, 2),
-            Ipv4Addr::new(10, 99, 0, 9),
+            IpAddr::from([10, 99, 0, 2]),
+            IpAddr::from([0xfd00, 0x99, 0, 0, 0, 0, 0, 2]),
         );
         o.add(seg, 5001);
         o.set_remotes(seg, vec![peer]);

@@ -9,7 +9,7 @@
 //! transaction: a crash leaves the state before or after the change.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
@@ -66,7 +66,7 @@ pub struct Meta {
     /// The uplink's TAP interface.
     pub uplink: Option<String>,
     /// The tunnel endpoint asked for, and its encapsulation.
-    pub tunnel: Option<(SocketAddrV4, String)>,
+    pub tunnel: Option<(SocketAddr, String)>,
 }
 
 /// A security group.
@@ -109,7 +109,7 @@ pub struct NetworkRec {
     /// On the uplink.
     pub uplink: bool,
     /// Overlay remotes.
-    pub remotes: Vec<Ipv4Addr>,
+    pub remotes: Vec<IpAddr>,
 }
 
 /// A subnet.

@@ -2,7 +2,7 @@
 //! each frame a guest sends (in the sending port's thread, in order).
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
@@ -78,7 +78,7 @@ pub enum SwitchError {
     #[error("cannot open the tunnel endpoint {addr}")]
     Tunnel {
         /// The address.
-        addr: SocketAddrV4,
+        addr: SocketAddr,
         /// Why.
         #[source]
         source: std::io::Error,
@@ -297,14 +297,14 @@ enum Target {
     /// Another node's tunnel endpoint, with the header for `vni`, through
     /// the endpoint the batch's datagrams go through (no reference count
     /// per frame).
-    Remote { to: SocketAddrV4, vni: u32 },
+    Remote { to: SocketAddr, vni: u32 },
 }
 
 /// Where the last frame from a tunnel endpoint went, within one receive
 /// call: one with the same endpoint, VNI and addresses goes there too
 /// (the endpoint was accepted for the network then).
 struct RxMemo {
-    from: Ipv4Addr,
+    from: IpAddr,
     vni: u32,
     addrs: Addrs,
     /// The receiver's place in the staged batch's ports.
@@ -602,13 +602,7 @@ impl Kicks {
 
     /// Adds `frame` for endpoint `to` (network `vni`) through `tunnel` to
     /// the datagrams to send.
-    fn gather_datagram(
-        &mut self,
-        endpoint: &Arc<Tunnel>,
-        to: SocketAddrV4,
-        vni: u32,
-        frame: &[u8],
-    ) {
+    fn gather_datagram(&mut self, endpoint: &Arc<Tunnel>, to: SocketAddr, vni: u32, frame: &[u8]) {
         if !self
             .tunnel
             .as_ref()
@@ -623,7 +617,7 @@ impl Kicks {
 
     /// Adds `frame` behind `header` for `to`, through the endpoint of the
     /// datagrams gathered.
-    fn push_datagram(&mut self, to: SocketAddrV4, header: [u8; overlay::HEADER], frame: &[u8]) {
+    fn push_datagram(&mut self, to: SocketAddr, header: [u8; overlay::HEADER], frame: &[u8]) {
         if frame.len() >= tunnel::LEND_MIN && self.in_arena(frame) {
             // SAFETY: the arena (the burst buffer) is neither written nor
             // moved before the tunnel's datagrams are sent: `reserve` and
@@ -997,7 +991,7 @@ impl Inner {
                             flow: None,
                             key: None,
                             to: Target::Remote {
-                                to: SocketAddrV4::new(r, tunnel.port),
+                                to: SocketAddr::new(r, tunnel.port),
                                 vni,
                             },
                         });
@@ -1203,7 +1197,7 @@ impl Inner {
     fn to_tunnel(
         &self,
         segment: SegmentId,
-        remotes: &[Ipv4Addr],
+        remotes: &[IpAddr],
         frame: &[u8],
         kicks: &mut Kicks,
     ) -> Option<(u32, Arc<Tunnel>)> {
@@ -1222,7 +1216,7 @@ impl Inner {
             return None;
         };
         for r in remotes {
-            kicks.gather_datagram(&t, SocketAddrV4::new(*r, t.port), vni, frame);
+            kicks.gather_datagram(&t, SocketAddr::new(*r, t.port), vni, frame);
         }
         Some((vni, t))
     }
@@ -1239,7 +1233,7 @@ impl Inner {
     pub(crate) fn tunnel_datagram(
         &self,
         t: &Tunnel,
-        from: Ipv4Addr,
+        from: IpAddr,
         datagram: &[u8],
         kicks: &mut Kicks,
     ) {
@@ -2653,7 +2647,7 @@ impl Switch {
 
     /// The tunnel endpoints of the other nodes with ports on overlay
     /// `segment` (replacing the list).
-    pub fn set_remotes(&self, segment: SegmentId, remotes: Vec<Ipv4Addr>) {
+    pub fn set_remotes(&self, segment: SegmentId, remotes: Vec<IpAddr>) {
         self.inner
             .overlay
             .write()
@@ -2663,11 +2657,7 @@ impl Switch {
 
     /// Opens this node's tunnel endpoint on `local` (UDP; every endpoint
     /// uses the same port); returns the address bound.
-    pub fn set_tunnel(
-        &self,
-        local: SocketAddrV4,
-        encap: Encap,
-    ) -> Result<SocketAddrV4, SwitchError> {
+    pub fn set_tunnel(&self, local: SocketAddr, encap: Encap) -> Result<SocketAddr, SwitchError> {
         let fail = |source| SwitchError::Tunnel {
             addr: local,
             source,
@@ -2807,7 +2797,7 @@ mod tests {
     /// before the datagrams are sent.
     #[test]
     fn lent_frames_are_sent_before_the_burst_buffer_is_reused() {
-        let local = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0);
+        let local = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0);
         let (tx, _) = Tunnel::open(local, Encap::Vxlan).unwrap();
         let tx = Arc::new(tx);
         let (rx, rx_addr) = Tunnel::open(local, Encap::Vxlan).unwrap();

@@ -15,7 +15,7 @@
 //!   that arrive together are read as one buffer plus their size, and
 //!   `recvmmsg` reads a batch of those per call.
 
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -101,7 +101,7 @@ pub(crate) struct Outbox {
 #[derive(Debug, Default)]
 struct Scratch {
     runs: Vec<Run>,
-    addrs: Vec<libc::sockaddr_in>,
+    addrs: Vec<(RawAddr, libc::socklen_t)>,
     controls: Vec<Control>,
     iovs: Vec<libc::iovec>,
     starts: Vec<usize>,
@@ -110,7 +110,7 @@ struct Scratch {
 
 #[derive(Debug)]
 struct Datagram {
-    to: SocketAddrV4,
+    to: SocketAddr,
     bytes: Bytes,
 }
 
@@ -135,7 +135,7 @@ impl Datagram {
 
 impl Outbox {
     /// Adds a copy of `frame` behind tunnel header `header`, for `to`.
-    pub(crate) fn push(&mut self, to: SocketAddrV4, header: [u8; overlay::HEADER], frame: &[u8]) {
+    pub(crate) fn push(&mut self, to: SocketAddr, header: [u8; overlay::HEADER], frame: &[u8]) {
         let start = self.bytes.len();
         self.bytes.extend_from_slice(&header);
         self.bytes.extend_from_slice(frame);
@@ -153,7 +153,7 @@ impl Outbox {
     /// outbox is next sent ([`Tunnel::send`]) or dropped.
     pub(crate) unsafe fn push_lent(
         &mut self,
-        to: SocketAddrV4,
+        to: SocketAddr,
         header: [u8; overlay::HEADER],
         frame: &[u8],
     ) {
@@ -221,14 +221,66 @@ impl Outbox {
     }
 }
 
-fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
-    libc::sockaddr_in {
-        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap_or(2),
-        sin_port: a.port().to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(a.ip().octets()),
-        },
-        sin_zero: [0; 8],
+/// A socket address in the kernel's form, IPv4 or IPv6 (room for either).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct RawAddr(libc::sockaddr_in6);
+
+impl std::fmt::Debug for RawAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.ip())
+    }
+}
+
+impl RawAddr {
+    /// An empty one (to be filled by the kernel).
+    fn empty() -> Self {
+        // SAFETY: all-zero sockaddr_in6 values are valid.
+        Self(unsafe { std::mem::zeroed() })
+    }
+
+    /// `a` and its length.
+    fn of(a: SocketAddr) -> (Self, libc::socklen_t) {
+        let mut r = Self::empty();
+        match a {
+            SocketAddr::V4(v4) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap_or(2),
+                    sin_port: v4.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                    },
+                    sin_zero: [0; 8],
+                };
+                // SAFETY: a sockaddr_in (16 bytes, align 4) fits at the start
+                // of a sockaddr_in6 (28 bytes, align 4).
+                unsafe { std::ptr::write(std::ptr::from_mut(&mut r.0).cast(), sin) };
+                (r, socklen::<libc::sockaddr_in>())
+            }
+            SocketAddr::V6(v6) => {
+                r.0.sin6_family = libc::sa_family_t::try_from(libc::AF_INET6).unwrap_or(10);
+                r.0.sin6_port = v6.port().to_be();
+                r.0.sin6_addr.s6_addr = v6.ip().octets();
+                r.0.sin6_scope_id = v6.scope_id();
+                (r, socklen::<libc::sockaddr_in6>())
+            }
+        }
+    }
+
+    /// The address the kernel put here (None: neither family).
+    fn ip(&self) -> Option<IpAddr> {
+        match i32::from(self.0.sin6_family) {
+            libc::AF_INET => {
+                // SAFETY: the family says a sockaddr_in is at the start.
+                let sin: libc::sockaddr_in =
+                    unsafe { std::ptr::read(std::ptr::from_ref(&self.0).cast()) };
+                Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))))
+            }
+            libc::AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(self.0.sin6_addr.s6_addr))),
+            _ => None,
+        }
     }
 }
 
@@ -261,15 +313,15 @@ struct Control([u8; 24]);
 /// (Some when several datagrams go as one GSO message).
 /// A message: its endpoint, the datagrams it carries (indexes in the
 /// outbox) and, for a GSO run, their size.
-type Run = (SocketAddrV4, std::ops::Range<usize>, Option<u16>);
+type Run = (SocketAddr, std::ops::Range<usize>, Option<u16>);
 
 impl Tunnel {
     /// Binds the endpoint on `local` (port 0: any), speaking `encap`;
     /// returns it and the address bound.
     pub(crate) fn open(
-        local: SocketAddrV4,
+        local: SocketAddr,
         encap: overlay::Encap,
-    ) -> std::io::Result<(Self, SocketAddrV4)> {
+    ) -> std::io::Result<(Self, SocketAddr)> {
         let socket = UdpSocket::bind(local)?;
         socket.set_read_timeout(Some(RX_TIMEOUT))?;
         let fd = socket.as_raw_fd();
@@ -293,10 +345,7 @@ impl Tunnel {
         let gso = set_int(fd, SOL_UDP, UDP_SEGMENT, 0);
         let gro = set_int(fd, SOL_UDP, UDP_GRO, 1);
         debug!(gso, gro, "tunnel endpoint offloads");
-        let bound = match socket.local_addr()? {
-            std::net::SocketAddr::V4(a) => a,
-            std::net::SocketAddr::V6(_) => local,
-        };
+        let bound = socket.local_addr()?;
         let tunnel = Self {
             socket,
             port: bound.port(),
@@ -419,7 +468,8 @@ impl Tunnel {
     fn send_runs(&self, out: &Outbox, runs: &[Run], sc: &mut Scratch) -> std::io::Result<usize> {
         let runs = &runs[..runs.len().min(BATCH)];
         sc.addrs.clear();
-        sc.addrs.extend(runs.iter().map(|(a, _, _)| sockaddr(*a)));
+        sc.addrs
+            .extend(runs.iter().map(|(a, _, _)| RawAddr::of(*a)));
         sc.controls.clear();
         sc.controls.resize(runs.len(), Control([0; 24]));
         // Each message's iovecs are neighbours: where each starts.
@@ -445,8 +495,8 @@ impl Tunnel {
         {
             // SAFETY: an all-zero mmsghdr is a valid empty one.
             let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            h.msg_hdr.msg_name = std::ptr::from_mut(a).cast();
-            h.msg_hdr.msg_namelen = socklen::<libc::sockaddr_in>();
+            h.msg_hdr.msg_name = std::ptr::from_mut(&mut a.0).cast();
+            h.msg_hdr.msg_namelen = a.1;
             let Some(v) = sc.iovs.get_mut(span[0]..span[1]) else {
                 return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
             };
@@ -494,18 +544,14 @@ pub(crate) const RX_AREA: usize = RX_BATCH * RX_BUF;
 /// Reads tunnel datagrams a batch at a time, into a buffer the caller
 /// lends (the switch stages the frames from there, without a copy).
 pub(crate) struct Receiver {
-    addrs: Vec<libc::sockaddr_in>,
+    addrs: Vec<RawAddr>,
     controls: Vec<Control>,
 }
 
 impl Receiver {
     pub(crate) fn new() -> Self {
         Self {
-            // SAFETY: all-zero sockaddr_in values are valid (and
-            // overwritten).
-            addrs: (0..RX_BATCH)
-                .map(|_| unsafe { std::mem::zeroed() })
-                .collect(),
+            addrs: (0..RX_BATCH).map(|_| RawAddr::empty()).collect(),
             controls: vec![Control([0; 24]); RX_BATCH],
         }
     }
@@ -520,7 +566,7 @@ impl Receiver {
         socket: &UdpSocket,
         stats: &TunnelStats,
         wait: bool,
-        mut each: impl FnMut(Ipv4Addr, &[u8]),
+        mut each: impl FnMut(IpAddr, &[u8]),
     ) -> std::io::Result<bool> {
         let mut iovs: Vec<libc::iovec> = bufs
             .chunks_exact_mut(RX_BUF)
@@ -537,8 +583,8 @@ impl Receiver {
             .map(|((a, iov), c)| {
                 // SAFETY: an all-zero mmsghdr is a valid empty one.
                 let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                h.msg_hdr.msg_name = std::ptr::from_mut(a).cast();
-                h.msg_hdr.msg_namelen = socklen::<libc::sockaddr_in>();
+                h.msg_hdr.msg_name = std::ptr::from_mut(&mut a.0).cast();
+                h.msg_hdr.msg_namelen = socklen::<libc::sockaddr_in6>();
                 h.msg_hdr.msg_iov = std::ptr::from_mut(iov);
                 h.msg_hdr.msg_iovlen = 1;
                 h.msg_hdr.msg_control = c.0.as_mut_ptr().cast();
@@ -577,7 +623,10 @@ impl Receiver {
                 continue;
             }
             let seg = gro_size(&m.msg_hdr);
-            let from = Ipv4Addr::from(u32::from_be(self.addrs[i].sin_addr.s_addr));
+            let Some(from) = self.addrs.get(i).and_then(RawAddr::ip) else {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
             let start = i * RX_BUF;
             let len = (m.msg_len as usize).min(RX_BUF);
             let Some(train) = bufs.get(start..start + len) else {
@@ -613,23 +662,24 @@ fn gro_size(h: &libc::msghdr) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn endpoint() -> (Tunnel, SocketAddrV4) {
-        Tunnel::open(
-            SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0),
-            overlay::Encap::Vxlan,
-        )
-        .unwrap()
+    fn endpoint() -> (Tunnel, SocketAddr) {
+        endpoint_on(IpAddr::V4(Ipv4Addr::LOCALHOST))
     }
 
-    /// Receives until `want` datagrams came (or a timeout).
-    fn gather(t: &Tunnel, want: usize) -> Vec<Vec<u8>> {
+    fn endpoint_on(ip: IpAddr) -> (Tunnel, SocketAddr) {
+        Tunnel::open(SocketAddr::new(ip, 0), overlay::Encap::Vxlan).unwrap()
+    }
+
+    /// Receives until `want` datagrams came (or a timeout), with their
+    /// senders.
+    fn gather(t: &Tunnel, want: usize) -> Vec<(IpAddr, Vec<u8>)> {
         let mut r = Receiver::new();
         let mut bufs = vec![0u8; RX_AREA];
         let mut got = Vec::new();
         while got.len() < want {
             let more = r
-                .receive(&mut bufs, t.socket(), &t.stats, true, |_, d| {
-                    got.push(d.to_vec())
+                .receive(&mut bufs, t.socket(), &t.stats, true, |f, d| {
+                    got.push((f, d.to_vec()));
                 })
                 .unwrap();
             if !more {
@@ -641,8 +691,17 @@ mod tests {
 
     #[test]
     fn runs_of_datagrams_arrive_whole_and_in_order() {
-        let (a, _) = endpoint();
-        let (b, b_addr) = endpoint();
+        runs_arrive_whole_and_in_order(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+
+    #[test]
+    fn runs_of_datagrams_arrive_whole_and_in_order_over_ipv6() {
+        runs_arrive_whole_and_in_order(IpAddr::V6(Ipv6Addr::LOCALHOST));
+    }
+
+    fn runs_arrive_whole_and_in_order(ip: IpAddr) {
+        let (a, a_addr) = endpoint_on(ip);
+        let (b, b_addr) = endpoint_on(ip);
         let mut out = Outbox::default();
         // Equal sizes (one GSO run), a shorter tail, then other sizes.
         let mut sent = Vec::new();
@@ -662,9 +721,10 @@ mod tests {
         assert!(out.is_empty());
         assert_eq!(a.stats.tx.load(Ordering::Relaxed), 100);
         let got = gather(&b, 100);
+        assert!(got.iter().all(|(f, _)| *f == a_addr.ip()), "from {a_addr}");
         let frames: Vec<Vec<u8>> = got
             .iter()
-            .map(|d| {
+            .map(|(_, d)| {
                 let (vni, f) = overlay::Encap::Vxlan.decap(d).unwrap();
                 assert_eq!(vni, 5001);
                 f.to_vec()
@@ -699,6 +759,6 @@ mod tests {
         a.send(&mut out);
         let got = gather(&b, 3);
         assert_eq!(got.len(), 3);
-        assert!(got.iter().all(|d| d.len() == 40_000 + overlay::HEADER));
+        assert!(got.iter().all(|(_, d)| d.len() == 40_000 + overlay::HEADER));
     }
 }

@@ -32,7 +32,8 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// Two namespaces joined by a veth pair, 10.99.<n>.1 and .2; removed on drop.
+/// Two namespaces joined by a veth pair, 10.99.<n>.1 and .2 (and
+/// fd00:99:<n>::1 and ::2); removed on drop.
 struct Namespaces(String, String);
 
 impl Namespaces {
@@ -49,6 +50,8 @@ impl Namespaces {
         for (ns, dev, addr) in [(&a, &va, 1), (&b, &vb, 2)] {
             let cidr = format!("10.99.{n}.{addr}/24");
             ip(&["-n", ns, "addr", "add", &cidr, "dev", dev]);
+            let cidr6 = format!("fd00:99:{n}::{addr}/64");
+            ip(&["-n", ns, "addr", "add", &cidr6, "dev", dev, "nodad"]);
             ip(&["-n", ns, "link", "set", dev, "up"]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
@@ -116,7 +119,8 @@ async fn overlay_port(
     assert!(err.to_string().contains("want vxlan or geneve"), "{err}");
     let bound = net.set_tunnel_endpoint(local, 0, encap).await.unwrap();
     let port = if encap == "geneve" { 6081 } else { 4789 };
-    assert_eq!(bound, format!("{local}:{port}"));
+    let want = std::net::SocketAddr::new(local.parse().unwrap(), port);
+    assert_eq!(bound, want.to_string());
     assert_eq!(net.tunnel_encapsulation().await.unwrap(), encap);
     let opts = HashMap::from([("vni", Value::from(vni))]);
     let path = net.create_network("ov", "overlay", opts).await.unwrap();
@@ -394,4 +398,68 @@ async fn two_nodes_carry_an_overlay_network_in_geneve() {
     // one refused.
     assert_eq!(counters.get("rx"), Some(&10), "{counters:?}");
     assert_eq!(counters.get("dropped"), Some(&1), "{counters:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_carry_an_overlay_network_over_an_ipv6_underlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Namespaces::new(3);
+    let na = node(&ns.0, &dir.path().join("a"));
+    let nb = node(&ns.1, &dir.path().join("b"));
+    let (sock_a, conn_a, ov_a) = overlay_port(
+        &na,
+        (6001, "vxlan"),
+        "fd00:99:3::1",
+        "fd00:99:3::2",
+        "52:54:00:0e:00:01",
+    )
+    .await;
+    let (sock_b, conn_b, _) = overlay_port(
+        &nb,
+        (6001, "vxlan"),
+        "fd00:99:3::2",
+        "fd00:99:3::1",
+        "52:54:00:0e:00:02",
+    )
+    .await;
+    // One underlay family per node: IPv4 remotes are refused while the
+    // endpoint is IPv6, and link-local ones (no interface to leave by).
+    let network = NetworkProxy::builder(&conn_a)
+        .path(ov_a)
+        .unwrap()
+        .build()
+        .await
+        .unwrap();
+    for (bad, why) in [("10.99.3.2", "other family"), ("fe80::2", "link-local")] {
+        let err = network.set_remotes(&[bad]).await.unwrap_err();
+        assert!(err.to_string().contains(why), "{bad}: {err}");
+    }
+    tokio::task::spawn_blocking(move || {
+        let mut a = NetFrontend::connect(Path::new(&sock_a)).unwrap();
+        let mut b = NetFrontend::connect(Path::new(&sock_b)).unwrap();
+        ask_and_answer(&mut a, &mut b, 6);
+        // Full-size frames in one burst (a GSO run over IPv6).
+        let full: Vec<Vec<u8>> = (0..16u8)
+            .map(|i| {
+                let mut f = arp(ARP_REQUEST, A, [192, 168, 6, 1], B, [192, 168, 6, 2], B);
+                f.resize(1514, i);
+                f
+            })
+            .collect();
+        a.send_burst(&full).unwrap();
+        for f in &full {
+            assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&f[..]));
+        }
+    })
+    .await
+    .unwrap();
+    let counters = Net1Proxy::builder(&conn_b)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap()
+        .tunnel_counters()
+        .await
+        .unwrap();
+    assert_eq!(counters.get("rx"), Some(&17), "{counters:?}");
 }
