@@ -40,7 +40,7 @@ pub enum Error {
     #[error("cannot start the switch")]
     Switch(#[source] crate::fabric::FabricError),
     /// The saved configuration could not be opened or read.
-    #[error("cannot read the saved configuration")]
+    #[error("cannot open the saved configuration")]
     State(#[source] crate::persist::PersistError),
     /// The bus went away under the daemon.
     #[error("lost the connection to D-Bus")]
@@ -101,6 +101,8 @@ async fn connect(
 pub async fn run(opts: Options) -> Result<Exit, Error> {
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+    // First: a second netd on the same directory stops here.
+    let store = crate::persist::Store::open(&opts.data_dir).map_err(Error::State)?;
     let fabric =
         crate::fabric::Fabric::with_datapath_threads(opts.run_dir.clone(), opts.datapath_threads)
             .map_err(Error::Switch)?;
@@ -112,7 +114,6 @@ pub async fn run(opts: Options) -> Result<Exit, Error> {
     info!(threads = opts.datapath_threads, "data path started");
     // What this node's netd was told before it stopped comes back before
     // the name is taken: callers never see it half restored.
-    let store = crate::persist::Store::open(&opts.data_dir).map_err(Error::State)?;
     let (saved, unreadable) = store.load();
     let mut failed: Vec<String> = unreadable.iter().map(ToString::to_string).collect();
     failed.extend(fabric.restore(&saved));

@@ -1,5 +1,6 @@
 //! The `netd` binary: the node's network daemon.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -92,7 +93,9 @@ fn main() -> ExitCode {
 fn usage_error(e: &clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-        print!("{e}");
+        // A reader that stops early (`netd --help | grep -q`) is not an
+        // error of ours.
+        let _ = write!(std::io::stdout(), "{e}");
         return ExitCode::SUCCESS;
     }
     let text = e.render().to_string();

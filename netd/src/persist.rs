@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
@@ -44,6 +45,9 @@ pub enum PersistError {
     /// A row's key names no kind of object.
     #[error("state database row {0:?}: unknown kind")]
     Kind(String),
+    /// Another netd has the data directory.
+    #[error("data directory {0} is in use by another netd")]
+    Locked(String),
     /// The data directory could not be made.
     #[error("data directory {path}: {source}")]
     Dir {
@@ -292,6 +296,8 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct Store {
     path: String,
+    /// Held (flock) while the store is open: one netd per directory.
+    _lock: std::fs::File,
     /// The connection and the rows as last written.
     db: Mutex<(Connection, Rows)>,
 }
@@ -303,6 +309,25 @@ impl Store {
             path: dir.display().to_string(),
             source,
         })?;
+        let dir_err = |source| PersistError::Dir {
+            path: dir.display().to_string(),
+            source,
+        };
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join("netd.lock"))
+            .map_err(dir_err)?;
+        // SAFETY: flock on a descriptor of ours.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.kind() == std::io::ErrorKind::WouldBlock {
+                PersistError::Locked(dir.display().to_string())
+            } else {
+                dir_err(e)
+            });
+        }
         let file = dir.join("netd.db");
         let path = file.display().to_string();
         let db = |source| PersistError::Db {
@@ -328,6 +353,7 @@ impl Store {
         };
         Ok(Self {
             path,
+            _lock: lock,
             db: Mutex::new((conn, rows)),
         })
     }
@@ -429,6 +455,16 @@ mod tests {
             back, s,
             "ports in id order (10 after 9), the deleted one gone"
         );
+    }
+
+    #[test]
+    fn one_store_per_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Store::open(dir.path()).expect("open");
+        let e = Store::open(dir.path()).expect_err("a second one");
+        assert!(e.to_string().contains("in use by another netd"), "{e}");
+        drop(first);
+        Store::open(dir.path()).expect("free again");
     }
 
     #[test]

@@ -21,6 +21,6 @@ fn netd_keeps_the_dbus_contract() {
         path: netd::OBJECT_PATH,
         version: netd::VERSION,
         object_manager: true,
-        conflict: None,
+        conflict: Some("is in use by another netd"),
     });
 }

@@ -148,7 +148,13 @@ console() {
     echo "$line" >> /tmp/boot$1.out
     case "$2:$line" in
       *atoll.end=button*:*"waiting for the power button"*)
-        kill -9 "$(cat /tmp/netd.pid)"
+        old=$(cat /tmp/netd.pid)
+        kill -9 "$old"
+        # Gone (or a zombie: its files, the data directory's lock among
+        # them, are closed) before the next one starts.
+        while [ -e /proc/$old ] && ! grep -q '^State:.*Z' /proc/$old/status 2> /dev/null; do
+          sleep 0.05
+        done
         start_netd
         say "boot$1: netd restarted"
         press $1 &
