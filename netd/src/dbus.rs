@@ -744,11 +744,13 @@ impl Net1 {
         #[zbus(object_server)] server: &zbus::ObjectServer,
     ) -> Result<(), NetError> {
         let id = id_in("port", &port)?;
+        let mirrored = self.fabric.mirrored_to(id);
         let fabric = self.fabric.clone();
         tokio::task::spawn_blocking(move || fabric.delete_port(id))
             .await
             .map_err(|e| NetError::Failed(e.to_string()))??;
         server.remove::<PortObject, _>(&port).await?;
+        crate::objects::mirrors_changed(server, &mirrored).await;
         saved(&self.fabric).await?;
         Ok(())
     }

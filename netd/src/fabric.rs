@@ -1366,6 +1366,16 @@ impl Fabric {
         Ok(())
     }
 
+    /// The ports mirrored to port `id`.
+    pub fn mirrored_to(&self, id: u32) -> Vec<u32> {
+        self.reg()
+            .ports
+            .iter()
+            .filter(|(_, e)| e.port.mirror_target() == Some(PortId(id)))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
     /// The port `id`.
     pub fn port(&self, id: u32) -> Option<PortEntry> {
         self.reg().ports.get(&id).cloned()

@@ -180,6 +180,24 @@ pub(crate) async fn peers_changed(server: &zbus::ObjectServer, ids: &[u32]) {
     }
 }
 
+/// Signals that the mirror targets of the ports `ids` changed (those still
+/// on the bus).
+pub(crate) async fn mirrors_changed(server: &zbus::ObjectServer, ids: &[u32]) {
+    for id in ids {
+        let Ok(path) = object_path("port", *id) else {
+            continue;
+        };
+        let Ok(iface) = server.interface::<_, PortObject>(path).await else {
+            continue;
+        };
+        let emitter = iface.signal_emitter().clone();
+        let port = iface.get().await;
+        if let Err(e) = port.mirror_changed(&emitter).await {
+            tracing::debug!("cannot signal port {id}'s mirror: {e}");
+        }
+    }
+}
+
 /// A floating IP on the bus.
 #[derive(Debug)]
 pub struct FloatingIpObject {

@@ -2738,6 +2738,17 @@ impl Switch {
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&id)
             .ok_or(SwitchError::NoPort(id.0))?;
+        // Ports mirrored to it stop being mirrored (not to a port gone).
+        for p in self
+            .inner
+            .ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .filter(|p| p.mirror_target() == Some(id))
+        {
+            p.set_mirror_target(None);
+        }
         self.inner.forget_rings(id);
         self.inner
             .table

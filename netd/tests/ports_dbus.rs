@@ -791,6 +791,20 @@ async fn a_netd_killed_and_started_again_has_everything_it_was_told() {
     net.delete_vpc(&other).await.unwrap();
     restarted(&conn, &bus, dir.path(), &mut d).await;
     assert!(!everything(&conn).await.contains_key(other.as_str()));
+    // The mirror target goes: the mirroring with it, nothing left dangling
+    // to fail the next restore.
+    net.delete_port(&p2).await.unwrap();
+    assert_eq!(port1.mirror().await.unwrap().as_str(), "/");
+    restarted(&conn, &bus, dir.path(), &mut d).await;
+    let health = Net1Proxy::builder(&conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap()
+        .health_detail()
+        .await
+        .unwrap();
+    assert!(!health.contains("did not come back"), "{health}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

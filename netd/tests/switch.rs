@@ -252,6 +252,11 @@ fn a_mirrored_port_copies_what_it_sends_and_receives_to_its_target() {
     a.send(&out).unwrap();
     assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&out[..]));
     assert_eq!(c.try_recv().unwrap(), None);
+    // A target that goes away takes the mirroring with it.
+    sw.set_mirror(p2.id, Some(p3.id)).unwrap();
+    drop(c);
+    sw.remove_port(p3.id).unwrap();
+    assert_eq!(p2.mirror_target(), None);
 }
 
 /// Long frames of a burst go from the sender's buffers straight into the
