@@ -2303,32 +2303,32 @@ impl Switch {
             .ok_or(SwitchError::NoGroup(id.0))
     }
 
-    /// Adds `rule` to group `id`, online; returns the rule's id.
-    pub fn add_rule(&self, id: GroupId, rule: Rule) -> Result<u32, SwitchError> {
-        let n = self
+    /// `f` on group `id`, under the groups' lock.
+    fn with_group<R>(
+        &self,
+        id: GroupId,
+        f: impl FnOnce(&mut SecurityGroup) -> R,
+    ) -> Result<R, SwitchError> {
+        let mut groups = self
             .inner
             .groups
             .write()
-            .unwrap_or_else(PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(f(groups
             .groups
             .get_mut(&id)
-            .ok_or(SwitchError::NoGroup(id.0))?
-            .add(rule);
-        Ok(n)
+            .ok_or(SwitchError::NoGroup(id.0))?))
+    }
+
+    /// Adds `rule` to group `id`, online; returns the rule's id.
+    pub fn add_rule(&self, id: GroupId, rule: Rule) -> Result<u32, SwitchError> {
+        self.with_group(id, |g| g.add(rule))
     }
 
     /// Removes rule `rule` of group `id`, online: connections that no rule
     /// allows any more are cut; the others carry on.
     pub fn remove_rule(&self, id: GroupId, rule: u32) -> Result<(), SwitchError> {
-        self.inner
-            .groups
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .groups
-            .get_mut(&id)
-            .ok_or(SwitchError::NoGroup(id.0))?
-            .rules
-            .remove(&rule)
+        self.with_group(id, |g| g.rules.remove(&rule))?
             .ok_or(SwitchError::NoRule(id.0, rule))?;
         self.revalidate();
         Ok(())
@@ -2365,14 +2365,7 @@ impl Switch {
         rules: BTreeMap<u32, Rule>,
         next: u32,
     ) -> Result<(), SwitchError> {
-        self.inner
-            .groups
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .groups
-            .get_mut(&id)
-            .ok_or(SwitchError::NoGroup(id.0))?
-            .restore(rules, next);
+        self.with_group(id, |g| g.restore(rules, next))?;
         self.revalidate();
         Ok(())
     }

@@ -107,7 +107,7 @@ async fn overlay_port(
     local: &str,
     remote: &str,
     mac: &str,
-) -> (String, zbus::Connection, zbus::zvariant::OwnedObjectPath) {
+) -> OverlayPort {
     let conn = zbus::connection::Builder::address(n.bus.address())
         .unwrap()
         .build()
@@ -139,6 +139,36 @@ async fn overlay_port(
     (socket, conn, path)
 }
 
+/// A port's socket, its node's bus connection, and its network's path.
+type OverlayPort = (String, zbus::Connection, zbus::zvariant::OwnedObjectPath);
+
+/// Two nodes in the namespaces of `Namespaces::new(n)`, each with a port
+/// on the overlay network `vni` in `encap`, their endpoints `a` and `b`.
+struct TwoNodes {
+    a: OverlayPort,
+    b: OverlayPort,
+    // The nodes stop before their namespaces go.
+    _nodes: (Node, Node),
+    ns: Namespaces,
+    _dir: tempfile::TempDir,
+}
+
+async fn two_nodes(n: u32, (vni, encap): (u32, &str), (a, b): (&str, &str)) -> TwoNodes {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = Namespaces::new(n);
+    let na = node(&ns.0, &dir.path().join("a"));
+    let nb = node(&ns.1, &dir.path().join("b"));
+    let pa = overlay_port(&na, (vni, encap), a, b, "52:54:00:0e:00:01").await;
+    let pb = overlay_port(&nb, (vni, encap), b, a, "52:54:00:0e:00:02").await;
+    TwoNodes {
+        a: pa,
+        b: pb,
+        _nodes: (na, nb),
+        ns,
+        _dir: dir,
+    }
+}
+
 fn arp(op: u16, sha: Mac, spa: [u8; 4], tha: Mac, tpa: [u8; 4], dst: Mac) -> Vec<u8> {
     Arp {
         op,
@@ -152,26 +182,8 @@ fn arp(op: u16, sha: Mac, spa: [u8; 4], tha: Mac, tpa: [u8; 4], dst: Mac) -> Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_carry_an_overlay_network_in_vxlan() {
-    let dir = tempfile::tempdir().unwrap();
-    let ns = Namespaces::new(1);
-    let na = node(&ns.0, &dir.path().join("a"));
-    let nb = node(&ns.1, &dir.path().join("b"));
-    let (sock_a, conn_a, _) = overlay_port(
-        &na,
-        (5001, "vxlan"),
-        "10.99.1.1",
-        "10.99.1.2",
-        "52:54:00:0e:00:01",
-    )
-    .await;
-    let (sock_b, conn_b, ov_b) = overlay_port(
-        &nb,
-        (5001, "vxlan"),
-        "10.99.1.2",
-        "10.99.1.1",
-        "52:54:00:0e:00:02",
-    )
-    .await;
+    let t = two_nodes(1, (5001, "vxlan"), ("10.99.1.1", "10.99.1.2")).await;
+    let ((sock_a, conn_a, _), (sock_b, conn_b, ov_b)) = (t.a.clone(), t.b.clone());
     // A port of another overlay network on node B must hear nothing.
     let net_b = Net1Proxy::new(&conn_b).await.unwrap();
     let other = net_b
@@ -330,27 +342,9 @@ fn udp_in(ns: &str) -> std::net::UdpSocket {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_carry_an_overlay_network_in_geneve() {
-    let dir = tempfile::tempdir().unwrap();
-    let ns = Namespaces::new(2);
-    let na = node(&ns.0, &dir.path().join("a"));
-    let nb = node(&ns.1, &dir.path().join("b"));
-    let (sock_a, _conn_a, _) = overlay_port(
-        &na,
-        (7001, "geneve"),
-        "10.99.2.1",
-        "10.99.2.2",
-        "52:54:00:0e:00:01",
-    )
-    .await;
-    let (sock_b, conn_b, _) = overlay_port(
-        &nb,
-        (7001, "geneve"),
-        "10.99.2.2",
-        "10.99.2.1",
-        "52:54:00:0e:00:02",
-    )
-    .await;
-    let node_a = ns.0.clone();
+    let t = two_nodes(2, (7001, "geneve"), ("10.99.2.1", "10.99.2.2")).await;
+    let ((sock_a, _, _), (sock_b, conn_b, _)) = (t.a.clone(), t.b.clone());
+    let node_a = t.ns.0.clone();
     tokio::task::spawn_blocking(move || {
         let mut a = NetFrontend::connect(Path::new(&sock_a)).unwrap();
         let mut b = NetFrontend::connect(Path::new(&sock_b)).unwrap();
@@ -402,26 +396,8 @@ async fn two_nodes_carry_an_overlay_network_in_geneve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_carry_an_overlay_network_over_an_ipv6_underlay() {
-    let dir = tempfile::tempdir().unwrap();
-    let ns = Namespaces::new(3);
-    let na = node(&ns.0, &dir.path().join("a"));
-    let nb = node(&ns.1, &dir.path().join("b"));
-    let (sock_a, conn_a, ov_a) = overlay_port(
-        &na,
-        (6001, "vxlan"),
-        "fd00:99:3::1",
-        "fd00:99:3::2",
-        "52:54:00:0e:00:01",
-    )
-    .await;
-    let (sock_b, conn_b, _) = overlay_port(
-        &nb,
-        (6001, "vxlan"),
-        "fd00:99:3::2",
-        "fd00:99:3::1",
-        "52:54:00:0e:00:02",
-    )
-    .await;
+    let t = two_nodes(3, (6001, "vxlan"), ("fd00:99:3::1", "fd00:99:3::2")).await;
+    let ((sock_a, conn_a, ov_a), (sock_b, conn_b, _)) = (t.a.clone(), t.b.clone());
     // One underlay family per node: IPv4 remotes are refused while the
     // endpoint is IPv6, and link-local ones (no interface to leave by).
     let network = NetworkProxy::builder(&conn_a)
