@@ -324,6 +324,22 @@ fn ask_and_answer(a: &mut NetFrontend, b: &mut NetFrontend, net: u8) -> Vec<u8> 
     who_has
 }
 
+/// `n` full-size frames (192.168.`net`.0/24) from A in one burst reach B
+/// whole and in order.
+fn full_size_burst(a: &mut NetFrontend, b: &mut NetFrontend, n: u8, net: u8) {
+    let full: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            let mut f = arp(ARP_REQUEST, A, [192, 168, net, 1], B, [192, 168, net, 2], B);
+            f.resize(1514, i);
+            f
+        })
+        .collect();
+    a.send_burst(&full).unwrap();
+    for f in &full {
+        assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&f[..]));
+    }
+}
+
 /// A UDP socket bound in namespace `ns` (as another Geneve speaker there).
 fn udp_in(ns: &str) -> std::net::UdpSocket {
     let path = format!("/var/run/netns/{ns}");
@@ -350,17 +366,7 @@ async fn two_nodes_carry_an_overlay_network_in_geneve() {
         let mut b = NetFrontend::connect(Path::new(&sock_b)).unwrap();
         // Broadcast, the learned answer, and full-size frames in one burst.
         ask_and_answer(&mut a, &mut b, 7);
-        let full: Vec<Vec<u8>> = (0..8u8)
-            .map(|i| {
-                let mut f = arp(ARP_REQUEST, A, [192, 168, 7, 1], B, [192, 168, 7, 2], B);
-                f.resize(1514, i);
-                f
-            })
-            .collect();
-        a.send_burst(&full).unwrap();
-        for f in &full {
-            assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&f[..]));
-        }
+        full_size_burst(&mut a, &mut b, 8, 7);
 
         // Another Geneve speaker at node A's address: a datagram with a
         // (non-critical) option is taken, the frame after the option
@@ -414,18 +420,8 @@ async fn two_nodes_carry_an_overlay_network_over_an_ipv6_underlay() {
         let mut a = NetFrontend::connect(Path::new(&sock_a)).unwrap();
         let mut b = NetFrontend::connect(Path::new(&sock_b)).unwrap();
         ask_and_answer(&mut a, &mut b, 6);
-        // Full-size frames in one burst (a GSO run over IPv6).
-        let full: Vec<Vec<u8>> = (0..16u8)
-            .map(|i| {
-                let mut f = arp(ARP_REQUEST, A, [192, 168, 6, 1], B, [192, 168, 6, 2], B);
-                f.resize(1514, i);
-                f
-            })
-            .collect();
-        a.send_burst(&full).unwrap();
-        for f in &full {
-            assert_eq!(b.recv(WAIT).unwrap().as_deref(), Some(&f[..]));
-        }
+        // A GSO run over IPv6.
+        full_size_burst(&mut a, &mut b, 16, 6);
     })
     .await
     .unwrap();
