@@ -576,13 +576,20 @@ impl Link {
         }
         self.active.clear();
         self.set_up()?;
-        // The guest may have kicked while the backend was away, and the
-        // new one may have taken that kick before its rings were enabled:
-        // one more makes it look at them now.
+        self.nudge();
+        Ok(())
+    }
+
+    /// After its rings (re)started: a kick for each, so the backend looks
+    /// at what the guest queued meanwhile (a kick the guest sent may have
+    /// gone to a backend that was away, or been taken before the ring was
+    /// on), and an interrupt, so the driver looks at what was used (a
+    /// spurious one costs the driver one look).
+    fn nudge(&self) {
         for r in &self.rings {
             let _ = r.kick.write(1);
+            let _ = r.call.write(1);
         }
-        Ok(())
     }
 
     /// Turns data queue `q`'s ring on or off in the backend (the control
@@ -724,7 +731,11 @@ impl VirtioDevice for VhostUserDevice {
                 return Ok(());
             }
             if l.up {
-                l.start_rings()
+                let r = l.start_rings();
+                if r.is_ok() {
+                    l.nudge();
+                }
+                r
             } else {
                 Ok(())
             }

@@ -120,7 +120,7 @@ say "netd ready network=$NET uptime=$(up)"
 # vmm's control socket (what `vmm daemon` does for Shutdown).
 press() {
   i=0
-  until grep -q "vhost-user backend back" /tmp/boot$1.out; do
+  until grep -q "vhost-user backend back" /tmp/vmm$1.log; do
     i=$((i + 1))
     [ "$i" -gt 150 ] && { say "boot$1: the NIC did not come back"; break; }
     sleep 0.1
@@ -197,11 +197,14 @@ EOF
     done
   ) &
   hb=$!
-  # The vmm's stdout (guest console + exit line) and its log (stderr) go to our
-  # console as they come, and to a file for the checks.
+  # The vmm's stdout (guest console + exit line) goes to our console as it
+  # comes, and to a file for the checks; its log (stderr) to a file of its
+  # own (written into the console stream, its lines cut the guest's), shown
+  # when the vmm is done.
+  : > /tmp/vmm$n.log
   {
     timeout -s KILL "$INNER_TIMEOUT" vmm run --config /tmp/boot$n.json \
-      --state-dir /tmp/vm$n --log-level "$VMM_LOG_LEVEL"
+      --state-dir /tmp/vm$n --log-level "$VMM_LOG_LEVEL" 2> /tmp/vmm$n.log
     rc=$?
     if [ "$rc" = 137 ]; then
       say "boot$n vmm killed after ${INNER_TIMEOUT}s"
@@ -210,6 +213,7 @@ EOF
     fi
   } 2>&1 | console $n "$extra"
   kill "$hb" 2>/dev/null
+  cat /tmp/vmm$n.log
   say "boot$n port counters: $(net_call "$port_path" org.freedesktop.DBus.Properties Get ss org.atoll.Net1.Port Counters)"
   net_call /org/atoll/Net1 org.atoll.Net1 DeletePort o "$port_path" > /dev/null
   tr -d '\r' < /tmp/boot$n.out > /tmp/boot$n.txt
@@ -259,7 +263,7 @@ check boot2-nic-after-resume nic_twice 2
 # netd was SIGKILLed and started again while the guest waited: its port came
 # back from netd's database, the vmm reconnected the NIC, and the guest's
 # second round (ARP, ping, metadata over TCP, IPv6, DNS) went through it.
-check boot2-nic-netd-restart has 2 'vhost-user backend back; rings restarted'
+check boot2-nic-netd-restart grep -q 'vhost-user backend back; rings restarted' /tmp/vmm2.log
 nic_restarted() { [ "$(grep -c 'ATOLL-INNER: NIC eth0 .* ping=ok md=atoll-port-.* ping6=ok dns6=ok' /tmp/boot2.txt)" -ge 2 ]; }
 check boot2-nic-services-after-netd-restart nic_restarted
 check boot2-exit-poweroff exit_poweroff 2
