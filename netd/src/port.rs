@@ -1111,8 +1111,38 @@ pub(crate) fn serve(
     result
 }
 
+/// Waits until a frontend is at `listener`'s door (or the listener is shut
+/// down).
+fn wait_for_frontend(listener: &Listener) -> io::Result<()> {
+    let mut p = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one pollfd of ours, for the listener we own.
+        match unsafe { libc::poll(&mut p, 1, -1) } {
+            n if n > 0 => return Ok(()),
+            0 => {}
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
 fn serve_loop(port: &Arc<Port>, backend: &Arc<Backend>, listener: &mut Listener) -> io::Result<()> {
     loop {
+        if port.is_deleted() || backend.switch.upgrade().is_none() {
+            return Ok(());
+        }
+        // The daemon (its ring threads, their epoll and event descriptors)
+        // only once a frontend comes: an idle port holds its socket alone,
+        // so a node carries thousands.
+        wait_for_frontend(listener)?;
         if port.is_deleted() || backend.switch.upgrade().is_none() {
             return Ok(());
         }
