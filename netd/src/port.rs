@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use tracing::debug;
+use tracing::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{
@@ -1148,12 +1148,21 @@ fn serve_loop(port: &Arc<Port>, backend: &Arc<Backend>, listener: &mut Listener)
         }
         // A daemon per connection: its request handler remembers the owner
         // (SET_OWNER) and refuses a second one.
-        let mut daemon = VhostUserDaemon::new(
+        let made = VhostUserDaemon::new(
             format!("netd-port-{}", port.id.0),
             backend.clone(),
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-        )
-        .map_err(|e| io::Error::other(e.to_string()))?;
+        );
+        let mut daemon = match made {
+            Ok(d) => d,
+            Err(e) => {
+                // Out of threads or descriptors for now: this frontend is
+                // turned away (it connects again) and the port lives on.
+                warn!(port = port.id.0, "cannot serve a frontend: {e}");
+                drop(listener.accept());
+                continue;
+            }
+        };
         let started = daemon.start(listener);
         if let Ok(()) = &started {
             *port
