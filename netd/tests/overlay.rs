@@ -299,12 +299,7 @@ async fn two_nodes_carry_an_overlay_network_in_vxlan() {
         tokio::task::yield_now().await;
     }
     assert_eq!(b.try_recv().unwrap(), None);
-    let counters = Net1Proxy::new(&conn_a)
-        .await
-        .unwrap()
-        .tunnel_counters()
-        .await
-        .unwrap();
+    let counters = tunnel_counters(&conn_a).await;
     // The request, the 1400-byte frame, six full-size ones, the burst's 40
     // and the one B refused.
     assert_eq!(counters.get("tx"), Some(&49), "{counters:?}");
@@ -322,6 +317,18 @@ fn ask_and_answer(a: &mut NetFrontend, b: &mut NetFrontend, net: u8) -> Vec<u8> 
     b.send(&is_at).unwrap();
     assert_eq!(a.recv(WAIT).unwrap().as_deref(), Some(&is_at[..]));
     who_has
+}
+
+/// The node's tunnel counters, as they are now.
+async fn tunnel_counters(conn: &zbus::Connection) -> HashMap<String, u64> {
+    Net1Proxy::builder(conn)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap()
+        .tunnel_counters()
+        .await
+        .unwrap()
 }
 
 /// `n` full-size frames (192.168.`net`.0/24) from A in one burst reach B
@@ -386,14 +393,7 @@ async fn two_nodes_carry_an_overlay_network_in_geneve() {
     })
     .await
     .unwrap();
-    let counters = Net1Proxy::builder(&conn_b)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .unwrap()
-        .tunnel_counters()
-        .await
-        .unwrap();
+    let counters = tunnel_counters(&conn_b).await;
     // The broadcast, 8 full-size frames and the optioned one; the critical
     // one refused.
     assert_eq!(counters.get("rx"), Some(&10), "{counters:?}");
@@ -425,13 +425,6 @@ async fn two_nodes_carry_an_overlay_network_over_an_ipv6_underlay() {
     })
     .await
     .unwrap();
-    let counters = Net1Proxy::builder(&conn_b)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await
-        .unwrap()
-        .tunnel_counters()
-        .await
-        .unwrap();
+    let counters = tunnel_counters(&conn_b).await;
     assert_eq!(counters.get("rx"), Some(&17), "{counters:?}");
 }
