@@ -65,15 +65,9 @@ async fn connect(
     };
     let mut health = crate::health::probe();
     if not_restored > 0 {
-        health.state = "degraded";
-        let lost = format!(
+        health.degrade(&format!(
             "{not_restored} saved objects or settings did not come back after the restart (see the log; the saved state is kept in netd-unrestored.db)"
-        );
-        health.detail = if health.detail.is_empty() {
-            lost
-        } else {
-            format!("{}; {lost}", health.detail)
-        };
+        ));
     }
     if health.state != "ok" {
         warn!(detail = %health.detail, "network daemon is degraded");
@@ -97,6 +91,38 @@ async fn connect(
     }
 }
 
+/// Rebuilds what `store` holds into `fabric`; how many saved objects or
+/// settings did not come back (logged, and the full database kept aside:
+/// the next change saves the state without them).
+fn restore(
+    fabric: &crate::fabric::Fabric,
+    store: &crate::persist::Store,
+    data_dir: &std::path::Path,
+) -> usize {
+    let (saved, unreadable) = store.load();
+    let mut failed: Vec<String> = unreadable.iter().map(ToString::to_string).collect();
+    failed.extend(fabric.restore(&saved));
+    for f in &failed {
+        warn!("not restored: {f}");
+    }
+    if !failed.is_empty() {
+        let aside = data_dir.join("netd-unrestored.db");
+        match store.copy_to(&aside) {
+            Ok(()) => warn!(copy = %aside.display(), "the saved configuration is kept aside"),
+            Err(e) => warn!("cannot keep the saved configuration aside: {e}"),
+        }
+    }
+    if saved != crate::persist::Snapshot::default() {
+        info!(
+            ports = saved.ports.len(),
+            networks = saved.networks.len(),
+            not_restored = failed.len(),
+            "configuration restored"
+        );
+    }
+    failed.len()
+}
+
 /// Runs the network daemon until SIGTERM/SIGINT or until the bus goes away.
 pub async fn run(opts: Options) -> Result<Exit, Error> {
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signals)?;
@@ -114,31 +140,9 @@ pub async fn run(opts: Options) -> Result<Exit, Error> {
     info!(threads = opts.datapath_threads, "data path started");
     // What this node's netd was told before it stopped comes back before
     // the name is taken: callers never see it half restored.
-    let (saved, unreadable) = store.load();
-    let mut failed: Vec<String> = unreadable.iter().map(ToString::to_string).collect();
-    failed.extend(fabric.restore(&saved));
-    for f in &failed {
-        warn!("not restored: {f}");
-    }
-    if !failed.is_empty() {
-        // The next change saves the state without what did not come back:
-        // the full one is kept aside for the operator.
-        let aside = opts.data_dir.join("netd-unrestored.db");
-        match store.copy_to(&aside) {
-            Ok(()) => warn!(copy = %aside.display(), "the saved configuration is kept aside"),
-            Err(e) => warn!("cannot keep the saved configuration aside: {e}"),
-        }
-    }
-    if saved != crate::persist::Snapshot::default() {
-        info!(
-            ports = saved.ports.len(),
-            networks = saved.networks.len(),
-            not_restored = failed.len(),
-            "configuration restored"
-        );
-    }
+    let not_restored = restore(&fabric, &store, &opts.data_dir);
     fabric.keep_in(store);
-    let conn = connect(&opts, std::sync::Arc::new(fabric), failed.len())
+    let conn = connect(&opts, std::sync::Arc::new(fabric), not_restored)
         .await
         .map_err(Error::Connect)?;
     info!(name = BUS_NAME, node = %opts.node_id, "network daemon ready");

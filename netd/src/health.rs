@@ -13,6 +13,18 @@ pub struct Health {
     pub tun_available: bool,
 }
 
+impl Health {
+    /// Marks it degraded for `why` too (after any other reason).
+    pub fn degrade(&mut self, why: &str) {
+        self.state = "degraded";
+        self.detail = if self.detail.is_empty() {
+            why.to_owned()
+        } else {
+            format!("{}; {why}", self.detail)
+        };
+    }
+}
+
 /// Probes `/dev/net/tun`: without it the switch still serves VM ports, but cannot
 /// reach the host network through a TAP uplink.
 pub fn probe() -> Health {
