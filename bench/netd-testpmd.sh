@@ -235,3 +235,31 @@ for size in $SIZES; do
             "$(awk -v x="$mx" 'BEGIN{print x/1e6}')" "$(ratio "$peer_med")" "$(ratio "$l2_med")"
     done
 done
+
+# The machine's two vCPUs are moved between host cores within seconds
+# (SMT siblings share a core's execution; separate cores pay ~300 ns per
+# cache line passed between them), and every backend's rate follows. The
+# backends of one run are measured back to back, so each run's ratios
+# compare like with like more often than medians taken across runs.
+echo
+echo "Paired ratios (each run's backends against the same run's peer and l2):"
+echo
+echo "| ratio | frame | min / median / max over runs |"
+echo "| --- | --- | --- |"
+# The per-run values of backend $1 at size $2, one per line.
+runs_of() { echo "${results[$1,$2]:-}" | tr ' ' '\n' | { grep . || true; }; }
+# ratio rows: name, numerator backend, denominator backend, factor
+paired() {
+    local name=$1 num=$2 den=$3 factor=$4 size=$5
+    [ -n "${results[$num,$size]:-}" ] && [ -n "${results[$den,$size]:-}" ] || return 0
+    paste <(runs_of "$num" "$size") <(runs_of "$den" "$size") |
+        awk -v f="$factor" '$2 > 0 {print f * $1 / $2}' | sort -g |
+        awk -v n="$name" -v s="$size" '{v[NR]=$1} END {if (NR) printf "| %s | %s B | %.2f / %.2f / %.2f |\n", n, s, v[1], v[int((NR+1)/2)], v[NR]}'
+}
+for size in $SIZES; do
+    paired "l2 / peer" l2 peer 1 "$size"
+    paired "sg / l2" sg l2 1 "$size"
+    # Two daemons share the core: per node core, the overlay moves twice
+    # its rate.
+    paired "overlay per node core / l2" overlay l2 2 "$size"
+done

@@ -70,6 +70,7 @@ pub struct Ring<'m> {
     desc: *const u8,
     avail: *const u8,
     used: *mut u8,
+    /// A power of two (`open` checks), so slots are indexes masked.
     size: u16,
     next_avail: u16,
     /// The driver's available index as last read: chains up to it are
@@ -288,7 +289,7 @@ impl<'m> Ring<'m> {
             }
             self.avail_seen = idx;
         }
-        let slot = usize::from(self.next_avail % self.size);
+        let slot = usize::from(self.next_avail & (self.size - 1));
         let head = Self::u16_at(self.avail.wrapping_add(4 + 2 * slot));
         self.next_avail = self.next_avail.wrapping_add(1);
         let start = descs.len();
@@ -342,7 +343,7 @@ impl<'m> Ring<'m> {
 
     /// Writes a used entry (not yet visible: see [`Ring::publish`]).
     pub fn push_used(&mut self, head: u16, len: u32) {
-        let slot = usize::from(self.next_used % self.size);
+        let slot = usize::from(self.next_used & (self.size - 1));
         let p = self.used.wrapping_add(4 + 8 * slot);
         // SAFETY: entry slot < size of the used ring, mapped and 4-aligned
         // (`open`).
