@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The kernel's UDP path alone, as netd's overlay uses it (UDP GSO messages
+# of 32 datagrams out, UDP GRO and recvmmsg in), sender and receiver on
+# CPU 0 in two network namespaces joined by a veth pair with a 9000-byte
+# MTU: the setup of bench/netd-testpmd.sh's overlay backend without netd
+# and without guests. What arrives per second is the most an overlay over
+# kernel sockets can carry on that CPU (docs/BENCHMARKS.md has the results).
+#
+#   bash bench/udp-ceiling.sh      # RUNS=3 SECS=5 SIZES="114 1568" (datagram bytes:
+#                                  # a 64- or 1518-byte frame and 50 bytes of VXLAN)
+set -euo pipefail
+
+RUNS=${RUNS:-3}
+SECS=${SECS:-5}
+SIZES=${SIZES:-114 1568}
+cd "$(dirname "$0")/.."
+cargo build --release -q -p netd --example udp_ceiling
+bin=$PWD/target/release/examples/udp_ceiling
+
+down() {
+    ip netns del atoll-udp-a 2>/dev/null || true
+    ip netns del atoll-udp-b 2>/dev/null || true
+}
+trap down EXIT
+down
+ip netns add atoll-udp-a
+ip netns add atoll-udp-b
+ip link add udp-a netns atoll-udp-a mtu 9000 type veth peer udp-b netns atoll-udp-b mtu 9000
+ip -n atoll-udp-a addr add 10.97.0.1/24 dev udp-a
+ip -n atoll-udp-b addr add 10.97.0.2/24 dev udp-b
+ip -n atoll-udp-a link set udp-a up
+ip -n atoll-udp-b link set udp-b up
+
+for size in $SIZES; do
+    rates=()
+    for run in $(seq "$RUNS"); do
+        out=$(mktemp)
+        ip netns exec atoll-udp-b taskset -c 0 "$bin" recv 10.97.0.2:4789 "$SECS" >"$out" &
+        r=$!
+        # The receiver is bound when its socket shows.
+        for _ in $(seq 100); do
+            ip netns exec atoll-udp-b ss -Hlun 'sport = :4789' | grep -q . && break
+            sleep 0.05
+        done
+        ip netns exec atoll-udp-a taskset -c 0 "$bin" send 10.97.0.1:4789 10.97.0.2:4789 "$size" "$((SECS + 2))" >/dev/null
+        wait "$r"
+        rate=$(awk '{print $(NF-2)}' "$out")
+        rm -f "$out"
+        echo "size=$size run=$run Mdatagrams/s=$rate"
+        rates+=("$rate")
+    done
+    printf '%s\n' "${rates[@]}" | sort -g | awk -v s="$size" '{v[NR]=$1} END {printf "| %s B | %.2f / %.2f / %.2f M datagrams/s |\n", s, v[1], v[int((NR+1)/2)], v[NR]}'
+done
