@@ -405,7 +405,7 @@ fn refresh(dp: &Datapath, rings: &mut Vec<TxRing>) {
 /// its egress rate.
 ///
 /// The chains go back to the driver and the port's counters grow once,
-/// after the burst: the locks the switch takes per frame then do not wait
+/// after the burst is switched: the locks the switch takes per frame then do not wait
 /// for those writes to memory the driver's CPU holds. With `in_part`, the
 /// burst's long frames are read in part; it tells whether the next
 /// burst's should be.
@@ -423,11 +423,6 @@ fn drain(
         ring.push_used(*head, 0);
     }
     ring.publish();
-    let (frames, bytes) = std::mem::take(&mut kicks.sent);
-    if frames > 0 {
-        port.stats.tx_frames.fetch_add(frames, Ordering::Relaxed);
-        port.stats.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
-    }
     r
 }
 
@@ -508,6 +503,13 @@ fn drain_burst(
             switch.switch_frame(port, frame, hdr, kicks);
         })
     };
+    // Counted before any frame reaches a receiver, so whoever has seen
+    // one finds it counted.
+    let (sent, bytes) = std::mem::take(&mut kicks.sent);
+    if sent > 0 {
+        port.stats.tx_frames.fetch_add(sent, Ordering::Relaxed);
+        port.stats.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
     if parted {
         // Their rests must be read before the sender gets its buffers back.
         kicks.flush();

@@ -254,11 +254,13 @@ struct RxCounts {
 }
 
 impl RxCounts {
-    fn add_to(&self, stats: &PortStats) {
+    /// Adds what was counted to `stats` and starts again from nothing.
+    fn add_to(&mut self, stats: &PortStats) {
+        let counted = std::mem::take(self);
         for (counter, n) in [
-            (&stats.rx_frames, self.frames),
-            (&stats.rx_bytes, self.bytes),
-            (&stats.rx_dropped, self.dropped),
+            (&stats.rx_frames, counted.frames),
+            (&stats.rx_bytes, counted.bytes),
+            (&stats.rx_dropped, counted.dropped),
         ] {
             if n > 0 {
                 counter.fetch_add(n, Ordering::Relaxed);
@@ -365,7 +367,7 @@ fn fill(
     if let ([(c, _)], Some(d)) = (&taken.chains[..], taken.descs.first()) {
         if d.write && d.len as usize >= total {
             let at_frame = d.addr.checked_add(NET_HDR as u64);
-            if let Some(f) = at_frame.filter(|_| ring.write(d.addr, &head)) {
+            if let Some(f) = at_frame.filter(|_| ring.write_if_changed(d.addr, &head)) {
                 if frame.write(ring, f, 0, flen) {
                     ring.push_used(*c, u32::try_from(total).unwrap_or(0));
                     return Written::Done;
@@ -387,7 +389,7 @@ fn fill(
             while room > 0 && ok && at < total {
                 let n = if at < NET_HDR {
                     let n = room.min(NET_HDR - at);
-                    ok = ring.write(addr, &head[at..at + n]);
+                    ok = ring.write_if_changed(addr, &head[at..at + n]);
                     n
                 } else {
                     let n = room.min(total - at);
@@ -849,6 +851,9 @@ impl Port {
                     }
                     j += 1;
                 }
+                // Counted before the driver can see the frames, so whoever
+                // has seen them finds them counted.
+                counts.add_to(&self.stats);
                 ring.publish();
                 if let Some(since) = since.get_mut(q / 2) {
                     if let Err(e) = signal_if_wanted(ring, state, since) {

@@ -199,6 +199,28 @@ impl<'m> Ring<'m> {
         }
     }
 
+    /// As [`Ring::write`], but bytes that already hold `src` are left
+    /// alone: the line is only read, so it stays in the driver's cache too
+    /// and need not travel back when the driver reads it. For the headers
+    /// of receive buffers, which mostly hold what the last frame in that
+    /// buffer was given.
+    pub fn write_if_changed(&self, addr: u64, src: &[u8]) -> bool {
+        match self.regions.host(addr, src.len()) {
+            Some(p) => {
+                // SAFETY: as in `read` and `write`; the guest may change
+                // the bytes between the look and the write, as it may
+                // after any write.
+                let same = unsafe { std::slice::from_raw_parts(p.cast_const(), src.len()) } == src;
+                if !same {
+                    // SAFETY: as in `write`.
+                    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len()) };
+                }
+                true
+            }
+            None => write_guest(self.mem, addr, src),
+        }
+    }
+
     /// Where `len` bytes of guest memory at `addr` are in this process,
     /// if they lie in one region (mapped while `mem` is borrowed; the guest
     /// may write them meanwhile).
@@ -587,8 +609,17 @@ mod tests {
             mem.read_obj::<[u8; 5]>(GuestAddress(0x8000)).unwrap(),
             *b"first"
         );
+        // A header write lands whether the bytes differ or not.
+        for header in [b"hdr-one", b"hdr-one", b"hdr-two"] {
+            assert!(ring.write_if_changed(0x9000, header));
+            assert_eq!(
+                mem.read_obj::<[u8; 7]>(GuestAddress(0x9000)).unwrap(),
+                *header
+            );
+        }
         // Past the end of a region, in the hole, past all memory: refused.
         assert!(!ring.write(0x20ffa, b"0123456789"));
+        assert!(!ring.write_if_changed(0x20ffa, b"0123456789"));
         assert!(!ring.read(0x18000, &mut back));
         assert!(!ring.read(u64::MAX - 4, &mut back));
         ring.prefetch(u64::MAX);
