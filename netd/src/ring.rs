@@ -364,14 +364,27 @@ impl<'m> Ring<'m> {
     }
 
     /// Writes a used entry (not yet visible: see [`Ring::publish`]).
+    ///
+    /// An entry that already holds these values (the same chain in that
+    /// slot a lap ago, with the same length: always so for transmit
+    /// chains, taken in order and used with length 0) is only read, so the
+    /// driver's copy of the line stays good.
     pub fn push_used(&mut self, head: u16, len: u32) {
         let slot = usize::from(self.next_used & (self.size - 1));
         let p = self.used.wrapping_add(4 + 8 * slot);
+        let id = u32::from(head).to_le();
+        let len = len.to_le();
         // SAFETY: entry slot < size of the used ring, mapped and 4-aligned
         // (`open`).
         unsafe {
-            std::ptr::write_volatile(p.cast::<u32>(), u32::from(head).to_le());
-            std::ptr::write_volatile(p.add(4).cast::<u32>(), len.to_le());
+            let had = (
+                std::ptr::read_volatile(p.cast::<u32>()),
+                std::ptr::read_volatile(p.add(4).cast::<u32>()),
+            );
+            if had != (id, len) {
+                std::ptr::write_volatile(p.cast::<u32>(), id);
+                std::ptr::write_volatile(p.add(4).cast::<u32>(), len);
+            }
         }
         self.next_used = self.next_used.wrapping_add(1);
     }
