@@ -42,6 +42,14 @@ else
     cargo build --release -q -p netd
     netd=$root/target/release/netd
 fi
+# The vCPUs' distance around each run: "near" when they share a cache,
+# "far" when a cache line takes hundreds of ns between them (the host
+# decides, and moves them within seconds).
+cargo build --release -q -p netd --example vcpu_distance
+distance() {
+    "$root/target/release/examples/vcpu_distance" 0 1 2>/dev/null |
+        awk '{print ($1 < 150) ? "near" : "far"}' || echo "?"
+}
 
 work=$(mktemp -d /tmp/netd-bench.XXXXXX)
 pids=()
@@ -200,10 +208,11 @@ drive() {
     awk -v s="$SECS" '/RX-packets:/ && n < 2 {printf "%d ", $2 / s; n++} END {print ""}' "$work/drv.log"
 }
 
-declare -A results
+declare -A results bymode
 for size in $SIZES; do
     for run in $(seq "$RUNS"); do
         for be in $BACKENDS; do
+            mode=$(distance)
             setup "$be" >"$work/socks"
             socks=$(cat "$work/socks")
             # shellcheck disable=SC2086
@@ -213,8 +222,11 @@ for size in $SIZES; do
             # shellcheck disable=SC2086
             wait $backend_pid 2>/dev/null || true
             [ "$be" = overlay ] && netns_down
-            echo "size=$size run=$run backend=$be pps=$r"
+            # Counted under a distance only when it held before and after.
+            [ "$(distance)" = "$mode" ] || mode=mixed
+            echo "size=$size run=$run backend=$be vcpus=$mode pps=$r"
             results[$be,$size]+="$(echo "$r" | awk '{printf "%d", ($1 + $2) / 2}') "
+            bymode[$be,$size,$mode]+="$(echo "$r" | awk '{printf "%d", ($1 + $2) / 2}') "
         done
     done
 done
@@ -262,4 +274,30 @@ for size in $SIZES; do
     # Two daemons share the core: per node core, the overlay moves twice
     # its rate.
     paired "overlay per node core / l2" overlay l2 2 "$size"
+done
+
+echo
+echo "By the vCPUs' distance, the same before and after the run (median per-direction Mpps, runs):"
+echo
+echo "| vCPUs | frame | $(for be in $BACKENDS; do printf '%s | ' "$be"; done)l2 / peer | sg cost | overlay per node core cost |"
+echo "| --- | --- | $(for be in $BACKENDS; do printf -- '--- | '; done)--- | --- | --- |"
+for size in $SIZES; do
+    for mode in near far; do
+        declare -A med=()
+        row="| $mode | $size B | "
+        for be in $BACKENDS; do
+            v=$(echo "${bymode[$be,$size,$mode]:-}" | tr ' ' '\n' | { grep . || true; } | sort -n |
+                awk '{v[NR]=$1} END {if (NR) printf "%.0f %d", v[int((NR+1)/2)], NR}')
+            med[$be]=${v%% *}
+            if [ -n "$v" ]; then
+                row+="$(awk -v m="${v%% *}" -v n="${v##* }" 'BEGIN {printf "%.2f (%d)", m / 1e6, n}') | "
+            else
+                row+="- | "
+            fi
+        done
+        frac() { [ -n "${med[$1]:-}" ] && [ -n "${med[$2]:-}" ] && awk -v a="${med[$1]}" -v b="${med[$2]}" -v f="$3" -v c="$4" \
+            'BEGIN {r = f * a / b; if (c) printf "%.0f %%", (1 - r) * 100; else printf "%.2fx", r}' || echo -; }
+        row+="$(frac l2 peer 1 0) | $(frac sg l2 1 1) | $(frac overlay l2 2 1) |"
+        echo "$row"
+    done
 done
