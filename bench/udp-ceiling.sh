@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The kernel's UDP path alone, as netd's overlay uses it (UDP GSO messages
-# of 32 datagrams out, UDP GRO and recvmmsg in), sender and receiver on
-# CPU 0 in two network namespaces joined by a veth pair with a 9000-byte
-# MTU: the setup of bench/netd-testpmd.sh's overlay backend without netd
-# and without guests. What arrives per second is the most an overlay over
+# of 32 datagrams out, UDP GRO and recvmmsg in): one thread on CPU 0 sends a
+# message from one network namespace and reads it in another (a veth pair
+# with a 9000-byte MTU), then the next: the setup of bench/netd-testpmd.sh's
+# overlay backend without netd and without guests. What arrives per second is the most an overlay over
 # kernel sockets can carry on that CPU (docs/BENCHMARKS.md has the results).
 #
 #   bash bench/udp-ceiling.sh      # RUNS=3 SECS=5 SIZES="114 1568" (datagram bytes:
@@ -34,18 +34,8 @@ ip -n atoll-udp-b link set udp-b up
 for size in $SIZES; do
     rates=()
     for run in $(seq "$RUNS"); do
-        out=$(mktemp)
-        ip netns exec atoll-udp-b taskset -c 0 "$bin" recv 10.97.0.2:4789 "$SECS" >"$out" &
-        r=$!
-        # The receiver is bound when its socket shows.
-        for _ in $(seq 100); do
-            ip netns exec atoll-udp-b ss -Hlun 'sport = :4789' | grep -q . && break
-            sleep 0.05
-        done
-        ip netns exec atoll-udp-a taskset -c 0 "$bin" send 10.97.0.1:4789 10.97.0.2:4789 "$size" "$((SECS + 2))" >/dev/null
-        wait "$r"
-        rate=$(awk '{print $(NF-2)}' "$out")
-        rm -f "$out"
+        rate=$(ip netns exec atoll-udp-a taskset -c 0 "$bin" atoll-udp-b 10.97.0.2:4789 10.97.0.1:4789 "$size" "$SECS" |
+            awk '{print $(NF-2)}')
         echo "size=$size run=$run Mdatagrams/s=$rate"
         rates+=("$rate")
     done

@@ -1,14 +1,19 @@
-//! The kernel's UDP path alone, as the overlay uses it: a sender of UDP GSO
-//! messages and a receiver with UDP GRO (bench/udp-ceiling.sh runs both on
-//! one CPU, in two network namespaces joined by a veth pair). What it
-//! receives per second is the most any overlay over kernel sockets can
-//! carry on that CPU, before touching a guest's memory.
+//! The kernel's UDP path alone, as the overlay uses it, on one CPU: one
+//! thread sends a UDP GSO message of N datagrams from one network
+//! namespace and reads them (UDP GRO, recvmmsg) in another, then the next
+//! message: a closed loop like the overlay benchmark's two netd daemons on
+//! one CPU, with nothing lost to a full socket. What it moves per second is
+//! the most any overlay over kernel sockets can carry on that CPU before
+//! it touches a guest's memory (bench/udp-ceiling.sh).
 //!
 //! ```text
-//! udp_ceiling recv BIND_ADDR SECONDS
-//! udp_ceiling send BIND_ADDR PEER_ADDR DATAGRAM_BYTES SECONDS [PER_MESSAGE]
+//! udp_ceiling RECV_NETNS RECV_ADDR SEND_ADDR DATAGRAM_BYTES SECONDS [PER_MESSAGE]
 //! ```
+//!
+//! The receiving socket is made in the namespace `/run/netns/RECV_NETNS`,
+//! the sending one in the namespace the program started in.
 
+use std::fs::File;
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
@@ -55,54 +60,145 @@ fn setsockopt(
     }
 }
 
-fn main() -> io::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.get(1).map(String::as_str) {
-        Some("recv") => recv(&arg(&args, 2, "bind address")?, arg(&args, 3, "seconds")?),
-        Some("send") => send(
-            &arg(&args, 2, "bind address")?,
-            &arg(&args, 3, "peer address")?,
-            arg(&args, 4, "datagram bytes")?,
-            arg(&args, 5, "seconds")?,
-            args.get(6).and_then(|a| a.parse().ok()).unwrap_or(32),
-        ),
-        _ => Err(bad(
-            "usage: udp_ceiling recv ADDR SECS | send ADDR PEER BYTES SECS [PER_MESSAGE]",
-        )),
+fn setns(ns: &File) -> io::Result<()> {
+    // SAFETY: a namespace file descriptor, for this thread.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
-/// Counts datagrams for `secs` seconds from the first one; prints the rate.
-fn recv(bind: &SocketAddr, secs: f64) -> io::Result<()> {
-    let s = UdpSocket::bind(bind)?;
-    setsockopt(&s, SOL_UDP, UDP_GRO, 1)?;
-    setsockopt(&s, libc::SOL_SOCKET, libc::SO_RCVBUF, 8 << 20)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let mut bufs = vec![0u8; RX_MSGS * RX_BYTES];
-    let mut cmsgs = vec![0u64; RX_MSGS * 8];
-    let mut iovs: Vec<libc::iovec> = Vec::with_capacity(RX_MSGS);
-    let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(RX_MSGS);
-    for i in 0..RX_MSGS {
-        iovs.push(libc::iovec {
-            iov_base: bufs[i * RX_BYTES..].as_mut_ptr().cast(),
-            iov_len: RX_BYTES,
-        });
+fn main() -> io::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 6 {
+        return Err(bad(
+            "usage: udp_ceiling RECV_NETNS RECV_ADDR SEND_ADDR DATAGRAM_BYTES SECONDS [PER_MESSAGE]",
+        ));
     }
-    for i in 0..RX_MSGS {
-        // SAFETY: all-zero is a valid mmsghdr.
-        let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-        m.msg_hdr.msg_iov = &raw mut iovs[i];
-        m.msg_hdr.msg_iovlen = 1;
-        m.msg_hdr.msg_control = cmsgs[i * 8..].as_mut_ptr().cast();
-        msgs.push(m);
-    }
-    let mut start: Option<Instant> = None;
-    let mut datagrams = 0u64;
-    let mut bytes = 0u64;
-    loop {
-        for m in &mut msgs {
-            m.msg_hdr.msg_controllen = 64;
+    let netns: String = arg(&args, 1, "receiving namespace")?;
+    let to: SocketAddr = arg(&args, 2, "receiving address")?;
+    let from: SocketAddr = arg(&args, 3, "sending address")?;
+    let size: usize = arg(&args, 4, "datagram bytes")?;
+    let secs: f64 = arg(&args, 5, "seconds")?;
+    let per: usize = args.get(6).and_then(|a| a.parse().ok()).unwrap_or(32);
+
+    let home = File::open("/proc/self/ns/net")?;
+    setns(&File::open(format!("/run/netns/{netns}"))?)?;
+    let rx = UdpSocket::bind(to)?;
+    setns(&home)?;
+    let tx = UdpSocket::bind(from)?;
+    tx.connect(to)?;
+    setsockopt(&rx, SOL_UDP, UDP_GRO, 1)?;
+    setsockopt(&rx, libc::SOL_SOCKET, libc::SO_RCVBUF, 8 << 20)?;
+    setsockopt(&tx, libc::SOL_SOCKET, libc::SO_SNDBUF, 8 << 20)?;
+    rx.set_read_timeout(Some(Duration::from_secs(2)))?;
+
+    let per = per.clamp(1, 64).min(65_000 / size.max(1)).max(1);
+    let mut sender = Sender::new(size, per)?;
+    let mut receiver = Receiver::new();
+    let t0 = Instant::now();
+    let (mut moved, mut bytes) = (0u64, 0u64);
+    while t0.elapsed().as_secs_f64() < secs {
+        sender.send(&tx)?;
+        let mut got = 0;
+        while got < per {
+            let (d, b) = receiver.receive(&rx)?;
+            got += d;
+            bytes += b;
         }
+        moved += per as u64;
+    }
+    let t = t0.elapsed().as_secs_f64();
+    println!(
+        "moved {moved} datagrams, {bytes} bytes in {t:.2} s: {:.3} M datagrams/s",
+        moved as f64 / t / 1e6
+    );
+    Ok(())
+}
+
+/// One GSO message of `per` datagrams, sent again and again.
+struct Sender {
+    buf: Vec<u8>,
+    control: [u64; 4],
+    seg: u16,
+}
+
+impl Sender {
+    fn new(size: usize, per: usize) -> io::Result<Self> {
+        Ok(Self {
+            buf: vec![0x5a; per * size],
+            control: [0; 4],
+            seg: u16::try_from(size).map_err(|_| bad("datagram bytes"))?,
+        })
+    }
+
+    fn send(&mut self, s: &UdpSocket) -> io::Result<()> {
+        let mut iov = libc::iovec {
+            iov_base: self.buf.as_mut_ptr().cast(),
+            iov_len: self.buf.len(),
+        };
+        // SAFETY: all-zero is a valid msghdr; it points at `iov`, the
+        // buffer and the control area, all alive for the call, and the
+        // control area holds one UDP_SEGMENT message written through the
+        // libc macros.
+        let r = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &raw mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = self.control.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(2) as usize;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = SOL_UDP;
+            (*c).cmsg_type = UDP_SEGMENT;
+            (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
+            std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), self.seg);
+            libc::sendmsg(s.as_raw_fd(), &msg, 0)
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// recvmmsg into 16 buffers of 64 KiB with room for the GRO segment size.
+struct Receiver {
+    bufs: Vec<u8>,
+    cmsgs: Vec<u64>,
+}
+
+impl Receiver {
+    fn new() -> Self {
+        Self {
+            bufs: vec![0; RX_MSGS * RX_BYTES],
+            cmsgs: vec![0; RX_MSGS * 8],
+        }
+    }
+
+    /// Datagrams and bytes of one call.
+    fn receive(&mut self, s: &UdpSocket) -> io::Result<(usize, u64)> {
+        let mut iovs: Vec<libc::iovec> = self
+            .bufs
+            .chunks_mut(RX_BYTES)
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .zip(self.cmsgs.chunks_mut(8))
+            .map(|(iov, c)| {
+                // SAFETY: all-zero is a valid mmsghdr.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_iov = iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m.msg_hdr.msg_control = c.as_mut_ptr().cast();
+                m.msg_hdr.msg_controllen = 64;
+                m
+            })
+            .collect();
         // SAFETY: RX_MSGS headers, each with its own buffer and control
         // area, alive for the call.
         let n = unsafe {
@@ -110,14 +206,14 @@ fn recv(bind: &SocketAddr, secs: f64) -> io::Result<()> {
                 s.as_raw_fd(),
                 msgs.as_mut_ptr(),
                 RX_MSGS_U32,
-                0,
+                libc::MSG_WAITFORONE,
                 std::ptr::null_mut(),
             )
         };
         let Ok(n) = usize::try_from(n) else {
             return Err(io::Error::last_os_error());
         };
-        let t0 = *start.get_or_insert_with(Instant::now);
+        let (mut datagrams, mut bytes) = (0usize, 0u64);
         for m in msgs.iter().take(n) {
             let len = m.msg_len as usize;
             let mut seg = len;
@@ -133,70 +229,9 @@ fn recv(bind: &SocketAddr, secs: f64) -> io::Result<()> {
                     c = libc::CMSG_NXTHDR(&m.msg_hdr, c);
                 }
             }
-            datagrams += len.div_ceil(seg.max(1)) as u64;
+            datagrams += len.div_ceil(seg.max(1));
             bytes += len as u64;
         }
-        let t = t0.elapsed().as_secs_f64();
-        if t >= secs {
-            println!(
-                "received {datagrams} datagrams, {bytes} bytes in {t:.2} s: {:.3} M datagrams/s",
-                datagrams as f64 / t / 1e6
-            );
-            return Ok(());
-        }
+        Ok((datagrams, bytes))
     }
-}
-
-/// Sends GSO messages of `per` datagrams of `size` bytes for `secs`.
-fn send(
-    bind: &SocketAddr,
-    peer: &SocketAddr,
-    size: usize,
-    secs: f64,
-    per: usize,
-) -> io::Result<()> {
-    let s = UdpSocket::bind(bind)?;
-    s.connect(peer)?;
-    setsockopt(&s, libc::SOL_SOCKET, libc::SO_SNDBUF, 8 << 20)?;
-    let per = per.clamp(1, 64).min(65_000 / size.max(1)).max(1);
-    let buf = vec![0x5au8; per * size];
-    let seg = u16::try_from(size).map_err(|_| bad("datagram bytes"))?;
-    let mut control = [0u64; 4];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_ptr().cast_mut().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: all-zero is a valid msghdr; the control area holds one
-    // UDP_SEGMENT message, written through the libc macros.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    // SAFETY: as above.
-    unsafe {
-        msg.msg_controllen = libc::CMSG_SPACE(2) as usize;
-        let c = libc::CMSG_FIRSTHDR(&msg);
-        (*c).cmsg_level = SOL_UDP;
-        (*c).cmsg_type = UDP_SEGMENT;
-        (*c).cmsg_len = libc::CMSG_LEN(2) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
-    }
-    let t0 = Instant::now();
-    let mut sent = 0u64;
-    while t0.elapsed().as_secs_f64() < secs {
-        // SAFETY: `msg` points at `iov`, `buf` and `control`, all alive.
-        let r = unsafe { libc::sendmsg(s.as_raw_fd(), &msg, 0) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(libc::ENOBUFS) => continue,
-                // The receiver is done.
-                Some(libc::ECONNREFUSED) => break,
-                _ => return Err(e),
-            }
-        }
-        sent += per as u64;
-    }
-    println!("sent {sent} datagrams in {secs} s");
-    Ok(())
 }
