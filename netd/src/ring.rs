@@ -199,18 +199,34 @@ impl<'m> Ring<'m> {
         }
     }
 
-    /// As [`Ring::write`], but bytes that already hold `src` are left
-    /// alone: the line is only read, so it stays in the driver's cache too
+    /// As [`Ring::write`], but up to 16 bytes that already hold `src` are
+    /// left alone (longer runs are written): the line is only read, so it stays in the driver's cache too
     /// and need not travel back when the driver reads it. For the headers
     /// of receive buffers, which mostly hold what the last frame in that
     /// buffer was given.
     pub fn write_if_changed(&self, addr: u64, src: &[u8]) -> bool {
         match self.regions.host(addr, src.len()) {
             Some(p) => {
-                // SAFETY: as in `read` and `write`; the guest may change
-                // the bytes between the look and the write, as it may
-                // after any write.
-                let same = unsafe { std::slice::from_raw_parts(p.cast_const(), src.len()) } == src;
+                // Copied out first, as `read` does: no reference is made to
+                // memory the guest may write meanwhile.
+                let mut had = [0u8; 16];
+                let same = match had.get_mut(..src.len()) {
+                    Some(had) => {
+                        // SAFETY: as in `read`; `had` is ours. The guest
+                        // may change the bytes between the look and the
+                        // write, as it may after any write.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                p.cast_const(),
+                                had.as_mut_ptr(),
+                                had.len(),
+                            );
+                        }
+                        had == src
+                    }
+                    // Longer than a header: written.
+                    None => false,
+                };
                 if !same {
                     // SAFETY: as in `write`.
                     unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p, src.len()) };
