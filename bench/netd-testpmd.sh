@@ -33,6 +33,8 @@ SIZES=${SIZES:-64 1518}
 BACKENDS=${BACKENDS:-peer l2 sg overlay}
 cd "$(dirname "$0")/.."
 root=$PWD
+# shellcheck source=underlay.sh
+. bench/underlay.sh
 
 command -v dpdk-testpmd >/dev/null || { echo "needs dpdk-testpmd (apt install dpdk-dev)" >&2; exit 1; }
 # NETD=path runs that binary instead (for A/B comparisons of two builds).
@@ -89,23 +91,8 @@ start_netd() {
 }
 
 bus2=unix:path=$work/bus2
-netns_up() {
-    ip netns del atoll-bench-a 2>/dev/null || true
-    ip netns del atoll-bench-b 2>/dev/null || true
-    ip netns add atoll-bench-a
-    ip netns add atoll-bench-b
-    # Jumbo frames on the underlay, as VXLAN deployments have: full-size
-    # frames plus the 50 bytes of tunnel headers fit in one datagram.
-    ip link add bench-a netns atoll-bench-a mtu 9000 type veth peer bench-b netns atoll-bench-b mtu 9000
-    ip -n atoll-bench-a addr add 10.98.0.1/24 dev bench-a
-    ip -n atoll-bench-b addr add 10.98.0.2/24 dev bench-b
-    ip -n atoll-bench-a link set bench-a up
-    ip -n atoll-bench-b link set bench-b up
-}
-netns_down() {
-    ip netns del atoll-bench-a 2>/dev/null || true
-    ip netns del atoll-bench-b 2>/dev/null || true
-}
+netns_up() { underlay_up bench 10.98.0; }
+netns_down() { underlay_down bench; }
 
 # Sets up the backend $1; prints the two socket paths and the testpmd
 # options for the ports (vhost PMD: server sockets testpmd makes).

@@ -17,19 +17,10 @@ cd "$(dirname "$0")/.."
 cargo build --release -q -p netd --example udp_ceiling
 bin=$PWD/target/release/examples/udp_ceiling
 
-down() {
-    ip netns del atoll-udp-a 2>/dev/null || true
-    ip netns del atoll-udp-b 2>/dev/null || true
-}
-trap down EXIT
-down
-ip netns add atoll-udp-a
-ip netns add atoll-udp-b
-ip link add udp-a netns atoll-udp-a mtu 9000 type veth peer udp-b netns atoll-udp-b mtu 9000
-ip -n atoll-udp-a addr add 10.97.0.1/24 dev udp-a
-ip -n atoll-udp-b addr add 10.97.0.2/24 dev udp-b
-ip -n atoll-udp-a link set udp-a up
-ip -n atoll-udp-b link set udp-b up
+# shellcheck source=underlay.sh
+. bench/underlay.sh
+trap 'underlay_down udp' EXIT
+underlay_up udp 10.97.0
 
 for size in $SIZES; do
     rates=()

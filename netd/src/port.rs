@@ -796,12 +796,11 @@ impl Port {
     /// (written or lost), stopping at the first with no room.
     fn write_list(&self, rx: &mut RxSide, list: &[(&NetHdr, Out<'_>)]) -> usize {
         let mergeable = self.features() & F_MRG_RXBUF != 0;
-        // Counted once for the list: an atomic add per frame would wait
-        // each time for the writes into the guest's memory to land.
+        // Counted once per ring's run, just before it is published: an
+        // atomic add per frame would wait each time for the writes into
+        // the guest's memory to land.
         let mut counts = RxCounts::default();
-        let i = self.write_runs(rx, list, mergeable, &mut counts);
-        counts.add_to(&self.stats);
-        i
+        self.write_runs(rx, list, mergeable, &mut counts)
     }
 
     /// [`Port::write_list`]'s work: each run of frames for one queue
